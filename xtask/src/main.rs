@@ -1,0 +1,262 @@
+//! `cargo xtask`: the project's own build steps.
+//!
+//! - `setup`: install what building the eBPF programs needs, idempotently (quick when present):
+//!   rust-src for the nightly toolchain, Debian's `llvm-N-dev` and `libpolly-N-dev` for N = the
+//!   nightly's LLVM major, `bpf-linker` built against that LLVM, and the test tools (bpftool).
+//! - `build-ebpf`: build only the kernel programs (the agent's build.rs does this too).
+//! - `test`: setup, then every test (unit and privileged integration), with a total at the end.
+//! - `demo`: setup, build, and run `mcpwarden demo`.
+
+use std::{
+    env,
+    ffi::OsString,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release known to build with this machine's stable toolchain.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests use.
+const TEST_PACKAGES: &[&str] = &["bpftool"];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the eBPF toolchain and test tools (idempotent).
+    Setup,
+    /// Build the eBPF programs alone.
+    BuildEbpf,
+    /// Run every test; privileged tests need root.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build and run `mcpwarden demo` (needs root).
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup()?;
+            build_ebpf()
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            test(&args)
+        }
+        Cmd::Demo => {
+            setup()?;
+            demo()
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+/// The LLVM major version of the nightly toolchain (`LLVM version: 22.1.4` → 22).
+fn nightly_llvm_major() -> Result<u32> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))
+        .context("the nightly toolchain is needed for the eBPF programs (rustup toolchain install nightly)")?;
+    let version = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .ok_or_else(|| anyhow::anyhow!("`rustc +nightly -vV` printed no LLVM version"))?;
+    version
+        .split('.')
+        .next()
+        .and_then(|m| m.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("cannot read the LLVM major from {version:?}"))
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_install(pkgs: &[String]) -> Result<()> {
+    let missing: Vec<&String> = pkgs.iter().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("these Debian packages are missing and installing them needs root: {missing:?}");
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Whether bpf-linker is installed, at our version, built for LLVM `major`: cargo records the
+/// features of every `cargo install` in $CARGO_HOME/.crates2.json.
+fn bpf_linker_matches(major: u32) -> bool {
+    let Ok(text) = std::fs::read_to_string(cargo_home().join(".crates2.json")) else {
+        return false;
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let prefix = format!("bpf-linker {BPF_LINKER_VERSION} ");
+    let feature = format!("llvm-{major}");
+    let built_for_major = json["installs"].as_object().is_some_and(|installs| {
+        installs.iter().any(|(id, entry)| {
+            id.starts_with(&prefix)
+                && entry["features"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|x| x.as_str() == Some(feature.as_str())))
+        })
+    });
+    built_for_major && cargo_home().join("bin/bpf-linker").exists()
+}
+
+fn setup() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let major = nightly_llvm_major()?;
+    let mut pkgs = vec![format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")];
+    pkgs.extend(TEST_PACKAGES.iter().map(|s| s.to_string()));
+    apt_install(&pkgs)?;
+    if !bpf_linker_matches(major) {
+        let llvm = PathBuf::from(format!("/usr/lib/llvm-{major}"));
+        let mut path = OsString::from(llvm.join("bin"));
+        path.push(":");
+        path.push(env::var_os("PATH").unwrap_or_default());
+        run(Command::new("cargo")
+            .args(["install", "--locked", "--force", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &llvm)
+            .env("PATH", path))?;
+    }
+    eprintln!("xtask: setup complete (nightly rust-src, LLVM {major}, bpf-linker {BPF_LINKER_VERSION})");
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["+nightly", "build", "--release", "--package", "mcpwarden-ebpf", "--bins"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    if !is_root() {
+        // Privileged tests cannot run, and a skipped test must never look like a passed one.
+        bail!("cargo xtask test runs privileged eBPF tests and must run as root");
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args(["test", "--no-fail-fast"])
+        .arg("--")
+        .args(extra)
+        .stdout(Stdio::piped());
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.spawn().context("starting cargo test")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout from cargo test"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count(rest, " passed");
+            failed += count(rest, " failed");
+            ignored += count(rest, " ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("\nxtask: {passed} tests passed, {failed} failed, {ignored} ignored (unit and privileged integration)");
+    if ignored > 0 {
+        bail!("{ignored} test(s) were ignored: every test must run");
+    }
+    if !status.success() || failed > 0 || passed == 0 {
+        bail!("tests failed");
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(())
+}
+
+/// The number before `label` in a libtest summary ("ok. 12 passed; 0 failed; …").
+fn count(summary: &str, label: &str) -> u64 {
+    summary
+        .split(';')
+        .find(|part| part.trim_end().ends_with(label.trim()))
+        .and_then(|part| part.split_whitespace().rev().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo loads eBPF programs and creates cgroups: run cargo xtask demo as root");
+    }
+    run(Command::new("cargo").current_dir(workspace_root()).args(["build", "--package", "mcpwarden"]))?;
+    run(Command::new(workspace_root().join("target/debug/mcpwarden")).arg("demo"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn reads_libtest_summaries() {
+        let s = "ok. 12 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(count(s, " passed"), 12);
+        assert_eq!(count(s, " failed"), 1);
+        assert_eq!(count(s, " ignored"), 2);
+    }
+}
