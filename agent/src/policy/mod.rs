@@ -1,0 +1,84 @@
+//! Policy decisions for MCP tool calls.
+//!
+//! This module reads PolicyLayer's `policy.json` format (the subset this
+//! version supports) and decides, call by call, whether a workload may run a
+//! tool. It does no I/O apart from reading the policy file in
+//! [`Policy::load`]; callers pass the current time in, so decisions are
+//! deterministic and testable.
+//!
+//! The pieces:
+//! - [`Policy`]: the parsed, validated, immutable policy. Loading is strict:
+//!   any unknown field, bad value or duplicate key is an error that names the
+//!   file, line and column, so a typo never silently weakens enforcement.
+//! - [`Engine`]: a policy plus the rate-limit state shared by every
+//!   connection that uses it. [`Engine::decide_call`] returns a [`Decision`].
+//!
+//! Every decision names the rule that made it as a JSON Pointer (RFC 6901)
+//! into the policy file, for the audit log.
+
+mod engine;
+mod limits;
+mod load;
+mod schema;
+
+#[cfg(test)]
+mod engine_tests;
+#[cfg(test)]
+mod load_tests;
+
+pub use engine::Engine;
+pub use load::{Policy, PolicySource};
+
+/// A policy file that could not be read or is not valid.
+///
+/// `line` and `column` are 1-based and point at (or just after) the offending
+/// key or value. When the file could not be read at all, both are 0 and the
+/// message says why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct PolicyError {
+    /// The file name as given to [`Policy::load`] or [`Policy::parse`].
+    pub file: String,
+    /// 1-based line, or 0 when the file could not be read.
+    pub line: usize,
+    /// 1-based column, or 0 when the file could not be read.
+    pub column: usize,
+    /// What is wrong, without the position.
+    pub message: String,
+}
+
+/// Who is making a call, as far as limit scopes are concerned.
+///
+/// Each field is the key of one scope: calls with the same key share a
+/// rate-limit log, calls with different keys do not.
+#[derive(Debug, Clone, Copy)]
+pub struct CallerScope<'a> {
+    /// Key for the `grant` scope: the calling workload (for now, its cgroup
+    /// id as text).
+    pub grant: &'a str,
+}
+
+/// What the caller should do with a tool call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forward the call.
+    Allow,
+    /// The tool is not listed and the policy denies by default: answer as if
+    /// the tool did not exist (JSON-RPC error -32602 "Unknown tool").
+    UnknownTool,
+    /// The tool is denied explicitly or a limit is exhausted: answer with a
+    /// tool result that has `isError` set and carries the reason.
+    Deny,
+}
+
+/// The outcome of one call, the rule that decided it, and why.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// What to do with the call.
+    pub outcome: Outcome,
+    /// JSON Pointer to the deciding rule in the policy file, e.g.
+    /// `/tools/drop_cluster/action`, `/tools/scan/limits/0` or `/default`.
+    pub rule: String,
+    /// Text for the agent and the audit log; `None` when the call is allowed.
+    pub reason: Option<String>,
+}
