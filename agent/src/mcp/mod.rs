@@ -1,0 +1,497 @@
+//! Understanding HTTP requests as MCP (JSON-RPC 2.0) messages.
+//!
+//! Pure functions over bytes, paths and headers: no sockets, no async. The
+//! interceptor buffers a POST body (up to [`DEFAULT_MAX_BODY`] by default),
+//! asks [`parse_body`] what it says, lets the policy decide each
+//! `tools/call`, and then either forwards the original bytes unchanged or
+//! answers with one of the bodies built here ([`denied_response`],
+//! [`unknown_tool_response`], [`ParseError::response_body`]).
+//!
+//! The parser is strict on purpose. The bytes are forwarded as they are, so
+//! any message that this module reads differently from the server is a way
+//! around the policy. Whatever could be read two ways is refused rather than
+//! guessed at:
+//! - duplicate object keys anywhere in the document, and keys that differ
+//!   only in letter case (Go's `encoding/json` matches fields that way);
+//! - ids that are not a string or an integer, messages whose kind is unclear;
+//! - `tools/call` without an id, a string `name`, or object `arguments`;
+//! - 2026-07-28 routing headers (`Mcp-Method`, `Mcp-Name`) that disagree
+//!   with the body.
+//!
+//! Other pieces: [`normalize_path`] and [`is_endpoint_path`] recognise the
+//! endpoint however its path is spelt, and [`looks_like_jsonrpc`] spots
+//! JSON-RPC sent elsewhere on the same origin.
+
+mod canonical;
+mod headers;
+mod path;
+mod probe;
+mod response;
+mod strict;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+pub use canonical::{canonical_json, canonical_sha256, sha256_hex};
+pub use headers::{
+    is_stateless_revision, META_PROTOCOL_VERSION, METHOD_HEADER, NAME_HEADER,
+    PROTOCOL_VERSION_HEADER, STATELESS_REVISION,
+};
+pub use path::{is_endpoint_path, normalize_path};
+pub use probe::looks_like_jsonrpc;
+pub use response::{
+    denied_response, error_response, unknown_tool_response, ParseError, HEADER_MISMATCH,
+    INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR,
+};
+
+/// Default bound on a buffered POST body, in bytes.
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// The method whose requests the policy decides.
+pub const TOOLS_CALL: &str = "tools/call";
+
+/// What a JSON-RPC message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Has a `method` and an `id`: expects a response.
+    Request,
+    /// Has a `method` and no `id`.
+    Notification,
+    /// Has an `id`, no `method`, and exactly one of `result` and `error`
+    /// (a client answering a server's request).
+    Response,
+}
+
+/// One JSON-RPC message, as much of it as the policy and the audit log need.
+#[derive(Clone, PartialEq)]
+pub struct Message {
+    /// What the message is.
+    pub kind: Kind,
+    /// The id (a string or an integer); `None` for notifications.
+    pub id: Option<Value>,
+    /// The method, with JSON escapes decoded; `None` for responses.
+    pub method: Option<String>,
+    /// `params.name` of a `tools/call` request, escapes decoded.
+    pub tool: Option<String>,
+    /// Top-level keys of `params.arguments` of a `tools/call`, sorted; empty
+    /// when there are none.
+    pub arg_keys: Vec<String>,
+    /// Lowercase hex SHA-256 of the canonical JSON of `params.arguments`
+    /// (see [`canonical_json`]); `None` when the call has no arguments.
+    pub args_sha256: Option<String>,
+    /// `params.arguments` of a `tools/call`, for rules on argument values.
+    /// Never log it: the audit log records keys and the hash only, and the
+    /// `Debug` output of a message leaves it out.
+    pub arguments: Option<Value>,
+    /// The request speaks revision 2026-07-28 or later (by its
+    /// `MCP-Protocol-Version` header or `params._meta`), so results written
+    /// for it carry `resultType`.
+    pub stateless_2026: bool,
+}
+
+impl Message {
+    /// Whether this is a `tools/call` request (the only kind the policy
+    /// decides; a `tools/call` notification never gets this far).
+    pub fn is_tool_call(&self) -> bool {
+        self.kind == Kind::Request && self.method.as_deref() == Some(TOOLS_CALL)
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let arguments = self.arguments.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Message")
+            .field("kind", &self.kind)
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .field("tool", &self.tool)
+            .field("arg_keys", &self.arg_keys)
+            .field("args_sha256", &self.args_sha256)
+            .field("arguments", &arguments)
+            .field("stateless_2026", &self.stateless_2026)
+            .finish()
+    }
+}
+
+/// A POST body: one message, or a batch (revision 2025-03-26).
+#[derive(Debug, Clone)]
+pub enum Parsed {
+    /// A single JSON-RPC object.
+    Single(Message),
+    /// A non-empty JSON array of messages, in order.
+    Batch(Vec<Message>),
+}
+
+impl Parsed {
+    /// The messages, in order; one for [`Parsed::Single`].
+    pub fn messages(&self) -> &[Message] {
+        match self {
+            Parsed::Single(message) => std::slice::from_ref(message),
+            Parsed::Batch(messages) => messages,
+        }
+    }
+}
+
+/// Reads a POST body as JSON-RPC, refusing anything a server might read
+/// differently.
+///
+/// # Errors
+///
+/// Refusals are answered with HTTP 400 and a JSON-RPC error carrying the
+/// offending message's id when it could be read:
+/// - -32700 `Parse error: …`: not UTF-8, not JSON (with `serde_json`'s
+///   detail), or nested deeper than 128 levels;
+/// - -32600 `Invalid Request: …`: duplicate keys, or keys equal but for
+///   letter case, in any object; a top level that is not an object or a
+///   non-empty array of objects; `jsonrpc` other than `"2.0"`; an `id` that
+///   is not a string or integer; a non-string `method`; a message with
+///   neither `method` nor the shape of a response; and `tools/call must carry
+///   an id; it was not forwarded` for a `tools/call` notification;
+/// - -32602 `Invalid params: …`: a `tools/call` whose `params` is not an
+///   object with a string `name`, or whose `arguments` is present but not an
+///   object;
+/// - -32020 `Header mismatch: …`: an `Mcp-Method` or `Mcp-Name` header that
+///   is repeated, malformed, or disagrees with the body (servers of revision
+///   2026-07-28 refuse these too, and a server or gateway routing on the
+///   header must not see another call than the policy did). Routing headers
+///   on a batch are refused, as no single value can mirror it.
+///
+/// In a batch, every element is checked and the first error refuses the
+/// whole body; its message names the element's index.
+pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, ParseError> {
+    let text = std::str::from_utf8(body).map_err(|err| {
+        ParseError::new(
+            PARSE_ERROR,
+            format!("Parse error: the body is not valid UTF-8 ({err})"),
+            None,
+        )
+    })?;
+    let document = strict::parse(text)
+        .map_err(|err| ParseError::new(PARSE_ERROR, format!("Parse error: {err}"), None))?;
+    if let Some(clash) = &document.clash {
+        return Err(clash_error(&document.value, clash));
+    }
+
+    let header_stateless = headers::header_is_stateless(headers);
+    match &document.value {
+        Value::Object(object) => {
+            let message = read_message(object, header_stateless, None)?;
+            check_routing_headers(object, &message, headers)?;
+            Ok(Parsed::Single(message))
+        }
+        Value::Array(elements) if elements.is_empty() => Err(ParseError::new(
+            INVALID_REQUEST,
+            "Invalid Request: the batch is empty",
+            None,
+        )),
+        Value::Array(elements) => {
+            let mut messages = Vec::with_capacity(elements.len());
+            for (index, element) in elements.iter().enumerate() {
+                let Value::Object(object) = element else {
+                    return Err(ParseError::new(
+                        INVALID_REQUEST,
+                        format!(
+                            "Invalid Request: batch element {index} is {}, not a message object",
+                            describe(element)
+                        ),
+                        None,
+                    ));
+                };
+                messages.push(read_message(object, header_stateless, Some(index))?);
+            }
+            refuse_routing_headers_on_batch(headers)?;
+            Ok(Parsed::Batch(messages))
+        }
+        other => Err(ParseError::new(
+            INVALID_REQUEST,
+            format!(
+                "Invalid Request: the body is {}, not a JSON-RPC message object or batch array",
+                describe(other)
+            ),
+            None,
+        )),
+    }
+}
+
+/// The error for a document with clashing keys. The id is included unless
+/// the clash is over the message's own `id`.
+fn clash_error(root: &Value, clash: &strict::KeyClash) -> ParseError {
+    let (message, message_depth) = match root {
+        Value::Array(elements) => (
+            clash
+                .path
+                .first()
+                .and_then(|index| index.parse::<usize>().ok())
+                .and_then(|index| elements.get(index)),
+            1,
+        ),
+        other => (Some(other), 0),
+    };
+    let clash_is_on_id =
+        clash.path.len() == message_depth && strict::fold_key(&clash.first) == "id";
+    let id = if clash_is_on_id {
+        None
+    } else {
+        message
+            .and_then(|message| message.get("id"))
+            .and_then(valid_id)
+    };
+    ParseError::new(
+        INVALID_REQUEST,
+        format!("Invalid Request: {}", clash.describe()),
+        id,
+    )
+}
+
+/// Reads and checks one message object. `batch_index` is the element's
+/// position in a batch, for error messages.
+fn read_message(
+    object: &Map<String, Value>,
+    header_stateless: bool,
+    batch_index: Option<usize>,
+) -> Result<Message, ParseError> {
+    let at = match batch_index {
+        Some(index) => format!("batch element {index}: "),
+        None => String::new(),
+    };
+
+    let id = match object.get("id") {
+        None => None,
+        Some(raw) => match valid_id(raw) {
+            Some(id) => Some(id),
+            None => {
+                return Err(ParseError::new(
+                    INVALID_REQUEST,
+                    format!(
+                        "Invalid Request: {at}\"id\" must be a string or a 64-bit integer, not {}",
+                        describe(raw)
+                    ),
+                    None,
+                ))
+            }
+        },
+    };
+    let invalid_request = |detail: String| {
+        ParseError::new(
+            INVALID_REQUEST,
+            format!("Invalid Request: {at}{detail}"),
+            id.clone(),
+        )
+    };
+
+    match object.get("jsonrpc") {
+        Some(Value::String(version)) if version == "2.0" => {}
+        _ => return Err(invalid_request("\"jsonrpc\" must be \"2.0\"".to_owned())),
+    }
+
+    let method = match object.get("method") {
+        None => {
+            if id.is_none() {
+                return Err(invalid_request(
+                    "a message without \"method\" must be a response with an \"id\"".to_owned(),
+                ));
+            }
+            if object.contains_key("result") == object.contains_key("error") {
+                return Err(invalid_request(
+                    "a response must carry exactly one of \"result\" and \"error\"".to_owned(),
+                ));
+            }
+            return Ok(Message {
+                kind: Kind::Response,
+                id,
+                method: None,
+                tool: None,
+                arg_keys: Vec::new(),
+                args_sha256: None,
+                arguments: None,
+                stateless_2026: header_stateless,
+            });
+        }
+        Some(Value::String(method)) => method.clone(),
+        Some(other) => {
+            return Err(invalid_request(format!(
+                "\"method\" must be a string, not {}",
+                describe(other)
+            )))
+        }
+    };
+
+    let params = object.get("params");
+    let mut message = Message {
+        kind: if id.is_some() {
+            Kind::Request
+        } else {
+            Kind::Notification
+        },
+        id,
+        method: None,
+        tool: None,
+        arg_keys: Vec::new(),
+        args_sha256: None,
+        arguments: None,
+        stateless_2026: header_stateless || meta_is_stateless(params),
+    };
+
+    if method == TOOLS_CALL {
+        read_tool_call(params, &mut message, &at)?;
+    }
+    message.method = Some(method);
+    Ok(message)
+}
+
+/// Checks a `tools/call` request and fills in its tool and arguments. `at`
+/// prefixes error messages with the batch element, if any.
+fn read_tool_call(
+    params: Option<&Value>,
+    message: &mut Message,
+    at: &str,
+) -> Result<(), ParseError> {
+    if message.id.is_none() {
+        return Err(ParseError::new(
+            INVALID_REQUEST,
+            format!("{at}tools/call must carry an id; it was not forwarded"),
+            None,
+        ));
+    }
+    let invalid_params = |detail: &str| {
+        ParseError::new(
+            INVALID_PARAMS,
+            format!("Invalid params: {at}tools/call {detail}"),
+            message.id.clone(),
+        )
+    };
+    let Some(Value::Object(params)) = params else {
+        return Err(invalid_params("params must be an object"));
+    };
+    let tool = match params.get("name") {
+        Some(Value::String(name)) => name.clone(),
+        Some(_) => return Err(invalid_params("params.name must be a string")),
+        None => return Err(invalid_params("params.name is missing")),
+    };
+    let arguments = match params.get("arguments") {
+        None => None,
+        Some(Value::Object(arguments)) => Some(arguments),
+        Some(_) => return Err(invalid_params("params.arguments must be an object")),
+    };
+    if let Some(arguments) = arguments {
+        let mut keys: Vec<String> = arguments.keys().cloned().collect();
+        keys.sort_unstable();
+        let arguments = Value::Object(arguments.clone());
+        message.arg_keys = keys;
+        message.args_sha256 = Some(canonical_sha256(&arguments));
+        message.arguments = Some(arguments);
+    }
+    message.tool = Some(tool);
+    Ok(())
+}
+
+/// A copy of `raw` if it is a valid JSON-RPC id for MCP: a string or an
+/// integer that fits in 64 bits.
+fn valid_id(raw: &Value) -> Option<Value> {
+    match raw {
+        Value::String(_) => Some(raw.clone()),
+        Value::Number(number) if number.is_i64() || number.is_u64() => Some(raw.clone()),
+        _ => None,
+    }
+}
+
+/// Whether `params._meta` names a stateless protocol revision.
+fn meta_is_stateless(params: Option<&Value>) -> bool {
+    params
+        .and_then(|params| params.get("_meta"))
+        .and_then(|meta| meta.get(META_PROTOCOL_VERSION))
+        .and_then(Value::as_str)
+        .is_some_and(is_stateless_revision)
+}
+
+/// Checks `Mcp-Method` and `Mcp-Name` against a single message, when present.
+fn check_routing_headers(
+    object: &Map<String, Value>,
+    message: &Message,
+    headers: &http::HeaderMap,
+) -> Result<(), ParseError> {
+    let mismatch = |detail: String| {
+        ParseError::new(
+            HEADER_MISMATCH,
+            format!("Header mismatch: {detail}"),
+            message.id.clone(),
+        )
+    };
+
+    if let Some(header) = headers::routing_header(headers, METHOD_HEADER).map_err(&mismatch)? {
+        match &message.method {
+            Some(method) if *method == header => {}
+            Some(method) => {
+                return Err(mismatch(format!(
+                    "Mcp-Method is {} but the body's method is {}",
+                    quoted(&header),
+                    quoted(method)
+                )))
+            }
+            None => {
+                return Err(mismatch(
+                    "Mcp-Method is set on a message without a method".to_owned(),
+                ))
+            }
+        }
+    }
+
+    if let Some(header) = headers::routing_header(headers, NAME_HEADER).map_err(&mismatch)? {
+        let field = match message.method.as_deref() {
+            Some(TOOLS_CALL | "prompts/get") => Some("name"),
+            Some("resources/read") => Some("uri"),
+            _ => None,
+        };
+        if let Some(field) = field {
+            let body = object
+                .get("params")
+                .and_then(|params| params.get(field))
+                .and_then(Value::as_str);
+            if body != Some(header.as_str()) {
+                return Err(mismatch(format!(
+                    "Mcp-Name is {} but params.{field} is {}",
+                    quoted(&header),
+                    body.map_or_else(|| "missing".to_owned(), quoted)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `Mcp-Method` and `Mcp-Name` on a batch.
+fn refuse_routing_headers_on_batch(headers: &http::HeaderMap) -> Result<(), ParseError> {
+    for name in [METHOD_HEADER, NAME_HEADER] {
+        if headers.contains_key(name) {
+            return Err(ParseError::new(
+                HEADER_MISMATCH,
+                format!("Header mismatch: {name} is set on a batch"),
+                None,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A JSON string literal, for quoting untrusted text in error messages.
+fn quoted(text: &str) -> String {
+    let mut out = String::new();
+    canonical::write_string(text, &mut out);
+    out
+}
+
+/// The JSON type of a value, for error messages.
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
