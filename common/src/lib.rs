@@ -114,7 +114,9 @@ impl SockKey {
     /// Key from a socket address; IPv4 becomes IPv4-mapped.
     pub fn from_socket_addr(sa: core::net::SocketAddr) -> Self {
         match sa {
-            core::net::SocketAddr::V4(v4) => Self::from_octets(v4.ip().to_ipv6_mapped().octets(), v4.port()),
+            core::net::SocketAddr::V4(v4) => {
+                Self::from_octets(v4.ip().to_ipv6_mapped().octets(), v4.port())
+            }
             core::net::SocketAddr::V6(v6) => Self::from_octets(v6.ip().octets(), v6.port()),
         }
     }
@@ -141,7 +143,7 @@ pub struct EndpointValue {
 
 /// What connect4/6 learned about a redirected connection: where it was going and who dialled.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnRecord {
     /// The original destination, mapped form.
     pub orig: SockKey,
@@ -153,19 +155,6 @@ pub struct ConnRecord {
     pub cgroup_id: u64,
     /// `comm` of the connecting thread, NUL-padded.
     pub comm: [u8; 16],
-}
-
-impl Default for ConnRecord {
-    fn default() -> Self {
-        ConnRecord {
-            orig: SockKey::default(),
-            tgid: 0,
-            uid: 0,
-            gid: 0,
-            cgroup_id: 0,
-            comm: [0; 16],
-        }
-    }
 }
 
 /// The single entry of [`MAP_CONFIG`]: where to redirect and whom never to redirect.
@@ -214,7 +203,10 @@ mod tests {
         let k = SockKey::from_socket_addr(sa);
         assert!(k.is_v4_mapped());
         assert_eq!(k.addr[3], u32::from_ne_bytes([10, 1, 2, 3]));
-        assert_eq!(k, SockKey::from_v4_word(u32::from_ne_bytes([10, 1, 2, 3]), 8080));
+        assert_eq!(
+            k,
+            SockKey::from_v4_word(u32::from_ne_bytes([10, 1, 2, 3]), 8080)
+        );
         assert_eq!(k.to_socket_addr(), sa);
         let v6: core::net::SocketAddr = "[::ffff:10.1.2.3]:8080".parse().unwrap();
         assert_eq!(SockKey::from_socket_addr(v6), k);

@@ -16,7 +16,6 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    EbpfContext,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
@@ -24,10 +23,12 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
     programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
 };
 use mcpwarden_common::{
-    ConnRecord, EndpointValue, MAX_CONNECTIONS, MAX_ENDPOINTS, ProxyConfig, SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-    SOCK_OPS_STATE_CB, SOCK_OPS_STATE_CB_FLAG, SOCK_STREAM, SockKey, TCP_CLOSE, AF_INET, AF_INET6,
+    ConnRecord, EndpointValue, ProxyConfig, SockKey, AF_INET, AF_INET6, MAX_CONNECTIONS,
+    MAX_ENDPOINTS, SOCK_OPS_ACTIVE_ESTABLISHED_CB, SOCK_OPS_STATE_CB, SOCK_OPS_STATE_CB_FLAG,
+    SOCK_STREAM, TCP_CLOSE,
 };
 
 /// Allow the syscall (possibly with a rewritten address).
@@ -42,7 +43,8 @@ static ENDPOINTS: HashMap<SockKey, EndpointValue> = HashMap::with_max_entries(MA
 static BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 #[map]
-static BY_CLIENT: LruHashMap<SockKey, ConnRecord> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+static BY_CLIENT: LruHashMap<SockKey, ConnRecord> =
+    LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
 #[map]
 static CONFIG: Array<ProxyConfig> = Array::with_max_entries(1, 0);
@@ -116,7 +118,10 @@ pub fn mcpw_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: writing the destination is what connect4 programs are for.
     unsafe {
         write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip4), cfg.v4_addr);
-        write_volatile(addr_of_mut!((*ctx.sock_addr).user_port), u16::to_be(cfg.v4_port) as u32);
+        write_volatile(
+            addr_of_mut!((*ctx.sock_addr).user_port),
+            u16::to_be(cfg.v4_port) as u32,
+        );
     }
     ALLOW
 }
@@ -133,7 +138,11 @@ pub fn mcpw_connect6(ctx: SockAddrContext) -> i32 {
             read_volatile(addr_of!((*ctx.sock_addr).user_port)),
         )
     };
-    let dst = SockKey { addr: [w0, w1, w2, w3], port: u16::from_be(port as u16), _pad: 0 };
+    let dst = SockKey {
+        addr: [w0, w1, w2, w3],
+        port: u16::from_be(port as u16),
+        _pad: 0,
+    };
     let Some(cfg) = should_redirect(&ctx, &dst) else {
         return ALLOW;
     };
@@ -153,7 +162,10 @@ pub fn mcpw_connect6(ctx: SockAddrContext) -> i32 {
         write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip6[1]), addr[1]);
         write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip6[2]), addr[2]);
         write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip6[3]), addr[3]);
-        write_volatile(addr_of_mut!((*ctx.sock_addr).user_port), u16::to_be(new_port) as u32);
+        write_volatile(
+            addr_of_mut!((*ctx.sock_addr).user_port),
+            u16::to_be(new_port) as u32,
+        );
     }
     ALLOW
 }
@@ -176,23 +188,30 @@ pub fn mcpw_sock_ops(ctx: SockOpsContext) -> u32 {
     let Some(rec) = (unsafe { BY_COOKIE.get(&cookie) }).copied() else {
         return 1;
     };
-    // SAFETY: context fields are copied to the stack one word at a time.
-    let client = unsafe {
-        let port = read_volatile(addr_of!((*ctx.ops).local_port)) as u16;
-        match read_volatile(addr_of!((*ctx.ops).family)) {
-            AF_INET => SockKey::from_v4_word(read_volatile(addr_of!((*ctx.ops).local_ip4)), port),
-            AF_INET6 => SockKey {
-                addr: [
-                    read_volatile(addr_of!((*ctx.ops).local_ip6[0])),
-                    read_volatile(addr_of!((*ctx.ops).local_ip6[1])),
-                    read_volatile(addr_of!((*ctx.ops).local_ip6[2])),
-                    read_volatile(addr_of!((*ctx.ops).local_ip6[3])),
-                ],
-                port,
-                _pad: 0,
-            },
-            _ => return 1,
-        }
+    // SAFETY: context fields are copied to the stack one word at a time. Every field is read
+    // unconditionally: choosing the field per family lets LLVM compute the context offset at run
+    // time, which the verifier rejects ("dereference of modified ctx ptr").
+    let (family, port, ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*ctx.ops).family)),
+            read_volatile(addr_of!((*ctx.ops).local_port)) as u16,
+            read_volatile(addr_of!((*ctx.ops).local_ip4)),
+            [
+                read_volatile(addr_of!((*ctx.ops).local_ip6[0])),
+                read_volatile(addr_of!((*ctx.ops).local_ip6[1])),
+                read_volatile(addr_of!((*ctx.ops).local_ip6[2])),
+                read_volatile(addr_of!((*ctx.ops).local_ip6[3])),
+            ],
+        )
+    };
+    let client = match family {
+        AF_INET => SockKey::from_v4_word(ip4, port),
+        AF_INET6 => SockKey {
+            addr: ip6,
+            port,
+            _pad: 0,
+        },
+        _ => return 1,
     };
     let _ = BY_CLIENT.insert(&client, &rec, 0);
     // Ask for the TCP_CLOSE callback so the cookie entry goes when the connection does.
@@ -213,7 +232,10 @@ pub fn mcpw_getpeername4(ctx: SockAddrContext) -> i32 {
         // SAFETY: rewriting the reported peer is what getpeername programs are for.
         unsafe {
             write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip4), orig.addr[3]);
-            write_volatile(addr_of_mut!((*ctx.sock_addr).user_port), u16::to_be(orig.port) as u32);
+            write_volatile(
+                addr_of_mut!((*ctx.sock_addr).user_port),
+                u16::to_be(orig.port) as u32,
+            );
         }
     }
     ALLOW
@@ -228,7 +250,10 @@ pub fn mcpw_getpeername6(ctx: SockAddrContext) -> i32 {
             write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip6[1]), orig.addr[1]);
             write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip6[2]), orig.addr[2]);
             write_volatile(addr_of_mut!((*ctx.sock_addr).user_ip6[3]), orig.addr[3]);
-            write_volatile(addr_of_mut!((*ctx.sock_addr).user_port), u16::to_be(orig.port) as u32);
+            write_volatile(
+                addr_of_mut!((*ctx.sock_addr).user_port),
+                u16::to_be(orig.port) as u32,
+            );
         }
     }
     ALLOW

@@ -1,0 +1,246 @@
+//! The command line, and the assembly of the pipeline: config → policies → cgroups → listeners →
+//! eBPF → endpoint resolution → interceptor.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    audit::AuditLog,
+    config::{Config, Flags},
+    intercept::{Interceptor, Server},
+    policy::{Engine, Policy},
+    redirect::{
+        cgroup,
+        resolve::{EndpointResolver, Routes, Target},
+        Redirector, Settings,
+    },
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcpwarden",
+    version,
+    about = "Transparent policy enforcement for MCP tool calls on this host"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Run the embedded demo: a sample MCP server, the agent with a sample policy, and an
+    /// unmodified MCP client making an allowed, a denied and a rate-limited call. Needs root.
+    Demo,
+    /// The demo's MCP client (started by `demo` inside the redirected cgroup).
+    #[command(hide = true)]
+    DemoClient { url: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// YAML configuration file (see config docs); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// MCP endpoint to protect, e.g. http://10.0.0.5:8080/mcp. Repeatable; pairs with --policy.
+    #[arg(long = "endpoint", value_name = "URL")]
+    endpoints: Vec<String>,
+    /// Policy file (PolicyLayer policy.json) for the --endpoint at the same position.
+    #[arg(long = "policy", value_name = "FILE")]
+    policies: Vec<PathBuf>,
+    /// Interceptor address; at most one IPv4 and one IPv6 [default: 127.0.0.1:15001, [::1]:15001].
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Audit log path, or - for standard output [default: -].
+    #[arg(long = "audit-log", value_name = "PATH|-")]
+    audit_log: Option<PathBuf>,
+    /// cgroup to attach to: absolute, or relative to the cgroup2 mount [default: the mount root].
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The agent's own cgroup (created if missing; never redirected) [default: mcpwarden].
+    #[arg(long = "agent-cgroup")]
+    agent_cgroup: Option<PathBuf>,
+    /// Largest request body inspected; larger ones are refused [default: 4194304].
+    #[arg(long = "max-body-bytes")]
+    max_body_bytes: Option<usize>,
+}
+
+/// Entry point of the `mcpwarden` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mcpwarden: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Demo => crate::demo::run().await,
+            Command::DemoClient { url } => crate::demo::client(&url).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcpwarden: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let config = Config::assemble(Flags {
+        config: args.config,
+        endpoints: args.endpoints,
+        policies: args.policies,
+        listen: args.listen,
+        audit: args.audit_log,
+        cgroup: args.cgroup,
+        agent_cgroup: args.agent_cgroup,
+        max_body_bytes: args.max_body_bytes,
+    })?;
+    let agent = Agent::start(&config).await?;
+    tracing::info!(
+        listen = ?agent.listen,
+        cgroup = %agent.redirector.attach_point().display(),
+        servers = config.servers.len(),
+        "mcpwarden ready"
+    );
+    shutdown_signal().await?;
+    tracing::info!("signal received: detaching and exiting");
+    drop(agent);
+    Ok(())
+}
+
+async fn shutdown_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// A running agent. Dropping it stops the interceptor and detaches the eBPF programs.
+pub struct Agent {
+    pub listen: Vec<SocketAddr>,
+    redirector: Arc<Redirector>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Load the policies, join the agent cgroup, bind the listeners, attach, resolve, serve.
+    /// Every failure here is an error naming what to fix; nothing stays attached after one.
+    pub async fn start(config: &Config) -> Result<Agent> {
+        // Policies first: a bad file stops the agent before it touches the host.
+        let mut engines: HashMap<PathBuf, Arc<Engine>> = HashMap::new();
+        let mut servers = Vec::new();
+        for s in &config.servers {
+            let engine = match engines.get(&s.policy) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = Arc::new(Engine::new(Policy::load(&s.policy)?));
+                    engines.insert(s.policy.clone(), e.clone());
+                    e
+                }
+            };
+            servers.push(Server {
+                name: s.name.clone(),
+                path: s.url.path.clone(),
+                engine,
+            });
+        }
+        let audit = Arc::new(
+            AuditLog::open(&config.audit)
+                .with_context(|| format!("opening the audit log {}", config.audit.display()))?,
+        );
+
+        let mount = cgroup::cgroup2_mount()?;
+        let agent_cgroup = cgroup::resolve(&mount, &config.agent_cgroup)?;
+        cgroup::join(&agent_cgroup)?;
+        let agent_cgroup_id = cgroup::id_of(&agent_cgroup)?;
+        let attach = cgroup::resolve(&mount, &config.cgroup)?;
+
+        let mut listeners = Vec::new();
+        let (mut v4, mut v6) = (None, None);
+        for addr in &config.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the interceptor to {addr}"))?;
+            match l.local_addr()? {
+                SocketAddr::V4(a) => v4 = Some(a),
+                SocketAddr::V6(a) => v6 = Some(a),
+            }
+            listeners.push(l);
+        }
+        let listen: Vec<SocketAddr> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+
+        let redirector = Arc::new(Redirector::start(&Settings {
+            mount,
+            attach,
+            agent_cgroup_id,
+            v4,
+            v6,
+        })?);
+        let routes = Arc::new(Routes::default());
+        let mut resolver = EndpointResolver::new(
+            config
+                .servers
+                .iter()
+                .map(|s| Target {
+                    host: s.url.host.clone(),
+                    port: s.url.port,
+                })
+                .collect(),
+        )?;
+        resolver.refresh(&redirector, &routes).await?;
+
+        let interceptor = Arc::new(Interceptor {
+            servers,
+            routes: routes.clone(),
+            orig_dst: redirector.clone(),
+            audit,
+            max_body: config.max_body_bytes,
+        });
+        let tasks = vec![
+            tokio::spawn(resolver.run(redirector.clone(), routes)),
+            tokio::spawn(interceptor.serve(listeners)),
+        ];
+        Ok(Agent {
+            listen,
+            redirector,
+            tasks,
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

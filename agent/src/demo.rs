@@ -1,0 +1,307 @@
+//! `mcpwarden demo`: the whole chain on loopback, with nothing to configure.
+//!
+//! Starts a sample MCP server (rmcp, Streamable HTTP) on 127.0.0.1, writes a sample policy, runs
+//! the agent attached to a fresh cgroup, and starts an unmodified MCP client (rmcp) inside that
+//! cgroup. The client makes an allowed, a denied, an unlisted and two rate-limited calls; the
+//! audit lines print as they happen. Everything the demo creates is removed when it ends.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use rmcp::{
+    handler::server::{router::tool::ToolRouter, wrapper::Parameters},
+    model::{CallToolRequestParams, ClientConfig, ServerCapabilities, ServerConfig},
+    schemars, tool, tool_handler, tool_router,
+    transport::{
+        streamable_http_client::StreamableHttpClientTransportConfig,
+        streamable_http_server::{
+            session::local::LocalSessionManager, StreamableHttpServerConfig, StreamableHttpService,
+        },
+        StreamableHttpClientTransport,
+    },
+    ServerHandler, ServiceExt,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    cli::Agent,
+    config::{Config, EndpointUrl, Server},
+    redirect::cgroup,
+};
+
+/// The sample policy: PolicyLayer's format, as a user would write it.
+pub const DEMO_POLICY: &str = r#"{
+  "version": "1",
+  "default": "deny",
+  "tools": {
+    "echo": {},
+    "start_security_scan": {
+      "limits": [ { "counter": "start_security_scan_rate", "window": "minute", "max": 1, "scope": "grant" } ]
+    },
+    "drop_cluster": { "action": "deny", "reason": "destructive" }
+  }
+}
+"#;
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct TextArg {
+    text: String,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct ClusterArg {
+    cluster: String,
+}
+
+/// The sample MCP server's tools.
+#[derive(Debug, Clone)]
+struct SampleServer {
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl SampleServer {
+    #[tool(description = "Echo the text back")]
+    fn echo(&self, Parameters(TextArg { text }): Parameters<TextArg>) -> String {
+        text
+    }
+
+    #[tool(description = "Start a security scan of a cluster")]
+    fn start_security_scan(
+        &self,
+        Parameters(ClusterArg { cluster }): Parameters<ClusterArg>,
+    ) -> String {
+        format!("scan of {cluster} started")
+    }
+
+    #[tool(description = "Delete a cluster")]
+    fn drop_cluster(&self, Parameters(ClusterArg { cluster }): Parameters<ClusterArg>) -> String {
+        format!("cluster {cluster} dropped")
+    }
+
+    #[tool(description = "Dump every secret")]
+    fn dump_secrets(&self) -> String {
+        "s3cr3t".to_owned()
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for SampleServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}
+
+/// Serve the sample server's Streamable HTTP endpoint at `/mcp` on `listener` until dropped.
+async fn serve_sample(listener: TcpListener) {
+    let service: StreamableHttpService<SampleServer, LocalSessionManager> =
+        StreamableHttpService::new(
+            || {
+                Ok(SampleServer {
+                    tool_router: SampleServer::tool_router(),
+                })
+            },
+            Default::default(),
+            StreamableHttpServerConfig::default(),
+        );
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let service = service.clone();
+                    async move {
+                        if req.uri().path() != "/mcp" {
+                            let mut not_found = http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(
+                                    b"not found\n",
+                                ))
+                                .map_err(|never| match never {})
+                                .boxed(),
+                            );
+                            *not_found.status_mut() = http::StatusCode::NOT_FOUND;
+                            return Ok::<_, Infallible>(not_found);
+                        }
+                        Ok(service.handle(req).await)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+use http_body_util::BodyExt as _;
+
+/// Removes the demo's files and cgroups, and moves the demo process back where it came from.
+struct Cleanup {
+    home_cgroup: Option<PathBuf>,
+    cgroups: Vec<PathBuf>,
+    dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(home) = &self.home_cgroup {
+            let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+        }
+        for cg in self.cgroups.iter().rev() {
+            let _ = std::fs::remove_dir(cg);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The cgroup this process is in now, from /proc/self/cgroup (`0::/path`).
+fn current_cgroup(mount: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(mount.join(rel.trim_start_matches('/')))
+}
+
+pub async fn run() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the demo loads eBPF programs and creates cgroups: run it as root (cargo xtask demo does)");
+    }
+    let mount = cgroup::cgroup2_mount()?;
+    let tag = format!("mcpwarden-demo-{}", std::process::id());
+    let clients = mount.join(&tag);
+    let agent_cg = mount.join(format!("{tag}-agent"));
+    let dir = std::env::temp_dir().join(&tag);
+    let _cleanup = Cleanup {
+        home_cgroup: current_cgroup(&mount),
+        cgroups: vec![clients.clone(), agent_cg.clone()],
+        dir: dir.clone(),
+    };
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&clients).with_context(|| format!("creating {}", clients.display()))?;
+    let policy = dir.join("policy.json");
+    std::fs::write(&policy, DEMO_POLICY)?;
+
+    let server = TcpListener::bind("127.0.0.1:0").await?;
+    let server_addr = server.local_addr()?;
+    let server_task = tokio::spawn(serve_sample(server));
+    let url = format!("http://{server_addr}/mcp");
+
+    let config = Config {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], 0)), "[::1]:0".parse()?],
+        audit: PathBuf::from("-"),
+        cgroup: clients.clone(),
+        agent_cgroup: agent_cg.clone(),
+        max_body_bytes: crate::mcp::DEFAULT_MAX_BODY,
+        servers: vec![Server {
+            name: "demo".into(),
+            url: EndpointUrl::parse(&url).map_err(anyhow::Error::msg)?,
+            policy: policy.clone(),
+        }],
+    };
+    println!("mcpwarden demo");
+    println!("  sample MCP server : {url}");
+    println!("  policy            : {}", policy.display());
+    println!("{DEMO_POLICY}");
+    let agent = Agent::start(&config).await?;
+    println!(
+        "  agent             : interceptor on {:?}, attached to {}",
+        agent.listen,
+        clients.display()
+    );
+    println!(
+        "  client            : an unmodified rmcp client in {}, dialling {url}\n",
+        clients.display()
+    );
+    println!("audit log (one JSON line per MCP message, as it happens):");
+
+    let exe = std::env::current_exe().context("finding the mcpwarden binary")?;
+    let procs = clients.join("cgroup.procs");
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("demo-client")
+        .arg(&url)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: pre_exec runs in the forked child before exec; it only writes to a file.
+    unsafe {
+        cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    let status = tokio::time::timeout(Duration::from_secs(60), cmd.status())
+        .await
+        .context("the demo client did not finish within 60 s")??;
+    drop(agent);
+    server_task.abort();
+    if !status.success() {
+        bail!("the demo client failed: {status}");
+    }
+    println!("\ndemo finished: the programs are detached and the demo cgroups removed");
+    Ok(())
+}
+
+/// The demo's client: plain rmcp, no knowledge of mcpwarden.
+pub async fn client(url: &str) -> Result<()> {
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url.to_owned()),
+    );
+    let client = ClientConfig::default()
+        .serve(transport)
+        .await
+        .context("connecting to the MCP server")?;
+    let calls: [(&str, serde_json::Value, &str); 5] = [
+        ("echo", serde_json::json!({"text": "hello"}), "allowed"),
+        (
+            "drop_cluster",
+            serde_json::json!({"cluster": "prod"}),
+            "denied by the policy",
+        ),
+        (
+            "dump_secrets",
+            serde_json::json!({}),
+            "not in the policy: hidden under default deny",
+        ),
+        (
+            "start_security_scan",
+            serde_json::json!({"cluster": "prod"}),
+            "allowed, first of 1 per minute",
+        ),
+        (
+            "start_security_scan",
+            serde_json::json!({"cluster": "staging"}),
+            "rate-limited",
+        ),
+    ];
+    for (tool, args, expect) in calls {
+        let serde_json::Value::Object(map) = args else {
+            continue;
+        };
+        let outcome = match client
+            .call_tool(CallToolRequestParams::new(tool).with_arguments(map))
+            .await
+        {
+            Ok(result) => {
+                let text: Vec<String> = result
+                    .content
+                    .iter()
+                    .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+                    .collect();
+                let kind = if result.is_error == Some(true) {
+                    "tool error"
+                } else {
+                    "ok"
+                };
+                format!("{kind}: {}", text.join(" "))
+            }
+            Err(e) => format!("JSON-RPC error: {e}"),
+        };
+        println!("client: call {tool:<20} (expect {expect}) -> {outcome}");
+    }
+    let _ = client.cancel().await;
+    Ok(())
+}

@@ -1,0 +1,519 @@
+//! Step 2 of the flow: accept redirected connections, recover where they were going and who made
+//! them, and serve them over HTTP/1.1 — every MCP message goes through `mcp` (understand) and
+//! `policy` (decide) and is audited before anything is forwarded to the original destination.
+//!
+//! What is MCP: a POST to a configured endpoint path (query ignored, path normalised) must parse as
+//! JSON-RPC or it is refused; a POST elsewhere on the same origin whose body is JSON-RPC is MCP
+//! too; other requests (OAuth metadata, health checks, the SSE GET stream) pass through, streamed,
+//! and are audited as `non_mcp`. Upgrade and CONNECT are refused: they would open tunnels past the
+//! parser. Compressed request bodies cannot be inspected yet and are refused (415).
+
+mod upstream;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::{
+    audit::{AuditLog, Event, PolicyRef, Record, Verdict},
+    mcp::{self, Kind, Message, Parsed},
+    policy::{CallerScope, Decision, Engine, Outcome},
+    redirect::{resolve::Routes, Redirected},
+};
+use upstream::{strip_hop_by_hop, Body, Upstream};
+
+/// Where accepted connections learn their original destination and caller. Implemented by
+/// `redirect::Redirector` (the eBPF map); a connection without a record is refused.
+pub trait OrigDst: Send + Sync + 'static {
+    fn take(&self, peer: SocketAddr) -> Option<Redirected>;
+}
+
+impl OrigDst for crate::redirect::Redirector {
+    fn take(&self, peer: SocketAddr) -> Option<Redirected> {
+        crate::redirect::Redirector::take(self, peer)
+    }
+}
+
+/// One configured MCP server as the interceptor needs it.
+pub struct Server {
+    pub name: String,
+    /// Normalised endpoint path.
+    pub path: String,
+    pub engine: Arc<Engine>,
+}
+
+/// Everything shared by all connections.
+pub struct Interceptor {
+    pub servers: Vec<Server>,
+    pub routes: Arc<Routes>,
+    pub orig_dst: Arc<dyn OrigDst>,
+    pub audit: Arc<AuditLog>,
+    pub max_body: usize,
+}
+
+/// Per accepted connection.
+struct Conn {
+    shared: Arc<Interceptor>,
+    redirected: Redirected,
+    /// Indices into `shared.servers` configured at the original destination.
+    servers: Vec<usize>,
+    upstream: Upstream,
+}
+
+impl Interceptor {
+    /// Accept on every listener until the future is dropped.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in listeners {
+            let this = self.clone();
+            tasks.spawn(async move { this.accept_loop(listener).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => self.clone().accept(stream, peer),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn accept(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let Some(redirected) = self.orig_dst.take(peer) else {
+            tracing::warn!(%peer, "no redirect record for this connection: refusing it (the interceptor is not an open proxy)");
+            let mut rec = Record::new(Event::Refused);
+            rec.reason = Some(format!("no redirect record for connection from {peer}"));
+            rec.decision = Some(Verdict::Deny);
+            self.write_audit(&rec);
+            return;
+        };
+        let servers = self.routes.servers_for(redirected.orig_dst);
+        if servers.is_empty() {
+            tracing::warn!(dst = %redirected.orig_dst, "destination is no longer a configured endpoint: refusing the connection");
+            let mut rec = caller_record(Event::Refused, &redirected);
+            rec.reason = Some("destination is no longer a configured endpoint".into());
+            rec.decision = Some(Verdict::Deny);
+            self.write_audit(&rec);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(Conn {
+            upstream: Upstream::new(redirected.orig_dst),
+            shared: self,
+            redirected,
+            servers,
+        });
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(conn.handle(req).await) }
+            });
+            let result = hyper::server::conn::http1::Builder::new()
+                .preserve_header_case(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "client connection ended");
+            }
+        });
+    }
+
+    /// Best-effort write for records that gate nothing (refused connections, responses).
+    fn write_audit(&self, rec: &Record) {
+        if let Err(e) = self.audit.write(rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+}
+
+fn caller_record(event: Event, r: &Redirected) -> Record {
+    let mut rec = Record::new(event);
+    rec.dst = Some(r.orig_dst.to_string());
+    rec.pid = Some(r.caller.pid);
+    rec.comm = Some(r.caller.comm.clone());
+    rec.uid = Some(r.caller.uid);
+    rec.cgroup = r.caller.cgroup.clone();
+    rec.cgroup_id = Some(r.caller.cgroup_id);
+    rec
+}
+
+/// What the policy said about one message.
+struct Judged {
+    msg: Message,
+    decision: Option<Decision>,
+}
+
+impl Judged {
+    fn refused(&self) -> bool {
+        self.decision
+            .as_ref()
+            .is_some_and(|d| d.outcome != Outcome::Allow)
+    }
+}
+
+impl Conn {
+    fn server(&self, path: &str) -> &Server {
+        let servers = &self.shared.servers;
+        self.servers
+            .iter()
+            .map(|&i| &servers[i])
+            .find(|s| mcp::is_endpoint_path(path, &s.path))
+            .unwrap_or(&servers[self.servers[0]])
+    }
+
+    fn record(&self, event: Event, server: &Server, parts: &http::request::Parts) -> Record {
+        let mut rec = caller_record(event, &self.redirected);
+        rec.server = Some(server.name.clone());
+        rec.http_method = Some(parts.method.to_string());
+        rec.path = Some(parts.uri.path().to_owned());
+        rec
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let (parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_owned();
+        let server = self.server(&path);
+
+        if parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE) {
+            return self.refuse_plain(
+                server,
+                &parts,
+                StatusCode::FORBIDDEN,
+                "Upgrade and CONNECT requests to an MCP endpoint are refused: they would open a tunnel past the policy",
+            );
+        }
+        if parts.method != Method::POST {
+            let rec = self.record(Event::NonMcp, server, &parts);
+            return self.forward(rec, parts, body.boxed(), started).await;
+        }
+        if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING) {
+            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return self.refuse_plain(
+                    server,
+                    &parts,
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "compressed request bodies cannot be inspected; send them uncompressed",
+                );
+            }
+        }
+        let bytes = match Limited::new(body, self.shared.max_body).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                let too_large = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                let (status, msg) = if too_large {
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "request body exceeds the {} byte limit; it was not forwarded",
+                            self.shared.max_body
+                        ),
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("reading the request body failed: {e}"),
+                    )
+                };
+                let mut rec = self.record(Event::Refused, server, &parts);
+                rec.decision = Some(Verdict::Deny);
+                rec.reason = Some(msg.clone());
+                self.shared.write_audit(&rec);
+                return json_response(status, mcp::error_response(None, -32600, &msg));
+            }
+        };
+        if mcp::is_endpoint_path(&path, &server.path) || mcp::looks_like_jsonrpc(&bytes) {
+            self.handle_mcp(server, parts, bytes, started).await
+        } else {
+            let rec = self.record(Event::NonMcp, server, &parts);
+            self.forward(rec, parts, full(bytes), started).await
+        }
+    }
+
+    async fn handle_mcp(
+        &self,
+        server: &Server,
+        parts: http::request::Parts,
+        bytes: Bytes,
+        started: Instant,
+    ) -> Response<Body> {
+        let parsed = match mcp::parse_body(&bytes, &parts.headers) {
+            Ok(p) => p,
+            Err(e) => {
+                let mut rec = self.record(Event::Refused, server, &parts);
+                rec.decision = Some(Verdict::Deny);
+                rec.id = e.id.clone();
+                rec.reason = Some(e.message.clone());
+                self.shared.write_audit(&rec);
+                return json_response(e.status, e.response_body());
+            }
+        };
+        let (batch, msgs) = match parsed {
+            Parsed::Single(m) => (false, vec![m]),
+            Parsed::Batch(ms) => (true, ms),
+        };
+        let grant = self.redirected.caller.cgroup_id.to_string();
+        let now = Instant::now();
+        let judged: Vec<Judged> = msgs
+            .into_iter()
+            .map(|msg| {
+                let decision = match (&msg.kind, msg.method.as_deref(), &msg.tool) {
+                    (Kind::Request, Some("tools/call"), Some(tool)) => Some(
+                        server
+                            .engine
+                            .decide_call(tool, &CallerScope { grant: &grant }, now),
+                    ),
+                    _ => None,
+                };
+                Judged { msg, decision }
+            })
+            .collect();
+
+        if judged.iter().any(Judged::refused) {
+            return self.refuse_messages(server, &parts, &judged, batch);
+        }
+        // Every decision record reaches the kernel before the request is forwarded.
+        for j in &judged {
+            let rec = self.message_record(Event::Request, server, &parts, j);
+            if let Err(e) = self.shared.audit.write(&rec) {
+                tracing::error!(error = %e, "audit write failed: refusing to forward");
+                let id = judged.first().and_then(|j| j.msg.id.as_ref());
+                return json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    mcp::error_response(
+                        id,
+                        -32603,
+                        "mcpwarden cannot write its audit log; the call was not forwarded",
+                    ),
+                );
+            }
+        }
+        let mut rec = self.record(Event::Response, server, &parts);
+        if let [only] = judged.as_slice() {
+            if only.msg.kind != Kind::Request {
+                // Notifications and client responses get no JSON-RPC answer to attribute.
+                return self.forward_unrecorded(parts, full(bytes)).await;
+            }
+            fill_message(&mut rec, &only.msg);
+        }
+        self.forward(rec, parts, full(bytes), started).await
+    }
+
+    /// Answer refused messages ourselves; nothing is forwarded. A batch that contains a refused
+    /// call is refused whole for now: each refused element gets its refusal, every other request
+    /// an error saying it was not forwarded (splitting batches comes with the protocol work).
+    fn refuse_messages(
+        &self,
+        server: &Server,
+        parts: &http::request::Parts,
+        judged: &[Judged],
+        batch: bool,
+    ) -> Response<Body> {
+        let mut answers: Vec<serde_json::Value> = Vec::new();
+        for j in judged {
+            let mut rec = self.message_record(Event::Refused, server, parts, j);
+            let answer = match (&j.decision, &j.msg.id) {
+                (Some(d), Some(id)) if d.outcome == Outcome::UnknownTool => Some(
+                    mcp::unknown_tool_response(id, j.msg.tool.as_deref().unwrap_or("")),
+                ),
+                (Some(d), Some(id)) if d.outcome == Outcome::Deny => Some(mcp::denied_response(
+                    id,
+                    d.reason.as_deref().unwrap_or("denied"),
+                    j.msg.stateless_2026,
+                )),
+                (_, Some(id)) if j.msg.kind == Kind::Request => {
+                    rec.decision = Some(Verdict::Deny);
+                    rec.reason =
+                        Some("not forwarded: another call in the same batch was refused".into());
+                    Some(mcp::error_response(
+                        Some(id),
+                        -32000,
+                        "Not forwarded by mcpwarden: another call in this batch was refused. Send it on its own.",
+                    ))
+                }
+                _ => {
+                    rec.decision = Some(Verdict::Deny);
+                    rec.reason =
+                        Some("not forwarded: another call in the same batch was refused".into());
+                    None
+                }
+            };
+            self.shared.write_audit(&rec);
+            if let Some(a) =
+                answer.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            {
+                answers.push(a);
+            }
+        }
+        let body = if batch {
+            serde_json::to_vec(&answers).unwrap_or_default()
+        } else {
+            answers
+                .first()
+                .and_then(|a| serde_json::to_vec(a).ok())
+                .unwrap_or_default()
+        };
+        json_response(StatusCode::OK, body)
+    }
+
+    fn message_record(
+        &self,
+        event: Event,
+        server: &Server,
+        parts: &http::request::Parts,
+        j: &Judged,
+    ) -> Record {
+        let mut rec = self.record(event, server, parts);
+        fill_message(&mut rec, &j.msg);
+        rec.decision = Some(Verdict::Allow);
+        if let Some(d) = &j.decision {
+            rec.decision = Some(if d.outcome == Outcome::Allow {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            });
+            rec.rule = Some(d.rule.clone());
+            rec.reason = d.reason.clone();
+            let src = server.engine.policy().source();
+            rec.policy = Some(PolicyRef {
+                file: src.file.clone(),
+                sha256: src.sha256.clone(),
+            });
+        }
+        rec
+    }
+
+    fn refuse_plain(
+        &self,
+        server: &Server,
+        parts: &http::request::Parts,
+        status: StatusCode,
+        reason: &str,
+    ) -> Response<Body> {
+        let mut rec = self.record(Event::Refused, server, parts);
+        rec.decision = Some(Verdict::Deny);
+        rec.reason = Some(reason.to_owned());
+        rec.status = Some(status.as_u16());
+        self.shared.write_audit(&rec);
+        let mut resp = Response::new(full(Bytes::from(format!("mcpwarden: {reason}\n"))));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+
+    /// Forward and write `rec` (with status and latency) once the response head arrives.
+    async fn forward(
+        &self,
+        mut rec: Record,
+        parts: http::request::Parts,
+        body: Body,
+        started: Instant,
+    ) -> Response<Body> {
+        let result = self.send(parts, body).await;
+        rec.ts = crate::audit::now();
+        rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        match result {
+            Ok(resp) => {
+                rec.status = Some(resp.status().as_u16());
+                self.shared.write_audit(&rec);
+                resp
+            }
+            Err(resp) => {
+                rec.status = None;
+                rec.reason = Some(format!(
+                    "upstream failed: HTTP {} from mcpwarden",
+                    resp.status()
+                ));
+                self.shared.write_audit(&rec);
+                resp
+            }
+        }
+    }
+
+    async fn forward_unrecorded(&self, parts: http::request::Parts, body: Body) -> Response<Body> {
+        match self.send(parts, body).await {
+            Ok(resp) | Err(resp) => resp,
+        }
+    }
+
+    /// Send to the original destination; Err carries the 502 to give the client.
+    async fn send(
+        &self,
+        mut parts: http::request::Parts,
+        body: Body,
+    ) -> Result<Response<Body>, Response<Body>> {
+        strip_hop_by_hop(&mut parts.headers);
+        // Always origin-form on the wire to the server; Host stays what the client sent.
+        if let Some(pq) = parts.uri.path_and_query().cloned() {
+            if let Ok(uri) = http::Uri::builder().path_and_query(pq).build() {
+                parts.uri = uri;
+            }
+        }
+        parts.version = http::Version::HTTP_11;
+        match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok(resp) => {
+                let (mut head, body) = resp.into_parts();
+                strip_hop_by_hop(&mut head.headers);
+                Ok(Response::from_parts(head, body.boxed()))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "forwarding failed");
+                let mut resp = Response::new(full(Bytes::from(format!(
+                    "mcpwarden: the MCP server could not be reached: {e}\n"
+                ))));
+                *resp.status_mut() = StatusCode::BAD_GATEWAY;
+                Err(resp)
+            }
+        }
+    }
+}
+
+fn fill_message(rec: &mut Record, msg: &Message) {
+    rec.method = msg.method.clone();
+    rec.id = msg.id.clone();
+    rec.tool = msg.tool.clone();
+    if msg.tool.is_some() {
+        rec.arg_keys = Some(msg.arg_keys.clone());
+        rec.args_sha256 = msg.args_sha256.clone();
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

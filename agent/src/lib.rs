@@ -1,0 +1,18 @@
+//! mcpwarden: transparent MCP policy enforcement for every AI agent on a host.
+//!
+//! Data flows one way, one module per step:
+//! `redirect` (eBPF: which connections come to us, and who made them) →
+//! `intercept` (accept, recover the original destination, forward over HTTP) →
+//! `mcp` (understand the HTTP request as MCP/JSON-RPC; no sockets) →
+//! `policy` (decide; no I/O) →
+//! `audit` (record every message and decision).
+//! `config` and `cli` assemble the pieces; `demo` runs the embedded default.
+
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod intercept;
+pub mod mcp;
+pub mod policy;
+pub mod redirect;
