@@ -15,7 +15,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 /// bpf-linker release known to build with this machine's stable toolchain.
@@ -105,8 +105,9 @@ fn cargo_home() -> PathBuf {
 
 /// The LLVM major version of the nightly toolchain (`LLVM version: 22.1.4` → 22).
 fn nightly_llvm_major() -> Result<u32> {
-    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))
-        .context("the nightly toolchain is needed for the eBPF programs (rustup toolchain install nightly)")?;
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"])).context(
+        "the nightly toolchain is needed for the eBPF programs (rustup toolchain install nightly)",
+    )?;
     let version = vv
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -164,9 +165,21 @@ fn bpf_linker_matches(major: u32) -> bool {
 }
 
 fn setup() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let major = nightly_llvm_major()?;
     let mut pkgs = vec![format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")];
@@ -178,19 +191,39 @@ fn setup() -> Result<()> {
         path.push(":");
         path.push(env::var_os("PATH").unwrap_or_default());
         run(Command::new("cargo")
-            .args(["install", "--locked", "--force", "bpf-linker", "--version", BPF_LINKER_VERSION])
-            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .args([
+                "install",
+                "--locked",
+                "--force",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
             .env("LLVM_PREFIX", &llvm)
             .env("PATH", path))?;
     }
-    eprintln!("xtask: setup complete (nightly rust-src, LLVM {major}, bpf-linker {BPF_LINKER_VERSION})");
+    eprintln!(
+        "xtask: setup complete (nightly rust-src, LLVM {major}, bpf-linker {BPF_LINKER_VERSION})"
+    );
     Ok(())
 }
 
 fn build_ebpf() -> Result<()> {
     run(Command::new("cargo")
         .current_dir(workspace_root())
-        .args(["+nightly", "build", "--release", "--package", "mcpwarden-ebpf", "--bins"])
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--package",
+            "mcpwarden-ebpf",
+            "--bins",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]))
 }
 
@@ -207,7 +240,10 @@ fn test(extra: &[String]) -> Result<()> {
         .stdout(Stdio::piped());
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd.spawn().context("starting cargo test")?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout from cargo test"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout from cargo test"))?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     for line in BufReader::new(stdout).lines() {
         let line = line?;
@@ -244,7 +280,11 @@ fn demo() -> Result<()> {
     if !is_root() {
         bail!("the demo loads eBPF programs and creates cgroups: run cargo xtask demo as root");
     }
-    run(Command::new("cargo").current_dir(workspace_root()).args(["build", "--package", "mcpwarden"]))?;
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--package",
+        "mcpwarden",
+    ]))?;
     run(Command::new(workspace_root().join("target/debug/mcpwarden")).arg("demo"))
 }
 
