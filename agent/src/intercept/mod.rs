@@ -280,12 +280,12 @@ impl Conn {
         let judged: Vec<Judged> = msgs
             .into_iter()
             .map(|msg| {
-                let decision = match (&msg.kind, msg.method.as_deref(), &msg.tool) {
-                    (Kind::Request, Some("tools/call"), Some(tool)) => Some(
-                        server
-                            .engine
-                            .decide_call(tool, &CallerScope { grant: &grant }, now),
-                    ),
+                let decision = match (msg.is_tool_call(), &msg.tool) {
+                    (true, Some(tool)) => Some(server.engine.decide_call(
+                        tool,
+                        &CallerScope { grant: &grant },
+                        now,
+                    )),
                     _ => None,
                 };
                 Judged { msg, decision }

@@ -126,18 +126,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strips_hop_by_hop_and_connection_named_headers_only() {
+    fn strips_hop_by_hop_and_connection_named_headers_only(
+    ) -> Result<(), http::header::InvalidHeaderValue> {
         let mut h = HeaderMap::new();
-        h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
-        h.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
-        h.insert("x-private", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        h.insert("mcp-session-id", "abc".parse().unwrap());
-        h.insert(header::AUTHORIZATION, "Bearer t".parse().unwrap());
+        h.insert(header::HOST, "127.0.0.1:8080".parse()?);
+        h.insert(header::CONNECTION, "keep-alive, x-private".parse()?);
+        h.insert("x-private", "1".parse()?);
+        h.insert("keep-alive", "timeout=5".parse()?);
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse()?);
+        h.insert("mcp-session-id", "abc".parse()?);
+        h.insert(header::AUTHORIZATION, "Bearer t".parse()?);
         strip_hop_by_hop(&mut h);
         let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
         left.sort();
         assert_eq!(left, ["authorization", "host", "mcp-session-id"]);
+        Ok(())
     }
 }
