@@ -2,7 +2,7 @@
 //!
 //! - `setup`: install what building the eBPF programs needs, idempotently (quick when present):
 //!   rust-src for the nightly toolchain, Debian's `llvm-N-dev` and `libpolly-N-dev` for N = the
-//!   nightly's LLVM major, `bpf-linker` built against that LLVM, and the test tools (bpftool).
+//!   nightly's LLVM major, and `bpf-linker` built against that LLVM.
 //! - `build-ebpf`: build only the kernel programs (the agent's build.rs does this too).
 //! - `test`: setup, then every test (unit and privileged integration), with a total at the end.
 //! - `demo`: setup, build, and run `mcpwarden demo`.
@@ -20,8 +20,6 @@ use clap::{Parser, Subcommand};
 
 /// bpf-linker release known to build with this machine's stable toolchain.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests use.
-const TEST_PACKAGES: &[&str] = &["bpftool"];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -32,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the eBPF toolchain and test tools (idempotent).
+    /// Install the eBPF toolchain (idempotent).
     Setup,
     /// Build the eBPF programs alone.
     BuildEbpf,
@@ -182,9 +180,7 @@ fn setup() -> Result<()> {
         ]))?;
     }
     let major = nightly_llvm_major()?;
-    let mut pkgs = vec![format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")];
-    pkgs.extend(TEST_PACKAGES.iter().map(|s| s.to_string()));
-    apt_install(&pkgs)?;
+    apt_install(&[format!("llvm-{major}-dev"), format!("libpolly-{major}-dev")])?;
     if !bpf_linker_matches(major) {
         let llvm = PathBuf::from(format!("/usr/lib/llvm-{major}"));
         let mut path = OsString::from(llvm.join("bin"));

@@ -1,0 +1,246 @@
+//! The `Agent` guard: runs the real mcpwarden agent binary and stops it on drop.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::TempDir;
+
+/// What the agent is started with. Policies are given as JSON text; the guard writes them to
+/// files in its temp dir.
+pub struct AgentOpts {
+    /// A short name for temp files.
+    pub name: String,
+    /// (endpoint URL, policy JSON) pairs → `--endpoint URL --policy FILE`.
+    pub endpoints: Vec<(String, String)>,
+    /// `--listen` addresses of the interceptor.
+    pub listen: Vec<SocketAddr>,
+    /// `--cgroup`: where the programs attach.
+    pub cgroup: PathBuf,
+    /// `--agent-cgroup`: where the agent moves itself.
+    pub agent_cgroup: PathBuf,
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    exit: Option<ExitStatus>,
+    log_path: PathBuf,
+    audit_path: PathBuf,
+    policy_paths: Vec<PathBuf>,
+    args: Vec<String>,
+    /// The output was already part of a panic message: do not print it again on drop.
+    output_shown: bool,
+    // Last field: dropped after the process has been stopped.
+    tmp: TempDir,
+}
+
+pub const READY_MARKER: &str = "mcpwarden ready";
+
+impl Agent {
+    /// Start `bin run ...` and wait (≤ 60 s) until its output contains `mcpwarden ready`.
+    /// Panics, with the captured output, on timeout or early exit.
+    pub fn start(bin: &str, opts: AgentOpts) -> Agent {
+        let tmp = TempDir::new(&format!("agent-{}", opts.name));
+        let log_path = tmp.path().join("agent.log");
+        let audit_path = tmp.path().join("audit.jsonl");
+        let mut args: Vec<String> = vec!["run".into()];
+        let mut policy_paths = Vec::new();
+        for (i, (url, policy)) in opts.endpoints.iter().enumerate() {
+            let p = tmp.path().join(format!("policy-{i}.json"));
+            std::fs::write(&p, policy).expect("write policy file");
+            args.push("--endpoint".into());
+            args.push(url.clone());
+            args.push("--policy".into());
+            args.push(p.display().to_string());
+            policy_paths.push(p);
+        }
+        for l in &opts.listen {
+            args.push("--listen".into());
+            args.push(l.to_string());
+        }
+        args.push("--audit-log".into());
+        args.push(audit_path.display().to_string());
+        args.push("--cgroup".into());
+        args.push(opts.cgroup.display().to_string());
+        args.push("--agent-cgroup".into());
+        args.push(opts.agent_cgroup.display().to_string());
+
+        let log = File::create(&log_path).expect("create agent log");
+        let child = Command::new(bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("dup log fd")))
+            .stderr(Stdio::from(log))
+            .env("RUST_BACKTRACE", "1")
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn agent {bin}: {e}"));
+        let mut agent = Agent {
+            child: Some(child),
+            exit: None,
+            log_path,
+            audit_path,
+            policy_paths,
+            args,
+            output_shown: false,
+            tmp,
+        };
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if agent.log().contains(READY_MARKER) {
+                return agent;
+            }
+            if let Some(status) = agent
+                .child
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .expect("try_wait agent")
+            {
+                agent.exit = Some(status);
+                agent.child = None;
+                agent.output_shown = true;
+                panic!(
+                    "agent exited ({status}) before printing `{READY_MARKER}`\nargs: {:?}\n--- agent output ---\n{}",
+                    agent.args,
+                    agent.log()
+                );
+            }
+            if Instant::now() > deadline {
+                agent.output_shown = true;
+                panic!(
+                    "agent did not print `{READY_MARKER}` within 60 s\nargs: {:?}\n--- agent output ---\n{}",
+                    agent.args,
+                    agent.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Everything the agent printed on stdout and stderr so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log_path) {
+            let mut b = Vec::new();
+            let _ = f.read_to_end(&mut b);
+            s = String::from_utf8_lossy(&b).into_owned();
+        }
+        s
+    }
+
+    pub fn audit_path(&self) -> &Path {
+        &self.audit_path
+    }
+
+    pub fn policy_path(&self, i: usize) -> &Path {
+        &self.policy_paths[i]
+    }
+
+    pub fn temp_dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The raw text of the audit log (empty if it does not exist yet).
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(&self.audit_path).unwrap_or_default()
+    }
+
+    /// Every audit record. Panics if a complete line is not a JSON object.
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        let text = self.audit_text();
+        let mut out = Vec::new();
+        // Ignore a trailing partial line (the agent may be in the middle of writing it).
+        let complete = match text.rfind('\n') {
+            Some(i) => &text[..=i],
+            None => "",
+        };
+        for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("audit line is not JSON ({e}): {line}\n--- whole audit ---\n{text}")
+            });
+            assert!(v.is_object(), "audit line is not a JSON object: {line}");
+            out.push(v);
+        }
+        out
+    }
+
+    /// Poll the audit log (≤ `timeout`) until some record satisfies `pred`; return it.
+    pub fn wait_audit(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        crate::wait_for(timeout, || self.audit_lines().into_iter().find(|v| pred(v)))
+    }
+
+    /// Send SIGTERM and wait ≤ 10 s; then SIGKILL. Returns the exit status, and whether it had
+    /// to be killed.
+    pub fn terminate(&mut self) -> (ExitStatus, bool) {
+        if let Some(status) = self.exit {
+            return (status, false);
+        }
+        let mut child = self.child.take().expect("agent child");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait agent") {
+                self.exit = Some(status);
+                return (status, false);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let status = child.wait().expect("wait agent");
+                self.exit = Some(status);
+                return (status, true);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Has the agent exited by itself? (Some(status) if so.)
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if let Some(s) = self.exit {
+            return Some(s);
+        }
+        let s = self.child.as_mut()?.try_wait().ok()??;
+        self.exit = Some(s);
+        self.child = None;
+        Some(s)
+    }
+
+    /// Panic, with the log, if the agent has died.
+    pub fn assert_running(&mut self) {
+        if let Some(s) = self.try_exit() {
+            self.output_shown = true;
+            panic!(
+                "agent died unexpectedly ({s})\n--- agent output ---\n{}",
+                self.log()
+            );
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let (_status, killed) = self.terminate();
+            if killed {
+                eprintln!("agent did not exit within 10 s of SIGTERM and was killed");
+            }
+        }
+        if std::thread::panicking() && !self.output_shown {
+            eprintln!(
+                "--- agent output (test failed) ---\n{}\n--- end of agent output ---",
+                self.log()
+            );
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Running the `mcp-client` binary as a subprocess inside a test cgroup.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cgroup::spawn_in_cgroup;
+
+/// What a finished `mcp-client` run printed.
+#[derive(Debug)]
+pub struct ClientRun {
+    /// The pid the client printed first (`pid=<n>`).
+    pub pid: u32,
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub args: Vec<String>,
+}
+
+impl ClientRun {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Lines of stdout after the `pid=` line.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout_text()
+            .lines()
+            .skip(1)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The JSON lines printed by `call` (one per call).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.lines()
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("client line is not JSON ({e}): {l}\n{}", self.describe())
+                })
+            })
+            .collect()
+    }
+
+    /// Value of a `key=value` line.
+    pub fn field(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key}=");
+        self.stdout_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    }
+
+    /// For `raw-post` and `peer ... BODY`: the exact body bytes (`body-len=N` followed by a
+    /// newline and N bytes).
+    pub fn body(&self) -> Option<Vec<u8>> {
+        let marker = b"\nbody-len=";
+        let i = self
+            .stdout
+            .windows(marker.len())
+            .position(|w| w == marker)?;
+        let rest = &self.stdout[i + marker.len()..];
+        let nl = rest.iter().position(|&b| b == b'\n')?;
+        let len: usize = std::str::from_utf8(&rest[..nl]).ok()?.parse().ok()?;
+        let body = &rest[nl + 1..];
+        assert!(
+            body.len() >= len,
+            "truncated body in client output\n{}",
+            self.describe()
+        );
+        Some(body[..len].to_vec())
+    }
+
+    pub fn body_json(&self) -> serde_json::Value {
+        let b = self
+            .body()
+            .unwrap_or_else(|| panic!("no body in client output\n{}", self.describe()));
+        serde_json::from_slice(&b).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}\n{}",
+                String::from_utf8_lossy(&b),
+                self.describe()
+            )
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "mcp-client {:?} exited {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.args,
+            self.status,
+            self.stdout_text(),
+            self.stderr
+        )
+    }
+
+    /// Panic unless the client exited 0.
+    pub fn assert_success(&self) -> &Self {
+        assert!(
+            self.status.success(),
+            "mcp-client failed\n{}",
+            self.describe()
+        );
+        self
+    }
+}
+
+/// Run `bin args...` inside the cgroup `cgroup_dir` (or in the test's own cgroup if `None`),
+/// waiting at most `timeout` (then it is killed and the test fails).
+pub fn run_client(
+    bin: &str,
+    cgroup_dir: Option<&Path>,
+    args: &[&str],
+    timeout: Duration,
+) -> ClientRun {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The client must talk to the addresses it is given, never to a proxy from the environment.
+    for v in [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("NO_PROXY", "*");
+    if let Some(dir) = cgroup_dir {
+        spawn_in_cgroup(&mut cmd, dir);
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin} {args:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        String::from_utf8_lossy(&b).into_owned()
+    });
+    let deadline = Instant::now() + timeout;
+    let (status, timed_out) = loop {
+        if let Some(s) = child.try_wait().expect("try_wait client") {
+            break (s, false);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break (child.wait().expect("wait client"), true);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = t_out.join().unwrap();
+    let stderr = t_err.join().unwrap();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let pid_line = String::from_utf8_lossy(&stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let pid = pid_line.strip_prefix("pid=").and_then(|p| p.parse().ok());
+    let run = ClientRun {
+        pid: pid.unwrap_or(0),
+        status,
+        stdout,
+        stderr,
+        args,
+    };
+    if timed_out {
+        panic!(
+            "mcp-client did not finish within {timeout:?} and was killed\n{}",
+            run.describe()
+        );
+    }
+    if pid.is_none() {
+        panic!(
+            "mcp-client did not print `pid=<n>` first\n{}",
+            run.describe()
+        );
+    }
+    run
+}
