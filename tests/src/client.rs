@@ -96,6 +96,17 @@ impl ClientRun {
     }
 
     /// Panic unless the client exited 0.
+    /// Assert that the `key=value` line the client printed has this value.
+    pub fn assert_field(&self, key: &str, expected: &str) -> &Self {
+        assert_eq!(
+            self.field(key).as_deref(),
+            Some(expected),
+            "{}",
+            self.describe()
+        );
+        self
+    }
+
     pub fn assert_success(&self) -> &Self {
         assert!(
             self.status.success(),

@@ -219,6 +219,11 @@ impl TestServer {
         format!("http://{}/mcp", self.addr)
     }
 
+    /// Assert that no call of `tool` reached the server.
+    pub fn assert_not_reached(&self, tool: &str) {
+        assert_eq!(self.calls(tool), 0, "{tool} reached the server");
+    }
+
     /// How many times tools/call for `tool` reached the server.
     pub fn calls(&self, tool: &str) -> u64 {
         self.counters

@@ -119,12 +119,7 @@ fn server_client_and_cgroup_work_without_the_agent() {
         CLIENT_TIMEOUT,
     );
     run.assert_success();
-    assert_eq!(
-        run.field("echo").as_deref(),
-        Some("hello"),
-        "{}",
-        run.describe()
-    );
+    run.assert_field("echo", "hello");
     let udp = UdpEcho::start(server.addr());
     let run = run_client(
         CLIENT_BIN,
@@ -133,12 +128,7 @@ fn server_client_and_cgroup_work_without_the_agent() {
         CLIENT_TIMEOUT,
     );
     run.assert_success();
-    assert_eq!(
-        run.field("echo").as_deref(),
-        Some("dgram"),
-        "{}",
-        run.describe()
-    );
+    run.assert_field("echo", "dgram");
     assert_eq!(
         run.field("from"),
         Some(server.addr().to_string()),

@@ -84,12 +84,7 @@ fn sigterm_detaches_everything() {
         &call_body(91, "drop_cluster", json!({"cluster": "prod"})),
     ]);
     run.assert_success();
-    assert_eq!(
-        run.field("peer").as_deref(),
-        Some(addr.as_str()),
-        "{}",
-        run.describe()
-    );
+    run.assert_field("peer", addr.as_str());
     assert_eq!(
         run.body_json()["result"]["content"][0]["text"],
         "dropped cluster prod",

@@ -27,18 +27,8 @@ fn non_endpoint_tcp_and_udp_are_untouched() {
         let run = rig.client(&["tcp-echo", &addr, "plain tcp, not mcp"]);
         run.assert_success();
         pids.push(run.pid);
-        assert_eq!(
-            run.field("echo").as_deref(),
-            Some("plain tcp, not mcp"),
-            "{}",
-            run.describe()
-        );
-        assert_eq!(
-            run.field("peer").as_deref(),
-            Some(addr.as_str()),
-            "{}",
-            run.describe()
-        );
+        run.assert_field("echo", "plain tcp, not mcp");
+        run.assert_field("peer", addr.as_str());
         let local: SocketAddr = run
             .field("local")
             .expect("local=")
@@ -55,24 +45,9 @@ fn non_endpoint_tcp_and_udp_are_untouched() {
     let run = rig.client(&["udp-echo", &addr, "udp datagram"]);
     run.assert_success();
     pids.push(run.pid);
-    assert_eq!(
-        run.field("echo").as_deref(),
-        Some("udp datagram"),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(
-        run.field("from").as_deref(),
-        Some(addr.as_str()),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(
-        run.field("peer").as_deref(),
-        Some(addr.as_str()),
-        "{}",
-        run.describe()
-    );
+    run.assert_field("echo", "udp datagram");
+    run.assert_field("from", addr.as_str());
+    run.assert_field("peer", addr.as_str());
     assert_eq!(
         udp.sources().len(),
         1,
@@ -153,12 +128,7 @@ fn direct_dial_of_the_interceptor_is_refused() {
         "the interceptor must close the connection, not leave it open: {reason}\n{}",
         run.describe()
     );
-    assert_eq!(
-        run.field("received-len").as_deref(),
-        Some("0"),
-        "{}",
-        run.describe()
-    );
+    run.assert_field("received-len", "0");
 
     assert_eq!(
         rig.server.http_requests(),

@@ -123,27 +123,30 @@ fn raw_post(url: &str, body: &str, headers: &[String]) -> ExitCode {
     print_outcome(rawhttp::post(url, body.as_bytes(), &headers, TIMEOUT))
 }
 
-fn peer(addr: &str, post: Option<(&String, &String)>) -> ExitCode {
-    let addr = parse_addr(addr);
-    let mut s = match TcpStream::connect_timeout(&addr, TIMEOUT) {
+/// Connect and print what the socket reports as its peer and local addresses (`getpeername`,
+/// `getsockname`), or `connect-error=…`.
+fn connect_and_report(addr: SocketAddr) -> Option<TcpStream> {
+    let s = match TcpStream::connect_timeout(&addr, TIMEOUT) {
         Ok(s) => s,
         Err(e) => {
             println!("connect-error={e}");
-            return ExitCode::from(1);
+            return None;
         }
     };
-    println!(
-        "peer={}",
-        s.peer_addr()
-            .map(|a| a.to_string())
+    let show = |r: std::io::Result<SocketAddr>| {
+        r.map(|a| a.to_string())
             .unwrap_or_else(|e| format!("error: {e}"))
-    );
-    println!(
-        "local={}",
-        s.local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|e| format!("error: {e}"))
-    );
+    };
+    println!("peer={}", show(s.peer_addr()));
+    println!("local={}", show(s.local_addr()));
+    Some(s)
+}
+
+fn peer(addr: &str, post: Option<(&String, &String)>) -> ExitCode {
+    let addr = parse_addr(addr);
+    let Some(mut s) = connect_and_report(addr) else {
+        return ExitCode::from(1);
+    };
     let _ = std::io::stdout().flush();
     match post {
         None => ExitCode::SUCCESS,
@@ -163,25 +166,9 @@ fn peer(addr: &str, post: Option<(&String, &String)>) -> ExitCode {
 
 fn tcp_echo(addr: &str, msg: &str) -> ExitCode {
     let addr = parse_addr(addr);
-    let mut s = match TcpStream::connect_timeout(&addr, TIMEOUT) {
-        Ok(s) => s,
-        Err(e) => {
-            println!("connect-error={e}");
-            return ExitCode::from(1);
-        }
+    let Some(mut s) = connect_and_report(addr) else {
+        return ExitCode::from(1);
     };
-    println!(
-        "peer={}",
-        s.peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|e| format!("error: {e}"))
-    );
-    println!(
-        "local={}",
-        s.local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|e| format!("error: {e}"))
-    );
     s.set_read_timeout(Some(TIMEOUT)).ok();
     if let Err(e) = s
         .write_all(msg.as_bytes())
