@@ -184,9 +184,18 @@ impl Agent {
         let mut listeners = Vec::new();
         let (mut v4, mut v6) = (None, None);
         for addr in &config.listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the interceptor to {addr}"))?;
+            let l = match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                // A host without IPv6 has no ::1: run IPv4-only. connect6 then refuses (EPERM)
+                // native IPv6 connections to endpoints, which are never let through uninspected.
+                Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                    tracing::warn!(%addr, "IPv6 is not available here: the interceptor listens on IPv4 only");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("binding the interceptor to {addr}"))
+                }
+            };
             match l.local_addr()? {
                 SocketAddr::V4(a) => v4 = Some(a),
                 SocketAddr::V6(a) => v6 = Some(a),

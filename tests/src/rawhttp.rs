@@ -78,8 +78,20 @@ pub fn request_bytes(
     extra_headers: &[(String, String)],
     close: bool,
 ) -> Vec<u8> {
+    method_request_bytes("POST", host, path, body, extra_headers, close)
+}
+
+/// [`request_bytes`] with another method than POST.
+pub fn method_request_bytes(
+    method: &str,
+    host: &str,
+    path: &str,
+    body: &[u8],
+    extra_headers: &[(String, String)],
+    close: bool,
+) -> Vec<u8> {
     let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\ncontent-type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\ncontent-type: application/json\r\n\
          accept: application/json, text/event-stream\r\ncontent-length: {}\r\n",
         body.len()
     );
@@ -178,6 +190,17 @@ pub fn post(
     extra_headers: &[(String, String)],
     timeout: Duration,
 ) -> RawOutcome {
+    request("POST", url, body, extra_headers, timeout)
+}
+
+/// Connect to the URL's address and send `body` with `method` (and `Connection: close`).
+pub fn request(
+    method: &str,
+    url: &str,
+    body: &[u8],
+    extra_headers: &[(String, String)],
+    timeout: Duration,
+) -> RawOutcome {
     let (addr, host, path) = parse_url(url);
     let mut s = match TcpStream::connect_timeout(&addr, timeout) {
         Ok(s) => s,
@@ -188,7 +211,16 @@ pub fn post(
             }
         }
     };
-    post_on(&mut s, &host, &path, body, extra_headers, timeout)
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    let bytes = method_request_bytes(method, &host, &path, body, extra_headers, true);
+    if let Err(e) = s.write_all(&bytes) {
+        return RawOutcome::NoResponse {
+            received: Vec::new(),
+            reason: format!("write: {e}"),
+        };
+    }
+    read_response(&mut s)
 }
 
 fn find(h: &[u8], needle: &[u8]) -> Option<usize> {

@@ -472,3 +472,25 @@ fn escaped_and_batched_denied_calls_are_denied() {
         "nothing here should have been forwarded"
     );
 }
+
+/// A JSON-RPC body is inspected whatever the HTTP method carries it: a server that routes PUT or
+/// PATCH to its MCP handler must not receive a call the policy never saw.
+#[test]
+fn bodies_of_other_methods_are_inspected_too() {
+    let rig = Rig::start("othermethods", 13, POLICY);
+    let url = rig.server.url();
+    for (i, method) in ["PUT", "PATCH", "DELETE", "GET"].into_iter().enumerate() {
+        let body = call_body(90 + i as u64, "drop_cluster", json!({"cluster": "prod"}));
+        let run = rig.client(&["raw-request", method, &url, &body]);
+        run.assert_success();
+        let v = run.body_json();
+        assert_eq!(v["result"]["isError"], true, "{method}: {v}");
+        assert_eq!(
+            result_text(&v["result"]),
+            DENY_TEXT_DESTRUCTIVE,
+            "{method}: {v}"
+        );
+    }
+    rig.server.assert_not_reached("drop_cluster");
+    assert_eq!(rig.decisions_for("drop_cluster").len(), 4);
+}

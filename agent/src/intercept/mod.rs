@@ -3,9 +3,10 @@
 //! `policy` (decide) and is audited before anything is forwarded to the original destination.
 //!
 //! What is MCP: a POST to a configured endpoint path (query ignored, path normalised) must parse as
-//! JSON-RPC or it is refused; a POST elsewhere on the same origin whose body is JSON-RPC is MCP
-//! too; other requests (OAuth metadata, health checks, the SSE GET stream) pass through, streamed,
-//! and are audited as `non_mcp`. Upgrade and CONNECT are refused: they would open tunnels past the
+//! JSON-RPC or it is refused; any other request whose body is JSON-RPC is MCP too. Every request
+//! body is buffered (up to `max_body`) and inspected before anything is forwarded; requests without
+//! a body (the SSE GET stream, DELETE, OAuth metadata, health checks) stream through and are
+//! audited as `non_mcp`. Upgrade and CONNECT are refused: they would open tunnels past the
 //! parser. Compressed request bodies cannot be inspected yet and are refused (415).
 
 mod upstream;
@@ -19,6 +20,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -204,10 +206,12 @@ impl Conn {
                 "Upgrade and CONNECT requests to an MCP endpoint are refused: they would open a tunnel past the policy",
             );
         }
-        if parts.method != Method::POST {
+        if parts.method != Method::POST && body.is_end_stream() {
+            // No body to inspect: the SSE GET stream, DELETE, OAuth metadata, health checks.
             let rec = self.record(Event::NonMcp, server, &parts);
             return self.forward(rec, parts, body.boxed(), started).await;
         }
+        // Every body is inspected, whatever the method: none reaches the server unread.
         if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING) {
             if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
                 return self.refuse_plain(
@@ -245,7 +249,9 @@ impl Conn {
                 return json_response(status, mcp::error_response(None, -32600, &msg));
             }
         };
-        if mcp::is_endpoint_path(&path, &server.path) || mcp::looks_like_jsonrpc(&bytes) {
+        let must_be_mcp =
+            parts.method == Method::POST && mcp::is_endpoint_path(&path, &server.path);
+        if must_be_mcp || mcp::looks_like_jsonrpc(&bytes) {
             self.handle_mcp(server, parts, bytes, started).await
         } else {
             let rec = self.record(Event::NonMcp, server, &parts);

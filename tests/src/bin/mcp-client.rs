@@ -8,6 +8,7 @@
 //!     {"error": {"transport": "..."}} for anything else.
 //! mcp-client raw-post URL BODY [HEADER: VALUE]...        one hand-written HTTP/1.1 POST:
 //!     prints status=<status line>, header=<name: value> lines, body-len=<n>, then the body bytes.
+//! mcp-client raw-request METHOD URL BODY [HEADER: VALUE]... the same with another method.
 //! mcp-client peer ADDR [URLPATH BODY]                     TCP connect; prints peer= and local=
 //!     (getpeername, getsockname); with URLPATH and BODY, POSTs BODY on that connection and
 //!     prints the response like raw-post.
@@ -36,7 +37,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 fn usage() -> ExitCode {
     eprintln!(
         "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... | raw-post URL BODY [HEADER: VALUE]... | \
-         keepalive URL BODY... | pipeline URL BODY... | \
+         raw-request METHOD URL BODY [HEADER: VALUE]... | keepalive URL BODY... | pipeline URL BODY... | \
          peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG"
     );
     ExitCode::from(2)
@@ -52,7 +53,8 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let code = match cmd.as_str() {
         "call" if rest.len() >= 3 && rest.len() % 2 == 1 => call(&rest[0], &rest[1..]),
-        "raw-post" if rest.len() >= 2 => raw_post(&rest[0], &rest[1], &rest[2..]),
+        "raw-post" if rest.len() >= 2 => raw_request("POST", &rest[0], &rest[1], &rest[2..]),
+        "raw-request" if rest.len() >= 3 => raw_request(&rest[0], &rest[1], &rest[2], &rest[3..]),
         "peer" if rest.len() == 1 || rest.len() == 3 => {
             peer(&rest[0], rest.get(1).zip(rest.get(2)))
         }
@@ -110,7 +112,7 @@ fn many(url: &str, bodies: &[String], pipelined: bool) -> ExitCode {
     code
 }
 
-fn raw_post(url: &str, body: &str, headers: &[String]) -> ExitCode {
+fn raw_request(method: &str, url: &str, body: &str, headers: &[String]) -> ExitCode {
     let headers: Vec<(String, String)> = headers
         .iter()
         .map(|h| {
@@ -120,7 +122,13 @@ fn raw_post(url: &str, body: &str, headers: &[String]) -> ExitCode {
             (k.trim().to_string(), v.trim().to_string())
         })
         .collect();
-    print_outcome(rawhttp::post(url, body.as_bytes(), &headers, TIMEOUT))
+    print_outcome(rawhttp::request(
+        method,
+        url,
+        body.as_bytes(),
+        &headers,
+        TIMEOUT,
+    ))
 }
 
 /// Connect and print what the socket reports as its peer and local addresses (`getpeername`,
