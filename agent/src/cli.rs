@@ -206,11 +206,16 @@ impl Agent {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
+        let first = listeners
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no interceptor address could be bound"))?;
+        let netns_cookie = crate::redirect::netns_cookie(first)?;
 
         let redirector = Arc::new(Redirector::start(&Settings {
             mount,
             attach,
             agent_cgroup_id,
+            netns_cookie,
             v4,
             v6,
         })?);

@@ -171,6 +171,9 @@ pub struct ProxyConfig {
     pub v6_addr: [u32; 4],
     /// cgroup id of the agent's own cgroup: connections from it are never redirected.
     pub agent_cgroup_id: u64,
+    /// Cookie of the network namespace the interceptor listens in. Only connections made in that
+    /// namespace are redirected: elsewhere the interceptor's loopback address is not reachable.
+    pub netns_cookie: u64,
 }
 
 #[cfg(feature = "user")]
@@ -194,7 +197,7 @@ mod tests {
         assert_eq!(size_of::<EndpointValue>(), 8);
         // 20 + 3*4 = 32, then u64 at 32, comm 16 → 56.
         assert_eq!(size_of::<ConnRecord>(), 56);
-        assert_eq!(size_of::<ProxyConfig>(), 32);
+        assert_eq!(size_of::<ProxyConfig>(), 40);
     }
 
     #[test]

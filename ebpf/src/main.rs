@@ -18,7 +18,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
@@ -71,7 +71,8 @@ fn record(orig: SockKey) -> ConnRecord {
 }
 
 /// Shared prologue of connect4/6: is this a TCP connect to an endpoint, by someone other than the
-/// agent? Returns the config when the connection must be redirected.
+/// agent, in the interceptor's network namespace? Returns the config when the connection must be
+/// redirected.
 #[inline(always)]
 fn should_redirect(ctx: &SockAddrContext, dst: &SockKey) -> Option<ProxyConfig> {
     // SAFETY: ctx.sock_addr is the kernel-provided context; fields are read one at a time.
@@ -84,6 +85,11 @@ fn should_redirect(ctx: &SockAddrContext, dst: &SockKey) -> Option<ProxyConfig> 
     let cfg = config()?;
     // SAFETY: a helper without arguments.
     if unsafe { bpf_get_current_cgroup_id() } == cfg.agent_cgroup_id {
+        return None;
+    }
+    // Another network namespace has its own loopback, where the interceptor is not listening.
+    // SAFETY: the helper takes the program context.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != cfg.netns_cookie {
         return None;
     }
     Some(cfg)

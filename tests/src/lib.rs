@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod client;
 pub mod echo;
+pub mod netns;
 pub mod rawhttp;
 pub mod server;
 
@@ -19,6 +20,7 @@ pub use agent::{Agent, AgentOpts};
 pub use cgroup::{cgroup2_mount, spawn_in_cgroup, TestCgroup};
 pub use client::{run_client, ClientRun};
 pub use echo::{TcpEcho, UdpEcho};
+pub use netns::NetNs;
 pub use server::TestServer;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

@@ -157,3 +157,47 @@ fn direct_dial_of_the_interceptor_is_refused() {
         run.describe()
     );
 }
+
+/// A process in another network namespace has its own loopback, where the interceptor does not
+/// listen: its connections are left alone (here they reach that namespace's own service at the
+/// endpoint's address), never rewritten into a dead end.
+#[test]
+fn other_network_namespaces_are_not_redirected() {
+    let rig = Rig::start("netns", 14, POLICY);
+    let ns = mcpwarden_tests::NetNs::new("untouched");
+    let addr = rig.server.addr();
+    let echo = ns.one_shot_echo(addr);
+    let addr_s = addr.to_string();
+    let run = mcpwarden_tests::run_client(
+        "ip",
+        Some(&rig.app),
+        &[
+            "netns",
+            "exec",
+            ns.name(),
+            CLIENT_BIN,
+            "tcp-echo",
+            &addr_s,
+            "inside the namespace",
+        ],
+        CLIENT_TIMEOUT,
+    );
+    run.assert_success();
+    run.assert_field("echo", "inside the namespace");
+    run.assert_field("peer", &addr_s);
+    let peer = echo.join().expect("echo thread");
+    assert!(
+        peer.is_some(),
+        "the namespace's own listener saw no connection"
+    );
+    assert_eq!(
+        rig.server.http_requests(),
+        0,
+        "the host's MCP server was reached"
+    );
+    assert!(
+        rig.agent.audit_lines().is_empty(),
+        "the agent saw the connection: {}",
+        rig.agent.audit_text()
+    );
+}

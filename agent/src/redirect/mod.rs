@@ -33,8 +33,8 @@ pub use cgroup::CgroupNames;
 /// The programs, built by agent/build.rs from the `mcpwarden-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcpwarden"));
 
-/// getpeername hooks arrived in 5.8; bpf_link for cgroups in 5.7.
-pub const MIN_KERNEL: (u8, u8) = (5, 8);
+/// getpeername hooks arrived in 5.8, bpf_link for cgroups in 5.7, SO_NETNS_COOKIE in 5.14.
+pub const MIN_KERNEL: (u8, u8) = (5, 14);
 
 /// Who opened a redirected connection, as the kernel saw it at connect().
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,9 @@ pub struct Settings {
     pub attach: PathBuf,
     /// cgroup id whose connections are never redirected (the agent's own).
     pub agent_cgroup_id: u64,
+    /// The interceptor's network namespace ([`netns_cookie`]); only connections made there are
+    /// redirected.
+    pub netns_cookie: u64,
     /// The interceptor's listeners.
     pub v4: Option<SocketAddrV4>,
     pub v6: Option<SocketAddrV6>,
@@ -98,6 +101,7 @@ impl Redirector {
                 .map(|a| SockKey::from_octets(a.ip().octets(), 0).addr)
                 .unwrap_or([0; 4]),
             agent_cgroup_id: settings.agent_cgroup_id,
+            netns_cookie: settings.netns_cookie,
         };
         let mut config_map: Array<_, ProxyConfig> =
             Array::try_from(take_map(&mut ebpf, MAP_CONFIG)?)?;
@@ -196,6 +200,28 @@ fn process_comm(tgid: u32) -> Option<String> {
     Some(comm.trim_end_matches('\n').to_owned())
 }
 
+/// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`), the value
+/// `bpf_get_netns_cookie()` returns for sockets in that namespace.
+pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the network namespace cookie (SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}
+
 fn comm_str(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
@@ -220,7 +246,7 @@ fn check_kernel() -> Result<()> {
     let v = KernelVersion::current().context("reading the kernel version")?;
     let (major, minor) = MIN_KERNEL;
     if v < KernelVersion::new(major, minor, 0) {
-        bail!("kernel {v} is too old: mcpwarden needs Linux {major}.{minor} or newer (cgroup getpeername hooks)");
+        bail!("kernel {v} is too old: mcpwarden needs Linux {major}.{minor} or newer");
     }
     Ok(())
 }
