@@ -230,7 +230,10 @@ impl Agent {
                 })
                 .collect(),
         )?;
-        resolver.refresh(&redirector, &routes).await?;
+        resolver.refresh(redirector.as_ref(), &routes).await?;
+        for host in resolver.unresolved() {
+            tracing::error!(host, "endpoint resolved to no address: its traffic is not intercepted until it does (retrying)");
+        }
 
         let interceptor = Arc::new(Interceptor {
             servers,

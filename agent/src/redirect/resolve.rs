@@ -1,9 +1,13 @@
 //! Endpoint names → addresses in the endpoint map.
 //!
 //! Every configured server URL names a host (a name or an IP literal) and a port. Names are
-//! resolved with hickory-resolver (system config plus /etc/hosts), every address goes in the map,
-//! and each name is resolved again when its TTL runs out; addresses that disappear leave the map.
-//! A failed lookup keeps the previous addresses and retries soon: a DNS blip must not open a hole.
+//! resolved with hickory-resolver (system resolv.conf; /etc/hosts as read at start), A and AAAA
+//! separately, and each name is resolved again when its TTL runs out. Holes are what matter here,
+//! since an address missing from the map is traffic that bypasses the interceptor:
+//! - a family whose lookup fails (timeout, SERVFAIL) keeps its previous addresses, and is retried
+//!   soon; only an answer ("these records", or "no such records") changes a family's set;
+//! - an address that leaves DNS stays in the map for [`GRACE`], because clients with a cached
+//!   answer keep dialling it; then it leaves the map.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -13,7 +17,7 @@ use std::{
 };
 
 use anyhow::Result;
-use hickory_resolver::TokioResolver;
+use hickory_resolver::{proto::rr::RecordType, TokioResolver};
 use mcpwarden_common::{EndpointValue, SockKey};
 use tokio::time::Instant;
 
@@ -21,10 +25,12 @@ use super::Redirector;
 
 /// Re-resolve no sooner than this, whatever the TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(5);
-/// Re-resolve at least this often (also covers /etc/hosts edits).
+/// Re-resolve at least this often.
 const MAX_REFRESH: Duration = Duration::from_secs(300);
 /// Retry delay after a failed lookup.
 const RETRY: Duration = Duration::from_secs(5);
+/// How long an address that left DNS stays redirected.
+pub const GRACE: Duration = Duration::from_secs(60);
 
 /// A server's origin as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +40,7 @@ pub struct Target {
 }
 
 /// Destination → indices of the servers configured there. The interceptor reads it for every
-/// request to learn which server (and so which policy) a connection belongs to.
+/// connection to learn which servers (and so which policies) it may be talking to.
 #[derive(Debug, Default)]
 pub struct Routes {
     inner: RwLock<HashMap<SocketAddr, Vec<usize>>>,
@@ -56,12 +62,38 @@ impl Routes {
     }
 }
 
+/// Where resolved endpoints go: the eBPF endpoint map.
+pub trait EndpointSink: Send + Sync {
+    /// Make the map hold exactly `want`.
+    fn set_endpoints(&self, want: &BTreeMap<SockKey, EndpointValue>) -> Result<()>;
+}
+
+impl EndpointSink for Redirector {
+    fn set_endpoints(&self, want: &BTreeMap<SockKey, EndpointValue>) -> Result<()> {
+        Redirector::set_endpoints(self, want)
+    }
+}
+
+/// What one family's lookup said.
+enum Answer {
+    /// These addresses (possibly none: the name has no such records), valid until then.
+    Found(Vec<IpAddr>, Instant),
+    /// No answer: keep what we had.
+    Failed,
+}
+
+/// One target's addresses, each with the last time DNS returned it.
+#[derive(Debug, Default)]
+struct TargetState {
+    seen: BTreeMap<IpAddr, Instant>,
+    due: Option<Instant>,
+}
+
 /// Keeps the endpoint map and [`Routes`] in step with DNS.
 pub struct EndpointResolver {
     targets: Vec<Target>,
     resolver: Option<TokioResolver>,
-    /// Per target: current addresses and when to look again.
-    state: Vec<(Vec<IpAddr>, Instant)>,
+    state: Vec<TargetState>,
 }
 
 impl EndpointResolver {
@@ -72,8 +104,7 @@ impl EndpointResolver {
         } else {
             None
         };
-        let now = Instant::now();
-        let state = targets.iter().map(|_| (Vec::new(), now)).collect();
+        let state = targets.iter().map(|_| TargetState::default()).collect();
         Ok(EndpointResolver {
             targets,
             resolver,
@@ -81,22 +112,75 @@ impl EndpointResolver {
         })
     }
 
+    /// Names that currently have no address at all (their traffic is not intercepted).
+    pub fn unresolved(&self) -> Vec<&str> {
+        self.targets
+            .iter()
+            .zip(&self.state)
+            .filter(|(_, s)| s.seen.is_empty())
+            .map(|(t, _)| t.host.as_str())
+            .collect()
+    }
+
     /// Resolve whatever is due, then publish the map and the routes. Returns when to call again.
-    pub async fn refresh(&mut self, redirector: &Redirector, routes: &Routes) -> Result<Instant> {
+    pub async fn refresh(&mut self, sink: &dyn EndpointSink, routes: &Routes) -> Result<Instant> {
         let now = Instant::now();
-        for (i, target) in self.targets.iter().enumerate() {
-            if self.state[i].1 > now {
+        for (target, state) in self.targets.iter().zip(self.state.iter_mut()) {
+            if state.due.is_some_and(|due| due > now) {
                 continue;
             }
-            self.state[i] = match target.host.parse::<IpAddr>() {
-                Ok(ip) => (vec![ip], now + MAX_REFRESH),
-                Err(_) => lookup(self.resolver.as_ref(), &target.host, &self.state[i].0).await,
-            };
+            let mut next = now + MAX_REFRESH;
+            match target.host.parse::<IpAddr>() {
+                Ok(ip) => {
+                    state.seen.insert(ip, now);
+                }
+                Err(_) => {
+                    for family in [RecordType::A, RecordType::AAAA] {
+                        match lookup(self.resolver.as_ref(), &target.host, family).await {
+                            Answer::Found(addrs, valid_until) => {
+                                for ip in &addrs {
+                                    state.seen.insert(*ip, now);
+                                }
+                                let ttl = valid_until.saturating_duration_since(now);
+                                next = next.min(now + ttl.clamp(MIN_REFRESH, MAX_REFRESH));
+                                // Addresses of this family that DNS stopped returning leave after
+                                // the grace period.
+                                let family_v4 = family == RecordType::A;
+                                state.seen.retain(|ip, last| {
+                                    ip.is_ipv4() != family_v4 || now.duration_since(*last) < GRACE
+                                });
+                            }
+                            Answer::Failed => next = next.min(now + RETRY),
+                        }
+                    }
+                    // Wake up when an address in its grace period is due to leave.
+                    if let Some(expiry) = state
+                        .seen
+                        .values()
+                        .filter(|t| **t < now)
+                        .map(|t| *t + GRACE)
+                        .min()
+                    {
+                        next = next.min(expiry.max(now + Duration::from_millis(100)));
+                    }
+                }
+            }
+            state.due = Some(next);
         }
+        self.publish(sink, routes)?;
+        Ok(self
+            .state
+            .iter()
+            .filter_map(|s| s.due)
+            .min()
+            .unwrap_or(now + MAX_REFRESH))
+    }
+
+    fn publish(&self, sink: &dyn EndpointSink, routes: &Routes) -> Result<()> {
         let mut table: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
         let mut map = BTreeMap::new();
-        for (i, (target, (addrs, _))) in self.targets.iter().zip(&self.state).enumerate() {
-            for ip in addrs {
+        for (i, (target, state)) in self.targets.iter().zip(&self.state).enumerate() {
+            for ip in state.seen.keys() {
                 let dst = normalize(SocketAddr::new(*ip, target.port));
                 table.entry(dst).or_default().push(i);
                 map.entry(SockKey::from_socket_addr(dst))
@@ -106,20 +190,15 @@ impl EndpointResolver {
                     });
             }
         }
-        redirector.set_endpoints(&map)?;
+        sink.set_endpoints(&map)?;
         routes.replace(table);
-        Ok(self
-            .state
-            .iter()
-            .map(|(_, due)| *due)
-            .min()
-            .unwrap_or(now + MAX_REFRESH))
+        Ok(())
     }
 
     /// Refresh forever (until the task is dropped).
     pub async fn run(mut self, redirector: Arc<Redirector>, routes: Arc<Routes>) {
         loop {
-            let next = match self.refresh(&redirector, &routes).await {
+            let next = match self.refresh(redirector.as_ref(), &routes).await {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "updating the endpoint map failed");
@@ -131,32 +210,26 @@ impl EndpointResolver {
     }
 }
 
-async fn lookup(
-    resolver: Option<&TokioResolver>,
-    host: &str,
-    previous: &[IpAddr],
-) -> (Vec<IpAddr>, Instant) {
-    let now = Instant::now();
+async fn lookup(resolver: Option<&TokioResolver>, host: &str, family: RecordType) -> Answer {
     let Some(resolver) = resolver else {
-        return (previous.to_vec(), now + RETRY);
+        return Answer::Failed;
     };
-    match resolver.lookup_ip(host).await {
+    match resolver.lookup(host, family).await {
         Ok(found) => {
-            let mut addrs: Vec<IpAddr> = found.iter().collect();
-            addrs.sort();
-            addrs.dedup();
-            let ttl = found
-                .valid_until()
-                .saturating_duration_since(std::time::Instant::now())
-                .clamp(MIN_REFRESH, MAX_REFRESH);
-            if addrs != previous {
-                tracing::info!(host, addresses = ?addrs, "endpoint resolved");
-            }
-            (addrs, now + ttl)
+            let addrs: Vec<IpAddr> = found
+                .answers()
+                .iter()
+                .filter_map(|r| r.data.ip_addr())
+                .collect();
+            tracing::debug!(host, ?family, addresses = ?addrs, "endpoint resolved");
+            Answer::Found(addrs, Instant::from_std(found.valid_until()))
+        }
+        Err(e) if e.is_no_records_found() => {
+            Answer::Found(Vec::new(), Instant::now() + MIN_REFRESH)
         }
         Err(e) => {
-            tracing::warn!(host, error = %e, "endpoint lookup failed; keeping previous addresses");
-            (previous.to_vec(), now + RETRY)
+            tracing::warn!(host, ?family, error = %e, "endpoint lookup failed; keeping the previous addresses");
+            Answer::Failed
         }
     }
 }
@@ -164,4 +237,89 @@ async fn lookup(
 /// IPv4-mapped IPv6 addresses are the IPv4 destination they stand for.
 pub fn normalize(sa: SocketAddr) -> SocketAddr {
     SockKey::from_socket_addr(sa).to_socket_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<BTreeMap<SockKey, EndpointValue>>>);
+
+    impl EndpointSink for Recorder {
+        fn set_endpoints(&self, want: &BTreeMap<SockKey, EndpointValue>) -> Result<()> {
+            self.0
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .push(want.clone());
+            Ok(())
+        }
+    }
+
+    fn key(s: &str) -> Result<SockKey> {
+        Ok(SockKey::from_socket_addr(s.parse()?))
+    }
+
+    #[tokio::test]
+    async fn literals_and_hosts_file_names_reach_the_map_and_the_routes() -> Result<()> {
+        let mut r = EndpointResolver::new(vec![
+            Target {
+                host: "127.0.0.9".into(),
+                port: 8080,
+            },
+            Target {
+                host: "::1".into(),
+                port: 8081,
+            },
+            // Every Linux host maps localhost in /etc/hosts (to 127.0.0.1, often also to ::1).
+            Target {
+                host: "localhost".into(),
+                port: 8082,
+            },
+        ])?;
+        let sink = Recorder::default();
+        let routes = Routes::default();
+        r.refresh(&sink, &routes).await?;
+        let maps = sink.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let map = maps
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("nothing published"))?;
+        assert!(map.contains_key(&key("127.0.0.9:8080")?));
+        assert!(map.contains_key(&key("[::1]:8081")?));
+        assert!(map.contains_key(&key("127.0.0.1:8082")?), "{map:?}");
+        assert_eq!(routes.servers_for("127.0.0.9:8080".parse()?), vec![0]);
+        assert_eq!(routes.servers_for("[::1]:8081".parse()?), vec![1]);
+        assert_eq!(routes.servers_for("127.0.0.1:8082".parse()?), vec![2]);
+        assert!(routes.servers_for("127.0.0.1:9999".parse()?).is_empty());
+        assert!(r.unresolved().is_empty());
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn vanished_addresses_stay_for_the_grace_period_then_leave() -> Result<()> {
+        let mut r = EndpointResolver::new(vec![Target {
+            host: "localhost".into(),
+            port: 1,
+        }])?;
+        let old: IpAddr = "127.0.0.77".parse()?;
+        r.state[0].seen.insert(old, Instant::now());
+        let sink = Recorder::default();
+        let routes = Routes::default();
+        r.refresh(&sink, &routes).await?;
+        assert!(
+            !routes.servers_for(SocketAddr::new(old, 1)).is_empty(),
+            "removed at once"
+        );
+        tokio::time::advance(GRACE + Duration::from_secs(1)).await;
+        r.state[0].due = None;
+        r.refresh(&sink, &routes).await?;
+        assert!(
+            routes.servers_for(SocketAddr::new(old, 1)).is_empty(),
+            "kept after the grace period"
+        );
+        assert!(!routes.servers_for("127.0.0.1:1".parse()?).is_empty());
+        Ok(())
+    }
 }
