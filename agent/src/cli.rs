@@ -177,9 +177,19 @@ impl Agent {
 
         let mount = cgroup::cgroup2_mount()?;
         let agent_cgroup = cgroup::resolve(&mount, &config.agent_cgroup)?;
+        let attach = cgroup::resolve(&mount, &config.cgroup)?;
+        // Everything in the agent's cgroup is exempt from redirection: it must hold the agent only.
+        if agent_cgroup.components().eq(mount.components())
+            || agent_cgroup.components().eq(attach.components())
+        {
+            anyhow::bail!(
+                "the agent cgroup {} must be a cgroup of its own, not the attach point or the cgroup2 root: \
+                 every process in it is exempt from redirection",
+                agent_cgroup.display()
+            );
+        }
         cgroup::join(&agent_cgroup)?;
         let agent_cgroup_id = cgroup::id_of(&agent_cgroup)?;
-        let attach = cgroup::resolve(&mount, &config.cgroup)?;
 
         let mut listeners = Vec::new();
         let (mut v4, mut v6) = (None, None);

@@ -3,7 +3,8 @@
 //! ```yaml
 //! listen: ["127.0.0.1:15001", "[::1]:15001"]   # the interceptor; at most one IPv4 and one IPv6
 //! audit: /var/log/mcpwarden/audit.jsonl        # or "-" for standard output (the default)
-//! cgroup: /                                    # where to attach, relative to the cgroup2 mount
+//! cgroup: kubepods.slice                       # where to attach: relative to the cgroup2 mount,
+//!                                              # or absolute below it (default: the mount root)
 //! agent_cgroup: mcpwarden                      # the agent's own cgroup, never redirected
 //! max_body_bytes: 4194304
 //! servers:
@@ -248,6 +249,20 @@ impl Config {
                 }
             }
         }
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.servers {
+            if !seen.insert((
+                s.url.host.to_ascii_lowercase(),
+                s.url.port,
+                s.url.path.clone(),
+            )) {
+                bail!(
+                    "server {}: endpoint {} is configured twice; which policy applies would be ambiguous",
+                    s.name,
+                    s.url.raw
+                );
+            }
+        }
         if self.max_body_bytes == 0 {
             bail!("max_body_bytes must be positive");
         }
@@ -324,6 +339,22 @@ mod tests {
         assert_eq!(c.listen.len(), 2);
         std::fs::remove_dir_all(&dir)?;
         Ok(())
+    }
+
+    #[test]
+    fn an_endpoint_configured_twice_is_an_error() {
+        let err = Config::assemble(Flags {
+            endpoints: vec![
+                "http://127.0.0.1:1/mcp".into(),
+                "http://127.0.0.1:1/mcp/".into(),
+            ],
+            policies: vec!["a.json".into(), "b.json".into()],
+            ..Flags::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("configured twice"), "{err}");
     }
 
     #[test]

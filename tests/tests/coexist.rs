@@ -147,3 +147,75 @@ fn endpoint_names_are_resolved_and_redirected() {
         format!("localhost:{}", server.addr().port())
     );
 }
+
+/// Two servers configured on one address (different paths, different policies): each request is
+/// decided by the policy of the endpoint its path names, and a JSON-RPC request to a path that
+/// names neither is refused rather than given either policy.
+#[test]
+fn servers_sharing_an_address_are_told_apart_by_path() {
+    mcpwarden_tests::require_root();
+    let cg = mcpwarden_tests::TestCgroup::new("shared");
+    let app = cg.child("app");
+    let server = TestServer::start(SocketAddr::new(IpAddr::V4(test_ip(23)), 0));
+    let strict = r#"{"version": "1", "default": "deny", "tools": {"add": {}}}"#;
+    let other_url = format!("http://{}/other", server.addr());
+    let agent = Agent::start(
+        AGENT_BIN,
+        AgentOpts {
+            name: "shared".into(),
+            endpoints: vec![(server.url(), POLICY.into()), (other_url, strict.into())],
+            listen: vec![free_addr(test_ip(23)), free_addr(Ipv6Addr::LOCALHOST)],
+            cgroup: app.clone(),
+            agent_cgroup: cg.path().join("agent"),
+        },
+    );
+    let client = |url: &str, body: &str| {
+        let run = mcpwarden_tests::run_client(
+            CLIENT_BIN,
+            Some(&app),
+            &["raw-post", url, body],
+            CLIENT_TIMEOUT,
+        );
+        run.assert_success();
+        run
+    };
+
+    // /mcp is the first server's: its policy allows echo.
+    let run = client(&server.url(), &call_body(1, "echo", json!({"text": "hi"})));
+    assert_eq!(
+        result_text(&run.body_json()["result"]),
+        "hi",
+        "{}",
+        run.describe()
+    );
+    // /other is the second server's: echo is unlisted there (the test server answers 404 on that
+    // path, but the call never gets that far).
+    let run = client(
+        &format!("http://{}/other", server.addr()),
+        &call_body(2, "echo", json!({"text": "hi"})),
+    );
+    assert_eq!(
+        run.body_json()["error"]["code"],
+        -32602,
+        "{}",
+        run.describe()
+    );
+    // Neither path: refused, not guessed.
+    let run = client(
+        &format!("http://{}/elsewhere", server.addr()),
+        &call_body(3, "echo", json!({"text": "hi"})),
+    );
+    assert!(
+        run.field("status").unwrap_or_default().contains(" 400"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(server.calls("echo"), 1);
+    let refused: Vec<_> = agent
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["event"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused[1]["server"].is_null(), "{refused:?}");
+}

@@ -83,10 +83,19 @@ impl Interceptor {
         while tasks.join_next().await.is_some() {}
     }
 
+    /// Accept connections and serve each in a task owned by this loop: when the loop is dropped
+    /// (the agent stops), every connection goes with it, and with them the last references to the
+    /// redirect maps and links.
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
+            while conns.try_join_next().is_some() {}
             match listener.accept().await {
-                Ok((stream, peer)) => self.clone().accept(stream, peer),
+                Ok((stream, peer)) => {
+                    if let Some(conn) = self.clone().accept(stream, peer) {
+                        conns.spawn(conn);
+                    }
+                }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::error!(error = %e, "accept failed");
@@ -96,14 +105,19 @@ impl Interceptor {
         }
     }
 
-    fn accept(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// Check an accepted connection; the future serves it, None means it was refused.
+    fn accept(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let Some(redirected) = self.orig_dst.take(peer) else {
             tracing::warn!(%peer, "no redirect record for this connection: refusing it (the interceptor is not an open proxy)");
             let mut rec = Record::new(Event::Refused);
             rec.reason = Some(format!("no redirect record for connection from {peer}"));
             rec.decision = Some(Verdict::Deny);
             self.write_audit(&rec);
-            return;
+            return None;
         };
         let servers = self.routes.servers_for(redirected.orig_dst);
         if servers.is_empty() {
@@ -112,7 +126,7 @@ impl Interceptor {
             rec.reason = Some("destination is no longer a configured endpoint".into());
             rec.decision = Some(Verdict::Deny);
             self.write_audit(&rec);
-            return;
+            return None;
         }
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(Conn {
@@ -121,7 +135,7 @@ impl Interceptor {
             redirected,
             servers,
         });
-        tokio::spawn(async move {
+        Some(async move {
             let service = service_fn(move |req| {
                 let conn = conn.clone();
                 async move { Ok::<_, Infallible>(conn.handle(req).await) }
@@ -133,7 +147,7 @@ impl Interceptor {
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "client connection ended");
             }
-        });
+        })
     }
 
     /// Best-effort write for records that gate nothing (refused connections, responses).
@@ -170,18 +184,30 @@ impl Judged {
 }
 
 impl Conn {
-    fn server(&self, path: &str) -> &Server {
-        let servers = &self.shared.servers;
-        self.servers
+    /// The configured server a request is for: the one whose endpoint path it names, else the
+    /// only server at this destination. None when several servers share the destination and the
+    /// path names none of them: no policy can be chosen for it.
+    fn server(&self, path: &str) -> Option<&Server> {
+        let here: Vec<&Server> = self
+            .servers
             .iter()
-            .map(|&i| &servers[i])
-            .find(|s| mcp::is_endpoint_path(path, &s.path))
-            .unwrap_or(&servers[self.servers[0]])
+            .filter_map(|&i| self.shared.servers.get(i))
+            .collect();
+        match here.iter().find(|s| mcp::is_endpoint_path(path, &s.path)) {
+            Some(s) => Some(s),
+            None if here.len() == 1 => here.first().copied(),
+            None => None,
+        }
     }
 
-    fn record(&self, event: Event, server: &Server, parts: &http::request::Parts) -> Record {
+    fn record(
+        &self,
+        event: Event,
+        server: Option<&Server>,
+        parts: &http::request::Parts,
+    ) -> Record {
         let mut rec = caller_record(event, &self.redirected);
-        rec.server = Some(server.name.clone());
+        rec.server = server.map(|s| s.name.clone());
         rec.http_method = Some(parts.method.to_string());
         rec.path = Some(parts.uri.path().to_owned());
         rec
@@ -208,19 +234,24 @@ impl Conn {
         }
         if parts.method != Method::POST && body.is_end_stream() {
             // No body to inspect: the SSE GET stream, DELETE, OAuth metadata, health checks.
-            let rec = self.record(Event::NonMcp, server, &parts);
-            return self.forward(rec, parts, body.boxed(), started).await;
+            return self
+                .forward_non_mcp(server, parts, body.boxed(), started)
+                .await;
         }
         // Every body is inspected, whatever the method: none reaches the server unread.
-        if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING) {
-            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
-                return self.refuse_plain(
-                    server,
-                    &parts,
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "compressed request bodies cannot be inspected; send them uncompressed",
-                );
-            }
+        let encoded = parts
+            .headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|token| !token.trim_ascii().eq_ignore_ascii_case(b"identity"));
+        if encoded {
+            return self.refuse_plain(
+                server,
+                &parts,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "compressed request bodies cannot be inspected; send them uncompressed",
+            );
         }
         let bytes = match Limited::new(body, self.shared.max_body).collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -249,14 +280,65 @@ impl Conn {
                 return json_response(status, mcp::error_response(None, -32600, &msg));
             }
         };
-        let must_be_mcp =
-            parts.method == Method::POST && mcp::is_endpoint_path(&path, &server.path);
-        if must_be_mcp || mcp::looks_like_jsonrpc(&bytes) {
-            self.handle_mcp(server, parts, bytes, started).await
-        } else {
-            let rec = self.record(Event::NonMcp, server, &parts);
-            self.forward(rec, parts, full(bytes), started).await
+        let must_be_mcp = parts.method == Method::POST
+            && server.is_some_and(|s| mcp::is_endpoint_path(&path, &s.path));
+        if !must_be_mcp && !mcp::looks_like_jsonrpc(&bytes) {
+            return self
+                .forward_non_mcp(server, parts, full(bytes), started)
+                .await;
         }
+        match server {
+            Some(server) => self.handle_mcp(server, parts, bytes, started).await,
+            None => {
+                let msg = "this address serves several MCP endpoints and the request path names none of them: \
+                           no policy applies, so it was not forwarded";
+                let mut rec = self.record(Event::Refused, None, &parts);
+                rec.decision = Some(Verdict::Deny);
+                rec.reason = Some(msg.to_owned());
+                self.shared.write_audit(&rec);
+                json_response(
+                    StatusCode::BAD_REQUEST,
+                    mcp::error_response(None, -32600, msg),
+                )
+            }
+        }
+    }
+
+    /// Forward a request that carries no MCP message, audited before it goes.
+    async fn forward_non_mcp(
+        &self,
+        server: Option<&Server>,
+        parts: http::request::Parts,
+        body: Body,
+        started: Instant,
+    ) -> Response<Body> {
+        if let Err(refusal) =
+            self.audit_before_forwarding(&self.record(Event::NonMcp, server, &parts), None)
+        {
+            return refusal;
+        }
+        let rec = self.record(Event::Response, server, &parts);
+        self.forward(rec, parts, body, started).await
+    }
+
+    /// Write a record that must reach the kernel before its request is forwarded; on failure the
+    /// request is not forwarded and the client gets a 503 carrying a JSON-RPC error for `id`.
+    fn audit_before_forwarding(
+        &self,
+        rec: &Record,
+        id: Option<&serde_json::Value>,
+    ) -> Result<(), Response<Body>> {
+        self.shared.audit.write(rec).map_err(|e| {
+            tracing::error!(error = %e, "audit write failed: refusing to forward");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                mcp::error_response(
+                    id,
+                    -32603,
+                    "mcpwarden cannot write its audit log; the request was not forwarded",
+                ),
+            )
+        })
     }
 
     async fn handle_mcp(
@@ -269,7 +351,7 @@ impl Conn {
         let parsed = match mcp::parse_body(&bytes, &parts.headers) {
             Ok(p) => p,
             Err(e) => {
-                let mut rec = self.record(Event::Refused, server, &parts);
+                let mut rec = self.record(Event::Refused, Some(server), &parts);
                 rec.decision = Some(Verdict::Deny);
                 rec.id = e.id.clone();
                 rec.reason = Some(e.message.clone());
@@ -304,20 +386,11 @@ impl Conn {
         // Every decision record reaches the kernel before the request is forwarded.
         for j in &judged {
             let rec = self.message_record(Event::Request, server, &parts, j);
-            if let Err(e) = self.shared.audit.write(&rec) {
-                tracing::error!(error = %e, "audit write failed: refusing to forward");
-                let id = judged.first().and_then(|j| j.msg.id.as_ref());
-                return json_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    mcp::error_response(
-                        id,
-                        -32603,
-                        "mcpwarden cannot write its audit log; the call was not forwarded",
-                    ),
-                );
+            if let Err(refusal) = self.audit_before_forwarding(&rec, j.msg.id.as_ref()) {
+                return refusal;
             }
         }
-        let mut rec = self.record(Event::Response, server, &parts);
+        let mut rec = self.record(Event::Response, Some(server), &parts);
         if let [only] = judged.as_slice() {
             if only.msg.kind != Kind::Request {
                 // Notifications and client responses get no JSON-RPC answer to attribute.
@@ -392,7 +465,7 @@ impl Conn {
         parts: &http::request::Parts,
         j: &Judged,
     ) -> Record {
-        let mut rec = self.record(event, server, parts);
+        let mut rec = self.record(event, Some(server), parts);
         fill_message(&mut rec, &j.msg);
         rec.decision = Some(Verdict::Allow);
         if let Some(d) = &j.decision {
@@ -414,7 +487,7 @@ impl Conn {
 
     fn refuse_plain(
         &self,
-        server: &Server,
+        server: Option<&Server>,
         parts: &http::request::Parts,
         status: StatusCode,
         reason: &str,

@@ -16,6 +16,9 @@ use tokio::{net::TcpStream, sync::Mutex};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// How long to wait for the MCP server to accept a connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connecting to {dst}: {source}")]
@@ -68,13 +71,19 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
-        let stream =
-            TcpStream::connect(self.dst)
-                .await
-                .map_err(|source| UpstreamError::Connect {
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.dst));
+        let stream = match connect.await {
+            Ok(result) => result.map_err(|source| UpstreamError::Connect {
+                dst: self.dst,
+                source,
+            })?,
+            Err(_) => {
+                return Err(UpstreamError::Connect {
                     dst: self.dst,
-                    source,
-                })?;
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+                })
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)

@@ -62,6 +62,12 @@ fn unescape_octal(s: &str) -> String {
 /// A cgroup given on the command line: absolute, or relative to the cgroup2 mount. Relative paths
 /// may not climb out of the mount.
 pub fn resolve(mount: &Path, given: &Path) -> Result<PathBuf> {
+    if given
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        bail!("cgroup {} must not contain '..'", given.display());
+    }
     if given.is_absolute() {
         if !given.starts_with(mount) {
             bail!(
@@ -71,12 +77,6 @@ pub fn resolve(mount: &Path, given: &Path) -> Result<PathBuf> {
             );
         }
         return Ok(given.to_path_buf());
-    }
-    if given
-        .components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        bail!("cgroup {} must not contain '..'", given.display());
     }
     Ok(mount.join(given))
 }
@@ -211,6 +211,7 @@ mod tests {
         );
         assert!(resolve(m, Path::new("/tmp/x")).is_err());
         assert!(resolve(m, Path::new("../x")).is_err());
+        assert!(resolve(m, Path::new("/sys/fs/cgroup/unified/../../x")).is_err());
         Ok(())
     }
 }
