@@ -316,16 +316,7 @@ fn bad_input_is_refused_and_not_forwarded() {
     assert_eq!(v["jsonrpc"], "2.0", "{v}");
     assert_eq!(v["error"]["code"], -32700, "{v}");
     assert!(v["id"].is_null(), "a parse error has id null: {v}");
-    rig.agent
-        .wait_audit(AUDIT_WAIT, |r| {
-            r["event"] == "refused" && r["pid"] == run.pid
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no `refused` record for the non-JSON body; audit:\n{}",
-                rig.agent.audit_text()
-            )
-        });
+    rig.wait_refused(run.pid, "the non-JSON body");
     assert_eq!(
         rig.server.http_requests(),
         before,
@@ -347,16 +338,7 @@ fn bad_input_is_refused_and_not_forwarded() {
             );
             assert!(v["result"].is_null(), "{v}");
         }
-        rig.agent
-            .wait_audit(AUDIT_WAIT, |r| {
-                r["event"] == "refused" && r["pid"] == run.pid
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "no `refused` record for {body}; audit:\n{}",
-                    rig.agent.audit_text()
-                )
-            });
+        rig.wait_refused(run.pid, body);
     }
     assert_eq!(
         rig.server.http_requests(),

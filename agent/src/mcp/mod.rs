@@ -94,6 +94,20 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message with no method or tool call details yet.
+    fn bare(kind: Kind, id: Option<Value>, stateless_2026: bool) -> Message {
+        Message {
+            kind,
+            id,
+            method: None,
+            tool: None,
+            arg_keys: Vec::new(),
+            args_sha256: None,
+            arguments: None,
+            stateless_2026,
+        }
+    }
+
     /// Whether this is a `tools/call` request (the only kind the policy
     /// decides; a `tools/call` notification never gets this far).
     pub fn is_tool_call(&self) -> bool {
@@ -300,16 +314,7 @@ fn read_message(
                     "a response must carry exactly one of \"result\" and \"error\"".to_owned(),
                 ));
             }
-            return Ok(Message {
-                kind: Kind::Response,
-                id,
-                method: None,
-                tool: None,
-                arg_keys: Vec::new(),
-                args_sha256: None,
-                arguments: None,
-                stateless_2026: header_stateless,
-            });
+            return Ok(Message::bare(Kind::Response, id, header_stateless));
         }
         Some(Value::String(method)) => method.clone(),
         Some(other) => {
@@ -321,20 +326,12 @@ fn read_message(
     };
 
     let params = object.get("params");
-    let mut message = Message {
-        kind: if id.is_some() {
-            Kind::Request
-        } else {
-            Kind::Notification
-        },
-        id,
-        method: None,
-        tool: None,
-        arg_keys: Vec::new(),
-        args_sha256: None,
-        arguments: None,
-        stateless_2026: header_stateless || meta_is_stateless(params),
+    let kind = if id.is_some() {
+        Kind::Request
+    } else {
+        Kind::Notification
     };
+    let mut message = Message::bare(kind, id, header_stateless || meta_is_stateless(params));
 
     if method == TOOLS_CALL {
         read_tool_call(params, &mut message, &at)?;

@@ -119,6 +119,20 @@ impl Rig {
     }
 }
 
+impl Rig {
+    /// Wait for a `refused` audit record from `pid`; panic with the audit if none comes.
+    pub fn wait_refused(&self, pid: u32, what: &str) {
+        self.agent
+            .wait_audit(AUDIT_WAIT, |r| r["event"] == "refused" && r["pid"] == pid)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no `refused` record for {what}; audit:\n{}",
+                    self.agent.audit_text()
+                )
+            });
+    }
+}
+
 /// The text of the first content block of a CallToolResult printed by mcp-client.
 pub fn result_text(v: &Value) -> &str {
     v["content"][0]["text"]
