@@ -141,11 +141,16 @@ struct FileServer {
 /// Parse a config file's text; errors name `file:line:column`.
 fn parse_file(text: &str, file: &Path) -> Result<FileConfig> {
     serde_yaml_ng::from_str(text).map_err(|e| {
-        let at = e
-            .location()
-            .map(|l| format!("{}:{}:{}", file.display(), l.line(), l.column()))
-            .unwrap_or_else(|| file.display().to_string());
-        anyhow::anyhow!("{at}: {e}")
+        let message = e.to_string();
+        match e.location() {
+            Some(l) => {
+                // The library appends the position to its message; it is already in front.
+                let suffix = format!(" at line {} column {}", l.line(), l.column());
+                let message = message.strip_suffix(&suffix).unwrap_or(&message);
+                anyhow::anyhow!("{}:{}:{}: {message}", file.display(), l.line(), l.column())
+            }
+            None => anyhow::anyhow!("{}: {message}", file.display()),
+        }
     })
 }
 
