@@ -9,6 +9,8 @@
 //! mcp-client raw-post URL BODY [HEADER: VALUE]...        one hand-written HTTP/1.1 POST:
 //!     prints status=<status line>, header=<name: value> lines, body-len=<n>, then the body bytes.
 //! mcp-client raw-request METHOD URL BODY [HEADER: VALUE]... the same with another method.
+//! mcp-client sse-get URL                                 GET an SSE stream; prints
+//!     status=<status line>, then event=<data> for each `data:` line as soon as it arrives.
 //! mcp-client peer ADDR [URLPATH BODY]                     TCP connect; prints peer= and local=
 //!     (getpeername, getsockname); with URLPATH and BODY, POSTs BODY on that connection and
 //!     prints the response like raw-post.
@@ -38,7 +40,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... | raw-post URL BODY [HEADER: VALUE]... | \
          raw-request METHOD URL BODY [HEADER: VALUE]... | keepalive URL BODY... | pipeline URL BODY... | \
-         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG"
+         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL"
     );
     ExitCode::from(2)
 }
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         "pipeline" if rest.len() >= 2 => many(&rest[0], &rest[1..], true),
         "tcp-echo" if rest.len() == 2 => tcp_echo(&rest[0], &rest[1]),
         "udp-echo" if rest.len() == 2 => udp_echo(&rest[0], &rest[1]),
+        "sse-get" if rest.len() == 1 => sse_get(&rest[0]),
         _ => return usage(),
     };
     let _ = std::io::stdout().flush();
@@ -197,6 +200,35 @@ fn tcp_echo(addr: &str, msg: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Read an SSE stream as it arrives, printing each `data:` line at once (stdout is flushed per
+/// line), so a test can tell an event delivered while the stream is open from one held back.
+/// Chunked framing is not decoded: chunk-size lines never start with `data:`.
+fn sse_get(url: &str) -> ExitCode {
+    use std::io::BufRead;
+    let (addr, host, path) = rawhttp::parse_url(url);
+    let Some(mut s) = connect_and_report(addr) else {
+        return ExitCode::from(1);
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\naccept: text/event-stream\r\nconnection: close\r\n\r\n");
+    if let Err(e) = s.write_all(request.as_bytes()) {
+        println!("write-error={e}");
+        return ExitCode::from(1);
+    }
+    s.set_read_timeout(Some(TIMEOUT)).ok();
+    let mut lines = std::io::BufReader::new(s).lines();
+    if let Some(Ok(status)) = lines.next() {
+        println!("status={}", status.trim_end());
+    }
+    for line in lines {
+        let Ok(line) = line else { break };
+        if let Some(data) = line.strip_prefix("data:") {
+            println!("event={}", data.trim());
+            let _ = std::io::stdout().flush();
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn udp_echo(addr: &str, msg: &str) -> ExitCode {

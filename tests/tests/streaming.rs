@@ -1,0 +1,149 @@
+//! Server-sent events flow through the interceptor as they happen, not when the stream ends.
+//!
+//! The server sends one event and then holds the stream open until the test has seen that event
+//! arrive at the client; only then does it send the second and close. An interceptor that
+//! buffered the stream would never deliver the first event, and the test would fail on its wait
+//! (no timing is asserted: the wait is a deadlock guard).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Channel};
+use hyper::body::Frame;
+use mcpwarden_tests::{free_addr, spawn_in_cgroup, test_ip, Agent, AgentOpts, TestCgroup};
+use tokio::sync::Notify;
+
+/// An SSE endpoint at /mcp: `data: one`, then (once released) `data: two`, then the end.
+struct HeldStream {
+    addr: SocketAddr,
+    release: Arc<Notify>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl HeldStream {
+    fn start(addr: SocketAddr) -> HeldStream {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let release = Arc::new(Notify::new());
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .expect("bind the SSE server");
+        let addr = listener.local_addr().expect("local addr");
+        let gate = release.clone();
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let gate = gate.clone();
+                        async move {
+                            let (mut tx, body) = Channel::<Bytes, hyper::Error>::new(4);
+                            tokio::spawn(async move {
+                                let _ = tx
+                                    .send(Frame::data(Bytes::from_static(b"data: one\n\n")))
+                                    .await;
+                                gate.notified().await;
+                                let _ = tx
+                                    .send(Frame::data(Bytes::from_static(b"data: two\n\n")))
+                                    .await;
+                            });
+                            let resp = http::Response::builder()
+                                .header("content-type", "text/event-stream")
+                                .body(body.boxed())
+                                .expect("response");
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        HeldStream {
+            addr,
+            release,
+            _runtime: runtime,
+        }
+    }
+}
+
+#[test]
+fn sse_events_are_delivered_while_the_stream_is_open() {
+    mcpwarden_tests::require_root();
+    let cg = TestCgroup::new("sse");
+    let app = cg.child("app");
+    let server = HeldStream::start(SocketAddr::new(IpAddr::V4(test_ip(24)), 0));
+    let url = format!("http://{}/mcp", server.addr);
+    let agent = Agent::start(
+        AGENT_BIN,
+        AgentOpts {
+            name: "sse".into(),
+            endpoints: vec![(url.clone(), POLICY.into())],
+            listen: vec![free_addr(test_ip(24)), free_addr(Ipv6Addr::LOCALHOST)],
+            cgroup: app.clone(),
+            agent_cgroup: cg.path().join("agent"),
+        },
+    );
+
+    let mut cmd = Command::new(CLIENT_BIN);
+    cmd.args(["sse-get", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    spawn_in_cgroup(&mut cmd, &app);
+    let mut child = cmd.spawn().expect("spawn mcp-client");
+    let stdout = child.stdout.take().expect("client stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |want: &str| loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                seen.push(line.clone());
+                if line == want {
+                    return;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "{want:?} did not reach the client while the stream was open (seen {seen:?}); audit:\n{}",
+                    agent.audit_text()
+                );
+            }
+        }
+    };
+    wait_for("event=one");
+    server.release.notify_one();
+    wait_for("event=two");
+    let status = child.wait().expect("client exit");
+    assert!(status.success(), "{status}");
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with("peer=") && l.ends_with(&server.addr.to_string())),
+        "{seen:?}"
+    );
+    // It went through the agent: the GET is audited as non-MCP traffic of this server.
+    let audited = agent
+        .audit_lines()
+        .into_iter()
+        .any(|r| r["event"] == "non_mcp" && r["http_method"] == "GET");
+    assert!(audited, "{}", agent.audit_text());
+}
