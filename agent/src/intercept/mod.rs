@@ -315,7 +315,7 @@ impl Conn {
         if let Err(refusal) =
             self.audit_before_forwarding(&self.record(Event::NonMcp, server, &parts), None)
         {
-            return refusal;
+            return *refusal;
         }
         let rec = self.record(Event::Response, server, &parts);
         self.forward(rec, parts, body, started).await
@@ -327,17 +327,17 @@ impl Conn {
         &self,
         rec: &Record,
         id: Option<&serde_json::Value>,
-    ) -> Result<(), Response<Body>> {
+    ) -> Result<(), Box<Response<Body>>> {
         self.shared.audit.write(rec).map_err(|e| {
             tracing::error!(error = %e, "audit write failed: refusing to forward");
-            json_response(
+            Box::new(json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 mcp::error_response(
                     id,
                     -32603,
                     "mcpwarden cannot write its audit log; the request was not forwarded",
                 ),
-            )
+            ))
         })
     }
 
@@ -387,7 +387,7 @@ impl Conn {
         for j in &judged {
             let rec = self.message_record(Event::Request, server, &parts, j);
             if let Err(refusal) = self.audit_before_forwarding(&rec, j.msg.id.as_ref()) {
-                return refusal;
+                return *refusal;
             }
         }
         let mut rec = self.record(Event::Response, Some(server), &parts);
