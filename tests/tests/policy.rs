@@ -476,3 +476,42 @@ fn bodies_of_other_methods_are_inspected_too() {
     rig.server.assert_not_reached("drop_cluster");
     assert_eq!(rig.decisions_for("drop_cluster").len(), 4);
 }
+
+/// Requests that would open a tunnel past the parser (Upgrade: websocket or h2c) are refused, and
+/// a body above the inspection limit (4 MiB by default) is refused rather than forwarded unread.
+#[test]
+fn tunnels_and_oversized_bodies_are_refused() {
+    let rig = Rig::start("tunnels", 15, POLICY);
+    let url = rig.server.url();
+    let body = call_body(1, "echo", json!({"text": "through a tunnel"}));
+    for upgrade in ["websocket", "h2c"] {
+        let run = rig.client(&[
+            "raw-post",
+            &url,
+            &body,
+            "Connection: Upgrade",
+            &format!("Upgrade: {upgrade}"),
+        ]);
+        run.assert_success();
+        let status = run.field("status").unwrap_or_default();
+        assert!(
+            status.contains(" 403"),
+            "Upgrade: {upgrade} got `{status}`\n{}",
+            run.describe()
+        );
+        rig.wait_refused(run.pid, upgrade);
+    }
+    let run = rig.client(&["raw-post-big", &url, &(5 * 1024 * 1024).to_string()]);
+    let status = run.field("status").unwrap_or_default();
+    assert!(
+        status.contains(" 413"),
+        "a 5 MiB body got `{status}`\n{}",
+        run.describe()
+    );
+    rig.wait_refused(run.pid, "the 5 MiB body");
+    assert_eq!(
+        rig.server.http_requests(),
+        0,
+        "a refused request reached the server"
+    );
+}

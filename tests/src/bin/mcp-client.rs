@@ -9,6 +9,8 @@
 //! mcp-client raw-post URL BODY [HEADER: VALUE]...        one hand-written HTTP/1.1 POST:
 //!     prints status=<status line>, header=<name: value> lines, body-len=<n>, then the body bytes.
 //! mcp-client raw-request METHOD URL BODY [HEADER: VALUE]... the same with another method.
+//! mcp-client raw-post-big URL BYTES                      raw-post of an echo tools/call padded
+//!     to at least BYTES bytes (larger than a command line can carry).
 //! mcp-client sse-get URL                                 GET an SSE stream; prints
 //!     status=<status line>, then event=<data> for each `data:` line as soon as it arrives.
 //! mcp-client peer ADDR [URLPATH BODY]                     TCP connect; prints peer= and local=
@@ -40,7 +42,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... | raw-post URL BODY [HEADER: VALUE]... | \
          raw-request METHOD URL BODY [HEADER: VALUE]... | keepalive URL BODY... | pipeline URL BODY... | \
-         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL"
+         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL | raw-post-big URL BYTES"
     );
     ExitCode::from(2)
 }
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         "tcp-echo" if rest.len() == 2 => tcp_echo(&rest[0], &rest[1]),
         "udp-echo" if rest.len() == 2 => udp_echo(&rest[0], &rest[1]),
         "sse-get" if rest.len() == 1 => sse_get(&rest[0]),
+        "raw-post-big" if rest.len() == 2 => raw_post_big(&rest[0], &rest[1]),
         _ => return usage(),
     };
     let _ = std::io::stdout().flush();
@@ -200,6 +203,20 @@ fn tcp_echo(addr: &str, msg: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn raw_post_big(url: &str, bytes: &str) -> ExitCode {
+    let Ok(n) = bytes.parse::<usize>() else {
+        return usage();
+    };
+    let body = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "x".repeat(n)}}});
+    print_outcome(rawhttp::post(
+        url,
+        body.to_string().as_bytes(),
+        &[],
+        TIMEOUT,
+    ))
 }
 
 /// Read an SSE stream as it arrives, printing each `data:` line at once (stdout is flushed per
