@@ -96,6 +96,17 @@ impl ClientRun {
     }
 
     /// Panic unless the client exited 0.
+    /// Assert that the HTTP status the client printed is `code`.
+    pub fn assert_status(&self, code: u16) -> &Self {
+        let status = self.field("status").unwrap_or_default();
+        assert!(
+            status.contains(&format!(" {code}")),
+            "expected HTTP {code}, got `{status}`\n{}",
+            self.describe()
+        );
+        self
+    }
+
     /// Assert that the `key=value` line the client printed has this value.
     pub fn assert_field(&self, key: &str, expected: &str) -> &Self {
         assert_eq!(

@@ -223,6 +223,22 @@ pub fn request(
     read_response(&mut s)
 }
 
+/// Position of the next CRLF at or after `pos`, reading more as needed; None at EOF.
+fn crlf_from(
+    rest: &mut Vec<u8>,
+    pos: usize,
+    more: &mut impl FnMut(&mut Vec<u8>) -> bool,
+) -> Option<usize> {
+    loop {
+        if let Some(i) = find(&rest[pos..], b"\r\n") {
+            return Some(pos + i);
+        }
+        if !more(rest) {
+            return None;
+        }
+    }
+}
+
 fn find(h: &[u8], needle: &[u8]) -> Option<usize> {
     h.windows(needle.len()).position(|w| w == needle)
 }
@@ -309,33 +325,15 @@ pub fn read_response_buffered(stream: &mut TcpStream, pending: &mut Vec<u8>) -> 
     } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         let mut body = Vec::new();
         let mut pos = 0;
-        loop {
-            // chunk-size line
-            let line_end = loop {
-                if let Some(i) = find(&rest[pos..], b"\r\n") {
-                    break Some(pos + i);
-                }
-                if !more(&mut rest) {
-                    break None;
-                }
-            };
-            let Some(line_end) = line_end else { break };
+        // Each chunk starts with its size line.
+        while let Some(line_end) = crlf_from(&mut rest, pos, &mut more) {
             let size_str = String::from_utf8_lossy(&rest[pos..line_end]).into_owned();
             let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
                 .unwrap_or(0);
             pos = line_end + 2;
             if size == 0 {
                 // Trailer section: lines until an empty one.
-                loop {
-                    let end = loop {
-                        if let Some(i) = find(&rest[pos..], b"\r\n") {
-                            break Some(pos + i);
-                        }
-                        if !more(&mut rest) {
-                            break None;
-                        }
-                    };
-                    let Some(end) = end else { break };
+                while let Some(end) = crlf_from(&mut rest, pos, &mut more) {
                     let empty = end == pos;
                     pos = end + 2;
                     if empty {

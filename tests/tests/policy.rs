@@ -83,11 +83,7 @@ fn unlisted_and_denied_tools_never_reach_the_server() {
         "Mcp-Name: drop_cluster",
     ]);
     run.assert_success();
-    assert!(
-        run.field("status").unwrap_or_default().contains(" 200"),
-        "{}",
-        run.describe()
-    );
+    run.assert_status(200);
     let v = run.body_json();
     assert_eq!(v["id"], 77, "{v}");
     assert_eq!(v["result"]["isError"], true, "{v}");
@@ -103,11 +99,7 @@ fn unlisted_and_denied_tools_never_reach_the_server() {
     let body = call_body(78, "secret_dump", json!({}));
     let run = rig.client(&["raw-post", &url, &body]);
     run.assert_success();
-    assert!(
-        run.field("status").unwrap_or_default().contains(" 200"),
-        "{}",
-        run.describe()
-    );
+    run.assert_status(200);
     let v = run.body_json();
     assert_eq!(v["id"], 78, "{v}");
     assert_eq!(v["error"]["code"], -32602, "{v}");
