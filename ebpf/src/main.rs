@@ -182,6 +182,11 @@ pub fn mcpw_sock_ops(ctx: SockOpsContext) -> u32 {
     if op != SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != SOCK_OPS_STATE_CB {
         return 1;
     }
+    if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB && !to_interceptor(&ctx) {
+        // Every TCP connection below the attach point gets here: the cheap port test spares the
+        // others a socket cookie and a map lookup.
+        return 1;
+    }
     // SAFETY: the helper takes the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if op == SOCK_OPS_STATE_CB {
@@ -223,6 +228,17 @@ pub fn mcpw_sock_ops(ctx: SockOpsContext) -> u32 {
     // Ask for the TCP_CLOSE callback so the cookie entry goes when the connection does.
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | SOCK_OPS_STATE_CB_FLAG);
     1
+}
+
+/// Whether the connection's remote port is one the interceptor listens on (a redirected
+/// connection always is; the cookie lookup then decides).
+#[inline(always)]
+fn to_interceptor(ctx: &SockOpsContext) -> bool {
+    // SAFETY: one context field copied to the stack. `remote_port` holds the network-order port in
+    // its upper 16 bits on little-endian hosts.
+    let remote = unsafe { read_volatile(addr_of!((*ctx.ops).remote_port)) };
+    let port = u16::from_be((remote >> 16) as u16);
+    config().is_some_and(|cfg| port != 0 && (port == cfg.v4_port || port == cfg.v6_port))
 }
 
 #[inline(always)]
