@@ -68,6 +68,9 @@ struct RunArgs {
     /// Largest request body inspected; larger ones are refused [default: 4194304].
     #[arg(long = "max-body-bytes")]
     max_body_bytes: Option<usize>,
+    /// Interceptor worker threads [default: one per CPU].
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 /// Entry point of the `mcpwarden` binary.
@@ -80,10 +83,18 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn")),
         )
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The control plane (accept loops, endpoint resolution, signals) runs on this thread; the
+    // interceptor's worker threads have runtimes of their own. The demo also hosts its sample
+    // server here, so it gets a multi-threaded runtime.
+    let runtime = match &cli.command {
+        Command::Run(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mcpwarden: error: starting the runtime: {e}");
@@ -106,7 +117,34 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Raise the soft open-file limit to the hard limit: every intercepted connection holds two
+/// descriptors (client and upstream), and the default soft limit of 1024 would cap a node at a
+/// few hundred agent connections. Returns the limit in force.
+fn raise_nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, initialised rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return Some(raised.rlim_cur);
+            }
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
 async fn run(args: RunArgs) -> Result<()> {
+    let nofile = raise_nofile_limit();
     let config = Config::assemble(Flags {
         config: args.config,
         endpoints: args.endpoints,
@@ -116,12 +154,15 @@ async fn run(args: RunArgs) -> Result<()> {
         cgroup: args.cgroup,
         agent_cgroup: args.agent_cgroup,
         max_body_bytes: args.max_body_bytes,
+        workers: args.workers,
     })?;
     let agent = Agent::start(&config).await?;
     tracing::info!(
         listen = ?agent.listen,
         cgroup = %agent.redirector.attach_point().display(),
         servers = config.servers.len(),
+        workers = config.workers,
+        nofile = ?nofile,
         "mcpwarden ready"
     );
     shutdown_signal().await?;
@@ -254,7 +295,7 @@ impl Agent {
         });
         let tasks = vec![
             tokio::spawn(resolver.run(redirector.clone(), routes)),
-            tokio::spawn(interceptor.serve(listeners)),
+            tokio::spawn(interceptor.serve(listeners, config.workers)?),
         ];
         Ok(Agent {
             listen,

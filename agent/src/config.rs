@@ -7,6 +7,7 @@
 //!                                              # or absolute below it (default: the mount root)
 //! agent_cgroup: mcpwarden                      # the agent's own cgroup, never redirected
 //! max_body_bytes: 4194304
+//! workers: 2                                   # interceptor threads (default: one per CPU)
 //! servers:
 //!   - name: tools
 //!     url: http://10.0.0.5:8080/mcp
@@ -101,6 +102,8 @@ pub struct Config {
     pub cgroup: PathBuf,
     pub agent_cgroup: PathBuf,
     pub max_body_bytes: usize,
+    /// Interceptor worker threads, each a single-threaded runtime serving its own connections.
+    pub workers: usize,
     pub servers: Vec<Server>,
 }
 
@@ -115,6 +118,7 @@ pub struct Flags {
     pub cgroup: Option<PathBuf>,
     pub agent_cgroup: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +130,7 @@ struct FileConfig {
     cgroup: Option<PathBuf>,
     agent_cgroup: Option<PathBuf>,
     max_body_bytes: Option<usize>,
+    workers: Option<usize>,
     #[serde(default)]
     servers: Vec<FileServer>,
 }
@@ -169,7 +174,8 @@ impl Config {
         };
         let mut servers = Vec::new();
         let mut listen = flags.listen.clone();
-        let (mut audit, mut cgroup, mut agent_cgroup, mut max_body) = (None, None, None, None);
+        let (mut audit, mut cgroup, mut agent_cgroup, mut max_body, mut workers) =
+            (None, None, None, None, None);
         if let Some(f) = file {
             for s in f.servers {
                 servers.push(Server {
@@ -187,6 +193,7 @@ impl Config {
             cgroup = f.cgroup;
             agent_cgroup = f.agent_cgroup;
             max_body = f.max_body_bytes;
+            workers = f.workers;
         }
         if flags.endpoints.len() != flags.policies.len() {
             bail!(
@@ -227,6 +234,10 @@ impl Config {
                 .max_body_bytes
                 .or(max_body)
                 .unwrap_or(mcp::DEFAULT_MAX_BODY),
+            workers: flags
+                .workers
+                .or(workers)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             servers,
         };
         config.validate()?;
@@ -270,6 +281,9 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             bail!("max_body_bytes must be positive");
+        }
+        if !(1..=1024).contains(&self.workers) {
+            bail!("workers must be between 1 and 1024 (got {})", self.workers);
         }
         Ok(())
     }

@@ -200,6 +200,7 @@ pub async fn run() -> Result<()> {
         cgroup: clients.clone(),
         agent_cgroup: agent_cg.clone(),
         max_body_bytes: crate::mcp::DEFAULT_MAX_BODY,
+        workers: 1,
         servers: vec![Server {
             name: "demo".into(),
             url: EndpointUrl::parse(&url).map_err(anyhow::Error::msg)?,

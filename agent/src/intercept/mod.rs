@@ -14,7 +14,10 @@ mod upstream;
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -69,31 +72,126 @@ struct Conn {
     redirected: Redirected,
     /// Indices into `shared.servers` configured at the original destination.
     servers: Vec<usize>,
-    upstream: Upstream,
+    /// The upstream pool of the worker serving this connection.
+    upstream: Arc<Upstream>,
+}
+
+/// A connection the accept loop has checked, on its way to a worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    redirected: Redirected,
+    servers: Vec<usize>,
+}
+
+/// The worker threads, each running a single-threaded runtime that serves its share of the
+/// connections: a connection and its upstream exchanges stay on one thread, so a call costs no
+/// cross-thread wake-up and touches no state shared with other cores. Dropping this stops the
+/// workers: each drops its runtime, and with it every connection it serves.
+struct Workers {
+    queues: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    fn start(shared: &Arc<Interceptor>, n: usize) -> std::io::Result<Workers> {
+        let mut queues = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("mcpwarden-w{i}"))
+                .spawn(move || runtime.block_on(worker(shared, rx)))?;
+            queues.push(tx);
+        }
+        Ok(Workers {
+            queues,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Hand a connection to the next worker (round robin).
+    fn dispatch(&self, accepted: Accepted) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len().max(1);
+        if let Some(queue) = self.queues.get(i) {
+            if queue.send(accepted).is_err() {
+                tracing::error!(
+                    worker = i,
+                    "interceptor worker has stopped: connection dropped"
+                );
+            }
+        }
+    }
+}
+
+/// One worker: serve every connection it is handed until its queue closes.
+async fn worker(
+    shared: Arc<Interceptor>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+) {
+    let upstream = Arc::new(Upstream::new());
+    while let Some(a) = queue.recv().await {
+        let conn = Arc::new(Conn {
+            shared: shared.clone(),
+            redirected: a.redirected,
+            servers: a.servers,
+            upstream: upstream.clone(),
+        });
+        tokio::spawn(serve_connection(conn, a.stream, a.peer));
+    }
+}
+
+async fn serve_connection(conn: Arc<Conn>, stream: std::net::TcpStream, peer: SocketAddr) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "registering an accepted connection failed");
+            return;
+        }
+    };
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended");
+    }
 }
 
 impl Interceptor {
-    /// Accept on every listener until the future is dropped.
-    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for listener in listeners {
-            let this = self.clone();
-            tasks.spawn(async move { this.accept_loop(listener).await });
-        }
-        while tasks.join_next().await.is_some() {}
+    /// Start `workers` worker threads; the future accepts on every listener (on the calling
+    /// runtime) until it is dropped, and the workers stop with it.
+    pub fn serve(
+        self: Arc<Self>,
+        listeners: Vec<TcpListener>,
+        workers: usize,
+    ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        let workers = Arc::new(Workers::start(&self, workers)?);
+        Ok(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for listener in listeners {
+                let this = self.clone();
+                let workers = workers.clone();
+                tasks.spawn(async move { this.accept_loop(listener, &workers).await });
+            }
+            while tasks.join_next().await.is_some() {}
+        })
     }
 
-    /// Accept connections and serve each in a task owned by this loop: when the loop is dropped
-    /// (the agent stops), every connection goes with it, and with them the last references to the
-    /// redirect maps and links.
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
-        let mut conns = tokio::task::JoinSet::new();
+    /// Accept connections, check each, and hand it to a worker.
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, workers: &Workers) {
         loop {
-            while conns.try_join_next().is_some() {}
             match listener.accept().await {
                 Ok((stream, peer)) => {
-                    if let Some(conn) = self.clone().accept(stream, peer) {
-                        conns.spawn(conn);
+                    if let Some(accepted) = self.accept(stream, peer) {
+                        workers.dispatch(accepted);
                     }
                 }
                 Err(e) => {
@@ -105,12 +203,8 @@ impl Interceptor {
         }
     }
 
-    /// Check an accepted connection; the future serves it, None means it was refused.
-    fn accept(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    /// Check an accepted connection: None means it was refused (and audited).
+    fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<Accepted> {
         let Some(redirected) = self.orig_dst.take(peer) else {
             tracing::warn!(%peer, "no redirect record for this connection: refusing it (the interceptor is not an open proxy)");
             let mut rec = Record::new(Event::Refused);
@@ -129,25 +223,18 @@ impl Interceptor {
             return None;
         }
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(Conn {
-            upstream: Upstream::new(redirected.orig_dst),
-            shared: self,
-            redirected,
-            servers,
-        });
-        Some(async move {
-            let service = service_fn(move |req| {
-                let conn = conn.clone();
-                async move { Ok::<_, Infallible>(conn.handle(req).await) }
-            });
-            let result = hyper::server::conn::http1::Builder::new()
-                .preserve_header_case(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "client connection ended");
+        match stream.into_std() {
+            Ok(stream) => Some(Accepted {
+                stream,
+                peer,
+                redirected,
+                servers,
+            }),
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "detaching an accepted connection failed");
+                None
             }
-        })
+        }
     }
 
     /// Best-effort write for records that gate nothing (refused connections, responses).
@@ -555,7 +642,12 @@ impl Conn {
             }
         }
         parts.version = http::Version::HTTP_11;
-        match self.upstream.send(Request::from_parts(parts, body)).await {
+        let dst = self.redirected.orig_dst;
+        match self
+            .upstream
+            .send(dst, Request::from_parts(parts, body))
+            .await
+        {
             Ok(resp) => {
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);

@@ -1,105 +1,95 @@
-//! The interceptor's own connection to the original destination.
+//! The interceptor's own connections to original destinations: one keep-alive pool for the
+//! whole agent (hyper-util's client), keyed by destination address.
 //!
-//! Each accepted client connection gets one upstream HTTP/1.1 connection, opened on its first
-//! forwarded request and reopened if the server closes it. Requests on a client connection are
-//! served one at a time (HTTP/1.1), so they reach the server in the client's order. The agent's
-//! cgroup is exempt from redirection, so this connect() reaches the real server.
+//! A request is sent to the address recovered from the redirect map, written in absolute form
+//! (`http://ADDR/path`) only so that the pool can key on it; the client writes origin form on the
+//! wire and leaves the Host header the client sent untouched (`set_host(false)`). Requests on one
+//! client connection are served one at a time (HTTP/1.1), so they reach the server in the
+//! client's order; idle client connections hold no upstream connection. The agent's cgroup is
+//! exempt from redirection, so these connect()s reach the real servers.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, Request, Response};
+use http::{header, HeaderMap, HeaderName, Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpStream, sync::Mutex};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioTimer},
+};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long to wait for the MCP server to accept a connection.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long to wait for an MCP server to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle upstream connections are closed after this long (servers commonly time out at 60-120 s).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Idle connections kept per destination.
+const POOL_MAX_IDLE_PER_DST: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("connecting to {dst}: {source}")]
-    Connect {
+    #[error("bad request target for {dst}: {source}")]
+    Uri {
         dst: SocketAddr,
-        source: std::io::Error,
+        source: http::Error,
     },
     #[error("HTTP exchange with {dst}: {source}")]
     Http {
         dst: SocketAddr,
-        source: hyper::Error,
+        source: hyper_util::client::legacy::Error,
     },
 }
 
-/// A lazily opened HTTP/1.1 connection to one destination.
+/// The shared upstream connection pool.
 pub struct Upstream {
-    dst: SocketAddr,
-    sender: Mutex<Option<SendRequest<Body>>>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Upstream {
-    pub fn new(dst: SocketAddr) -> Self {
-        Upstream {
-            dst,
-            sender: Mutex::new(None),
-        }
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_DST)
+            .http1_preserve_header_case(true)
+            .set_host(false)
+            .build(connector);
+        Upstream { client }
     }
 
-    /// Send `req` (headers already cleaned) and return the response head with its body streaming.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
-        let mut guard = self.sender.lock().await;
-        let reusable = match guard.as_mut() {
-            Some(s) => s.ready().await.is_ok(),
-            None => false,
-        };
-        if !reusable {
-            *guard = Some(self.connect().await?);
-        }
-        let sender = guard.as_mut().ok_or_else(|| UpstreamError::Connect {
-            dst: self.dst,
-            source: std::io::Error::other("no upstream connection"),
-        })?;
-        sender
-            .send_request(req)
+    /// Send `req` (origin-form target, headers already cleaned) to `dst` and return the response
+    /// head with its body streaming.
+    pub async fn send(
+        &self,
+        dst: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(dst.to_string())
+            .path_and_query(pq)
+            .build()
+            .map_err(|source| UpstreamError::Uri { dst, source })?;
+        self.client
+            .request(req)
             .await
-            .map_err(|source| UpstreamError::Http {
-                dst: self.dst,
-                source,
-            })
-    }
-
-    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamError> {
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.dst));
-        let stream = match connect.await {
-            Ok(result) => result.map_err(|source| UpstreamError::Connect {
-                dst: self.dst,
-                source,
-            })?,
-            Err(_) => {
-                return Err(UpstreamError::Connect {
-                    dst: self.dst,
-                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-                })
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .preserve_header_case(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| UpstreamError::Http {
-                dst: self.dst,
-                source,
-            })?;
-        let dst = self.dst;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%dst, error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+            .map_err(|source| UpstreamError::Http { dst, source })
     }
 }
 
