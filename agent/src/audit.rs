@@ -1,17 +1,20 @@
 //! The last step of the flow: one JSON object per line for every MCP message the interceptor sees.
 //!
-//! A record is serialised first and then written with a single `write` under a lock, so lines from
-//! concurrent connections never interleave. [`AuditLog::write`] returns only once the kernel has
+//! A record is serialised into a per-thread buffer and written with a single `write(2)` to a file
+//! opened `O_APPEND`: the kernel appends each write whole (the file's inode lock serialises them),
+//! so lines from concurrent connections never interleave and runtime threads share no lock on
+//! this path. Standard output (a pipe or terminal, for the demo and development) is written
+//! under std's stdout lock instead. [`AuditLog::write`] returns only once the kernel has
 //! the bytes: the interceptor writes a call's decision record before it forwards the call, so a
 //! crash of the agent never leaves a forwarded call unaudited. Argument values are never written;
 //! their top-level keys and a sha256 of their canonical JSON are.
 
 use std::{
+    cell::RefCell,
     fs::{File, OpenOptions},
     io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::Path,
-    sync::Mutex,
     time::SystemTime,
 };
 
@@ -119,7 +122,12 @@ enum Sink {
 
 /// The audit sink: a file opened for append (created 0600), or standard output.
 pub struct AuditLog {
-    sink: Mutex<Sink>,
+    sink: Sink,
+}
+
+thread_local! {
+    /// Serialisation buffer, reused by every record written from this thread.
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
 }
 
 impl AuditLog {
@@ -139,27 +147,43 @@ impl AuditLog {
                     .open(path)?,
             )
         };
-        Ok(AuditLog {
-            sink: Mutex::new(sink),
-        })
+        Ok(AuditLog { sink })
     }
 
     /// Serialise and write one line; returns once the kernel has it.
     pub fn write(&self, record: &Record) -> io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
-        line.push(b'\n');
-        let mut sink = self
-            .sink
-            .lock()
-            .map_err(|_| io::Error::other("audit sink lock poisoned"))?;
-        match &mut *sink {
-            Sink::File(f) => f.write_all(&line),
-            Sink::Stdout => {
-                let mut out = io::stdout().lock();
-                out.write_all(&line)?;
-                out.flush()
+        LINE.with(|cell| {
+            // A record serialised while another is being written on this thread (impossible
+            // today) would find the buffer borrowed: it gets a fresh one instead of panicking.
+            let mut own = Vec::new();
+            let mut borrowed = cell.try_borrow_mut();
+            let line = match borrowed.as_mut() {
+                Ok(b) => &mut **b,
+                Err(_) => &mut own,
+            };
+            line.clear();
+            serde_json::to_writer(&mut *line, record).map_err(io::Error::other)?;
+            line.push(b'\n');
+            match &self.sink {
+                // One write(2) per line on an O_APPEND file: whole and in order, without a lock.
+                // A short write only happens on errors (disk full), and is reported.
+                Sink::File(f) => {
+                    let n = (&*f).write(line)?;
+                    if n != line.len() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            format!("short audit write: {n} of {} bytes", line.len()),
+                        ));
+                    }
+                    Ok(())
+                }
+                Sink::Stdout => {
+                    let mut out = io::stdout().lock();
+                    out.write_all(line)?;
+                    out.flush()
+                }
             }
-        }
+        })
     }
 }
 
