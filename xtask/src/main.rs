@@ -6,6 +6,9 @@
 //! - `build-ebpf`: build only the kernel programs (the agent's build.rs does this too).
 //! - `test`: setup, then every test (unit and privileged integration), with a total at the end.
 //! - `demo`: setup, build, and run `mcpwarden demo`.
+//! - `bench`: setup, Debian's nginx (unpacked under target/, never started as a service), the
+//!   criterion benches, release builds, then `mcpwarden-bench run`, which writes BENCHMARKS.md
+//!   (`--quick`: a one-minute smoke run written to target/bench/quick.md; `test` runs it).
 
 use std::{
     env,
@@ -42,6 +45,13 @@ enum Cmd {
     },
     /// Build and run `mcpwarden demo` (needs root).
     Demo,
+    /// Run the benchmarks (needs root) and write BENCHMARKS.md.
+    Bench {
+        /// A one-minute smoke run (what CI runs): checks the harness, asserts no timing, and
+        /// writes target/bench/quick.md instead of BENCHMARKS.md.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -53,7 +63,17 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => {
             setup()?;
-            test(&args)
+            test(&args)?;
+            if args.is_empty() {
+                // The bench harness is code too: CI runs its smoke mode with every test.
+                bench(true)?;
+                println!("xtask: bench --quick ran every scenario");
+            }
+            Ok(())
+        }
+        Cmd::Bench { quick } => {
+            setup()?;
+            bench(quick)
         }
         Cmd::Demo => {
             setup()?;
@@ -270,6 +290,109 @@ fn count(summary: &str, label: &str) -> u64 {
         .and_then(|part| part.split_whitespace().rev().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// Debian's nginx binary for the bench's reference hop. The package is unpacked under target/
+/// rather than installed: installing it would start a system nginx on port 80 on this host.
+fn nginx() -> Result<PathBuf> {
+    let root = workspace_root().join("target/bench-tools");
+    let bin = root.join("usr/sbin/nginx");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    // Its shared libraries are ordinary packages; make sure they are there.
+    apt_install(&[
+        "libcrypt1".into(),
+        "libpcre2-8-0".into(),
+        "libssl3".into(),
+        "zlib1g".into(),
+    ])?;
+    let debs = root.join("debs");
+    std::fs::create_dir_all(&debs)?;
+    let download = |debs: &PathBuf| {
+        Command::new("apt-get")
+            .args(["download", "-q", "nginx"])
+            .current_dir(debs)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !download(&debs) {
+        // No package lists yet on a fresh machine.
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        if !download(&debs) {
+            bail!("apt-get download nginx failed");
+        }
+    }
+    let deb = std::fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("nginx_") && n.ends_with(".deb"))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no nginx .deb in {}", debs.display()))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    if !bin.exists() {
+        bail!("{} is not in the nginx package", bin.display());
+    }
+    Ok(bin)
+}
+
+fn bench(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the bench loads eBPF programs and creates cgroups: run cargo xtask bench as root");
+    }
+    let nginx = nginx()?;
+    let root = workspace_root();
+    // In-process costs first, while nothing else runs. Old results go first: the report reads
+    // every estimate in the directory.
+    let _ = std::fs::remove_dir_all(root.join("target/criterion"));
+    let mut criterion = Command::new("cargo");
+    criterion.current_dir(&root).args([
+        "bench",
+        "--package",
+        "mcpwarden",
+        "--bench",
+        "hot_path",
+        "--",
+    ]);
+    if quick {
+        criterion.args(["--warm-up-time", "0.2", "--measurement-time", "0.5"]);
+    }
+    run(&mut criterion)?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "mcpwarden",
+        "--package",
+        "mcpwarden-bench",
+    ]))?;
+    let (out, command) = if quick {
+        (
+            root.join("target/bench/quick.md"),
+            "cargo xtask bench --quick",
+        )
+    } else {
+        (root.join("BENCHMARKS.md"), "cargo xtask bench")
+    };
+    let mut cmd = Command::new(root.join("target/release/mcpwarden-bench"));
+    cmd.arg("run")
+        .arg("--agent")
+        .arg(root.join("target/release/mcpwarden"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--criterion")
+        .arg(root.join("target/criterion"))
+        .arg("--command")
+        .arg(command)
+        .env("NGINX", &nginx);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 fn demo() -> Result<()> {

@@ -1,0 +1,257 @@
+//! Micro-benchmarks of the per-call hot path: the work the interceptor does
+//! for every `tools/call` besides moving bytes over sockets.
+//!
+//! Run with `cargo bench -p mcpwarden --bench hot_path` (add `-- --quick` for
+//! a fast pass). Criterion writes each result under
+//! `target/criterion/<id>/new/estimates.json`; every id below is also that
+//! directory path.
+//!
+//! - `policy/decide_1000_rules/*`: [`Engine::decide_call`] against a policy
+//!   of 1,000 tool rules (900 plain allows, 50 explicit denies with a reason,
+//!   50 rate-limited tools), under `default: deny`. Tools are looked up by
+//!   name in a hash map, so the rule count should not matter; the large
+//!   policy is there to show that it does not. One id per path through the
+//!   engine:
+//!   - `allow_listed`: a listed tool without limits (tool 500 of 1,000).
+//!   - `unknown_tool`: a tool the policy does not list (falls to `default`).
+//!   - `denied`: a tool with `action: deny` and a `reason`.
+//!   - `limited`: a tool with one limit (`window: minute`, `max: 10^9`) that
+//!     never trips. Limits keep a sliding log of admission instants per
+//!     grant, so the call takes the engine's lock, prunes, counts and appends
+//!     to that log. The log holds every admission of the last window (up to
+//!     `max`), so with a real clock it would grow by one entry per iteration
+//!     (tens of millions of entries per run) and the figure would be
+//!     dominated by `VecDeque` growth. Instead the benchmark drives
+//!     `decide_call` with a synthetic clock that advances 1 ms per call: a
+//!     single grant calling the tool 1,000 times a second, forever. After the
+//!     first 60,000 calls the log is in steady state (60,000 instants, about
+//!     1 MB; each call drops one and appends one), which is what is measured.
+//!     Every decision is checked to be an allow.
+//!
+//!   The other three paths ignore `now`; it is read once outside the loop so
+//!   that the figures are the engine's alone (the interceptor reads the
+//!   clock once per call on top of this).
+//! - `audit/serialize_record`: `serde_json::to_vec` of one fully filled
+//!   decision [`Record`], the CPU part of an audit write.
+//! - `audit/write_record`: [`AuditLog::write`] of that record to a file in
+//!   the system temp directory: serialization, the lock and one `write(2)`
+//!   in append mode (no fsync; the page cache absorbs it). The difference
+//!   from `serialize_record` is the syscall and lock. The file is truncated
+//!   every 4,096 writes, outside the timed region, so that it stays small,
+//!   and removed at the end.
+//! - `mcp/parse_tools_call`: [`mcp::parse_body`] of a ~200-byte `tools/call`
+//!   request: strict JSON parse with duplicate-key checks, message
+//!   validation, and the sorted argument keys plus SHA-256 of the canonical
+//!   arguments that go into the audit record. The parser does not look at
+//!   `Content-Type`, so the headers are empty (no routing headers, which is
+//!   the common case).
+
+use std::fs::OpenOptions;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use mcpwarden::audit::{AuditLog, Event, PolicyRef, Record, Verdict};
+use mcpwarden::mcp::{self, Parsed};
+use mcpwarden::policy::{CallerScope, Engine, Outcome, Policy};
+
+/// Number of tool rules in the generated policy.
+const RULES: usize = 1000;
+
+/// Every `DENY_EVERY`th tool (offset `DENY_AT`) is denied, and every
+/// `LIMIT_EVERY`th (offset `LIMIT_AT`) is limited: 50 of each in 1,000.
+const DENY_EVERY: usize = 20;
+const DENY_AT: usize = 7;
+const LIMIT_EVERY: usize = 20;
+const LIMIT_AT: usize = 13;
+
+/// The tools each policy benchmark calls.
+const ALLOWED_TOOL: &str = "tool_0500";
+const DENIED_TOOL: &str = "tool_0507";
+const LIMITED_TOOL: &str = "tool_0513";
+const UNKNOWN_TOOL: &str = "tool_not_in_policy";
+
+/// How far the synthetic clock of the `limited` benchmark moves per call.
+const LIMITED_CALL_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Audit writes between truncations of the benchmark's audit file.
+const AUDIT_WRITES_PER_TRUNCATE: u64 = 4096;
+
+fn tool_name(index: usize) -> String {
+    format!("tool_{index:04}")
+}
+
+/// policy.json text with [`RULES`] tool rules and `default: deny`.
+fn policy_json() -> String {
+    let mut tools = serde_json::Map::new();
+    for index in 0..RULES {
+        let name = tool_name(index);
+        let rule = if index % DENY_EVERY == DENY_AT {
+            serde_json::json!({
+                "action": "deny",
+                "reason": format!("{name} changes production state; ask an operator"),
+            })
+        } else if index % LIMIT_EVERY == LIMIT_AT {
+            serde_json::json!({
+                "limits": [{
+                    "counter": format!("{name}_rate"),
+                    "window": "minute",
+                    "max": 1_000_000_000u64,
+                    "scope": "grant",
+                }],
+            })
+        } else {
+            serde_json::json!({})
+        };
+        tools.insert(name, rule);
+    }
+    serde_json::json!({ "version": "1", "default": "deny", "tools": tools }).to_string()
+}
+
+fn policy_benches(c: &mut Criterion) {
+    let policy = Policy::parse(&policy_json(), "bench-policy.json").expect("generated policy");
+    let engine = Engine::new(policy);
+    let caller = CallerScope { grant: "1234" };
+    let now = Instant::now();
+
+    // Each scenario must take the path it is named after.
+    for (tool, expected) in [
+        (ALLOWED_TOOL, Outcome::Allow),
+        (UNKNOWN_TOOL, Outcome::UnknownTool),
+        (DENIED_TOOL, Outcome::Deny),
+    ] {
+        assert_eq!(
+            engine.decide_call(tool, &caller, now).outcome,
+            expected,
+            "{tool}"
+        );
+    }
+
+    let mut group = c.benchmark_group("policy");
+    let id = |case: &str| BenchmarkId::new("decide_1000_rules", case);
+
+    group.bench_function(id("allow_listed"), |b| {
+        b.iter(|| engine.decide_call(black_box(ALLOWED_TOOL), &caller, now));
+    });
+    group.bench_function(id("unknown_tool"), |b| {
+        b.iter(|| engine.decide_call(black_box(UNKNOWN_TOOL), &caller, now));
+    });
+    group.bench_function(id("denied"), |b| {
+        b.iter(|| engine.decide_call(black_box(DENIED_TOOL), &caller, now));
+    });
+
+    // The synthetic clock carries on across warm-up and samples, so the
+    // admission log stays in steady state rather than restarting.
+    let mut clock = now;
+    let mut calls: u64 = 0;
+    let mut refused: u64 = 0;
+    group.bench_function(id("limited"), |b| {
+        b.iter(|| {
+            clock += LIMITED_CALL_INTERVAL;
+            let decision = engine.decide_call(black_box(LIMITED_TOOL), &caller, clock);
+            calls += 1;
+            refused += u64::from(decision.outcome != Outcome::Allow);
+            decision
+        });
+    });
+    group.finish();
+    assert_eq!(
+        refused, 0,
+        "the limited tool refused {refused} of {calls} calls"
+    );
+}
+
+/// A decision record as the interceptor writes it for an allowed call, with
+/// every field that such a record carries filled in.
+fn decision_record() -> Record {
+    let mut record = Record::new(Event::Request);
+    record.server = Some("security-scanner".into());
+    record.dst = Some("10.42.7.19:8443".into());
+    record.pid = Some(48_213);
+    record.comm = Some("claude".into());
+    record.uid = Some(1000);
+    record.cgroup =
+        Some("/user.slice/user-1000.slice/user@1000.service/app.slice/agent.scope".into());
+    record.cgroup_id = Some(12_884_902_541);
+    record.http_method = Some("POST".into());
+    record.path = Some("/mcp".into());
+    record.method = Some("tools/call".into());
+    record.id = Some(serde_json::json!(42));
+    record.tool = Some("start_security_scan".into());
+    record.decision = Some(Verdict::Allow);
+    record.rule = Some("/tools/start_security_scan/limits/0".into());
+    record.policy = Some(PolicyRef {
+        file: "/etc/mcpwarden/policies/security-scanner.json".into(),
+        sha256: "9f2c4e1a7b3d5f60e8a1c2b4d6f8091a3c5e7b9d1f2a4c6e8b0d2f4a6c8e0b2d".into(),
+    });
+    record.arg_keys = Some(vec![
+        "depth".into(),
+        "include_subdomains".into(),
+        "target".into(),
+    ]);
+    record.args_sha256 =
+        Some("3b7e1f0c9a8d2e4f6b1c3a5d7e9f0b2c4d6e8f1a3b5c7d9e0f2a4b6c8d0e1f3a".into());
+    record
+}
+
+fn audit_benches(c: &mut Criterion) {
+    let record = decision_record();
+    let dir: PathBuf = std::env::temp_dir().join(format!("mcpwarden-bench-{}", std::process::id()));
+    let path = dir.join("audit.jsonl");
+    let log = AuditLog::open(&path).expect("open the audit log");
+    // A second handle on the same file, only to truncate it; the log's own
+    // handle appends, so its next write lands at the new end.
+    let truncator = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open the audit log for truncation");
+
+    let mut group = c.benchmark_group("audit");
+    group.bench_function("serialize_record", |b| {
+        b.iter(|| serde_json::to_vec(black_box(&record)).expect("serialize"));
+    });
+    group.bench_function("write_record", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let chunk = left.min(AUDIT_WRITES_PER_TRUNCATE);
+                let start = Instant::now();
+                for _ in 0..chunk {
+                    log.write(black_box(&record)).expect("audit write");
+                }
+                timed += start.elapsed();
+                truncator.set_len(0).expect("truncate the audit log");
+                left -= chunk;
+            }
+            timed
+        });
+    });
+    group.finish();
+
+    drop(truncator);
+    drop(log);
+    std::fs::remove_dir_all(&dir).expect("remove the benchmark's audit directory");
+}
+
+/// A typical `tools/call` request body, about 200 bytes.
+const TOOLS_CALL_BODY: &str = r#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"start_security_scan","arguments":{"target":"https://staging.example.internal","depth":3,"include_subdomains":false},"_meta":{"progressToken":"scan-42"}}}"#;
+
+fn mcp_benches(c: &mut Criterion) {
+    let headers = http::HeaderMap::new();
+    let body = TOOLS_CALL_BODY.as_bytes();
+    match mcp::parse_body(body, &headers) {
+        Ok(Parsed::Single(message)) if message.is_tool_call() => {}
+        other => panic!("the benchmark body must parse as one tools/call: {other:?}"),
+    }
+
+    let mut group = c.benchmark_group("mcp");
+    group.bench_function("parse_tools_call", |b| {
+        b.iter(|| mcp::parse_body(black_box(body), &headers));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, policy_benches, audit_benches, mcp_benches);
+criterion_main!(benches);

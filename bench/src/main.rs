@@ -1,0 +1,118 @@
+//! `mcpwarden-bench`: the harness behind `cargo xtask bench`.
+//!
+//! `run` is the orchestrator (root: it creates cgroups and starts the agent and nginx); the other
+//! subcommands are the processes it starts inside those cgroups, each printing one JSON line.
+
+mod load;
+mod nginx;
+mod probe;
+mod report;
+mod responder;
+mod run;
+mod stats;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "mcpwarden-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every scenario (direct, nginx, agent) and write the report.
+    Run(run::RunOpts),
+    /// The minimal MCP server the scenarios call.
+    Responder {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Generate load as described by a JSON `LoadSpec`; prints a JSON `LoadResult`.
+    Load {
+        #[arg(long)]
+        spec: String,
+        /// Runtime worker threads (1 = current-thread runtime).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Time connect() to a listener of our own on `addr`; prints a JSON `ConnectResult`.
+    Connect {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Open `conns` connections, one call on each, and hold them until stdin closes.
+    Hold {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        conns: usize,
+    },
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    Ok(rt)
+}
+
+/// Raise the soft open-file limit to the hard one: the memory scenario holds 1,000 connections.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    raise_nofile();
+    match Cli::parse().command {
+        Cmd::Run(opts) => run::run(opts),
+        Cmd::Responder { listen } => runtime(2)?.block_on(responder::serve(listen)),
+        Cmd::Load { spec, threads } => {
+            let spec: load::LoadSpec = serde_json::from_str(&spec).context("--spec")?;
+            let result = runtime(threads)?.block_on(load::run(&spec))?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Cmd::Connect { addr, count } => {
+            let result = probe::run(addr, count)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Cmd::Hold {
+            target,
+            host,
+            conns,
+        } => runtime(1)?.block_on(load::hold(target, &host, conns)),
+    }
+}
+
+/// Where the workspace's `target/` is (the bench binary lives in target/release).
+pub fn target_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.to_path_buf())
+}

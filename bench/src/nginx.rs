@@ -1,0 +1,151 @@
+//! A bare nginx reverse-proxy hop: Debian's nginx, one worker, keep-alive to the upstream,
+//! no access log, responses streamed (`proxy_buffering off`, as the interceptor streams them).
+//! It parses HTTP and nothing else: the cost of a generic proxy in the path.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use mcpwarden_tests::{spawn_in_cgroup, wait_for, TempDir};
+
+pub struct Nginx {
+    child: Child,
+    pub listen: SocketAddr,
+    _dir: TempDir,
+}
+
+/// The nginx binary: `$NGINX` or /usr/sbin/nginx.
+pub fn binary() -> PathBuf {
+    std::env::var_os("NGINX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
+}
+
+pub fn version() -> String {
+    Command::new(binary())
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn config(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        r#"worker_processes 1;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 8192;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    keepalive_requests 1000000;
+    upstream mcp {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen {listen} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://mcp;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+impl Nginx {
+    /// Start nginx in `cgroup`, proxying `listen` → `upstream`; returns once it accepts.
+    pub fn start(cgroup: &Path, listen: SocketAddr, upstream: SocketAddr) -> Result<Nginx> {
+        let dir = TempDir::new("nginx");
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(&conf, config(dir.path(), listen, upstream))?;
+        let mut cmd = Command::new(binary());
+        cmd.arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        spawn_in_cgroup(&mut cmd, cgroup);
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "starting {} (cargo xtask bench installs it)",
+                binary().display()
+            )
+        })?;
+        let mut nginx = Nginx {
+            child,
+            listen,
+            _dir: dir,
+        };
+        let up = wait_for(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(listen).ok()
+        });
+        if up.is_none() {
+            let log =
+                std::fs::read_to_string(nginx._dir.path().join("error.log")).unwrap_or_default();
+            let _ = nginx.child.kill();
+            bail!("nginx did not start listening on {listen}:\n{log}");
+        }
+        Ok(nginx)
+    }
+
+    /// The worker process (where the proxying happens): the child of the master.
+    pub fn worker_pid(&self) -> Option<u32> {
+        children_of(self.child.id()).into_iter().next()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: fast shutdown of master and worker.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = wait_for(Duration::from_secs(5), || {
+            self.child.try_wait().ok().flatten()
+        });
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pids whose parent is `pid` (scanning /proc).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if crate::run::proc_stat(child).is_some_and(|s| s.ppid == pid) {
+            out.push(child);
+        }
+    }
+    out
+}

@@ -1,0 +1,525 @@
+//! BENCHMARKS.md: the figures of one run, rendered between two markers so that the hand-written
+//! analysis around them (profiles, explanations of gaps) survives the next run.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    probe::ConnectResult,
+    run::{added, ratio, Measured, Memory, Route, RunOpts, ROUTES},
+    stats::Spread,
+};
+
+pub const BEGIN: &str = "<!-- mcpwarden-bench: generated figures begin -->";
+pub const END: &str = "<!-- mcpwarden-bench: generated figures end -->";
+
+/// One criterion benchmark: its median and the 95 % confidence interval of that median (ns).
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    pub id: String,
+    pub median_ns: f64,
+    pub lower_ns: f64,
+    pub upper_ns: f64,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub command: String,
+    pub quick: bool,
+    pub repeats: usize,
+    pub rate: f64,
+    pub connect: Vec<(ConnectResult, ConnectResult)>,
+    pub one_conn: Vec<[Measured; 3]>,
+    pub fixed_rate: Vec<[Measured; 3]>,
+    pub saturation: Vec<[Measured; 3]>,
+    pub memory: Vec<Memory>,
+    pub memory_idle_start_kib: Option<u64>,
+    pub criterion: Vec<Estimate>,
+    pub attempts: Vec<(String, usize, Option<String>)>,
+    pub agent_log_errors: Vec<String>,
+}
+
+fn cell(s: Spread, digits: usize) -> String {
+    format!(
+        "{:.d$} / **{:.d$}** / {:.d$}",
+        s.min,
+        s.median,
+        s.max,
+        d = digits
+    )
+}
+
+fn spread(v: impl IntoIterator<Item = f64>) -> Spread {
+    Spread::of(&v.into_iter().collect::<Vec<_>>()).unwrap_or_default()
+}
+
+fn route_index(route: Route) -> usize {
+    ROUTES.iter().position(|&r| r == route).unwrap_or(0)
+}
+
+fn yes_no(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**not met**"
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpu}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Report {
+    pub fn new(opts: &RunOpts, repeats: usize) -> Report {
+        Report {
+            command: opts.command.clone(),
+            quick: opts.quick,
+            repeats,
+            ..Report::default()
+        }
+    }
+
+    pub fn note_attempts(&mut self, scenario: &str, attempts: usize, noisy: Option<String>) {
+        self.attempts.push((scenario.to_owned(), attempts, noisy));
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let _ = self.render_into(&mut o);
+        o
+    }
+
+    fn render_into(&self, o: &mut String) -> std::fmt::Result {
+        writeln!(o, "{BEGIN}")?;
+        writeln!(o, "## Figures of the last run\n")?;
+        writeln!(
+            o,
+            "`{}` on {}; {}; {}.",
+            self.command,
+            date(),
+            machine(),
+            crate::nginx::version()
+        )?;
+        if self.quick {
+            writeln!(
+                o,
+                "\n**Quick smoke run** (one repeat, short loads): it shows that the harness works; its figures are not results."
+            )?;
+        }
+        writeln!(
+            o,
+            "\nEvery cell is min / **median** / max over {} repeat(s); within a repeat the three routes run one after another, in an order rotated from repeat to repeat. \
+             Latencies in µs. *Added* = route − direct, computed per repeat. All traffic is on loopback; client, proxy and server share the machine's cores.\n",
+            self.repeats
+        )?;
+        self.render_goals(o)?;
+        self.render_connect(o)?;
+        self.render_latency(
+            o,
+            "2a. tools/call on one keep-alive connection (closed loop)",
+            &self.one_conn,
+            false,
+        )?;
+        let title = format!(
+            "2b. tools/call at a fixed {:.0} calls/s over 32 keep-alive connections (open loop)",
+            self.rate
+        );
+        self.render_latency(o, &title, &self.fixed_rate, true)?;
+        self.render_saturation(o)?;
+        self.render_memory(o)?;
+        self.render_criterion(o)?;
+        writeln!(o, "### Repeats and noise\n")?;
+        for (name, attempts, noisy) in &self.attempts {
+            match noisy {
+                Some(why) => writeln!(
+                    o,
+                    "- {name}: still noisy after {attempts} attempt(s): {why}."
+                )?,
+                None => writeln!(
+                    o,
+                    "- {name}: {attempts} attempt(s); spread narrower than the effect claimed."
+                )?,
+            }
+        }
+        if !self.agent_log_errors.is_empty() {
+            writeln!(o, "\nErrors in the agent's log during the run:\n```")?;
+            for l in &self.agent_log_errors {
+                writeln!(o, "{l}")?;
+            }
+            writeln!(o, "```")?;
+        }
+        writeln!(o, "\n{END}")
+    }
+
+    fn connect_ratio(&self) -> Spread {
+        spread(self.connect.iter().map(|(a, d)| a.p50_us / d.p50_us))
+    }
+
+    fn render_goals(&self, o: &mut String) -> std::fmt::Result {
+        writeln!(o, "### Goals\n")?;
+        writeln!(o, "| scenario | goal | mcpwarden | nginx | |")?;
+        writeln!(o, "|---|---|---|---|---|")?;
+        let c = self.connect_ratio();
+        writeln!(
+            o,
+            "| 1. connect() to a non-endpoint, programs attached ÷ not | ≤ 1.02× | {:.3}× | — | {} |",
+            c.median,
+            yes_no(c.median <= 1.02)
+        )?;
+        for (label, runs) in [
+            ("2a. one connection", &self.one_conn),
+            ("2b. fixed rate, 32 connections", &self.fixed_rate),
+        ] {
+            for (q, f) in [
+                (
+                    "p50",
+                    (|l: &crate::load::LoadResult| l.p50_us) as fn(&crate::load::LoadResult) -> f64,
+                ),
+                ("p99", |l| l.p99_us),
+                ("p999", |l| l.p999_us),
+            ] {
+                let a = added(runs, Route::Agent, f).median;
+                let n = added(runs, Route::Nginx, f).median;
+                writeln!(
+                    o,
+                    "| {label}: added {q} latency | ≤ nginx's | +{a:.1} µs | +{n:.1} µs | {} |",
+                    yes_no(a <= n)
+                )?;
+            }
+        }
+        let a = ratio(&self.saturation, Route::Agent, |l| l.calls_per_s).median;
+        let n = ratio(&self.saturation, Route::Nginx, |l| l.calls_per_s).median;
+        writeln!(
+            o,
+            "| 3. saturation throughput ÷ direct | ≥ nginx's | {a:.2}× | {n:.2}× | {} |",
+            yes_no(a >= n)
+        )?;
+        if let Some(p) = self
+            .criterion
+            .iter()
+            .find(|e| e.id.contains("decide_1000_rules") && e.id.contains("allow_listed"))
+        {
+            writeln!(
+                o,
+                "| 5. policy decision, 1,000 rules, p50 | ≤ 2 µs | {:.3} µs | — | {} |",
+                p.median_ns / 1000.0,
+                yes_no(p.median_ns <= 2000.0)
+            )?;
+        }
+        writeln!(o)
+    }
+
+    fn render_connect(&self, o: &mut String) -> std::fmt::Result {
+        let n = self.connect.first().map_or(0, |(a, _)| a.connects);
+        writeln!(
+            o,
+            "### 1. connect() latency to a non-endpoint destination ({n} connects per repeat)\n"
+        )?;
+        writeln!(o, "Timed around `connect()` alone, blocking, one at a time, to a loopback listener that is not an endpoint. *Attached*: the client's cgroup is the agent's attach point (connect4/6, sock_ops and getpeername run); *not attached*: a sibling cgroup with no programs, in the same run.\n")?;
+        writeln!(o, "| | p50 | p99 | mean |")?;
+        writeln!(o, "|---|---|---|---|")?;
+        for (label, pick) in [
+            (
+                "attached",
+                (|x: &(ConnectResult, ConnectResult)| x.0.clone())
+                    as fn(&(ConnectResult, ConnectResult)) -> ConnectResult,
+            ),
+            ("not attached", |x| x.1.clone()),
+        ] {
+            let v: Vec<ConnectResult> = self.connect.iter().map(pick).collect();
+            writeln!(
+                o,
+                "| {label} | {} | {} | {} |",
+                cell(spread(v.iter().map(|r| r.p50_us)), 2),
+                cell(spread(v.iter().map(|r| r.p99_us)), 2),
+                cell(spread(v.iter().map(|r| r.mean_us)), 2)
+            )?;
+        }
+        writeln!(
+            o,
+            "| ratio | {} | {} | {} |\n",
+            cell(self.connect_ratio(), 3),
+            cell(
+                spread(self.connect.iter().map(|(a, d)| a.p99_us / d.p99_us)),
+                3
+            ),
+            cell(
+                spread(self.connect.iter().map(|(a, d)| a.mean_us / d.mean_us)),
+                3
+            )
+        )
+    }
+
+    fn render_latency(
+        &self,
+        o: &mut String,
+        title: &str,
+        runs: &[[Measured; 3]],
+        open: bool,
+    ) -> std::fmt::Result {
+        let calls = runs.first().map_or(0, |r| r[0].load.calls);
+        writeln!(o, "### {title}\n")?;
+        writeln!(o, "About {calls} measured calls per route per repeat.\n")?;
+        writeln!(o, "| route | p50 | p99 | p999 | added p50 | added p99 | added p999 | proxy CPU µs per call |{}", if open { " calls late |" } else { "" })?;
+        writeln!(
+            o,
+            "|---|---|---|---|---|---|---|---|{}",
+            if open { "---|" } else { "" }
+        )?;
+        for route in ROUTES {
+            let i = route_index(route);
+            let pick =
+                |f: fn(&crate::load::LoadResult) -> f64| spread(runs.iter().map(|r| f(&r[i].load)));
+            let add = |f: fn(&crate::load::LoadResult) -> f64| {
+                if route == Route::Direct {
+                    "—".to_owned()
+                } else {
+                    cell(added(runs, route, f), 1)
+                }
+            };
+            write!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                route.name(),
+                cell(pick(|l| l.p50_us), 1),
+                cell(pick(|l| l.p99_us), 1),
+                cell(pick(|l| l.p999_us), 1),
+                add(|l| l.p50_us),
+                add(|l| l.p99_us),
+                add(|l| l.p999_us)
+            )?;
+            let cpu = spread(runs.iter().filter_map(|r| r[i].proxy_cpu_us_per_call));
+            let cpu = if route == Route::Direct {
+                "—".to_owned()
+            } else {
+                cell(cpu, 1)
+            };
+            write!(o, " {cpu} |")?;
+            if open {
+                write!(o, " {} |", runs.iter().map(|r| r[i].load.late).sum::<u64>())?;
+            }
+            writeln!(o)?;
+        }
+        writeln!(o)
+    }
+
+    fn render_saturation(&self, o: &mut String) -> std::fmt::Result {
+        writeln!(
+            o,
+            "### 3. Saturation throughput, 32 connections, closed loop\n"
+        )?;
+        writeln!(o, "Proxy CPU is the agent's (or the nginx worker's) user + system time from /proc/PID/stat over the run, divided by the calls it carried (10 ms clock ticks).\n")?;
+        writeln!(o, "| route | calls/s | ÷ direct | proxy CPU µs per call |")?;
+        writeln!(o, "|---|---|---|---|")?;
+        for route in ROUTES {
+            let i = route_index(route);
+            let cps = spread(self.saturation.iter().map(|r| r[i].load.calls_per_s));
+            let rat = if route == Route::Direct {
+                "1".to_owned()
+            } else {
+                cell(ratio(&self.saturation, route, |l| l.calls_per_s), 2)
+            };
+            let cpu = spread(
+                self.saturation
+                    .iter()
+                    .filter_map(|r| r[i].proxy_cpu_us_per_call),
+            );
+            let cpu = if route == Route::Direct {
+                "—".to_owned()
+            } else {
+                cell(cpu, 1)
+            };
+            writeln!(o, "| {} | {} | {rat} | {cpu} |", route.name(), cell(cps, 0))?;
+        }
+        writeln!(o)
+    }
+
+    fn render_memory(&self, o: &mut String) -> std::fmt::Result {
+        let conns = 1000.0;
+        writeln!(o, "### 4. Memory (RSS)\n")?;
+        if let Some(kib) = self.memory_idle_start_kib {
+            writeln!(
+                o,
+                "Agent RSS right after start, before any load: {:.1} MiB.\n",
+                kib as f64 / 1024.0
+            )?;
+        }
+        writeln!(o, "| process | idle (after the load scenarios) | 1,000 open keep-alive connections | per connection |")?;
+        writeln!(o, "|---|---|---|---|")?;
+        let mib = |v: Spread| Spread {
+            min: v.min / 1024.0,
+            median: v.median / 1024.0,
+            max: v.max / 1024.0,
+        };
+        for (name, idle, held) in [
+            (
+                "mcpwarden agent",
+                (|m: &Memory| m.agent_idle_kib) as fn(&Memory) -> u64,
+                (|m: &Memory| m.agent_1k_kib) as fn(&Memory) -> u64,
+            ),
+            ("nginx worker", |m| m.nginx_idle_kib, |m| m.nginx_1k_kib),
+        ] {
+            let i = spread(self.memory.iter().map(|m| idle(m) as f64));
+            let h = spread(self.memory.iter().map(|m| held(m) as f64));
+            let per = spread(
+                self.memory
+                    .iter()
+                    .map(|m| (held(m) as f64 - idle(m) as f64) / conns),
+            );
+            writeln!(
+                o,
+                "| {name} | {} MiB | {} MiB | {} KiB |",
+                cell(mib(i), 1),
+                cell(mib(h), 1),
+                cell(per, 1)
+            )?;
+        }
+        writeln!(o)
+    }
+
+    fn render_criterion(&self, o: &mut String) -> std::fmt::Result {
+        writeln!(o, "### 5. In-process costs (criterion)\n")?;
+        if self.criterion.is_empty() {
+            return writeln!(o, "criterion was not run.\n");
+        }
+        writeln!(
+            o,
+            "Median time per operation with criterion's 95 % confidence interval of that median.\n"
+        )?;
+        writeln!(o, "| benchmark | median | 95 % CI |")?;
+        writeln!(o, "|---|---|---|")?;
+        for e in &self.criterion {
+            writeln!(
+                o,
+                "| `{}` | {} | {} – {} |",
+                e.id,
+                ns(e.median_ns),
+                ns(e.lower_ns),
+                ns(e.upper_ns)
+            )?;
+        }
+        writeln!(o)
+    }
+}
+
+fn ns(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{:.2} µs", v / 1000.0)
+    } else {
+        format!("{v:.0} ns")
+    }
+}
+
+/// Every `new/estimates.json` below `dir`, named by its `benchmark.json` full id.
+pub fn read_criterion(dir: &Path) -> Result<Vec<Estimate>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "new") {
+                    out.push(read_estimate(&p)?);
+                } else if p
+                    .file_name()
+                    .is_some_and(|n| n != "base" && n != "change" && n != "report")
+                {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+fn read_estimate(new_dir: &Path) -> Result<Estimate> {
+    let read = |name: &str| -> Result<serde_json::Value> {
+        let p = new_dir.join(name);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    };
+    let bench = read("benchmark.json")?;
+    let est = read("estimates.json")?;
+    let median = &est["median"];
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    Ok(Estimate {
+        id: bench["full_id"].as_str().unwrap_or("?").to_owned(),
+        median_ns: num(&median["point_estimate"]),
+        lower_ns: num(&median["confidence_interval"]["lower_bound"]),
+        upper_ns: num(&median["confidence_interval"]["upper_bound"]),
+    })
+}
+
+/// Put `generated` between the markers of `existing`, keeping everything around them; a file
+/// without markers gets a heading and the figures appended.
+pub fn splice(existing: &str, generated: &str) -> String {
+    match (existing.find(BEGIN), existing.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            let after = &existing[e + END.len()..];
+            format!("{}{}{}", &existing[..b], generated.trim_end(), after)
+        }
+        _ if existing.trim().is_empty() => format!("# mcpwarden benchmarks\n\n{generated}"),
+        _ => format!("{}\n\n{generated}", existing.trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_keeps_the_text_around_the_markers() {
+        let old = format!("# T\n\nintro\n\n{BEGIN}\nold figures\n{END}\n\n## Analysis\nkept\n");
+        let new = format!("{BEGIN}\nnew figures\n{END}\n");
+        let out = splice(&old, &new);
+        assert!(out.contains("intro"));
+        assert!(out.contains("new figures"));
+        assert!(!out.contains("old figures"));
+        assert!(out.ends_with("## Analysis\nkept\n"));
+        assert_eq!(out.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn splice_into_a_file_without_markers_appends() {
+        let new = format!("{BEGIN}\nx\n{END}\n");
+        assert!(splice("", &new).starts_with("# mcpwarden benchmarks"));
+        let out = splice("# Mine\n", &new);
+        assert!(out.starts_with("# Mine\n\n"));
+        assert!(out.contains("\nx\n"));
+    }
+}

@@ -1,0 +1,624 @@
+//! The orchestrator: one agent, one nginx, one responder, and every scenario run on the three
+//! paths alternately in one invocation.
+//!
+//! - direct: the load generator in the `plain` cgroup (no programs) dials the responder;
+//! - nginx: the load generator in `plain` dials nginx (also in `plain`), which proxies to the
+//!   responder over keep-alive;
+//! - agent: the load generator in the `redirected` cgroup (the agent's attach point) dials the
+//!   responder; connect4 sends it to the interceptor, which forwards to the responder.
+//!
+//! The agent path is checked, not assumed: the audit log must gain one `request` record per
+//! call, and the direct and nginx paths must add none.
+
+use std::{
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use mcpwarden_tests::{free_port, require_root, spawn_in_cgroup, Agent, AgentOpts, TestCgroup};
+
+use crate::{
+    load::{LoadResult, LoadSpec, Shape, PATH},
+    nginx::Nginx,
+    probe::ConnectResult,
+    report::{self, Report},
+    stats::Spread,
+};
+
+#[derive(clap::Args)]
+pub struct RunOpts {
+    /// A one-minute smoke run: it checks that the harness works and asserts no timing.
+    #[arg(long)]
+    pub quick: bool,
+    /// The mcpwarden binary (a release build).
+    #[arg(long)]
+    pub agent: PathBuf,
+    /// Where to write the report (markdown).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// criterion's output directory, whose estimates go into the report.
+    #[arg(long)]
+    pub criterion: Option<PathBuf>,
+    /// The command line to print in the report.
+    #[arg(long, default_value = "cargo xtask bench")]
+    pub command: String,
+}
+
+/// The bench policy: the one tool the load calls is allowed; everything else is denied.
+const POLICY: &str = r#"{"version":"1","default":"deny","tools":{"echo":{}}}"#;
+
+/// Bench addresses: 127.0.0.220+, above every index the integration tests use.
+fn bench_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 220 + i)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Direct,
+    Nginx,
+    Agent,
+}
+
+pub const ROUTES: [Route; 3] = [Route::Direct, Route::Nginx, Route::Agent];
+
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Nginx => "nginx",
+            Route::Agent => "mcpwarden",
+        }
+    }
+}
+
+/// One load run on one route, with the proxy's CPU time (agent or nginx worker) over it.
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    pub load: LoadResult,
+    pub proxy_cpu_us_per_call: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Memory {
+    pub agent_idle_kib: u64,
+    pub agent_1k_kib: u64,
+    pub nginx_idle_kib: u64,
+    pub nginx_1k_kib: u64,
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Counts `request` records appended to the audit log since the last look.
+struct AuditCounter {
+    path: PathBuf,
+    offset: u64,
+    carry: Vec<u8>,
+}
+
+impl AuditCounter {
+    fn new_requests(&mut self) -> Result<u64> {
+        let mut f = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = std::mem::take(&mut self.carry);
+        let start = buf.len();
+        f.read_to_end(&mut buf)?;
+        self.offset += (buf.len() - start) as u64;
+        // Only complete lines count; a partial last line waits for the next look.
+        let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        self.carry = buf.split_off(end);
+        let needle = br#""event":"request""#;
+        Ok(buf
+            .split(|&b| b == b'\n')
+            .filter(|line| line.windows(needle.len()).any(|w| w == needle))
+            .count() as u64)
+    }
+}
+
+pub struct Bench {
+    quick: bool,
+    exe: PathBuf,
+    redirected: PathBuf,
+    plain: PathBuf,
+    upstream: SocketAddr,
+    nginx: Nginx,
+    agent: Agent,
+    audit: AuditCounter,
+    _responder: Proc,
+    // Last: removed after every process in it has stopped.
+    _cgroup: TestCgroup,
+}
+
+/// Run `cmd` in `cgroup`, wait, and return its last stdout line; stderr is passed through.
+fn child_output(mut cmd: Command, cgroup: &Path) -> Result<String> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    spawn_in_cgroup(&mut cmd, cgroup);
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {stdout}", out.status);
+    }
+    stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("{cmd:?} printed nothing"))
+}
+
+pub struct ProcStat {
+    pub ppid: u32,
+    pub cpu_ticks: u64,
+}
+
+/// Fields of /proc/PID/stat (after the parenthesised comm, which may contain spaces).
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
+    Some(ProcStat {
+        ppid: f.get(1)?.parse().ok()?,
+        cpu_ticks: f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    })
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(proc_stat(pid)?.cpu_ticks as f64 / hz.max(1) as f64)
+}
+
+/// VmRSS of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+impl Bench {
+    fn start(opts: &RunOpts) -> Result<Bench> {
+        require_root();
+        let exe = std::env::current_exe()?;
+        let cgroup = TestCgroup::new("bench");
+        let redirected = cgroup.child("redirected");
+        let plain = cgroup.child("plain");
+
+        let mut cmd = Command::new(&exe);
+        cmd.arg("responder")
+            .arg("--listen")
+            .arg(SocketAddr::new(bench_ip(0).into(), 0).to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        spawn_in_cgroup(&mut cmd, &plain);
+        let mut child = cmd.spawn().context("starting the responder")?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            BufReader::new(out).read_line(&mut line)?;
+        }
+        let responder = Proc(child);
+        let upstream: SocketAddr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!("the responder did not say where it listens: {line:?}")
+            })?;
+
+        let nginx_addr = SocketAddr::new(bench_ip(1).into(), free_port(bench_ip(1)));
+        let nginx = Nginx::start(&plain, nginx_addr, upstream)?;
+
+        let agent_bin = opts
+            .agent
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("agent path is not UTF-8"))?;
+        let agent = Agent::start(
+            agent_bin,
+            AgentOpts {
+                name: "bench".into(),
+                endpoints: vec![(format!("http://{upstream}{PATH}"), POLICY.into())],
+                listen: vec![SocketAddr::new(bench_ip(2).into(), 0)],
+                cgroup: redirected.clone(),
+                agent_cgroup: cgroup.path().join("agent"),
+            },
+        );
+        let audit = AuditCounter {
+            path: agent.audit_path().to_path_buf(),
+            offset: 0,
+            carry: Vec::new(),
+        };
+        Ok(Bench {
+            quick: opts.quick,
+            exe,
+            redirected,
+            plain,
+            upstream,
+            nginx,
+            agent,
+            audit,
+            _responder: responder,
+            _cgroup: cgroup,
+        })
+    }
+
+    fn agent_pid(&self) -> Result<u32> {
+        self.agent
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("the agent is not running"))
+    }
+
+    /// The process whose CPU the route spends besides client and server.
+    fn proxy_pid(&self, route: Route) -> Result<Option<u32>> {
+        Ok(match route {
+            Route::Direct => None,
+            Route::Nginx => self.nginx.worker_pid(),
+            Route::Agent => Some(self.agent_pid()?),
+        })
+    }
+
+    fn route_target(&self, route: Route) -> (SocketAddr, &Path) {
+        match route {
+            Route::Direct => (self.upstream, &self.plain),
+            Route::Nginx => (self.nginx.listen, &self.plain),
+            Route::Agent => (self.upstream, &self.redirected),
+        }
+    }
+
+    /// One load run on `route`; on the agent route every call must have been audited.
+    fn load(
+        &mut self,
+        route: Route,
+        conns: usize,
+        shape: Shape,
+        max_calls: u64,
+        secs: f64,
+    ) -> Result<Measured> {
+        let (target, cgroup) = self.route_target(route);
+        let cgroup = cgroup.to_path_buf();
+        let spec = LoadSpec {
+            target,
+            host: self.upstream.to_string(),
+            conns,
+            shape,
+            warmup: 20,
+            max_calls,
+            duration: Duration::from_secs_f64(secs),
+        };
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("load")
+            .arg("--spec")
+            .arg(serde_json::to_string(&spec)?);
+        self.audit.new_requests()?;
+        let proxy = self.proxy_pid(route)?;
+        let cpu_before = proxy.and_then(cpu_seconds);
+        let line = child_output(cmd, &cgroup)?;
+        let cpu_after = proxy.and_then(cpu_seconds);
+        let load: LoadResult =
+            serde_json::from_str(&line).with_context(|| format!("load result {line:?}"))?;
+        if load.errors > 0 {
+            bail!("{} calls failed on the {} route", load.errors, route.name());
+        }
+        // Records are written before each call is forwarded, so they are all there by now.
+        let audited = self.audit.new_requests()?;
+        let sent = load.calls + spec.warmup * conns as u64;
+        match route {
+            Route::Agent if audited < sent => bail!(
+                "the agent audited {audited} calls of the {sent} sent: the load did not go through it"
+            ),
+            Route::Direct | Route::Nginx if audited > 0 => bail!(
+                "the {} route went through the agent ({audited} audit records)",
+                route.name()
+            ),
+            _ => {}
+        }
+        let proxy_cpu_us_per_call = match (cpu_before, cpu_after) {
+            (Some(b), Some(a)) if sent > 0 => Some((a - b) * 1e6 / sent as f64),
+            _ => None,
+        };
+        Ok(Measured {
+            load,
+            proxy_cpu_us_per_call,
+        })
+    }
+
+    /// connect() timing to a non-endpoint listener, with programs (`redirected`) or without.
+    fn connect(&self, attached: bool, count: u64) -> Result<ConnectResult> {
+        let cgroup = if attached {
+            &self.redirected
+        } else {
+            &self.plain
+        };
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("connect")
+            .arg("--addr")
+            .arg(SocketAddr::new(bench_ip(3).into(), 0).to_string())
+            .arg("--count")
+            .arg(count.to_string());
+        let line = child_output(cmd, cgroup)?;
+        serde_json::from_str(&line).with_context(|| format!("connect result {line:?}"))
+    }
+
+    /// RSS of `pid` while 1,000 keep-alive connections through `route` are open.
+    fn rss_holding(&self, route: Route, pid: u32, conns: usize) -> Result<u64> {
+        let (target, cgroup) = self.route_target(route);
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("hold")
+            .arg("--target")
+            .arg(target.to_string())
+            .arg("--host")
+            .arg(self.upstream.to_string())
+            .arg("--conns")
+            .arg(conns.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        spawn_in_cgroup(&mut cmd, cgroup);
+        let mut child = Proc(cmd.spawn().context("starting the holder")?);
+        let mut line = String::new();
+        if let Some(out) = child.0.stdout.take() {
+            BufReader::new(out).read_line(&mut line)?;
+        }
+        if !line.starts_with("holding") {
+            bail!("the holder failed on the {} route: {line:?}", route.name());
+        }
+        // Let the proxy settle (buffers of the last calls are released).
+        std::thread::sleep(Duration::from_millis(300));
+        let rss = rss_kib(pid).ok_or_else(|| anyhow::anyhow!("no RSS for pid {pid}"))?;
+        if let Some(mut stdin) = child.0.stdin.take() {
+            let _ = stdin.write_all(b"done\n");
+        }
+        let _ = child.0.wait();
+        Ok(rss)
+    }
+
+    fn memory(&self, conns: usize) -> Result<Memory> {
+        let agent = self.agent_pid()?;
+        let worker = self
+            .nginx
+            .worker_pid()
+            .ok_or_else(|| anyhow::anyhow!("no nginx worker"))?;
+        let idle = |pid| rss_kib(pid).ok_or_else(|| anyhow::anyhow!("no RSS for pid {pid}"));
+        Ok(Memory {
+            agent_idle_kib: idle(agent)?,
+            agent_1k_kib: self.rss_holding(Route::Agent, agent, conns)?,
+            nginx_idle_kib: idle(worker)?,
+            nginx_1k_kib: self.rss_holding(Route::Nginx, worker, conns)?,
+        })
+    }
+}
+
+/// Repeat `one` `repeats` times; when `noisy` says the figures cannot carry their claim, run the
+/// whole scenario again (up to `attempts` times) and keep the last set.
+fn repeated<T>(
+    name: &str,
+    repeats: usize,
+    attempts: usize,
+    mut one: impl FnMut(usize) -> Result<T>,
+    noisy: impl Fn(&[T]) -> Option<String>,
+) -> Result<(Vec<T>, usize, Option<String>)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut runs = Vec::with_capacity(repeats);
+        for r in 0..repeats {
+            runs.push(one(r)?);
+        }
+        let why = noisy(&runs);
+        match &why {
+            Some(why) if attempt < attempts => {
+                eprintln!("mcpwarden-bench: {name}: {why}; running it again");
+            }
+            _ => return Ok((runs, attempt, why)),
+        }
+    }
+}
+
+/// The routes in a rotated order for repeat `r`, so no route always runs first or last.
+fn rotation(r: usize) -> [Route; 3] {
+    let mut order = ROUTES;
+    order.rotate_left(r % 3);
+    order
+}
+
+fn three(mut f: impl FnMut(Route) -> Result<Measured>, r: usize) -> Result<[Measured; 3]> {
+    let mut out: [Measured; 3] = Default::default();
+    for route in rotation(r) {
+        let i = ROUTES.iter().position(|&x| x == route).unwrap_or(0);
+        out[i] = f(route)?;
+    }
+    Ok(out)
+}
+
+/// Spread of `f(route measurement) − f(direct measurement)` over repeats.
+pub fn added(runs: &[[Measured; 3]], route: Route, f: impl Fn(&LoadResult) -> f64) -> Spread {
+    let i = ROUTES.iter().position(|&x| x == route).unwrap_or(0);
+    let v: Vec<f64> = runs.iter().map(|r| f(&r[i].load) - f(&r[0].load)).collect();
+    Spread::of(&v).unwrap_or_default()
+}
+
+/// Spread of `f(route) / f(direct)` over repeats.
+pub fn ratio(runs: &[[Measured; 3]], route: Route, f: impl Fn(&LoadResult) -> f64) -> Spread {
+    let i = ROUTES.iter().position(|&x| x == route).unwrap_or(0);
+    let v: Vec<f64> = runs.iter().map(|r| f(&r[i].load) / f(&r[0].load)).collect();
+    Spread::of(&v).unwrap_or_default()
+}
+
+fn noisy_added(runs: &[[Measured; 3]], f: impl Fn(&LoadResult) -> f64 + Copy) -> Option<String> {
+    for route in [Route::Nginx, Route::Agent] {
+        let s = added(runs, route, f);
+        if s.noisier_than(s.median) {
+            return Some(format!(
+                "{} added latency spread {:.1}–{:.1} µs is wider than its median {:.1} µs",
+                route.name(),
+                s.min,
+                s.max,
+                s.median
+            ));
+        }
+    }
+    None
+}
+
+pub fn run(opts: RunOpts) -> Result<()> {
+    let mut bench = Bench::start(&opts)?;
+    let quick = bench.quick;
+    let repeats = if quick { 1 } else { 5 };
+    let attempts = if quick { 1 } else { 3 };
+    let mut report = Report::new(&opts, repeats);
+    report.rate = RATE;
+
+    report.memory_idle_start_kib = rss_kib(bench.agent_pid()?);
+
+    // 1. connect() to a non-endpoint destination, programs attached vs not.
+    let count = if quick { 2_000 } else { 20_000 };
+    eprintln!("mcpwarden-bench: connect() latency ({count} connects × {repeats} × 2)");
+    let (runs, n, why) = repeated(
+        "connect",
+        repeats,
+        attempts,
+        |r| {
+            let (a, d) = if r % 2 == 0 {
+                let d = bench.connect(false, count)?;
+                (bench.connect(true, count)?, d)
+            } else {
+                let a = bench.connect(true, count)?;
+                (a, bench.connect(false, count)?)
+            };
+            Ok((a, d))
+        },
+        |runs| {
+            let v: Vec<f64> = runs.iter().map(|(a, d)| a.p50_us / d.p50_us).collect();
+            let s = Spread::of(&v).unwrap_or_default();
+            (runs.len() > 1 && s.noisier_than(s.median - 1.0)).then(|| {
+                format!(
+                    "ratio spread {:.3}–{:.3} is wider than its effect",
+                    s.min, s.max
+                )
+            })
+        },
+    )?;
+    report.connect = runs;
+    report.note_attempts("connect", n, why);
+
+    // 2a. Latency on one keep-alive connection, closed loop.
+    let calls = if quick { 2_000 } else { 30_000 };
+    eprintln!("mcpwarden-bench: one connection, {calls} calls × {repeats} × 3 routes");
+    let (runs, n, why) = repeated(
+        "one connection",
+        repeats,
+        attempts,
+        |r| three(|route| bench.load(route, 1, Shape::Closed, calls, 60.0), r),
+        |runs| {
+            (runs.len() > 1)
+                .then(|| noisy_added(runs, |l| l.p50_us))
+                .flatten()
+        },
+    )?;
+    report.one_conn = runs;
+    report.note_attempts("one connection", n, why);
+
+    // 2b. Fixed moderate rate over 32 connections, open loop.
+    let secs = if quick { 2.0 } else { 10.0 };
+    eprintln!(
+        "mcpwarden-bench: {RATE} calls/s on 32 connections for {secs} s × {repeats} × 3 routes"
+    );
+    let (runs, n, why) = repeated(
+        "fixed rate",
+        repeats,
+        attempts,
+        |r| {
+            three(
+                |route| bench.load(route, 32, Shape::Open { rate: RATE }, u64::MAX, secs),
+                r,
+            )
+        },
+        |runs| {
+            (runs.len() > 1)
+                .then(|| noisy_added(runs, |l| l.p50_us))
+                .flatten()
+        },
+    )?;
+    report.fixed_rate = runs;
+    report.note_attempts("fixed rate", n, why);
+
+    // 3. Saturation throughput, closed loop on 32 connections.
+    let secs = if quick { 2.0 } else { 8.0 };
+    eprintln!("mcpwarden-bench: saturation, 32 connections for {secs} s × {repeats} × 3 routes");
+    let (runs, n, why) = repeated(
+        "saturation",
+        repeats,
+        attempts,
+        |r| {
+            three(
+                |route| bench.load(route, 32, Shape::Closed, u64::MAX, secs),
+                r,
+            )
+        },
+        |runs| {
+            let s = ratio(runs, Route::Agent, |l| l.calls_per_s);
+            (runs.len() > 1 && s.noisier_than(1.0 - s.median)).then(|| {
+                format!(
+                    "throughput ratio spread {:.3}–{:.3} is wider than its effect",
+                    s.min, s.max
+                )
+            })
+        },
+    )?;
+    report.saturation = runs;
+    report.note_attempts("saturation", n, why);
+
+    // 4. Memory, idle and with 1,000 open keep-alive connections.
+    let conns = 1_000;
+    eprintln!("mcpwarden-bench: memory with {conns} connections × {repeats}");
+    let mut memory = Vec::new();
+    for _ in 0..repeats {
+        memory.push(bench.memory(conns)?);
+    }
+    report.memory = memory;
+
+    bench.agent.assert_running();
+    report.agent_log_errors = bench
+        .agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .take(5)
+        .map(str::to_owned)
+        .collect();
+    drop(bench);
+
+    if let Some(dir) = &opts.criterion {
+        report.criterion = report::read_criterion(dir)?;
+    }
+    let text = report.render();
+    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let existing = std::fs::read_to_string(&opts.out).unwrap_or_default();
+    std::fs::write(&opts.out, report::splice(&existing, &text))
+        .with_context(|| format!("writing {}", opts.out.display()))?;
+    println!("{text}");
+    eprintln!("mcpwarden-bench: report written to {}", opts.out.display());
+    Ok(())
+}
+
+/// The fixed moderate rate of scenario 2b, in calls per second over all connections.
+pub const RATE: f64 = 2_000.0;
