@@ -15,7 +15,11 @@ use std::{
     io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::Path,
-    time::SystemTime,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
@@ -162,28 +166,125 @@ impl AuditLog {
                 Err(_) => &mut own,
             };
             line.clear();
-            serde_json::to_writer(&mut *line, record).map_err(io::Error::other)?;
-            line.push(b'\n');
-            match &self.sink {
-                // One write(2) per line on an O_APPEND file: whole and in order, without a lock.
-                // A short write only happens on errors (disk full), and is reported.
-                Sink::File(f) => {
-                    let n = (&*f).write(line)?;
-                    if n != line.len() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            format!("short audit write: {n} of {} bytes", line.len()),
-                        ));
-                    }
-                    Ok(())
-                }
-                Sink::Stdout => {
-                    let mut out = io::stdout().lock();
-                    out.write_all(line)?;
-                    out.flush()
-                }
-            }
+            append_line(line, record)?;
+            self.write_lines(line)
         })
+    }
+
+    /// Write whole lines with one `write(2)`; returns once the kernel has them.
+    fn write_lines(&self, lines: &[u8]) -> io::Result<()> {
+        match &self.sink {
+            // One write(2) on an O_APPEND file: appended whole and in order, without a lock. A
+            // short write only happens on errors (disk full), and is reported.
+            Sink::File(f) => {
+                let n = (&*f).write(lines)?;
+                if n != lines.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("short audit write: {n} of {} bytes", lines.len()),
+                    ));
+                }
+                Ok(())
+            }
+            Sink::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(lines)?;
+                out.flush()
+            }
+        }
+    }
+}
+
+fn append_line(buf: &mut Vec<u8>, record: &Record) -> io::Result<()> {
+    serde_json::to_writer(&mut *buf, record).map_err(io::Error::other)?;
+    buf.push(b'\n');
+    Ok(())
+}
+
+/// How long a deferred record may wait for a write to carry it.
+pub const DEFER_AT_MOST: Duration = Duration::from_millis(5);
+/// Deferred bytes that trigger a write at once.
+const DEFER_BYTES: usize = 64 * 1024;
+
+/// One interceptor worker's writer: records that gate nothing (`response` records) are deferred
+/// and carried by the worker's next write, so under load a call costs one `write(2)` instead of
+/// two; a timer writes them within [`DEFER_AT_MOST`] when no other write comes. Records that gate
+/// forwarding go out at once, after everything deferred before them, so the file keeps the order
+/// in which the worker produced its records. The worker owns its writer and is its only user; the
+/// mutex is never contended. Whatever is still deferred is written when the writer is dropped (the
+/// agent stopping); a crash of the agent can lose at most the last few milliseconds of
+/// `response` records, never a decision record.
+pub struct WorkerAudit {
+    log: Arc<AuditLog>,
+    pending: Mutex<Vec<u8>>,
+    flush_scheduled: AtomicBool,
+}
+
+impl WorkerAudit {
+    pub fn new(log: Arc<AuditLog>) -> Arc<WorkerAudit> {
+        Arc::new(WorkerAudit {
+            log,
+            pending: Mutex::new(Vec::with_capacity(DEFER_BYTES)),
+            flush_scheduled: AtomicBool::new(false),
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A poisoned buffer is still a buffer of whole lines.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write `record` now, with every deferred record before it; returns once the kernel has
+    /// them. On failure the deferred records are dropped with the error reported (the caller
+    /// refuses to forward).
+    pub fn write(&self, record: &Record) -> io::Result<()> {
+        let mut pending = self.pending();
+        let result =
+            append_line(&mut pending, record).and_then(|()| self.log.write_lines(&pending));
+        pending.clear();
+        result
+    }
+
+    /// Defer `record` (must be called on the worker's runtime, which runs the flush timer).
+    pub fn write_deferred(self: &Arc<Self>, record: &Record) -> io::Result<()> {
+        let mut pending = self.pending();
+        append_line(&mut pending, record)?;
+        if pending.len() >= DEFER_BYTES {
+            let result = self.log.write_lines(&pending);
+            pending.clear();
+            return result;
+        }
+        drop(pending);
+        if !self.flush_scheduled.swap(true, Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DEFER_AT_MOST).await;
+                this.flush_scheduled.store(false, Ordering::Release);
+                if let Err(e) = this.flush() {
+                    tracing::error!(error = %e, "writing deferred audit records failed");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Write everything deferred.
+    pub fn flush(&self) -> io::Result<()> {
+        let mut pending = self.pending();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let result = self.log.write_lines(&pending);
+        pending.clear();
+        result
+    }
+}
+
+impl Drop for WorkerAudit {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "writing deferred audit records at shutdown failed");
+        }
     }
 }
 
@@ -221,6 +322,54 @@ mod tests {
         let mode =
             std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path)?.permissions());
         assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir)
+    }
+
+    fn read_events(path: &Path) -> io::Result<Vec<String>> {
+        let text = std::fs::read_to_string(path)?;
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .map(|v| v["event"].as_str().unwrap_or("").to_owned())
+                    .map_err(io::Error::other)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deferred_records_ride_on_the_next_write_or_the_timer() -> io::Result<()> {
+        let dir =
+            std::env::temp_dir().join(format!("mcpwarden-audit-defer-{}", std::process::id()));
+        let path = dir.join("audit.jsonl");
+        let worker = WorkerAudit::new(Arc::new(AuditLog::open(&path)?));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()?;
+        runtime.block_on(async {
+            // A deferred record is not in the file until a write carries it, then comes first.
+            worker.write_deferred(&Record::new(Event::Response))?;
+            assert_eq!(read_events(&path)?, Vec::<String>::new());
+            worker.write(&Record::new(Event::Request))?;
+            assert_eq!(read_events(&path)?, ["response", "request"]);
+
+            // With no write to carry it, the timer writes it within DEFER_AT_MOST.
+            worker.write_deferred(&Record::new(Event::Response))?;
+            tokio::time::sleep(DEFER_AT_MOST + Duration::from_millis(1)).await;
+            assert_eq!(read_events(&path)?, ["response", "request", "response"]);
+
+            // Deferred again: its timer task now holds the writer too.
+            worker.write_deferred(&Record::new(Event::Refused))?;
+            Ok::<_, io::Error>(())
+        })?;
+        // The worker stopping: its runtime drops the timer task and the last reference goes with
+        // the worker's own, writing what is left.
+        drop(runtime);
+        drop(worker);
+        assert_eq!(
+            read_events(&path)?,
+            ["response", "request", "response", "refused"]
+        );
         std::fs::remove_dir_all(&dir)
     }
 }

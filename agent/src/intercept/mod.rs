@@ -30,7 +30,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
-    audit::{AuditLog, Event, PolicyRef, Record, Verdict},
+    audit::{AuditLog, Event, PolicyRef, Record, Verdict, WorkerAudit},
     mcp::{self, Kind, Message, Parsed},
     policy::{CallerScope, Decision, Engine, Outcome},
     redirect::{resolve::Routes, Redirected},
@@ -74,6 +74,8 @@ struct Conn {
     servers: Vec<usize>,
     /// The upstream pool of the worker serving this connection.
     upstream: Arc<Upstream>,
+    /// The audit writer of that worker.
+    audit: Arc<WorkerAudit>,
 }
 
 /// A connection the accept loop has checked, on its way to a worker.
@@ -91,25 +93,44 @@ struct Accepted {
 struct Workers {
     queues: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
     next: AtomicUsize,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    /// Close every queue and wait for the workers: each then drops its connections and writes
+    /// its deferred audit records before the process can exit. Dropping runtimes does not block
+    /// on I/O, so this is quick.
+    fn drop(&mut self) {
+        self.queues.clear();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("an interceptor worker panicked");
+            }
+        }
+    }
 }
 
 impl Workers {
     fn start(shared: &Arc<Interceptor>, n: usize) -> std::io::Result<Workers> {
         let mut queues = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("mcpwarden-w{i}"))
-                .spawn(move || runtime.block_on(worker(shared, rx)))?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("mcpwarden-w{i}"))
+                    .spawn(move || runtime.block_on(worker(shared, rx)))?,
+            );
             queues.push(tx);
         }
         Ok(Workers {
             queues,
             next: AtomicUsize::new(0),
+            threads,
         })
     }
 
@@ -133,12 +154,14 @@ async fn worker(
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
 ) {
     let upstream = Arc::new(Upstream::new());
+    let audit = WorkerAudit::new(shared.audit.clone());
     while let Some(a) = queue.recv().await {
         let conn = Arc::new(Conn {
             shared: shared.clone(),
             redirected: a.redirected,
             servers: a.servers,
             upstream: upstream.clone(),
+            audit: audit.clone(),
         });
         tokio::spawn(serve_connection(conn, a.stream, a.peer));
     }
@@ -271,6 +294,20 @@ impl Judged {
 }
 
 impl Conn {
+    /// Best-effort immediate write for records that gate nothing but should not wait (refusals).
+    fn write_audit(&self, rec: &Record) {
+        if let Err(e) = self.audit.write(rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+
+    /// `response` records: carried by the worker's next write, at most a few ms later.
+    fn write_audit_deferred(&self, rec: &Record) {
+        if let Err(e) = self.audit.write_deferred(rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+
     /// The configured server a request is for: the one whose endpoint path it names, else the
     /// only server at this destination. None when several servers share the destination and the
     /// path names none of them: no policy can be chosen for it.
@@ -363,7 +400,7 @@ impl Conn {
                 let mut rec = self.record(Event::Refused, server, &parts);
                 rec.decision = Some(Verdict::Deny);
                 rec.reason = Some(msg.clone());
-                self.shared.write_audit(&rec);
+                self.write_audit(&rec);
                 return json_response(status, mcp::error_response(None, -32600, &msg));
             }
         };
@@ -382,7 +419,7 @@ impl Conn {
                 let mut rec = self.record(Event::Refused, None, &parts);
                 rec.decision = Some(Verdict::Deny);
                 rec.reason = Some(msg.to_owned());
-                self.shared.write_audit(&rec);
+                self.write_audit(&rec);
                 json_response(
                     StatusCode::BAD_REQUEST,
                     mcp::error_response(None, -32600, msg),
@@ -415,7 +452,7 @@ impl Conn {
         rec: &Record,
         id: Option<&serde_json::Value>,
     ) -> Result<(), Box<Response<Body>>> {
-        self.shared.audit.write(rec).map_err(|e| {
+        self.audit.write(rec).map_err(|e| {
             tracing::error!(error = %e, "audit write failed: refusing to forward");
             Box::new(json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -442,7 +479,7 @@ impl Conn {
                 rec.decision = Some(Verdict::Deny);
                 rec.id = e.id.clone();
                 rec.reason = Some(e.message.clone());
-                self.shared.write_audit(&rec);
+                self.write_audit(&rec);
                 return json_response(e.status, e.response_body());
             }
         };
@@ -527,7 +564,7 @@ impl Conn {
                     None
                 }
             };
-            self.shared.write_audit(&rec);
+            self.write_audit(&rec);
             if let Some(a) =
                 answer.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             {
@@ -583,7 +620,7 @@ impl Conn {
         rec.decision = Some(Verdict::Deny);
         rec.reason = Some(reason.to_owned());
         rec.status = Some(status.as_u16());
-        self.shared.write_audit(&rec);
+        self.write_audit(&rec);
         let mut resp = Response::new(full(Bytes::from(format!("mcpwarden: {reason}\n"))));
         *resp.status_mut() = status;
         resp.headers_mut().insert(
@@ -607,7 +644,7 @@ impl Conn {
         match result {
             Ok(resp) => {
                 rec.status = Some(resp.status().as_u16());
-                self.shared.write_audit(&rec);
+                self.write_audit_deferred(&rec);
                 resp
             }
             Err(resp) => {
@@ -616,7 +653,7 @@ impl Conn {
                     "upstream failed: HTTP {} from mcpwarden",
                     resp.status()
                 ));
-                self.shared.write_audit(&rec);
+                self.write_audit_deferred(&rec);
                 resp
             }
         }
