@@ -165,6 +165,11 @@ async fn run(args: RunArgs) -> Result<()> {
         nofile = ?nofile,
         "mcpwarden ready"
     );
+    // Loading the programs parsed the kernel's BTF: tens of MiB of start-up garbage that
+    // mimalloc (the binary's allocator) would otherwise keep for an idle main thread.
+    // SAFETY: mi_collect only releases free memory of the calling thread's heap; it is a no-op
+    // when the process's allocator is not mimalloc (the heap is empty).
+    unsafe { libmimalloc_sys::mi_collect(true) };
     shutdown_signal().await?;
     tracing::info!("signal received: detaching and exiting");
     drop(agent);
