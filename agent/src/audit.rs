@@ -6,8 +6,10 @@
 //! this path. Standard output (a pipe or terminal, for the demo and development) is written
 //! under std's stdout lock instead. [`AuditLog::write`] returns only once the kernel has
 //! the bytes: the interceptor writes a call's decision record before it forwards the call, so a
-//! crash of the agent never leaves a forwarded call unaudited. Argument values are never written;
-//! their top-level keys and a sha256 of their canonical JSON are.
+//! crash of the agent never leaves a forwarded call unaudited. Records that gate nothing
+//! (`response`) go through a [`WorkerAudit`], which defers them to the worker's next write.
+//! Argument values are never written; their top-level keys and a sha256 of their canonical JSON
+//! are.
 
 use std::{
     cell::RefCell,

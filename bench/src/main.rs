@@ -40,12 +40,17 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
-    /// Time connect() to a listener of our own on `addr`; prints a JSON `ConnectResult`.
+    /// Time connect() to `target`; prints a JSON `ConnectResult`.
     Connect {
         #[arg(long)]
-        addr: SocketAddr,
+        target: SocketAddr,
         #[arg(long)]
         count: u64,
+    },
+    /// Accept and drop connections on `listen` (the connect() scenario's destination).
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
     },
     /// Open `conns` connections, one call on each, and hold them until stdin closes.
     Hold {
@@ -98,8 +103,9 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
-        Cmd::Connect { addr, count } => {
-            let result = probe::run(addr, count)?;
+        Cmd::Sink { listen } => probe::listen(listen),
+        Cmd::Connect { target, count } => {
+            let result = probe::run(target, count)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }

@@ -4,6 +4,9 @@
 //!
 //! Blocking std sockets, one connect() at a time, timed around the call alone. Each socket is
 //! closed with SO_LINGER 0 (RST, no TIME_WAIT) so that a long run never exhausts ephemeral ports.
+//! The listener is a separate process outside the attach point, like a server on another host:
+//! on loopback the server's side of the handshake runs inside the client's connect(), and a
+//! listener below the attach point would add its own sock_ops runs to the client's figure.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -23,22 +26,25 @@ pub struct ConnectResult {
     pub mean_us: f64,
 }
 
-/// Listen on `addr` (accepting and dropping in a thread), then time `count` connects to it.
-pub fn run(addr: SocketAddr, count: u64) -> Result<ConnectResult> {
+/// Accept and drop connections on `addr` until killed; prints `listening ADDR` once bound.
+pub fn listen(addr: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-    let target = listener.local_addr()?;
-    // std listens with a backlog of 128; a burst the accept thread has not drained yet would
+    // std listens with a backlog of 128; a burst the accept loop has not drained yet would
     // overflow it and cost a 1 s SYN retransmit. listen() again raises it.
     // SAFETY: listen on a socket we own.
     unsafe { libc::listen(listener.as_raw_fd(), 4096) };
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            drop(s);
-        }
-    });
+    println!("listening {}", listener.local_addr()?);
+    for s in listener.incoming() {
+        drop(s);
+    }
+    Ok(())
+}
+
+/// Time `count` connects to `target`.
+pub fn run(target: SocketAddr, count: u64) -> Result<ConnectResult> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)
         .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
-    // Warm the paths (route, ports, program JIT caches) before timing.
+    // Warm the paths (route, ports, caches) before timing.
     for _ in 0..200 {
         close_rst(TcpStream::connect(target)?);
     }

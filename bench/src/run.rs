@@ -108,6 +108,14 @@ struct AuditCounter {
 }
 
 impl AuditCounter {
+    fn new(agent: &Agent) -> AuditCounter {
+        AuditCounter {
+            path: agent.audit_path().to_path_buf(),
+            offset: 0,
+            carry: Vec::new(),
+        }
+    }
+
     fn new_requests(&mut self) -> Result<u64> {
         let mut f = match std::fs::File::open(&self.path) {
             Ok(f) => f,
@@ -139,6 +147,11 @@ pub struct Bench {
     nginx: Nginx,
     agent: Agent,
     audit: AuditCounter,
+    agent_bin: PathBuf,
+    agent_cgroup: PathBuf,
+    /// Where the connect() scenario dials: an accept-and-drop listener in `plain`.
+    sink_addr: SocketAddr,
+    _sink: Proc,
     _responder: Proc,
     // Last: removed after every process in it has stopped.
     _cgroup: TestCgroup,
@@ -194,6 +207,59 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Start `exe SUBCOMMAND --listen IP:0` in `cgroup` and read the `listening ADDR` line.
+fn spawn_listening(
+    exe: &Path,
+    subcommand: &str,
+    ip: Ipv4Addr,
+    cgroup: &Path,
+) -> Result<(Proc, SocketAddr)> {
+    let mut cmd = Command::new(exe);
+    cmd.arg(subcommand)
+        .arg("--listen")
+        .arg(SocketAddr::new(ip.into(), 0).to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    spawn_in_cgroup(&mut cmd, cgroup);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting the {subcommand}"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    let proc = Proc(child);
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("the {subcommand} did not say where it listens: {line:?}")
+        })?;
+    Ok((proc, addr))
+}
+
+fn start_agent(
+    bin: &Path,
+    upstream: SocketAddr,
+    redirected: &Path,
+    agent_cgroup: &Path,
+) -> Result<Agent> {
+    let bin = bin
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("agent path is not UTF-8"))?;
+    Ok(Agent::start(
+        bin,
+        AgentOpts {
+            name: "bench".into(),
+            endpoints: vec![(format!("http://{upstream}{PATH}"), POLICY.into())],
+            listen: vec![SocketAddr::new(bench_ip(2).into(), 0)],
+            cgroup: redirected.to_path_buf(),
+            agent_cgroup: agent_cgroup.to_path_buf(),
+        },
+    ))
+}
+
 impl Bench {
     fn start(opts: &RunOpts) -> Result<Bench> {
         require_root();
@@ -202,49 +268,16 @@ impl Bench {
         let redirected = cgroup.child("redirected");
         let plain = cgroup.child("plain");
 
-        let mut cmd = Command::new(&exe);
-        cmd.arg("responder")
-            .arg("--listen")
-            .arg(SocketAddr::new(bench_ip(0).into(), 0).to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        spawn_in_cgroup(&mut cmd, &plain);
-        let mut child = cmd.spawn().context("starting the responder")?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            BufReader::new(out).read_line(&mut line)?;
-        }
-        let responder = Proc(child);
-        let upstream: SocketAddr = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| {
-                anyhow::anyhow!("the responder did not say where it listens: {line:?}")
-            })?;
+        let (responder, upstream) = spawn_listening(&exe, "responder", bench_ip(0), &plain)?;
+        let (sink, sink_addr) = spawn_listening(&exe, "sink", bench_ip(3), &plain)?;
 
         let nginx_addr = SocketAddr::new(bench_ip(1).into(), free_port(bench_ip(1)));
         let nginx = Nginx::start(&plain, nginx_addr, upstream)?;
 
-        let agent_bin = opts
-            .agent
-            .to_str()
-            .ok_or_else(|| anyhow::anyhow!("agent path is not UTF-8"))?;
-        let agent = Agent::start(
-            agent_bin,
-            AgentOpts {
-                name: "bench".into(),
-                endpoints: vec![(format!("http://{upstream}{PATH}"), POLICY.into())],
-                listen: vec![SocketAddr::new(bench_ip(2).into(), 0)],
-                cgroup: redirected.clone(),
-                agent_cgroup: cgroup.path().join("agent"),
-            },
-        );
-        let audit = AuditCounter {
-            path: agent.audit_path().to_path_buf(),
-            offset: 0,
-            carry: Vec::new(),
-        };
+        let agent_bin = opts.agent.clone();
+        let agent_cgroup = cgroup.path().join("agent");
+        let agent = start_agent(&agent_bin, upstream, &redirected, &agent_cgroup)?;
+        let audit = AuditCounter::new(&agent);
         Ok(Bench {
             quick: opts.quick,
             exe,
@@ -254,6 +287,10 @@ impl Bench {
             nginx,
             agent,
             audit,
+            agent_bin,
+            agent_cgroup,
+            sink_addr,
+            _sink: sink,
             _responder: responder,
             _cgroup: cgroup,
         })
@@ -339,7 +376,7 @@ impl Bench {
         })
     }
 
-    /// connect() timing to a non-endpoint listener, with programs (`redirected`) or without.
+    /// connect() timing to the sink (not an endpoint), with programs (`redirected`) or without.
     fn connect(&self, attached: bool, count: u64) -> Result<ConnectResult> {
         let cgroup = if attached {
             &self.redirected
@@ -348,12 +385,26 @@ impl Bench {
         };
         let mut cmd = Command::new(&self.exe);
         cmd.arg("connect")
-            .arg("--addr")
-            .arg(SocketAddr::new(bench_ip(3).into(), 0).to_string())
+            .arg("--target")
+            .arg(self.sink_addr.to_string())
             .arg("--count")
             .arg(count.to_string());
         let line = child_output(cmd, cgroup)?;
         serde_json::from_str(&line).with_context(|| format!("connect result {line:?}"))
+    }
+
+    /// Replace the agent with a fresh one (the memory scenario measures from a clean start:
+    /// allocators keep what earlier scenarios used).
+    fn restart_agent(&mut self) -> Result<()> {
+        self.agent.terminate();
+        self.agent = start_agent(
+            &self.agent_bin,
+            self.upstream,
+            &self.redirected,
+            &self.agent_cgroup,
+        )?;
+        self.audit = AuditCounter::new(&self.agent);
+        Ok(())
     }
 
     /// RSS of `pid` while 1,000 keep-alive connections through `route` are open.
@@ -389,7 +440,11 @@ impl Bench {
         Ok(rss)
     }
 
-    fn memory(&self, conns: usize) -> Result<Memory> {
+    fn memory(&mut self, conns: usize) -> Result<Memory> {
+        self.restart_agent()?;
+        // Start-up work (parsing the kernel's BTF to load the programs) is transient: let the
+        // allocator give it back before measuring idle.
+        std::thread::sleep(Duration::from_secs(2));
         let agent = self.agent_pid()?;
         let worker = self
             .nginx
@@ -484,8 +539,6 @@ pub fn run(opts: RunOpts) -> Result<()> {
     let attempts = if quick { 1 } else { 3 };
     let mut report = Report::new(&opts, repeats);
     report.rate = RATE;
-
-    report.memory_idle_start_kib = rss_kib(bench.agent_pid()?);
 
     // 1. connect() to a non-endpoint destination, programs attached vs not.
     let count = if quick { 2_000 } else { 20_000 };
