@@ -244,7 +244,7 @@ impl Report {
             o,
             "### 1. connect() latency to a non-endpoint destination ({n} connects per repeat)\n"
         )?;
-        writeln!(o, "Timed around `connect()` alone, blocking, one at a time, to a loopback listener that is not an endpoint. *Attached*: the client's cgroup is the agent's attach point (connect4/6, sock_ops and getpeername run); *not attached*: a sibling cgroup with no programs, in the same run.\n")?;
+        writeln!(o, "Timed around `connect()` alone, blocking, one at a time, to a loopback listener that is not an endpoint and runs outside the attach point (like a server on another host). *Attached*: the client's cgroup is the agent's attach point (connect4/6, sock_ops and getpeername run); *not attached*: a sibling cgroup with no programs, in the same run.\n")?;
         writeln!(o, "| | p50 | p99 | mean |")?;
         writeln!(o, "|---|---|---|---|")?;
         for (label, pick) in [

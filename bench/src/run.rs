@@ -486,6 +486,39 @@ fn repeated<T>(
     }
 }
 
+/// One load shape run on the three routes, `repeats` times (scenarios 2a, 2b and 3).
+struct Plan {
+    repeats: usize,
+    attempts: usize,
+    conns: usize,
+    shape: Shape,
+    max_calls: u64,
+    secs: f64,
+}
+
+impl Plan {
+    /// `noisy` is only asked when there is more than one repeat to compare.
+    fn run(
+        &self,
+        bench: &mut Bench,
+        name: &str,
+        noisy: impl Fn(&[[Measured; 3]]) -> Option<String>,
+    ) -> Result<(Vec<[Measured; 3]>, usize, Option<String>)> {
+        repeated(
+            name,
+            self.repeats,
+            self.attempts,
+            |r| {
+                three(
+                    |route| bench.load(route, self.conns, self.shape, self.max_calls, self.secs),
+                    r,
+                )
+            },
+            |runs| if runs.len() > 1 { noisy(runs) } else { None },
+        )
+    }
+}
+
 /// The routes in a rotated order for repeat `r`, so no route always runs first or last.
 fn rotation(r: usize) -> [Route; 3] {
     let mut order = ROUTES;
@@ -575,17 +608,17 @@ pub fn run(opts: RunOpts) -> Result<()> {
     // 2a. Latency on one keep-alive connection, closed loop.
     let calls = if quick { 2_000 } else { 30_000 };
     eprintln!("mcpwarden-bench: one connection, {calls} calls × {repeats} × 3 routes");
-    let (runs, n, why) = repeated(
-        "one connection",
+    let plan = Plan {
         repeats,
         attempts,
-        |r| three(|route| bench.load(route, 1, Shape::Closed, calls, 60.0), r),
-        |runs| {
-            (runs.len() > 1)
-                .then(|| noisy_added(runs, |l| l.p50_us))
-                .flatten()
-        },
-    )?;
+        conns: 1,
+        shape: Shape::Closed,
+        max_calls: calls,
+        secs: 60.0,
+    };
+    let (runs, n, why) = plan.run(&mut bench, "one connection", |runs| {
+        noisy_added(runs, |l| l.p50_us)
+    })?;
     report.one_conn = runs;
     report.note_attempts("one connection", n, why);
 
@@ -594,48 +627,41 @@ pub fn run(opts: RunOpts) -> Result<()> {
     eprintln!(
         "mcpwarden-bench: {RATE} calls/s on 32 connections for {secs} s × {repeats} × 3 routes"
     );
-    let (runs, n, why) = repeated(
-        "fixed rate",
+    let shape = Shape::Open { rate: RATE };
+    let plan = Plan {
         repeats,
         attempts,
-        |r| {
-            three(
-                |route| bench.load(route, 32, Shape::Open { rate: RATE }, u64::MAX, secs),
-                r,
-            )
-        },
-        |runs| {
-            (runs.len() > 1)
-                .then(|| noisy_added(runs, |l| l.p50_us))
-                .flatten()
-        },
-    )?;
+        conns: 32,
+        shape,
+        max_calls: u64::MAX,
+        secs,
+    };
+    let (runs, n, why) = plan.run(&mut bench, "fixed rate", |runs| {
+        noisy_added(runs, |l| l.p50_us)
+    })?;
     report.fixed_rate = runs;
     report.note_attempts("fixed rate", n, why);
 
     // 3. Saturation throughput, closed loop on 32 connections.
     let secs = if quick { 2.0 } else { 8.0 };
     eprintln!("mcpwarden-bench: saturation, 32 connections for {secs} s × {repeats} × 3 routes");
-    let (runs, n, why) = repeated(
-        "saturation",
+    let plan = Plan {
         repeats,
         attempts,
-        |r| {
-            three(
-                |route| bench.load(route, 32, Shape::Closed, u64::MAX, secs),
-                r,
+        conns: 32,
+        shape: Shape::Closed,
+        max_calls: u64::MAX,
+        secs,
+    };
+    let (runs, n, why) = plan.run(&mut bench, "saturation", |runs| {
+        let s = ratio(runs, Route::Agent, |l| l.calls_per_s);
+        s.noisier_than(1.0 - s.median).then(|| {
+            format!(
+                "throughput ratio spread {:.3}–{:.3} is wider than its effect",
+                s.min, s.max
             )
-        },
-        |runs| {
-            let s = ratio(runs, Route::Agent, |l| l.calls_per_s);
-            (runs.len() > 1 && s.noisier_than(1.0 - s.median)).then(|| {
-                format!(
-                    "throughput ratio spread {:.3}–{:.3} is wider than its effect",
-                    s.min, s.max
-                )
-            })
-        },
-    )?;
+        })
+    })?;
     report.saturation = runs;
     report.note_attempts("saturation", n, why);
 
