@@ -387,4 +387,36 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn workers_come_from_the_file_or_the_flag_and_must_be_positive() -> Result<()> {
+        let dir =
+            std::env::temp_dir().join(format!("mcpwarden-cfg-workers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("c.yaml");
+        std::fs::write(
+            &file,
+            "workers: 3\nservers:\n  - name: one\n    url: http://127.0.0.1:1/mcp\n    policy: p.json\n",
+        )?;
+        let from_file = Config::assemble(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })?;
+        assert_eq!(from_file.workers, 3);
+        let from_flag = Config::assemble(Flags {
+            config: Some(file.clone()),
+            workers: Some(1),
+            ..Flags::default()
+        })?;
+        assert_eq!(from_flag.workers, 1);
+        let zero = Config::assemble(Flags {
+            config: Some(file),
+            workers: Some(0),
+            ..Flags::default()
+        });
+        let err = zero.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("workers must be between 1 and 1024"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }
