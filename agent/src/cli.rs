@@ -172,7 +172,7 @@ async fn run(args: RunArgs) -> Result<()> {
     unsafe { libmimalloc_sys::mi_collect(true) };
     shutdown_signal().await?;
     tracing::info!("signal received: detaching and exiting");
-    drop(agent);
+    agent.stop().await;
     Ok(())
 }
 
@@ -307,6 +307,22 @@ impl Agent {
             redirector,
             tasks,
         })
+    }
+}
+
+impl Agent {
+    /// Stop and wait until everything is down: connections closed, the workers joined (their
+    /// deferred audit records written), the programs detached once the last reference to the
+    /// maps and links is gone. Dropping an `Agent` only starts this.
+    pub async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            // Cancelled or finished: either way the task's future has been dropped.
+            let _ = t.await;
+        }
     }
 }
 

@@ -237,7 +237,7 @@ pub async fn run() -> Result<()> {
     let status = tokio::time::timeout(Duration::from_secs(60), cmd.status())
         .await
         .context("the demo client did not finish within 60 s")??;
-    drop(agent);
+    agent.stop().await;
     server_task.abort();
     if !status.success() {
         bail!("the demo client failed: {status}");

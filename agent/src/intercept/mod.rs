@@ -190,28 +190,37 @@ async fn serve_connection(conn: Arc<Conn>, stream: std::net::TcpStream, peer: So
 
 impl Interceptor {
     /// Start `workers` worker threads; the future accepts on every listener (on the calling
-    /// runtime) until it is dropped, and the workers stop with it.
+    /// runtime) until it is dropped, and the workers stop with it: the future owns them, so
+    /// dropping it joins them.
     pub fn serve(
         self: Arc<Self>,
         listeners: Vec<TcpListener>,
         workers: usize,
     ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-        let workers = Arc::new(Workers::start(&self, workers)?);
-        Ok(async move {
-            let mut tasks = tokio::task::JoinSet::new();
-            for listener in listeners {
-                let this = self.clone();
-                let workers = workers.clone();
-                tasks.spawn(async move { this.accept_loop(listener, &workers).await });
-            }
-            while tasks.join_next().await.is_some() {}
-        })
+        let workers = Workers::start(&self, workers)?;
+        Ok(async move { self.accept_loop(&listeners, &workers).await })
     }
 
-    /// Accept connections, check each, and hand it to a worker.
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, workers: &Workers) {
+    /// Accept on every listener (at most one IPv4 and one IPv6), check each connection, and hand
+    /// it to a worker. The listeners are polled in turn, starting from a different one each
+    /// time, so a flood on one does not starve the other.
+    async fn accept_loop(&self, listeners: &[TcpListener], workers: &Workers) {
+        let mut first = 0usize;
         loop {
-            match listener.accept().await {
+            first = first.wrapping_add(1);
+            let accepted = std::future::poll_fn(|cx| {
+                let n = listeners.len();
+                for k in 0..n {
+                    if let Some(l) = listeners.get((first + k) % n) {
+                        if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
+                            return std::task::Poll::Ready(r);
+                        }
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+            match accepted {
                 Ok((stream, peer)) => {
                     if let Some(accepted) = self.accept(stream, peer) {
                         workers.dispatch(accepted);
