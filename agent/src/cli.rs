@@ -83,7 +83,7 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn")),
         )
         .init();
-    // The control plane (accept loops, endpoint resolution, signals) runs on this thread; the
+    // The control plane (accept loop, endpoint resolution, signals) runs on this thread; the
     // interceptor's worker threads have runtimes of their own. The demo also hosts its sample
     // server here, so it gets a multi-threaded runtime.
     let runtime = match &cli.command {
@@ -298,9 +298,11 @@ impl Agent {
             audit,
             max_body: config.max_body_bytes,
         });
+        // The workers first: if they cannot start, nothing has been spawned yet.
+        let serve = interceptor.serve(listeners, config.workers)?;
         let tasks = vec![
             tokio::spawn(resolver.run(redirector.clone(), routes)),
-            tokio::spawn(interceptor.serve(listeners, config.workers)?),
+            tokio::spawn(serve),
         ];
         Ok(Agent {
             listen,
