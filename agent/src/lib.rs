@@ -9,6 +9,7 @@
 //! `config` and `cli` assemble the pieces; `demo` runs the embedded default.
 
 pub mod audit;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod demo;
