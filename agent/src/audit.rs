@@ -40,6 +40,8 @@ pub enum Event {
     Refused,
     /// An HTTP request that is not MCP (OAuth metadata, health checks, the SSE GET stream).
     NonMcp,
+    /// A TLS connection forwarded untouched (`tls: passthrough`): nothing in it was inspected.
+    Passthrough,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -70,6 +72,12 @@ pub struct Record {
     pub uid: Option<u32>,
     pub cgroup: Option<String>,
     pub cgroup_id: Option<u64>,
+    /// The TLS server name the client asked for (terminated and passed-through connections).
+    pub sni: Option<String>,
+    /// `terminated` or `passthrough` for TLS connections; null for plaintext.
+    pub tls: Option<&'static str>,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub http_version: Option<&'static str>,
     pub http_method: Option<String>,
     pub path: Option<String>,
     pub method: Option<String>,
@@ -99,6 +107,9 @@ impl Record {
             uid: None,
             cgroup: None,
             cgroup_id: None,
+            sni: None,
+            tls: None,
+            http_version: None,
             http_method: None,
             path: None,
             method: None,

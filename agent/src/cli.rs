@@ -9,8 +9,8 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     audit::AuditLog,
-    config::{Config, Flags},
-    intercept::{Interceptor, Server},
+    config::{Config, Flags, TlsMode},
+    intercept::{upstream_roots, Interceptor, Leaves, Server, ServerTls, Terminator, TlsClient},
     policy::{Engine, Policy},
     redirect::{
         cgroup,
@@ -40,6 +40,31 @@ enum Command {
     /// The demo's MCP client (started by `demo` inside the redirected cgroup).
     #[command(hide = true)]
     DemoClient { url: String },
+    /// The CA that signs the certificates presented to workloads for https:// servers.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate(s) workloads must trust (PEM, on stdout) and their SHA-256
+    /// fingerprints (stderr). Generates the CA in the state directory if there is none yet.
+    Show(CaArgs),
+    /// Add the CA certificate(s) to this host's trust store (update-ca-certificates or
+    /// update-ca-trust).
+    Install(CaArgs),
+    /// Remove them from this host's trust store.
+    Uninstall,
+}
+
+#[derive(Debug, clap::Args)]
+struct CaArgs {
+    /// Read the `ca:` section and `state_dir` from this configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// State directory [default: /var/lib/mcpwarden].
+    #[arg(long = "state-dir")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +96,12 @@ struct RunArgs {
     /// Interceptor worker threads [default: one per CPU].
     #[arg(long)]
     workers: Option<usize>,
+    /// State directory; the generated CA lives here [default: /var/lib/mcpwarden].
+    #[arg(long = "state-dir")]
+    state_dir: Option<PathBuf>,
+    /// PEM roots trusted for every https:// --endpoint, besides the system's.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
 }
 
 /// Entry point of the `mcpwarden` binary.
@@ -106,6 +137,7 @@ pub fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Demo => crate::demo::run().await,
             Command::DemoClient { url } => crate::demo::client(&url).await,
+            Command::Ca(cmd) => ca_command(cmd),
         }
     });
     match result {
@@ -155,6 +187,8 @@ async fn run(args: RunArgs) -> Result<()> {
         agent_cgroup: args.agent_cgroup,
         max_body_bytes: args.max_body_bytes,
         workers: args.workers,
+        state_dir: args.state_dir,
+        upstream_ca: args.upstream_ca,
     })?;
     let agent = Agent::start(&config).await?;
     tracing::info!(
@@ -173,6 +207,63 @@ async fn run(args: RunArgs) -> Result<()> {
     shutdown_signal().await?;
     tracing::info!("signal received: detaching and exiting");
     agent.stop().await;
+    Ok(())
+}
+
+/// The CA settings the `ca` commands act on: the config file's, or just a state directory.
+fn ca_settings(args: &CaArgs) -> Result<crate::ca::CaSettings> {
+    match &args.config {
+        Some(path) => Ok(Config::assemble(Flags {
+            config: Some(path.clone()),
+            state_dir: args.state_dir.clone(),
+            ..Flags::default()
+        })?
+        .ca),
+        None => Ok(crate::ca::CaSettings {
+            state_dir: args
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(crate::ca::DEFAULT_STATE_DIR)),
+            ..Default::default()
+        }),
+    }
+}
+
+fn ca_command(cmd: CaCommand) -> Result<()> {
+    use crate::ca::{trust, Ca};
+    match cmd {
+        CaCommand::Show(args) => {
+            let ca = Ca::load_or_generate(&ca_settings(&args)?)?;
+            for (file, fingerprint, signing) in ca.describe(std::time::SystemTime::now()) {
+                eprintln!(
+                    "{}: SHA-256 {fingerprint}{}",
+                    file.display(),
+                    if signing { " (signing)" } else { "" }
+                );
+            }
+            print!("{}", ca.bundle_pem());
+        }
+        CaCommand::Install(args) => {
+            let ca = Ca::load_or_generate(&ca_settings(&args)?)?;
+            let pems: Vec<String> = ca
+                .bundle_pem()
+                .split_inclusive("-----END CERTIFICATE-----\n")
+                .map(str::to_owned)
+                .collect();
+            for f in trust::detect()?.install(&pems)? {
+                eprintln!("installed {}", f.display());
+            }
+        }
+        CaCommand::Uninstall => {
+            let removed = trust::detect()?.uninstall()?;
+            if removed.is_empty() {
+                eprintln!("no mcpwarden CA was installed");
+            }
+            for f in removed {
+                eprintln!("removed {}", f.display());
+            }
+        }
+    }
     Ok(())
 }
 
@@ -214,8 +305,10 @@ impl Agent {
                 name: s.name.clone(),
                 path: s.url.path.clone(),
                 engine,
+                tls: None,
             });
         }
+        let terminator = tls_setup(config, &mut servers)?;
         let audit = Arc::new(
             AuditLog::open(&config.audit)
                 .with_context(|| format!("opening the audit log {}", config.audit.display()))?,
@@ -297,6 +390,7 @@ impl Agent {
             orig_dst: redirector.clone(),
             audit,
             max_body: config.max_body_bytes,
+            terminator,
         });
         // The workers first: if they cannot start, nothing has been spawned yet.
         let serve = interceptor.serve(listeners, config.workers)?;
@@ -310,6 +404,46 @@ impl Agent {
             tasks,
         })
     }
+}
+
+/// For https:// servers: load (or generate) the CA, and build each server's upstream trust.
+/// Before anything touches the host: a bad CA or bundle stops the agent here.
+fn tls_setup(config: &Config, servers: &mut [Server]) -> Result<Option<Arc<Terminator>>> {
+    if !config.servers.iter().any(|s| s.url.https) {
+        return Ok(None);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca = if config.needs_ca() {
+        Some(Arc::new(crate::ca::Ca::load_or_generate(&config.ca)?))
+    } else {
+        None
+    };
+    let ours = ca.as_ref().map(|c| c.certs()).unwrap_or_default();
+    let mut clients: HashMap<Option<PathBuf>, Arc<TlsClient>> = HashMap::new();
+    for (s, server) in config.servers.iter().zip(servers.iter_mut()) {
+        if !s.url.https {
+            continue;
+        }
+        let client = match clients.get(&s.upstream_ca) {
+            Some(c) => c.clone(),
+            None => {
+                let roots = upstream_roots(&ours, s.upstream_ca.as_deref())
+                    .with_context(|| format!("server {}", s.name))?;
+                if roots.is_empty() {
+                    tracing::warn!(server = %s.name, "no trust roots for this https server: every upstream handshake will fail (set upstream_ca)");
+                }
+                let c = Arc::new(TlsClient::new(provider.clone(), Arc::new(roots))?);
+                clients.insert(s.upstream_ca.clone(), c.clone());
+                c
+            }
+        };
+        server.tls = Some(ServerTls {
+            host: s.url.host.to_ascii_lowercase(),
+            passthrough: s.tls == TlsMode::Passthrough,
+            client,
+        });
+    }
+    Ok(ca.map(|ca| Arc::new(Terminator::new(Leaves::new(ca, provider)))))
 }
 
 impl Agent {

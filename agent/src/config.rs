@@ -8,10 +8,24 @@
 //! agent_cgroup: mcpwarden                      # the agent's own cgroup, never redirected
 //! max_body_bytes: 4194304
 //! workers: 2                                   # interceptor threads (default: one per CPU)
+//! state_dir: /var/lib/mcpwarden                # the generated CA lives here
+//! ca:                                          # optional: an existing CA instead (e.g. a Secret)
+//!   cert: /etc/mcpwarden/ca/tls.crt
+//!   key: /etc/mcpwarden/ca/tls.key
+//!   name_constraints: false                    # generated CAs only: limit it to the endpoints
+//!   next:                                      # rotation: this CA signs from `from` on
+//!     cert: /etc/mcpwarden/next/tls.crt
+//!     key: /etc/mcpwarden/next/tls.key
+//!     from: 2026-12-01T00:00:00Z
 //! servers:
 //!   - name: tools
 //!     url: http://10.0.0.5:8080/mcp
 //!     policy: policy.json                      # relative to this file
+//!   - name: remote
+//!     url: https://mcp.example.com/mcp
+//!     policy: policy.json
+//!     upstream_ca: internal-ca.pem             # trusted for this server, besides system roots
+//!     tls: terminate                           # or passthrough: forwarded untouched, not inspected
 //! ```
 //! Unknown keys and bad values are errors naming the file, line and column.
 
@@ -23,15 +37,20 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer};
 
-use crate::mcp;
+use crate::{
+    ca::{CaFiles, CaSettings, NextCa, DEFAULT_STATE_DIR},
+    mcp,
+};
 
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
 pub const DEFAULT_AGENT_CGROUP: &str = "mcpwarden";
 
-/// An MCP endpoint URL, validated: `http://host[:port]/path`.
+/// An MCP endpoint URL, validated: `http(s)://host[:port]/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointUrl {
     pub raw: String,
+    /// `https://`
+    pub https: bool,
     /// A DNS name or an IP literal (without brackets).
     pub host: String,
     pub port: u16,
@@ -44,15 +63,15 @@ impl EndpointUrl {
         let uri: http::Uri = raw
             .parse()
             .map_err(|e| format!("invalid URL {raw:?}: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
                 return Err(format!(
-                    "{raw:?}: https endpoints need TLS interception, which this version does not have yet"
-                ));
+                    "{raw:?}: an endpoint URL starts with http:// or https://"
+                ))
             }
-            _ => return Err(format!("{raw:?}: an endpoint URL starts with http://")),
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("{raw:?}: the URL has no host"))?;
@@ -71,8 +90,9 @@ impl EndpointUrl {
         }
         Ok(EndpointUrl {
             raw: raw.to_owned(),
+            https,
             host,
-            port: authority.port_u16().unwrap_or(80),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
             path: mcp::normalize_path(uri.path()),
         })
     }
@@ -85,12 +105,27 @@ impl<'de> Deserialize<'de> for EndpointUrl {
     }
 }
 
+/// What the interceptor does with an `https://` server's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Terminate with a minted leaf, inspect, re-encrypt to the server (the default).
+    #[default]
+    Terminate,
+    /// Forward the encrypted bytes untouched; audited per connection only, never inspected.
+    Passthrough,
+}
+
 /// One MCP server under policy.
 #[derive(Debug, Clone)]
 pub struct Server {
     pub name: String,
     pub url: EndpointUrl,
     pub policy: PathBuf,
+    /// `https://` servers only.
+    pub tls: TlsMode,
+    /// Extra roots (PEM) trusted for this server's certificate, besides the system's.
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// The assembled configuration.
@@ -105,6 +140,8 @@ pub struct Config {
     /// Interceptor worker threads, each a single-threaded runtime serving its own connections.
     pub workers: usize,
     pub servers: Vec<Server>,
+    /// Where the CA comes from (used when some server is `https://`).
+    pub ca: CaSettings,
 }
 
 /// What the command line contributes; `Some`/non-empty values override the file.
@@ -119,6 +156,9 @@ pub struct Flags {
     pub agent_cgroup: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
     pub workers: Option<usize>,
+    pub state_dir: Option<PathBuf>,
+    /// Trusted for every `https://` `--endpoint`, besides the system roots.
+    pub upstream_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,8 +171,38 @@ struct FileConfig {
     agent_cgroup: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     workers: Option<usize>,
+    state_dir: Option<PathBuf>,
+    ca: Option<FileCa>,
     #[serde(default)]
     servers: Vec<FileServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCa {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    name_constraints: bool,
+    next: Option<FileNextCa>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNextCa {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(deserialize_with = "rfc3339")]
+    from: std::time::SystemTime,
+}
+
+fn rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::SystemTime, D::Error> {
+    let raw = String::deserialize(d)?;
+    humantime::parse_rfc3339_weak(&raw).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{raw:?} is not an RFC 3339 time such as 2026-12-01T00:00:00Z: {e}"
+        ))
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +211,8 @@ struct FileServer {
     name: Option<String>,
     url: EndpointUrl,
     policy: PathBuf,
+    tls: Option<TlsMode>,
+    upstream_ca: Option<PathBuf>,
 }
 
 /// Parse a config file's text; errors name `file:line:column`.
@@ -176,16 +248,28 @@ impl Config {
         let mut listen = flags.listen.clone();
         let (mut audit, mut cgroup, mut agent_cgroup, mut max_body, mut workers) =
             (None, None, None, None, None);
+        let (mut state_dir, mut file_ca) = (None, None);
         if let Some(f) = file {
             for s in f.servers {
+                let name = s
+                    .name
+                    .unwrap_or_else(|| format!("{}:{}", s.url.host, s.url.port));
+                if !s.url.https && (s.tls.is_some() || s.upstream_ca.is_some()) {
+                    bail!(
+                        "server {name}: `tls` and `upstream_ca` apply to https:// endpoints only ({})",
+                        s.url.raw
+                    );
+                }
                 servers.push(Server {
-                    name: s
-                        .name
-                        .unwrap_or_else(|| format!("{}:{}", s.url.host, s.url.port)),
+                    name,
                     policy: base.join(s.policy),
                     url: s.url,
+                    tls: s.tls.unwrap_or_default(),
+                    upstream_ca: s.upstream_ca.map(|p| base.join(p)),
                 });
             }
+            state_dir = f.state_dir;
+            file_ca = f.ca;
             if listen.is_empty() {
                 listen = f.listen;
             }
@@ -206,8 +290,10 @@ impl Config {
             let url = EndpointUrl::parse(url).map_err(|e| anyhow::anyhow!("--endpoint {e}"))?;
             servers.push(Server {
                 name: format!("{}:{}", url.host, url.port),
+                upstream_ca: flags.upstream_ca.clone().filter(|_| url.https),
                 url,
                 policy: policy.clone(),
+                tls: TlsMode::default(),
             });
         }
         if servers.is_empty() {
@@ -238,10 +324,26 @@ impl Config {
                 .workers
                 .or(workers)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            ca: ca_settings(
+                flags
+                    .state_dir
+                    .or(state_dir)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+                file_ca,
+                &base,
+                &servers,
+            )?,
             servers,
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Is any server `https://` (and so the CA needed)?
+    pub fn needs_ca(&self) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.url.https && s.tls == TlsMode::Terminate)
     }
 
     fn validate(&self) -> Result<()> {
@@ -264,6 +366,19 @@ impl Config {
                     );
                 }
             }
+        }
+        let mut schemes = std::collections::HashMap::new();
+        for s in &self.servers {
+            let origin = (s.url.host.to_ascii_lowercase(), s.url.port);
+            if let Some(&(https, ref other)) = schemes.get(&origin) {
+                if https != s.url.https {
+                    bail!(
+                        "server {}: {}:{} is configured both as http:// (or https://) by server {other}; one port speaks one",
+                        s.name, s.url.host, s.url.port
+                    );
+                }
+            }
+            schemes.insert(origin, (s.url.https, s.name.clone()));
         }
         let mut seen = std::collections::HashSet::new();
         for s in &self.servers {
@@ -289,6 +404,47 @@ impl Config {
     }
 }
 
+/// The CA settings: the file's `ca:` section (paths relative to the config file), the state dir,
+/// and the names a constrained CA would permit.
+fn ca_settings(
+    state_dir: PathBuf,
+    file: Option<FileCa>,
+    base: &Path,
+    servers: &[Server],
+) -> Result<CaSettings> {
+    let mut names: Vec<String> = servers
+        .iter()
+        .filter(|s| s.url.https)
+        .map(|s| s.url.host.to_ascii_lowercase())
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut settings = CaSettings {
+        state_dir,
+        names,
+        ..CaSettings::default()
+    };
+    if let Some(ca) = file {
+        settings.name_constraints = ca.name_constraints;
+        settings.files = match (ca.cert, ca.key) {
+            (Some(cert), Some(key)) => Some(CaFiles {
+                cert: base.join(cert),
+                key: base.join(key),
+            }),
+            (None, None) => None,
+            _ => bail!("ca: `cert` and `key` go together"),
+        };
+        settings.next = ca.next.map(|n| NextCa {
+            files: CaFiles {
+                cert: base.join(n.cert),
+                key: base.join(n.key),
+            },
+            from: n.from,
+        });
+    }
+    Ok(settings)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,7 +468,9 @@ mod tests {
             (u.host.as_str(), u.port, u.path.as_str()),
             ("::1", 80, "/a")
         );
-        assert!(EndpointUrl::parse("https://x/mcp").is_err_and(|e| e.contains("TLS")));
+        let u = EndpointUrl::parse("https://Mcp.Example.test/mcp")?;
+        assert!(u.https);
+        assert_eq!((u.host.as_str(), u.port), ("Mcp.Example.test", 443));
         assert!(EndpointUrl::parse("ftp://x/").is_err());
         assert!(EndpointUrl::parse("http://u:p@x/").is_err());
         Ok(())
@@ -326,11 +484,18 @@ mod tests {
         assert!(err.starts_with("/etc/mcpwarden.yaml:4:5: "), "{err}");
         assert!(err.contains("colour"), "{err}");
         let err = load_error(
-            "servers:\n  - url: https://example.test/mcp\n    policy: p.json\n",
+            "servers:\n  - url: ftp://example.test/mcp\n    policy: p.json\n",
             "c.yaml",
         );
         assert!(err.starts_with("c.yaml:2:"), "{err}");
-        assert!(err.contains("TLS"), "{err}");
+        assert!(err.contains("http:// or https://"), "{err}");
+        let err = load_error(
+            "ca:\n  next:\n    cert: a\n    key: b\n    from: next tuesday\n",
+            "c.yaml",
+        );
+        // serde_yaml_ng places errors from a field deserializer at the enclosing mapping.
+        assert!(err.starts_with("c.yaml:3:5: ca.next: "), "{err}");
+        assert!(err.contains("RFC 3339"), "{err}");
     }
 
     #[test]

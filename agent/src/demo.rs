@@ -205,7 +205,14 @@ pub async fn run() -> Result<()> {
             name: "demo".into(),
             url: EndpointUrl::parse(&url).map_err(anyhow::Error::msg)?,
             policy: policy.clone(),
+            tls: Default::default(),
+            upstream_ca: None,
         }],
+        // A plaintext demo needs no CA; the state dir would only be used for https servers.
+        ca: crate::ca::CaSettings {
+            state_dir: dir.join("state"),
+            ..Default::default()
+        },
     };
     println!("mcpwarden demo");
     println!("  sample MCP server : {url}");

@@ -1,6 +1,13 @@
 //! Step 2 of the flow: accept redirected connections, recover where they were going and who made
-//! them, and serve them over HTTP/1.1 — every MCP message goes through `mcp` (understand) and
-//! `policy` (decide) and is audited before anything is forwarded to the original destination.
+//! them, and serve them over HTTP/1.1 or HTTP/2 — every MCP message goes through `mcp`
+//! (understand) and `policy` (decide) and is audited before anything is forwarded to the original
+//! destination.
+//!
+//! Connections to `https://` servers are TLS-terminated ([`tls`]): the ClientHello's SNI must be
+//! a name configured for the destination, the client gets a leaf minted for it, and the request
+//! goes on over a verified TLS connection of our own ([`upstream`]). A request whose Host names
+//! another server than the SNI gets 421. `tls: passthrough` servers are forwarded untouched and
+//! audited per connection.
 //!
 //! What is MCP: a POST to a configured endpoint path (query ignored, path normalised) must parse as
 //! JSON-RPC or it is refused; any other request whose body is JSON-RPC is MCP too. Every request
@@ -9,6 +16,7 @@
 //! audited as `non_mcp`. Upgrade and CONNECT are refused: they would open tunnels past the
 //! parser. Compressed request bodies cannot be inspected yet and are refused (415).
 
+mod tls;
 mod upstream;
 
 use std::{
@@ -26,8 +34,11 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
 
 use crate::{
     audit::{AuditLog, Event, PolicyRef, Record, Verdict, WorkerAudit},
@@ -35,7 +46,13 @@ use crate::{
     policy::{CallerScope, Decision, Engine, Outcome},
     redirect::{resolve::Routes, Redirected},
 };
-use upstream::{strip_hop_by_hop, Body, Upstream};
+pub use tls::Leaves;
+use tls::{Offer, Protocols};
+use upstream::{strip_hop_by_hop, Body, TlsKey, Upstream};
+pub use upstream::{upstream_roots, TlsClient};
+
+/// How long a client may take to send its ClientHello and finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where accepted connections learn their original destination and caller. Implemented by
 /// `redirect::Redirector` (the eBPF map); a connection without a record is refused.
@@ -55,6 +72,33 @@ pub struct Server {
     /// Normalised endpoint path.
     pub path: String,
     pub engine: Arc<Engine>,
+    /// `https://` servers.
+    pub tls: Option<ServerTls>,
+}
+
+/// How an `https://` server is reached.
+pub struct ServerTls {
+    /// The configured host, lower case: the SNI its clients send.
+    pub host: String,
+    /// Forward untouched instead of terminating.
+    pub passthrough: bool,
+    /// Verifies the server (system roots plus its `upstream_ca`).
+    pub client: Arc<TlsClient>,
+}
+
+/// TLS termination: the minted leaves and what each server speaks.
+pub struct Terminator {
+    pub leaves: Leaves,
+    protocols: Protocols,
+}
+
+impl Terminator {
+    pub fn new(leaves: Leaves) -> Terminator {
+        Terminator {
+            leaves,
+            protocols: Protocols::default(),
+        }
+    }
 }
 
 /// Everything shared by all connections.
@@ -64,18 +108,32 @@ pub struct Interceptor {
     pub orig_dst: Arc<dyn OrigDst>,
     pub audit: Arc<AuditLog>,
     pub max_body: usize,
+    /// Present when some server is `https://` and terminated.
+    pub terminator: Option<Arc<Terminator>>,
 }
 
 /// Per accepted connection.
 struct Conn {
     shared: Arc<Interceptor>,
     redirected: Redirected,
-    /// Indices into `shared.servers` configured at the original destination.
+    /// Indices into `shared.servers` configured at the original destination (for TLS: those
+    /// whose name the SNI is).
     servers: Vec<usize>,
     /// The upstream pool of the worker serving this connection.
     upstream: Arc<Upstream>,
     /// The audit writer of that worker.
     audit: Arc<WorkerAudit>,
+    /// Set on TLS-terminated connections.
+    tls: Option<Session>,
+}
+
+/// A terminated TLS connection.
+struct Session {
+    sni: Option<String>,
+    h2: bool,
+    /// The server whose trust roots verify the upstream.
+    server: usize,
+    client: Arc<TlsClient>,
 }
 
 /// A connection the accept loop has checked, on its way to a worker.
@@ -156,18 +214,19 @@ async fn worker(
     let upstream = Arc::new(Upstream::new());
     let audit = WorkerAudit::new(shared.audit.clone());
     while let Some(a) = queue.recv().await {
-        let conn = Arc::new(Conn {
+        let conn = Conn {
             shared: shared.clone(),
             redirected: a.redirected,
             servers: a.servers,
             upstream: upstream.clone(),
             audit: audit.clone(),
-        });
+            tls: None,
+        };
         tokio::spawn(serve_connection(conn, a.stream, a.peer));
     }
 }
 
-async fn serve_connection(conn: Arc<Conn>, stream: std::net::TcpStream, peer: SocketAddr) {
+async fn serve_connection(conn: Conn, stream: std::net::TcpStream, peer: SocketAddr) {
     let stream = match TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -175,14 +234,65 @@ async fn serve_connection(conn: Arc<Conn>, stream: std::net::TcpStream, peer: So
             return;
         }
     };
+    let (plain, tls) = conn.schemes();
+    if !tls {
+        return serve_http(Arc::new(conn), stream, false, peer).await;
+    }
+    if plain {
+        // Names of both kinds share this address: the first byte tells TLS (a handshake
+        // record, 0x16) from HTTP.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] != 0x16 => {
+                return serve_http(Arc::new(conn), stream, false, peer).await
+            }
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+    }
+    match conn.terminate_or_pass(stream).await {
+        Next::Serve(conn, tls, h2) => serve_http(Arc::new(conn), tls, h2, peer).await,
+        Next::Pass(conn, stream, sni) => conn.pass_through(stream, sni).await,
+        Next::Done => {}
+    }
+}
+
+/// What follows a ClientHello.
+enum Next {
+    /// Terminated: serve HTTP (h2 if true) on the TLS stream.
+    Serve(Conn, Box<tokio_rustls::server::TlsStream<TcpStream>>, bool),
+    /// `tls: passthrough`, for this SNI.
+    Pass(Conn, TcpStream, Option<String>),
+    /// Refused (and audited), or the client went away.
+    Done,
+}
+
+/// `fut`, or Err after [`HANDSHAKE_TIMEOUT`].
+async fn in_time<T>(fut: impl std::future::Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| format!("the TLS handshake did not complete within {HANDSHAKE_TIMEOUT:?}"))
+}
+
+/// Serve HTTP/1.1 (or h2, when ALPN chose it) on a client connection until it closes.
+async fn serve_http<IO>(conn: Arc<Conn>, io: IO, h2: bool, peer: SocketAddr)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
-    let result = hyper::server::conn::http1::Builder::new()
-        .preserve_header_case(true)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+    let result = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .serve_connection(TokioIo::new(io), service)
+            .await
+    };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended");
     }
@@ -303,6 +413,219 @@ impl Judged {
 }
 
 impl Conn {
+    fn server_at(&self, i: usize) -> Option<&Server> {
+        self.shared.servers.get(i)
+    }
+
+    /// (any plaintext server, any https server) at this destination.
+    fn schemes(&self) -> (bool, bool) {
+        let tls = |i: &usize| self.server_at(*i).is_some_and(|s| s.tls.is_some());
+        (
+            self.servers.iter().any(|i| !tls(i)),
+            self.servers.iter().any(tls),
+        )
+    }
+
+    /// Read the ClientHello and either terminate (returning the connection narrowed to the
+    /// servers the SNI names, the TLS stream and whether h2 was negotiated) or pass the
+    /// connection through untouched (None, as for a refusal: it is done).
+    async fn terminate_or_pass(mut self, stream: TcpStream) -> Next {
+        let passthrough_here = self.servers.iter().any(|&i| {
+            self.server_at(i)
+                .and_then(|s| s.tls.as_ref())
+                .is_some_and(|t| t.passthrough)
+        });
+        // Where something may be passed through, the hello is only peeked at: its bytes must
+        // still be in the socket to forward them untouched.
+        let (start, stream) = if passthrough_here {
+            match in_time(tls::peek_client_hello(&stream))
+                .await
+                .and_then(|r| r)
+            {
+                Ok((accepted, len)) => (Err((accepted, len)), Some(stream)),
+                Err(e) => {
+                    self.refuse_connection(None, format!("{e} (this endpoint is https)"));
+                    return Next::Done;
+                }
+            }
+        } else {
+            match in_time(tls::read_client_hello(stream))
+                .await
+                .and_then(|r| r)
+            {
+                Ok(start) => (Ok(start), None),
+                Err(e) => {
+                    self.refuse_connection(None, format!("{e} (this endpoint is https)"));
+                    return Next::Done;
+                }
+            }
+        };
+        let hello = match &start {
+            Ok(s) => s.client_hello(),
+            Err((accepted, _)) => accepted.client_hello(),
+        };
+        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let dst = self.redirected.orig_dst;
+        // The servers this hello is for: those whose configured name is the SNI; without SNI
+        // (the client dialled an address), every https server here.
+        let candidates: Vec<usize> = self
+            .servers
+            .iter()
+            .copied()
+            .filter(|&i| {
+                self.server_at(i)
+                    .and_then(|s| s.tls.as_ref())
+                    .is_some_and(|t| sni.as_deref().is_none_or(|n| t.host == n))
+            })
+            .collect();
+        let Some(&first) = candidates.first() else {
+            let name = sni.as_deref().unwrap_or_default();
+            tracing::warn!(%dst, sni = name, "TLS for a name not configured at this destination: refused");
+            self.refuse_connection(
+                sni.clone(),
+                format!(
+                    "TLS server name {name:?} is not a configured endpoint name for {dst}: refused"
+                ),
+            );
+            return Next::Done;
+        };
+        let Some(server_tls) = self.server_at(first).and_then(|s| s.tls.as_ref()) else {
+            return Next::Done;
+        };
+        let (passthrough, client) = (server_tls.passthrough, server_tls.client.clone());
+        self.servers = candidates;
+        match (start, stream) {
+            (Err(_), Some(stream)) if passthrough => Next::Pass(self, stream, sni),
+            (Err((accepted, len)), Some(stream)) => {
+                match tls::resume_after_peek(stream, accepted, len).await {
+                    Ok(start) => self.handshake(start, sni, first, client).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client connection ended during the handshake");
+                        Next::Done
+                    }
+                }
+            }
+            (Ok(start), _) => self.handshake(start, sni, first, client).await,
+            (Err(_), None) => Next::Done,
+        }
+    }
+
+    /// Finish the client handshake with a minted leaf, offering what the server speaks.
+    async fn handshake(
+        mut self,
+        start: tokio_rustls::StartHandshake<TcpStream>,
+        sni: Option<String>,
+        server: usize,
+        client: Arc<TlsClient>,
+    ) -> Next {
+        let Some(terminator) = self.shared.terminator.clone() else {
+            self.refuse_connection(sni, "TLS termination is not configured".into());
+            return Next::Done;
+        };
+        let dst = self.redirected.orig_dst;
+        let name = match &sni {
+            Some(n) => crate::ca::LeafName::Dns(n.clone()),
+            None => crate::ca::LeafName::Ip(dst.ip()),
+        };
+        let offer = match terminator.protocols.cached(dst, sni.as_deref()) {
+            Some(o) => o,
+            None => {
+                terminator
+                    .protocols
+                    .learn(dst, sni.as_deref(), &client)
+                    .await
+            }
+        };
+        let config = match terminator.leaves.config(&name, offer).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(%name, error = format!("{e:#}"), "minting a leaf failed");
+                self.refuse_connection(
+                    sni,
+                    format!("minting a certificate for {name} failed: {e:#}"),
+                );
+                return Next::Done;
+            }
+        };
+        let handshake = in_time(start.into_stream(config))
+            .await
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match handshake {
+            Ok(tls) => {
+                let h2 =
+                    offer == Offer::H2AndHttp11 && tls.get_ref().1.alpn_protocol() == Some(tls::H2);
+                self.tls = Some(Session {
+                    sni,
+                    h2,
+                    server,
+                    client,
+                });
+                Next::Serve(self, Box::new(tls), h2)
+            }
+            Err(e) => {
+                let hint = if e.contains("UnknownCA")
+                    || e.contains("BadCertificate")
+                    || e.contains("CertificateUnknown")
+                {
+                    ": the client does not trust the mcpwarden CA (see `mcpwarden ca show`)"
+                } else {
+                    ""
+                };
+                tracing::warn!(%dst, error = %e, "TLS handshake with the client failed{hint}");
+                self.refuse_connection(
+                    sni,
+                    format!("TLS handshake with the client failed: {e}{hint}"),
+                );
+                Next::Done
+            }
+        }
+    }
+
+    /// `tls: passthrough`: audit the connection, then copy bytes both ways, uninspected.
+    async fn pass_through(&self, mut stream: TcpStream, sni: Option<String>) {
+        let dst = self.redirected.orig_dst;
+        let mut rec = caller_record(Event::Passthrough, &self.redirected);
+        rec.server = self
+            .servers
+            .first()
+            .and_then(|&i| self.server_at(i))
+            .map(|s| s.name.clone());
+        rec.sni = sni;
+        rec.tls = Some("passthrough");
+        rec.decision = Some(Verdict::Allow);
+        rec.reason = Some("tls: passthrough — forwarded untouched, not inspected".into());
+        if self.audit.write(&rec).is_err() {
+            tracing::error!("audit write failed: not passing the connection through");
+            return;
+        }
+        let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await;
+        let mut upstream = match connect {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                tracing::warn!(%dst, error = %e, "passthrough: the server could not be reached");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%dst, "passthrough: connecting to the server timed out");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+            tracing::debug!(%dst, error = %e, "passthrough connection ended");
+        }
+    }
+
+    /// Audit a connection refused before any HTTP was read (it is then closed).
+    fn refuse_connection(&self, sni: Option<String>, reason: String) {
+        let mut rec = caller_record(Event::Refused, &self.redirected);
+        rec.sni = sni;
+        rec.tls = Some("terminated");
+        rec.decision = Some(Verdict::Deny);
+        rec.reason = Some(reason);
+        self.write_audit(&rec);
+    }
+
     /// Best-effort immediate write for records that gate nothing but should not wait (refusals).
     fn write_audit(&self, rec: &Record) {
         if let Err(e) = self.audit.write(rec) {
@@ -341,6 +664,15 @@ impl Conn {
     ) -> Record {
         let mut rec = caller_record(event, &self.redirected);
         rec.server = server.map(|s| s.name.clone());
+        if let Some(t) = &self.tls {
+            rec.sni = t.sni.clone();
+            rec.tls = Some("terminated");
+        }
+        rec.http_version = Some(if parts.version == http::Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        });
         rec.http_method = Some(parts.method.to_string());
         rec.path = Some(parts.uri.path().to_owned());
         rec
@@ -357,6 +689,9 @@ impl Conn {
             .to_owned();
         let server = self.server(&path);
 
+        if let Some(refusal) = self.misdirected(server, &parts) {
+            return refusal;
+        }
         if parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE) {
             return self.refuse_plain(
                 server,
@@ -435,6 +770,49 @@ impl Conn {
                 )
             }
         }
+    }
+
+    /// On a terminated connection, a request must be for the server the TLS name was: Host (or
+    /// :authority) naming another server is domain fronting, answered 421.
+    fn misdirected(
+        &self,
+        server: Option<&Server>,
+        parts: &http::request::Parts,
+    ) -> Option<Response<Body>> {
+        let tls = self.tls.as_ref()?;
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.host().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                    .map(|a| a.host().to_owned())
+            });
+        let host = authority.as_deref().map(|h| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase()
+        });
+        let expected = match &tls.sni {
+            Some(n) => n.clone(),
+            None => self.redirected.orig_dst.ip().to_string(),
+        };
+        if host.as_deref() == Some(expected.as_str()) {
+            return None;
+        }
+        Some(self.refuse_plain(
+            server,
+            parts,
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!(
+                "this connection is for {expected} but the request names {}: send it on a connection to that server",
+                host.as_deref().unwrap_or("no host")
+            ),
+        ))
     }
 
     /// Forward a request that carries no MCP message, audited before it goes.
@@ -656,10 +1034,10 @@ impl Conn {
                 self.write_audit_deferred(&rec);
                 resp
             }
-            Err(resp) => {
+            Err((resp, reason)) => {
                 rec.status = None;
                 rec.reason = Some(format!(
-                    "upstream failed: HTTP {} from mcpwarden",
+                    "upstream failed (HTTP {} from mcpwarden): {reason}",
                     resp.status()
                 ));
                 self.write_audit_deferred(&rec);
@@ -670,30 +1048,81 @@ impl Conn {
 
     async fn forward_unrecorded(&self, parts: http::request::Parts, body: Body) -> Response<Body> {
         match self.send(parts, body).await {
-            Ok(resp) | Err(resp) => resp,
+            Ok(resp) | Err((resp, _)) => resp,
         }
     }
 
-    /// Send to the original destination; Err carries the 502 to give the client.
+    /// Send to the original destination; Err carries the 502 to give the client and why.
     async fn send(
         &self,
         mut parts: http::request::Parts,
         body: Body,
-    ) -> Result<Response<Body>, Response<Body>> {
+    ) -> Result<Response<Body>, (Response<Body>, String)> {
         strip_hop_by_hop(&mut parts.headers);
-        // Always origin-form on the wire to the server; Host stays what the client sent.
-        if let Some(pq) = parts.uri.path_and_query().cloned() {
-            if let Ok(uri) = http::Uri::builder().path_and_query(pq).build() {
-                parts.uri = uri;
-            }
-        }
-        parts.version = http::Version::HTTP_11;
         let dst = self.redirected.orig_dst;
-        match self
-            .upstream
-            .send(dst, Request::from_parts(parts, body))
-            .await
-        {
+        let result = match &self.tls {
+            None => {
+                // Always origin-form on the wire to the server; Host stays what the client sent.
+                if let Some(pq) = parts.uri.path_and_query().cloned() {
+                    if let Ok(uri) = http::Uri::builder().path_and_query(pq).build() {
+                        parts.uri = uri;
+                    }
+                }
+                parts.version = http::Version::HTTP_11;
+                self.upstream
+                    .send(dst, Request::from_parts(parts, body))
+                    .await
+            }
+            Some(tls) => {
+                // Same protocol both sides. h2 takes :authority from the URI (the client's own);
+                // HTTP/1.1 writes origin form and keeps the client's Host.
+                let authority = parts
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().to_owned())
+                    .unwrap_or_else(|| match &tls.sni {
+                        Some(n) => n.clone(),
+                        None => dst.to_string(),
+                    });
+                let pq = parts
+                    .uri
+                    .path_and_query()
+                    .map(|pq| pq.as_str())
+                    .unwrap_or("/");
+                match http::Uri::builder()
+                    .scheme("https")
+                    .authority(authority)
+                    .path_and_query(pq)
+                    .build()
+                {
+                    Ok(uri) => parts.uri = uri,
+                    Err(e) => {
+                        return Err((
+                            plain_response(
+                                StatusCode::BAD_REQUEST,
+                                "mcpwarden: bad request target\n",
+                            ),
+                            format!("bad request target: {e}"),
+                        ))
+                    }
+                }
+                parts.version = if tls.h2 {
+                    http::Version::HTTP_2
+                } else {
+                    http::Version::HTTP_11
+                };
+                let key = TlsKey {
+                    dst,
+                    sni: tls.sni.clone(),
+                    server: tls.server,
+                    h2: tls.h2,
+                };
+                self.upstream
+                    .send_tls(key, &tls.client, Request::from_parts(parts, body))
+                    .await
+            }
+        };
+        match result {
             Ok(resp) => {
                 let (mut head, body) = resp.into_parts();
                 strip_hop_by_hop(&mut head.headers);
@@ -701,11 +1130,11 @@ impl Conn {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "forwarding failed");
-                let mut resp = Response::new(full(Bytes::from(format!(
-                    "mcpwarden: the MCP server could not be reached: {e}\n"
-                ))));
-                *resp.status_mut() = StatusCode::BAD_GATEWAY;
-                Err(resp)
+                let resp = plain_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("mcpwarden: the MCP server could not be reached: {e}\n"),
+                );
+                Err((resp, e.to_string()))
             }
         }
     }
@@ -723,6 +1152,16 @@ fn fill_message(rec: &mut Record, msg: &Message) {
 
 fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn plain_response(status: StatusCode, text: &str) -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from(text.to_owned())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {

@@ -1,5 +1,6 @@
-//! The interceptor's own connections to original destinations: one keep-alive pool for the
-//! whole agent (hyper-util's client), keyed by destination address.
+//! The interceptor's own connections to original destinations: keep-alive pools per worker
+//! (hyper-util's client), keyed by destination address for plaintext, and by (destination,
+//! server name, server, protocol) for TLS.
 //!
 //! A request is sent to the address recovered from the redirect map, written in absolute form
 //! (`http://ADDR/path`) only so that the pool can key on it; the client writes origin form on the
@@ -7,16 +8,45 @@
 //! client connection are served one at a time (HTTP/1.1), so they reach the server in the
 //! client's order; idle client connections hold no upstream connection. The agent's cgroup is
 //! exempt from redirection, so these connect()s reach the real servers.
+//!
+//! TLS: always to the original destination (never to what a Host header says), with the
+//! client's SNI, verifying the server against the system roots plus the server's `upstream_ca`
+//! — never the mcpwarden CA. A failed verification is an error, never bypassed. The protocol is
+//! the one the client negotiated with us (h2 or HTTP/1.1), which we only offered because the
+//! server speaks it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, Request, Response, Uri};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioTimer},
+    client::legacy::{
+        connect::{Connected, Connection, HttpConnector},
+        Client,
+    },
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use rustls::{
+    client::ResolvesClientCert, pki_types::ServerName, ClientConfig, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::CertificateDer;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
 };
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -35,16 +65,57 @@ pub enum UpstreamError {
         dst: SocketAddr,
         source: http::Error,
     },
-    #[error("HTTP exchange with {dst}: {source}")]
+    #[error("HTTP exchange with {dst}: {}", chain(source))]
     Http {
+        dst: SocketAddr,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error(
+        "{dst} asks for a TLS client certificate, which mcpwarden cannot present for the workload \
+         (mark this server `tls: passthrough` to forward it untouched, uninspected): {}",
+        chain(source)
+    )]
+    ClientCertRequired {
         dst: SocketAddr,
         source: hyper_util::client::legacy::Error,
     },
 }
 
-/// The shared upstream connection pool.
+/// An error and its sources, `a: b: c` (hyper-util's own Display says only "client error").
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// Which TLS pool a request goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsKey {
+    pub dst: SocketAddr,
+    /// The client's SNI; None: the client dialled an address, so do we.
+    pub sni: Option<String>,
+    /// Index of the configured server (its trust roots).
+    pub server: usize,
+    pub h2: bool,
+}
+
+struct TlsPool {
+    client: Client<TlsConnector, Body>,
+    cert_requested: Arc<AtomicBool>,
+}
+
+/// A worker's upstream connection pools.
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
+    tls: Mutex<HashMap<TlsKey, TlsPool>>,
 }
 
 impl Default for Upstream {
@@ -65,7 +136,54 @@ impl Upstream {
             .http1_preserve_header_case(true)
             .set_host(false)
             .build(connector);
-        Upstream { client }
+        Upstream {
+            client,
+            tls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Send `req` over TLS to `key.dst`, verified by `tls`. The request's URI must be absolute
+    /// (`https://authority/path`): HTTP/1.1 writes it in origin form, h2 takes :authority from it.
+    pub async fn send_tls(
+        &self,
+        key: TlsKey,
+        tls: &TlsClient,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let dst = key.dst;
+        let (client, cert_requested) = {
+            let mut pools = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+            let pool = pools.entry(key.clone()).or_insert_with(|| {
+                let cert_requested = Arc::new(AtomicBool::new(false));
+                let alpn: &[u8] = if key.h2 { b"h2" } else { b"http/1.1" };
+                let connector = TlsConnector {
+                    dst,
+                    name: server_name(key.sni.as_deref(), dst),
+                    config: tls.config(alpn, cert_requested.clone()),
+                };
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(POOL_MAX_IDLE_PER_DST)
+                    .http1_preserve_header_case(true)
+                    .set_host(false)
+                    .http2_only(key.h2);
+                TlsPool {
+                    client: builder.build(connector),
+                    cert_requested,
+                }
+            });
+            (pool.client.clone(), pool.cert_requested.clone())
+        };
+        client.request(req).await.map_err(|source| {
+            if cert_requested.load(Ordering::Relaxed) {
+                UpstreamError::ClientCertRequired { dst, source }
+            } else {
+                UpstreamError::Http { dst, source }
+            }
+        })
     }
 
     /// Send `req` (origin-form target, headers already cleaned) to `dst` and return the response
@@ -90,6 +208,198 @@ impl Upstream {
             .request(req)
             .await
             .map_err(|source| UpstreamError::Http { dst, source })
+    }
+}
+
+/// The name to verify the server as: the client's SNI, else the destination's address (and then
+/// no SNI is sent, as the client sent none).
+fn server_name(sni: Option<&str>, dst: SocketAddr) -> ServerName<'static> {
+    sni.and_then(|n| ServerName::try_from(n.to_owned()).ok())
+        .unwrap_or(ServerName::IpAddress(dst.ip().into()))
+}
+
+/// How the interceptor verifies one configured server: system roots plus its `upstream_ca`,
+/// never the mcpwarden CA.
+pub struct TlsClient {
+    base: Arc<ClientConfig>,
+}
+
+impl TlsClient {
+    pub fn new(
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        roots: Arc<RootCertStore>,
+    ) -> anyhow::Result<TlsClient> {
+        let base = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS client versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(TlsClient {
+            base: Arc::new(base),
+        })
+    }
+
+    /// The config for one pool: its ALPN, and a flag raised if the server asks for a client
+    /// certificate.
+    fn config(&self, alpn: &[u8], cert_requested: Arc<AtomicBool>) -> Arc<ClientConfig> {
+        let mut c = (*self.base).clone();
+        c.alpn_protocols = vec![alpn.to_vec()];
+        c.client_auth_cert_resolver = Arc::new(NoClientCert(cert_requested));
+        Arc::new(c)
+    }
+
+    /// Handshake with the server offering h2 and http/1.1; its choice.
+    pub async fn probe_alpn(
+        &self,
+        dst: SocketAddr,
+        sni: Option<&str>,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let mut c = (*self.base).clone();
+        c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(c))
+            .connect(server_name(sni, dst), tcp)
+            .await?;
+        Ok(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+    }
+}
+
+/// The trust roots for one server: the system's (rustls-native-certs: /etc/ssl/certs, or
+/// SSL_CERT_FILE / SSL_CERT_DIR) and `extra` (PEM), minus every mcpwarden CA certificate — a
+/// host that trusts our CA must not let us trust our own leaves upstream.
+pub fn upstream_roots(
+    ours: &[CertificateDer<'static>],
+    extra: Option<&std::path::Path>,
+) -> anyhow::Result<RootCertStore> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!(error = %e, "reading a system trust root failed");
+    }
+    let mut certs: Vec<CertificateDer<'static>> = native.certs;
+    if let Some(path) = extra {
+        let found: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("{}: cannot read upstream_ca", path.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{}: not a PEM certificate bundle", path.display()))?;
+        if found.is_empty() {
+            anyhow::bail!("{}: upstream_ca holds no PEM certificate", path.display());
+        }
+        certs.extend(found);
+    }
+    for c in certs.into_iter().filter(|c| !ours.contains(c)) {
+        // Some system bundles carry certificates webpki cannot use; skip those.
+        let _ = roots.add(c);
+    }
+    Ok(roots)
+}
+
+/// Never presents a certificate; notes that the server asked for one.
+#[derive(Debug)]
+struct NoClientCert(Arc<AtomicBool>);
+
+impl ResolvesClientCert for NoClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.0.store(true, Ordering::Relaxed);
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// Connects one TLS pool's connections: TCP to `dst`, then the handshake as `name`.
+#[derive(Clone)]
+struct TlsConnector {
+    dst: SocketAddr,
+    name: ServerName<'static>,
+    config: Arc<ClientConfig>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<TlsConn>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(this.dst))
+                .await
+                .map_err(|_| format!("connecting to {} timed out", this.dst))??;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio_rustls::TlsConnector::from(this.config)
+                .connect(this.name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake with {}: {e}", this.dst))?;
+            Ok(TokioIo::new(TlsConn(tls)))
+        })
+    }
+}
+
+/// A client TLS stream hyper-util's pool can use (it reports h2 when ALPN chose it).
+pub struct TlsConn(tokio_rustls::client::TlsStream<TcpStream>);
+
+impl Connection for TlsConn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.0.get_ref().1.alpn_protocol() == Some(b"h2") {
+            c.negotiated_h2()
+        } else {
+            c
+        }
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
     }
 }
 

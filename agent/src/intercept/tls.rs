@@ -1,0 +1,288 @@
+//! The client side of TLS interception: read the ClientHello, check its SNI against the names
+//! configured for the original destination, present a leaf minted for that name (or for the
+//! destination's address when there is no SNI), and offer the ALPN protocols the real server
+//! speaks.
+//!
+//! Leaves are cached per name in a bounded LRU; concurrent first connections for one name wait
+//! on one mint. A leaf is re-minted when less than [`REMINT_BEFORE`] of its life is left, or when
+//! a CA rotation has moved signing to the next CA.
+//!
+//! What the server speaks (h2 or only HTTP/1.1) is learned by one probe handshake per
+//! (destination, SNI) and cached for [`ALPN_TTL`], so a client handshake waits for the upstream
+//! only the first time.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    num::NonZeroUsize,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use rustls::{
+    server::{Acceptor, ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+    ServerConfig,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::StartHandshake;
+
+use crate::ca::{Ca, LeafName};
+
+/// Names whose leaves are kept.
+const LEAF_CACHE: usize = 1024;
+/// Re-mint when a leaf has less than this left.
+const REMINT_BEFORE: Duration = Duration::from_secs(6 * 3600);
+/// How long what a server speaks is remembered.
+const ALPN_TTL: Duration = Duration::from_secs(600);
+/// How long a probe handshake to the server may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest ClientHello read while peeking (TLS records are at most 16 KiB + header).
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+pub const H2: &[u8] = b"h2";
+pub const HTTP11: &[u8] = b"http/1.1";
+
+/// What to offer a client in ALPN: what the server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    H2AndHttp11,
+    Http11,
+}
+
+impl Offer {
+    fn protocols(self) -> Vec<Vec<u8>> {
+        match self {
+            Offer::H2AndHttp11 => vec![H2.to_vec(), HTTP11.to_vec()],
+            Offer::Http11 => vec![HTTP11.to_vec()],
+        }
+    }
+}
+
+/// One cached leaf and the server configs built around it.
+struct Leaf {
+    key: Arc<CertifiedKey>,
+    not_after: SystemTime,
+    generation: u8,
+    /// Indexed by [`Offer`]: h2+http/1.1, http/1.1.
+    configs: [OnceLock<Arc<ServerConfig>>; 2],
+}
+
+type Slot = Arc<tokio::sync::OnceCell<Arc<Leaf>>>;
+
+/// Minted leaves, per name.
+pub struct Leaves {
+    ca: Arc<Ca>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    cache: Mutex<lru::LruCache<LeafName, Slot>>,
+    minted: AtomicU64,
+}
+
+impl Leaves {
+    pub fn new(ca: Arc<Ca>, provider: Arc<rustls::crypto::CryptoProvider>) -> Leaves {
+        Leaves {
+            ca,
+            provider,
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(LEAF_CACHE).unwrap_or(NonZeroUsize::MIN),
+            )),
+            minted: AtomicU64::new(0),
+        }
+    }
+
+    /// How many leaves have been minted since start.
+    pub fn minted(&self) -> u64 {
+        self.minted.load(Ordering::Relaxed)
+    }
+
+    /// The server config presenting the leaf for `name`, offering `offer` in ALPN.
+    pub async fn config(&self, name: &LeafName, offer: Offer) -> Result<Arc<ServerConfig>> {
+        let leaf = self.leaf(name).await?;
+        let slot = match offer {
+            Offer::H2AndHttp11 => &leaf.configs[0],
+            Offer::Http11 => &leaf.configs[1],
+        };
+        if let Some(c) = slot.get() {
+            return Ok(c.clone());
+        }
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS server versions")?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Fixed(leaf.key.clone())));
+        config.alpn_protocols = offer.protocols();
+        let config = Arc::new(config);
+        Ok(slot.get_or_init(|| config).clone())
+    }
+
+    async fn leaf(&self, name: &LeafName) -> Result<Arc<Leaf>> {
+        let now = SystemTime::now();
+        let slot = self.slot(name, now);
+        let leaf = slot
+            .get_or_try_init(|| async {
+                let minted = self.ca.mint(name, now)?;
+                let key = self
+                    .provider
+                    .key_provider
+                    .load_private_key(minted.key)
+                    .context("loading a minted leaf key")?;
+                self.minted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(name = %name, generation = minted.generation, "minted a leaf certificate");
+                Ok::<_, anyhow::Error>(Arc::new(Leaf {
+                    key: Arc::new(CertifiedKey::new(minted.chain, key)),
+                    not_after: minted.not_after,
+                    generation: minted.generation,
+                    configs: [OnceLock::new(), OnceLock::new()],
+                }))
+            })
+            .await?;
+        Ok(leaf.clone())
+    }
+
+    /// The slot for `name`: the cached one unless its leaf is due for re-minting.
+    fn slot(&self, name: &LeafName, now: SystemTime) -> Slot {
+        let generation = self.ca.signer_generation(now);
+        let Ok(mut cache) = self.cache.lock() else {
+            // A poisoned cache: mint without caching rather than stop serving.
+            return Slot::default();
+        };
+        if let Some(slot) = cache.get(name) {
+            let fresh = slot.get().is_none_or(|leaf| {
+                leaf.generation == generation
+                    && leaf
+                        .not_after
+                        .duration_since(now)
+                        .is_ok_and(|left| left > REMINT_BEFORE)
+            });
+            if fresh {
+                return slot.clone();
+            }
+        }
+        let slot = Slot::default();
+        cache.put(name.clone(), slot.clone());
+        slot
+    }
+}
+
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A server as the client addressed it: destination and SNI.
+type Origin = (SocketAddr, Option<String>);
+
+/// What servers at (destination, SNI) speak, learned by probing.
+#[derive(Default)]
+pub struct Protocols {
+    learned: Mutex<HashMap<Origin, (Offer, Instant)>>,
+}
+
+impl Protocols {
+    /// The cached offer, if fresh.
+    pub fn cached(&self, dst: SocketAddr, sni: Option<&str>) -> Option<Offer> {
+        let learned = self.learned.lock().ok()?;
+        let (offer, at) = learned.get(&(dst, sni.map(str::to_owned)))?;
+        (at.elapsed() < ALPN_TTL).then_some(*offer)
+    }
+
+    /// Probe the server with a handshake offering h2 and http/1.1 and remember its choice. A
+    /// failed probe offers HTTP/1.1 only and is not remembered: the request that follows meets
+    /// the same failure and reports it to the client.
+    pub async fn learn(
+        &self,
+        dst: SocketAddr,
+        sni: Option<&str>,
+        client: &super::upstream::TlsClient,
+    ) -> Offer {
+        if let Some(o) = self.cached(dst, sni) {
+            return o;
+        }
+        let offer = match tokio::time::timeout(PROBE_TIMEOUT, client.probe_alpn(dst, sni)).await {
+            Ok(Ok(alpn)) => {
+                if alpn.as_deref() == Some(H2) {
+                    Offer::H2AndHttp11
+                } else {
+                    Offer::Http11
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%dst, sni, error = %e, "probing the server's protocols failed");
+                return Offer::Http11;
+            }
+            Err(_) => {
+                tracing::debug!(%dst, sni, "probing the server's protocols timed out");
+                return Offer::Http11;
+            }
+        };
+        if let Ok(mut learned) = self.learned.lock() {
+            learned.insert((dst, sni.map(str::to_owned)), (offer, Instant::now()));
+        }
+        offer
+    }
+}
+
+/// Read the ClientHello without consuming it from the socket (so the connection can still be
+/// passed through untouched). Returns the parsed hello and how many bytes it took.
+pub async fn peek_client_hello(
+    stream: &TcpStream,
+) -> Result<(rustls::server::Accepted, usize), String> {
+    let mut buf = vec![0u8; MAX_HELLO];
+    let mut seen = 0usize;
+    loop {
+        let n = stream
+            .peek(&mut buf)
+            .await
+            .map_err(|e| format!("reading the ClientHello: {e}"))?;
+        if n == 0 {
+            return Err("the client closed the connection before its ClientHello".into());
+        }
+        if n > seen {
+            seen = n;
+            let mut acceptor = Acceptor::default();
+            let mut rd: &[u8] = buf.get(..n).unwrap_or_default();
+            while !rd.is_empty() {
+                acceptor
+                    .read_tls(&mut rd)
+                    .map_err(|e| format!("reading the ClientHello: {e}"))?;
+            }
+            match acceptor.accept() {
+                Ok(Some(accepted)) => return Ok((accepted, n)),
+                Ok(None) if n < MAX_HELLO => {}
+                Ok(None) => return Err("the ClientHello is larger than a TLS record".into()),
+                Err((e, _)) => return Err(format!("not a TLS ClientHello: {e}")),
+            }
+        } else {
+            // Peeking does not clear readiness: wait a little for the rest of the hello.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Consume the `len` bytes a peeked ClientHello took, and resume the handshake from it.
+pub async fn resume_after_peek(
+    mut stream: TcpStream,
+    accepted: rustls::server::Accepted,
+    len: usize,
+) -> std::io::Result<StartHandshake<TcpStream>> {
+    use tokio::io::AsyncReadExt;
+    let mut sink = vec![0u8; len];
+    stream.read_exact(&mut sink).await?;
+    Ok(StartHandshake::from_parts(accepted, stream))
+}
+
+/// Read the ClientHello, consuming it (the usual case: nothing at this destination is passed
+/// through).
+pub async fn read_client_hello(stream: TcpStream) -> Result<StartHandshake<TcpStream>, String> {
+    tokio_rustls::LazyConfigAcceptor::new(Acceptor::default(), stream)
+        .await
+        .map_err(|e| format!("not a TLS ClientHello: {e}"))
+}
