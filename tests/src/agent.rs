@@ -43,6 +43,13 @@ impl Agent {
     /// Start `bin run ...` and wait (≤ 60 s) until its output contains `mcpwarden ready`.
     /// Panics, with the captured output, on timeout or early exit.
     pub fn start(bin: &str, opts: AgentOpts) -> Agent {
+        Self::start_with(bin, opts, &[])
+    }
+
+    /// [`Agent::start`] with more arguments after the usual ones (e.g. `--config FILE`,
+    /// `--upstream-ca FILE`). The state directory (`--state-dir`, where the generated CA lives)
+    /// is always `state/` in the guard's temp dir, unless `extra` names one.
+    pub fn start_with(bin: &str, opts: AgentOpts, extra: &[String]) -> Agent {
         let tmp = TempDir::new(&format!("agent-{}", opts.name));
         let log_path = tmp.path().join("agent.log");
         let audit_path = tmp.path().join("audit.jsonl");
@@ -67,6 +74,11 @@ impl Agent {
         args.push(opts.cgroup.display().to_string());
         args.push("--agent-cgroup".into());
         args.push(opts.agent_cgroup.display().to_string());
+        if !extra.iter().any(|a| a == "--state-dir") {
+            args.push("--state-dir".into());
+            args.push(tmp.path().join("state").display().to_string());
+        }
+        args.extend(extra.iter().cloned());
 
         let log = File::create(&log_path).expect("create agent log");
         let child = Command::new(bin)
@@ -146,6 +158,11 @@ impl Agent {
 
     pub fn temp_dir(&self) -> &Path {
         self.tmp.path()
+    }
+
+    /// The generated CA's certificate (`state/ca.crt`), for clients to trust.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.tmp.path().join("state").join("ca.crt")
     }
 
     /// The raw text of the audit log (empty if it does not exist yet).

@@ -136,7 +136,20 @@ pub fn run_client(
     args: &[&str],
     timeout: Duration,
 ) -> ClientRun {
+    run_client_env(bin, cgroup_dir, args, &[], timeout)
+}
+
+/// [`run_client`] with extra environment variables (e.g. `SSL_CERT_FILE`, how an unmodified
+/// client is told to trust the mcpwarden CA).
+pub fn run_client_env(
+    bin: &str,
+    cgroup_dir: Option<&Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> ClientRun {
     let mut cmd = Command::new(bin);
+    cmd.envs(env.iter().copied());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -12,16 +12,19 @@ pub mod bpf;
 pub mod cgroup;
 pub mod client;
 pub mod echo;
+pub mod hosts;
 pub mod netns;
 pub mod rawhttp;
 pub mod server;
+pub mod tls;
 
 pub use agent::{Agent, AgentOpts};
 pub use cgroup::{cgroup2_mount, spawn_in_cgroup, TestCgroup};
-pub use client::{run_client, ClientRun};
+pub use client::{run_client, run_client_env, ClientRun};
 pub use echo::{TcpEcho, UdpEcho};
 pub use netns::NetNs;
-pub use server::TestServer;
+pub use server::{TestServer, TlsOpts};
+pub use tls::{sha256_fingerprint, ServerCert, TestCa, Validity};
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! A hand-written HTTP/1.1 POST over a std `TcpStream`, so tests see exactly the bytes that
-//! came back (or that nothing came back).
+//! came back (or that nothing came back). The response reader works over any `Read` stream,
+//! so `mcp-client tls-raw` uses it over TLS as well.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -243,15 +244,18 @@ fn find(h: &[u8], needle: &[u8]) -> Option<usize> {
     h.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Read one HTTP/1.1 response.
-pub fn read_response(stream: &mut TcpStream) -> RawOutcome {
+/// Read one HTTP/1.1 response from any byte stream (a `TcpStream`, or a TLS stream over one).
+pub fn read_response<S: Read + ?Sized>(stream: &mut S) -> RawOutcome {
     read_response_buffered(stream, &mut Vec::new())
 }
 
 /// Read one HTTP/1.1 response, starting with the bytes in `pending` (read earlier from the
 /// stream). On return, `pending` holds the bytes received after this response, which belong to
 /// the next one (keep-alive and pipelining).
-pub fn read_response_buffered(stream: &mut TcpStream, pending: &mut Vec<u8>) -> RawOutcome {
+pub fn read_response_buffered<S: Read + ?Sized>(
+    stream: &mut S,
+    pending: &mut Vec<u8>,
+) -> RawOutcome {
     let mut buf = std::mem::take(pending);
     let mut chunk = [0u8; 8192];
     // Head.

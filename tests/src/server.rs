@@ -1,5 +1,6 @@
 //! `TestServer`: a real rmcp Streamable HTTP MCP server (stateless, JSON responses) with
-//! per-tool call counters, on its own tokio runtime thread.
+//! per-tool call counters, on its own tokio runtime thread; plain HTTP/1.1, or TLS (rustls
+//! with the ring provider) with HTTP/2 or HTTP/1.1 by ALPN.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,6 +21,8 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{RoleServer, ServerHandler};
 use serde_json::{json, Value};
 
+use crate::tls::ServerCert;
+
 /// The tools the test server offers.
 pub const TOOLS: [&str; 5] = [
     "echo",
@@ -38,6 +41,12 @@ pub struct Counters {
     http_requests: AtomicU64,
     /// Peer addresses of accepted TCP connections, in order.
     peers: Mutex<Vec<SocketAddr>>,
+    /// TLS: negotiated ALPN protocol of each successful handshake, in order.
+    alpns: Mutex<Vec<Option<String>>>,
+    /// TLS: SNI host name of each successful handshake, in order.
+    snis: Mutex<Vec<Option<String>>>,
+    /// TLS: error of each failed handshake, in order.
+    tls_errors: Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -153,11 +162,67 @@ impl ServerHandler for ToolServer {
     }
 }
 
+/// How [`TestServer::start_tls`] serves TLS.
+#[derive(Clone)]
+pub struct TlsOpts {
+    /// The certificate chain and key the server presents.
+    pub cert: ServerCert,
+    /// ALPN protocols the server accepts, in its order of preference, e.g.
+    /// `[b"h2", b"http/1.1"]`. Empty: no ALPN (HTTP/1.1 is served). A client that offers only
+    /// protocols not listed fails the handshake (rustls sends no_application_protocol).
+    pub alpn: Vec<Vec<u8>>,
+    /// Demand a client certificate issued by the server certificate's CA (`cert.ca`); a
+    /// client without one fails the handshake (counted in [`TestServer::tls_failures`]).
+    pub require_client_cert: bool,
+    /// Added to rmcp's allowed Host list, e.g. the DNS names the certificate is for.
+    pub extra_hosts: Vec<String>,
+}
+
+impl TlsOpts {
+    /// `cert` with ALPN `h2`, `http/1.1`, no client certificate, no extra hosts.
+    pub fn new(cert: ServerCert) -> TlsOpts {
+        TlsOpts {
+            cert,
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            require_client_cert: false,
+            extra_hosts: Vec::new(),
+        }
+    }
+}
+
+/// The rustls server configuration for `opts`, on the ring provider (not the process default).
+fn tls_server_config(opts: &TlsOpts) -> rustls::ServerConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .expect("TLS versions for the ring provider");
+    let builder = if opts.require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(opts.cert.ca.clone())
+            .expect("add the test CA as client-certificate root");
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("build the client-certificate verifier");
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(opts.cert.chain.clone(), opts.cert.key.clone_key())
+        .unwrap_or_else(|e| panic!("TestServer TLS certificate and key: {e}"));
+    config.alpn_protocols = opts.alpn.clone();
+    config
+}
+
 /// A real MCP server (rmcp `StreamableHttpService`, stateless mode with JSON responses, so a
-/// raw POST of a `tools/call` without `initialize` is answered) at `http://ADDR/mcp`.
+/// raw POST of a `tools/call` without `initialize` is answered) at `http://ADDR/mcp`, or with
+/// [`TestServer::start_tls`] at `https://ADDR/mcp` (HTTP/2 or HTTP/1.1 by ALPN).
 /// Stops on drop.
 pub struct TestServer {
     addr: SocketAddr,
+    tls: bool,
     counters: Arc<Counters>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -171,6 +236,25 @@ impl TestServer {
     }
 
     pub fn start_with_hosts(addr: SocketAddr, extra_hosts: &[&str]) -> TestServer {
+        let hosts: Vec<String> = extra_hosts.iter().map(|h| h.to_string()).collect();
+        Self::launch(addr, &hosts, None)
+    }
+
+    /// Serve MCP over TLS on `addr` (port 0 picks a free port): each accepted connection does
+    /// a TLS handshake with `opts.cert`, then is served with HTTP/2 when ALPN chose `h2`,
+    /// HTTP/1.1 otherwise. Records each successful handshake's ALPN ([`Self::alpns`]) and
+    /// SNI ([`Self::snis`]) and counts failed ones ([`Self::tls_failures`]). The allowed Host
+    /// list is that of [`Self::start`] plus `opts.extra_hosts`.
+    pub fn start_tls(addr: SocketAddr, opts: TlsOpts) -> TestServer {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_server_config(&opts)));
+        Self::launch(addr, &opts.extra_hosts, Some(acceptor))
+    }
+
+    fn launch(
+        addr: SocketAddr,
+        extra_hosts: &[String],
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> TestServer {
         let listener = std::net::TcpListener::bind(addr)
             .unwrap_or_else(|e| panic!("TestServer bind {addr}: {e}"));
         listener.set_nonblocking(true).unwrap();
@@ -182,7 +266,7 @@ impl TestServer {
             "::1".into(),
             addr.ip().to_string(),
         ];
-        hosts.extend(extra_hosts.iter().map(|h| h.to_string()));
+        hosts.extend(extra_hosts.iter().cloned());
         let config = StreamableHttpServerConfig::default()
             .with_legacy_session_mode(false)
             .with_json_response(true)
@@ -190,6 +274,7 @@ impl TestServer {
             .with_allowed_hosts(hosts);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c2 = counters.clone();
+        let is_tls = tls.is_some();
         let thread = std::thread::Builder::new()
             .name(format!("mcp-server-{addr}"))
             .spawn(move || {
@@ -198,12 +283,13 @@ impl TestServer {
                     .enable_all()
                     .build()
                     .expect("tokio runtime");
-                rt.block_on(serve(listener, config, c2, rx));
+                rt.block_on(serve(listener, config, c2, rx, tls));
                 rt.shutdown_timeout(std::time::Duration::from_secs(2));
             })
             .expect("spawn server thread");
         TestServer {
             addr,
+            tls: is_tls,
             counters,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -214,9 +300,20 @@ impl TestServer {
         self.addr
     }
 
-    /// `http://ADDR/mcp`
+    /// `http://ADDR/mcp`, or `https://ADDR/mcp` for a server started with [`Self::start_tls`].
     pub fn url(&self) -> String {
-        format!("http://{}/mcp", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/mcp", self.addr)
+    }
+
+    /// `https://{host}:{port}/mcp` with this server's port (an IPv6 `host` is bracketed).
+    pub fn https_url(&self, host: &str) -> String {
+        let port = self.addr.port();
+        if host.parse::<std::net::Ipv6Addr>().is_ok() {
+            format!("https://[{host}]:{port}/mcp")
+        } else {
+            format!("https://{host}:{port}/mcp")
+        }
     }
 
     /// Assert that no call of `tool` reached the server.
@@ -249,6 +346,29 @@ impl TestServer {
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.counters.peers.lock().unwrap().clone()
     }
+
+    /// TLS servers: the ALPN protocol negotiated on each successful handshake, in order
+    /// (`None`: no ALPN agreed, served as HTTP/1.1).
+    pub fn alpns(&self) -> Vec<Option<String>> {
+        self.counters.alpns.lock().unwrap().clone()
+    }
+
+    /// TLS servers: the SNI host name the client sent on each successful handshake, in order
+    /// (`None`: no SNI, e.g. a client connecting to an IP address).
+    pub fn snis(&self) -> Vec<Option<String>> {
+        self.counters.snis.lock().unwrap().clone()
+    }
+
+    /// TLS servers: how many accepted connections failed the TLS handshake (including a
+    /// client without the required certificate, and handshakes not done within 10 s).
+    pub fn tls_failures(&self) -> u64 {
+        self.counters.tls_errors.lock().unwrap().len() as u64
+    }
+
+    /// TLS servers: the error of each failed handshake, in order.
+    pub fn tls_errors(&self) -> Vec<String> {
+        self.counters.tls_errors.lock().unwrap().clone()
+    }
 }
 
 impl Drop for TestServer {
@@ -264,11 +384,15 @@ impl Drop for TestServer {
 
 type Resp = http::Response<BoxBody<Bytes, Infallible>>;
 
+/// How long a TLS client may take to complete its handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn serve(
     listener: std::net::TcpListener,
     config: StreamableHttpServerConfig,
     counters: Arc<Counters>,
     mut shutdown: tokio::sync::oneshot::Receiver<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
     let c = counters.clone();
@@ -291,10 +415,12 @@ async fn serve(
                 counters.peers.lock().unwrap().push(peer);
                 let service = service.clone();
                 let counters = counters.clone();
+                let tls = tls.clone();
                 conns.spawn(async move {
+                    let c = counters.clone();
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let service = service.clone();
-                        let counters = counters.clone();
+                        let counters = c.clone();
                         async move {
                             counters.http_requests.fetch_add(1, Ordering::SeqCst);
                             let resp: Resp = if req.uri().path() == "/mcp" {
@@ -308,9 +434,39 @@ async fn serve(
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let Some(acceptor) = tls else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await;
+                        return;
+                    };
+                    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            counters.tls_errors.lock().unwrap().push(e.to_string());
+                            return;
+                        }
+                        Err(_) => {
+                            counters.tls_errors.lock().unwrap().push("handshake timeout".into());
+                            return;
+                        }
+                    };
+                    let (_, session) = stream.get_ref();
+                    let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+                    let sni = session.server_name().map(str::to_string);
+                    let h2 = alpn.as_deref() == Some("h2");
+                    counters.alpns.lock().unwrap().push(alpn);
+                    counters.snis.lock().unwrap().push(sni);
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
                 });
             }
         }

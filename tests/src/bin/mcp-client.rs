@@ -5,7 +5,14 @@
 //! mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]...   rmcp client over Streamable HTTP:
 //!     initialize, then each call; one JSON line per call: the CallToolResult, or
 //!     {"error": {"code": N, "message": "...", "data": ...}} for a JSON-RPC error,
-//!     {"error": {"transport": "..."}} for anything else.
+//!     {"error": {"transport": "...", "causes": [...]}} for anything else (causes: the messages
+//!     of the error's source chain, where a TLS error shows), and
+//!     {"init_error": "...", "causes": [...]} if initialize fails. http:// or https://, with
+//!     rmcp's own default reqwest client (over TLS it offers ALPN h2 and http/1.1).
+//! mcp-client call-h1 URL TOOL JSONARGS...                the same with a reqwest client that
+//!     speaks only HTTP/1.1 (ALPN http/1.1 over TLS).
+//! mcp-client call-h2 URL TOOL JSONARGS...                the same with a reqwest client that
+//!     speaks only HTTP/2 (ALPN h2 only over TLS; h2c prior knowledge over http://).
 //! mcp-client raw-post URL BODY [HEADER: VALUE]...        one hand-written HTTP/1.1 POST:
 //!     prints status=<status line>, header=<name: value> lines, body-len=<n>, then the body bytes.
 //! mcp-client raw-request METHOD URL BODY [HEADER: VALUE]... the same with another method.
@@ -24,15 +31,42 @@
 //!     peer=, local=.
 //! mcp-client udp-echo ADDR MSG                            connect()ed UDP socket: sends MSG,
 //!     prints echo=, from= (recvfrom source) and peer= (getpeername).
+//! mcp-client tls-raw ADDR SNI CAFILE METHOD PATH HOST BODY [HEADER: VALUE]...
+//!     a hand-made TLS connection (roots: only CAFILE's certificates; SNI `-`: none, the
+//!     certificate is checked against ADDR's IP) offering ALPN http/1.1, then one HTTP/1.1
+//!     request with exactly `Host: HOST` and `Connection: close`. Prints tls=ok or
+//!     tls-error=<message> (exit 3; also when the server rejects the client after the
+//!     handshake, as a TLS 1.3 server demanding a client certificate does), then what is
+//!     known of alpn=<protocol or none>, peer-cert-sha256=<hex of the leaf DER>,
+//!     peer-cert-sans=<comma-separated DNS names and IPs>, then the response like raw-post.
+//!     A failed TCP connect prints connect-error=<message> instead (exit 1).
+//! mcp-client tls-handshakes ADDR SNI CAFILE N            N concurrent TLS handshakes (one
+//!     thread each, released together), each closed after the handshake (close_notify, then
+//!     reading until the server closes, at most 2 s, so that a rejection sent after the
+//!     handshake counts). Prints ok=<n>, errors=<n>, first-error=<message> (if any, the
+//!     lowest-numbered failing handshake), distinct-certs=<n>, and cert-sha256=<hex> for each
+//!     distinct leaf certificate seen (sorted). Exit 3 if any handshake failed.
 //! ```
+//!
+//! Trust for `call*` comes from the environment: reqwest uses rustls-platform-verifier,
+//! which on Linux loads its roots with rustls-native-certs, which reads only `SSL_CERT_FILE`
+//! (PEM) and/or `SSL_CERT_DIR` when either is set, the system store otherwise. Note that
+//! reqwest builds that verifier even for http:// URLs, so building the client fails when no
+//! root at all can be loaded. rustls uses the ring provider, installed as the process default
+//! at start (reqwest is built without one).
 //!
 //! The tokio runtime is single-threaded on purpose: every connect() is made by the main
 //! thread, whose comm is "mcp-client", whichever way the agent reads the caller's comm.
+//! (tls-handshakes is the exception: its connects are made by its N threads.)
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use mcpwarden_tests::rawhttp::{self, RawOutcome};
 
@@ -40,14 +74,19 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... | raw-post URL BODY [HEADER: VALUE]... | \
+        "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... | call-h1 URL TOOL JSONARGS... | \
+         call-h2 URL TOOL JSONARGS... | raw-post URL BODY [HEADER: VALUE]... | \
          raw-request METHOD URL BODY [HEADER: VALUE]... | keepalive URL BODY... | pipeline URL BODY... | \
-         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL | raw-post-big URL BYTES"
+         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL | raw-post-big URL BYTES | \
+         tls-raw ADDR SNI|- CAFILE METHOD PATH HOST BODY [HEADER: VALUE]... | tls-handshakes ADDR SNI|- CAFILE N"
     );
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
+    // reqwest is built with rustls but without a crypto provider (rmcp's
+    // reqwest-tls-no-provider): make ring the process default before any client is built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     println!("pid={}", std::process::id());
     let _ = std::io::stdout().flush();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,7 +95,19 @@ fn main() -> ExitCode {
     };
     let rest = &args[1..];
     let code = match cmd.as_str() {
-        "call" if rest.len() >= 3 && rest.len() % 2 == 1 => call(&rest[0], &rest[1..]),
+        "call" if rest.len() >= 3 && rest.len() % 2 == 1 => {
+            call(&rest[0], &rest[1..], HttpMode::Default)
+        }
+        "call-h1" if rest.len() >= 3 && rest.len() % 2 == 1 => {
+            call(&rest[0], &rest[1..], HttpMode::Http1)
+        }
+        "call-h2" if rest.len() >= 3 && rest.len() % 2 == 1 => {
+            call(&rest[0], &rest[1..], HttpMode::Http2)
+        }
+        "tls-raw" if rest.len() >= 7 => tls_raw(&rest[0], &rest[1], &rest[2], &rest[3..]),
+        "tls-handshakes" if rest.len() == 4 => {
+            tls_handshakes(&rest[0], &rest[1], &rest[2], &rest[3])
+        }
         "raw-post" if rest.len() >= 2 => raw_request("POST", &rest[0], &rest[1], &rest[2..]),
         "raw-request" if rest.len() >= 3 => raw_request(&rest[0], &rest[1], &rest[2], &rest[3..]),
         "peer" if rest.len() == 1 || rest.len() == 3 => {
@@ -118,8 +169,9 @@ fn many(url: &str, bodies: &[String], pipelined: bool) -> ExitCode {
     code
 }
 
-fn raw_request(method: &str, url: &str, body: &str, headers: &[String]) -> ExitCode {
-    let headers: Vec<(String, String)> = headers
+/// `Name: value` arguments as (name, value) pairs.
+fn parse_headers(headers: &[String]) -> Vec<(String, String)> {
+    headers
         .iter()
         .map(|h| {
             let (k, v) = h
@@ -127,7 +179,11 @@ fn raw_request(method: &str, url: &str, body: &str, headers: &[String]) -> ExitC
                 .unwrap_or_else(|| panic!("header must be `Name: value`: {h}"));
             (k.trim().to_string(), v.trim().to_string())
         })
-        .collect();
+        .collect()
+}
+
+fn raw_request(method: &str, url: &str, body: &str, headers: &[String]) -> ExitCode {
+    let headers = parse_headers(headers);
     print_outcome(rawhttp::request(
         method,
         url,
@@ -286,18 +342,90 @@ fn udp_echo(addr: &str, msg: &str) -> ExitCode {
     }
 }
 
-fn call(url: &str, pairs: &[String]) -> ExitCode {
+/// The messages of the `source()` chain of `e` (for a TLS failure, reqwest's and rmcp's own
+/// messages do not say what went wrong: the rustls error is a few sources down). rmcp's
+/// `StreamableHttpError::Client` does not mark the reqwest error it holds as its source, so
+/// the chain is followed into it by hand.
+fn causes(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut next = error_source(e);
+    while let Some(c) = next {
+        out.push(c.to_string());
+        next = error_source(c);
+    }
+    out
+}
+
+/// `e.source()`, or the reqwest error inside rmcp's `StreamableHttpError::Client`.
+fn error_source<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    use rmcp::transport::streamable_http_client::StreamableHttpError;
+    match e.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+        Some(StreamableHttpError::Client(inner)) => Some(inner),
+        _ => e.source(),
+    }
+}
+
+/// [`causes`] of an initialize error; rmcp does not mark the transport error it wraps as the
+/// error's source, so follow it by hand.
+fn init_causes(e: &rmcp::service::ClientInitializeError) -> Vec<String> {
+    match e {
+        rmcp::service::ClientInitializeError::TransportError { error, .. } => causes(error),
+        other => causes(other),
+    }
+}
+
+/// Which HTTP versions the `call*` subcommands' reqwest client may use.
+#[derive(Clone, Copy)]
+enum HttpMode {
+    /// rmcp's default client (`StreamableHttpClientTransport::from_uri`): HTTP/1.1, or HTTP/2
+    /// when ALPN chooses it.
+    Default,
+    /// `reqwest::ClientBuilder::http1_only()`: ALPN offers only http/1.1.
+    Http1,
+    /// `reqwest::ClientBuilder::http2_prior_knowledge()`: ALPN offers only h2; plain http://
+    /// speaks h2c without upgrade.
+    Http2,
+}
+
+fn call(url: &str, pairs: &[String], mode: HttpMode) -> ExitCode {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    rt.block_on(call_async(url, pairs))
+    rt.block_on(call_async(url, pairs, mode))
 }
 
-async fn call_async(url: &str, pairs: &[String]) -> ExitCode {
+/// The transport for `call*`. Http1/Http2 use a client configured like rmcp's default one
+/// (no idle pooling) except that redirects are not followed at all.
+fn call_transport(
+    url: &str,
+    mode: HttpMode,
+) -> Result<rmcp::transport::StreamableHttpClientTransport<reqwest::Client>, String> {
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::transport::StreamableHttpClientTransport;
+
+    let builder = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .redirect(reqwest::redirect::Policy::none());
+    let builder = match mode {
+        HttpMode::Default => return Ok(StreamableHttpClientTransport::from_uri(url.to_string())),
+        HttpMode::Http1 => builder.http1_only(),
+        HttpMode::Http2 => builder.http2_prior_knowledge(),
+    };
+    let client = builder
+        .build()
+        .map_err(|e| format!("build reqwest client: {e}"))?;
+    Ok(StreamableHttpClientTransport::with_client(
+        client,
+        StreamableHttpClientTransportConfig::with_uri(url.to_string()),
+    ))
+}
+
+async fn call_async(url: &str, pairs: &[String], mode: HttpMode) -> ExitCode {
     use rmcp::model::{CallToolRequestParams, ClientConfig, JsonObject};
     use rmcp::service::ServiceError;
-    use rmcp::transport::StreamableHttpClientTransport;
     use rmcp::ServiceExt;
 
     let mut calls: Vec<(String, JsonObject)> = Vec::new();
@@ -310,12 +438,21 @@ async fn call_async(url: &str, pairs: &[String]) -> ExitCode {
         calls.push((pair[0].clone(), map));
     }
 
-    let transport = StreamableHttpClientTransport::from_uri(url.to_string());
+    let transport = match call_transport(url, mode) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("{}", serde_json::json!({"init_error": e}));
+            return ExitCode::from(1);
+        }
+    };
     let client = match tokio::time::timeout(TIMEOUT, ClientConfig::default().serve(transport)).await
     {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            println!("{}", serde_json::json!({"init_error": e.to_string()}));
+            println!(
+                "{}",
+                serde_json::json!({"init_error": e.to_string(), "causes": init_causes(&e)})
+            );
             return ExitCode::from(1);
         }
         Err(_) => {
@@ -333,7 +470,7 @@ async fn call_async(url: &str, pairs: &[String]) -> ExitCode {
             }
             Ok(Err(other)) => {
                 code = ExitCode::from(1);
-                serde_json::json!({"error": {"transport": other.to_string()}})
+                serde_json::json!({"error": {"transport": other.to_string(), "causes": causes(&other)}})
             }
             Err(_) => {
                 code = ExitCode::from(1);
@@ -345,4 +482,260 @@ async fn call_async(url: &str, pairs: &[String]) -> ExitCode {
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.cancel()).await;
     code
+}
+
+/// A rustls client configuration on the ring provider that trusts only the certificates in
+/// the PEM file `cafile`.
+fn tls_config(cafile: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(cafile)
+        .unwrap_or_else(|e| panic!("read CA file {cafile}: {e}"));
+    for cert in certs {
+        let cert = cert.unwrap_or_else(|e| panic!("bad PEM certificate in {cafile}: {e}"));
+        roots
+            .add(cert)
+            .unwrap_or_else(|e| panic!("bad CA certificate in {cafile}: {e}"));
+    }
+    assert!(!roots.is_empty(), "no certificate in CA file {cafile}");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+    .expect("TLS versions for the ring provider")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// The name to verify the server's certificate against: `-` is ADDR's IP (rustls sends no SNI
+/// for an IP address), anything else is the SNI host name.
+fn tls_server_name(sni: &str, addr: SocketAddr) -> ServerName<'static> {
+    if sni == "-" {
+        ServerName::IpAddress(addr.ip().into())
+    } else {
+        ServerName::try_from(sni.to_string())
+            .unwrap_or_else(|e| panic!("bad SNI name {sni:?}: {e}"))
+    }
+}
+
+/// Whether an I/O error from a rustls stream is a TLS error (a received alert, a bad record),
+/// rather than a plain socket error or end of stream.
+fn is_tls_error(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+}
+
+/// Drive the handshake of `conn` over `tcp` to its end, including sending the client's last
+/// flight.
+fn handshake(conn: &mut rustls::ClientConnection, tcp: &mut TcpStream) -> std::io::Result<()> {
+    while conn.is_handshaking() {
+        conn.complete_io(tcp)?;
+    }
+    while conn.wants_write() {
+        conn.write_tls(tcp)?;
+    }
+    Ok(())
+}
+
+/// Connect to `addr` and start (not yet handshake) a TLS client connection for `name`.
+fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+) -> Result<(rustls::ClientConnection, TcpStream), String> {
+    let tcp =
+        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("connect {addr}: {e}"))?;
+    tcp.set_read_timeout(Some(TIMEOUT)).ok();
+    tcp.set_write_timeout(Some(TIMEOUT)).ok();
+    let conn = rustls::ClientConnection::new(config, name)
+        .map_err(|e| format!("TLS client connection: {e}"))?;
+    Ok((conn, tcp))
+}
+
+/// The subject alternative names of a DER certificate, comma-separated: DNS names and IP
+/// addresses as such, other kinds as x509-parser displays them.
+fn cert_sans(der: &[u8]) -> String {
+    use x509_parser::extensions::GeneralName;
+    let cert = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => cert,
+        Err(e) => return format!("error: {e}"),
+    };
+    let sans = match cert.subject_alternative_name() {
+        Ok(Some(ext)) => ext.value.general_names.clone(),
+        Ok(None) => return String::new(),
+        Err(e) => return format!("error: {e}"),
+    };
+    sans.iter()
+        .map(|name| match name {
+            GeneralName::DNSName(n) => n.to_string(),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => IpAddr::from(<[u8; 4]>::try_from(*b).unwrap()).to_string(),
+                16 => IpAddr::from(<[u8; 16]>::try_from(*b).unwrap()).to_string(),
+                _ => format!("{name}"),
+            },
+            other => format!("{other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A stream that remembers the first TLS error it returned from `read` (rustls reports a
+/// received alert as an `InvalidData` I/O error, which `rawhttp` turns into a mere reason
+/// string).
+struct TlsErrorSpy<S> {
+    inner: S,
+    first_tls_error: Option<String>,
+}
+
+impl<S: Read> Read for TlsErrorSpy<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let r = self.inner.read(buf);
+        if let Err(e) = &r {
+            if self.first_tls_error.is_none() && is_tls_error(e) {
+                self.first_tls_error = Some(e.to_string());
+            }
+        }
+        r
+    }
+}
+
+fn tls_raw(addr: &str, sni: &str, cafile: &str, req: &[String]) -> ExitCode {
+    let [method, path, host, body, headers @ ..] = req else {
+        return usage();
+    };
+    let addr = parse_addr(addr);
+    let headers = parse_headers(headers);
+    let config = tls_config(cafile, &[b"http/1.1"]);
+    let (mut conn, mut tcp) = match tls_connect(addr, config, tls_server_name(sni, addr)) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("connect-error={e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut tls_error = handshake(&mut conn, &mut tcp).err().map(|e| e.to_string());
+    let alpn = conn
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec());
+    let mut outcome = None;
+    if tls_error.is_none() {
+        let bytes =
+            rawhttp::method_request_bytes(method, host, path, body.as_bytes(), &headers, true);
+        let mut stream = TlsErrorSpy {
+            inner: rustls::StreamOwned::new(conn, tcp),
+            first_tls_error: None,
+        };
+        let r = match stream
+            .inner
+            .write_all(&bytes)
+            .and_then(|_| stream.inner.flush())
+        {
+            Ok(()) => rawhttp::read_response(&mut stream),
+            Err(e) if is_tls_error(&e) => {
+                stream.first_tls_error = Some(e.to_string());
+                RawOutcome::NoResponse {
+                    received: Vec::new(),
+                    reason: format!("write: {e}"),
+                }
+            }
+            Err(e) => RawOutcome::NoResponse {
+                received: Vec::new(),
+                reason: format!("write: {e}"),
+            },
+        };
+        // A server that rejects the client after the client's side of the handshake is done
+        // (TLS 1.3 client authentication) answers the request with an alert.
+        match (r, stream.first_tls_error) {
+            (RawOutcome::NoResponse { .. }, Some(e)) => tls_error = Some(e),
+            (r, _) => outcome = Some(r),
+        }
+    }
+    match &tls_error {
+        None => println!("tls=ok"),
+        Some(e) => println!("tls-error={e}"),
+    }
+    if alpn.is_some() || leaf.is_some() {
+        println!("alpn={}", alpn.as_deref().unwrap_or("none"));
+    }
+    if let Some(leaf) = &leaf {
+        println!("peer-cert-sha256={}", mcpwarden_tests::sha256_hex(leaf));
+        println!("peer-cert-sans={}", cert_sans(leaf));
+    }
+    let _ = std::io::stdout().flush();
+    match outcome {
+        Some(r) if tls_error.is_none() => print_outcome(r),
+        _ => ExitCode::from(3),
+    }
+}
+
+fn tls_handshakes(addr: &str, sni: &str, cafile: &str, n: &str) -> ExitCode {
+    let Ok(n) = n.parse::<usize>() else {
+        return usage();
+    };
+    let addr = parse_addr(addr);
+    let config = tls_config(cafile, &[b"http/1.1"]);
+    let name = tls_server_name(sni, addr);
+    let start = Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let (config, name, start) = (config.clone(), name.clone(), start.clone());
+            std::thread::spawn(move || -> Result<Vec<u8>, String> {
+                start.wait();
+                let (mut conn, mut tcp) = tls_connect(addr, config, name)?;
+                handshake(&mut conn, &mut tcp).map_err(|e| e.to_string())?;
+                let leaf = conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec())
+                    .ok_or("no peer certificate")?;
+                // Close, and read until the server closes too, so that an alert it sends
+                // after the handshake (TLS 1.3 client authentication) is seen.
+                conn.send_close_notify();
+                tcp.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
+                let _ = stream.flush();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => continue,
+                        Err(e) if is_tls_error(&e) => return Err(e.to_string()),
+                        Err(_) => break,
+                    }
+                }
+                Ok(leaf)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    let mut certs = std::collections::BTreeSet::new();
+    for t in threads {
+        match t.join() {
+            Ok(Ok(leaf)) => {
+                ok += 1;
+                certs.insert(mcpwarden_tests::sha256_hex(&leaf));
+            }
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("handshake thread panicked".to_string()),
+        }
+    }
+    println!("ok={ok}");
+    println!("errors={}", errors.len());
+    if let Some(e) = errors.first() {
+        println!("first-error={e}");
+    }
+    println!("distinct-certs={}", certs.len());
+    for c in &certs {
+        println!("cert-sha256={c}");
+    }
+    if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
 }
