@@ -527,15 +527,11 @@ impl Conn {
             Some(n) => crate::ca::LeafName::Dns(n.clone()),
             None => crate::ca::LeafName::Ip(dst.ip()),
         };
-        let offer = match terminator.protocols.cached(dst, sni.as_deref()) {
-            Some(o) => o,
-            None => {
-                terminator
-                    .protocols
-                    .learn(dst, sni.as_deref(), &client)
-                    .await
-            }
-        };
+        // A first connection waits for the probe; mint meanwhile (the leaf is cached either way).
+        let (offer, _) = tokio::join!(
+            terminator.protocols.learn(dst, sni.as_deref(), &client),
+            terminator.leaves.warm(&name)
+        );
         let config = match terminator.leaves.config(&name, offer).await {
             Ok(c) => c,
             Err(e) => {

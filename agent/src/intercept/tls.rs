@@ -9,7 +9,7 @@
 //!
 //! What the server speaks (h2 or only HTTP/1.1) is learned by one probe handshake per
 //! (destination, SNI) and cached for [`ALPN_TTL`], so a client handshake waits for the upstream
-//! only the first time.
+//! only the first time (and concurrent first connections wait on one probe).
 
 use std::{
     collections::HashMap,
@@ -41,6 +41,8 @@ const REMINT_BEFORE: Duration = Duration::from_secs(6 * 3600);
 const ALPN_TTL: Duration = Duration::from_secs(600);
 /// How long a probe handshake to the server may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed probe's answer (HTTP/1.1 only) is kept.
+const PROBE_RETRY: Duration = Duration::from_secs(5);
 /// The largest ClientHello read while peeking (TLS records are at most 16 KiB + header).
 const MAX_HELLO: usize = 16 * 1024 + 5;
 
@@ -119,6 +121,11 @@ impl Leaves {
         Ok(slot.get_or_init(|| config).clone())
     }
 
+    /// Make sure a leaf for `name` is minted (errors surface again from [`Leaves::config`]).
+    pub async fn warm(&self, name: &LeafName) {
+        let _ = self.leaf(name).await;
+    }
+
     async fn leaf(&self, name: &LeafName) -> Result<Arc<Leaf>> {
         let now = SystemTime::now();
         let slot = self.slot(name, now);
@@ -180,53 +187,64 @@ impl ResolvesServerCert for Fixed {
 /// A server as the client addressed it: destination and SNI.
 type Origin = (SocketAddr, Option<String>);
 
-/// What servers at (destination, SNI) speak, learned by probing.
+/// What one origin speaks, and until when that is believed.
+type Learned = Arc<tokio::sync::OnceCell<(Offer, Instant)>>;
+
+/// What servers at (destination, SNI) speak, learned by probing: one probe per origin at a
+/// time, however many first connections arrive together.
 #[derive(Default)]
 pub struct Protocols {
-    learned: Mutex<HashMap<Origin, (Offer, Instant)>>,
+    learned: Mutex<HashMap<Origin, Learned>>,
 }
 
 impl Protocols {
-    /// The cached offer, if fresh.
-    pub fn cached(&self, dst: SocketAddr, sni: Option<&str>) -> Option<Offer> {
-        let learned = self.learned.lock().ok()?;
-        let (offer, at) = learned.get(&(dst, sni.map(str::to_owned)))?;
-        (at.elapsed() < ALPN_TTL).then_some(*offer)
-    }
-
-    /// Probe the server with a handshake offering h2 and http/1.1 and remember its choice. A
-    /// failed probe offers HTTP/1.1 only and is not remembered: the request that follows meets
-    /// the same failure and reports it to the client.
+    /// What to offer for this origin: remembered, or learned now with a probe handshake
+    /// offering h2 and http/1.1. A failed probe offers HTTP/1.1 only and is remembered for
+    /// [`PROBE_RETRY`]: the request that follows meets the same failure and reports it to the
+    /// client, and a burst of connections to a broken server costs one probe, not one each.
     pub async fn learn(
         &self,
         dst: SocketAddr,
         sni: Option<&str>,
         client: &super::upstream::TlsClient,
     ) -> Offer {
-        if let Some(o) = self.cached(dst, sni) {
-            return o;
-        }
-        let offer = match tokio::time::timeout(PROBE_TIMEOUT, client.probe_alpn(dst, sni)).await {
-            Ok(Ok(alpn)) => {
-                if alpn.as_deref() == Some(H2) {
-                    Offer::H2AndHttp11
-                } else {
-                    Offer::Http11
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(%dst, sni, error = %e, "probing the server's protocols failed");
+        let cell = {
+            let Ok(mut learned) = self.learned.lock() else {
                 return Offer::Http11;
+            };
+            let origin = (dst, sni.map(str::to_owned));
+            let stale = learned
+                .get(&origin)
+                .and_then(|c| c.get())
+                .is_some_and(|(_, until)| *until <= Instant::now());
+            if stale {
+                learned.remove(&origin);
             }
-            Err(_) => {
-                tracing::debug!(%dst, sni, "probing the server's protocols timed out");
-                return Offer::Http11;
-            }
+            learned.entry(origin).or_default().clone()
         };
-        if let Ok(mut learned) = self.learned.lock() {
-            learned.insert((dst, sni.map(str::to_owned)), (offer, Instant::now()));
-        }
-        offer
+        let (offer, _) = cell
+            .get_or_init(|| async {
+                match tokio::time::timeout(PROBE_TIMEOUT, client.probe_alpn(dst, sni)).await {
+                    Ok(Ok(alpn)) => {
+                        let offer = if alpn.as_deref() == Some(H2) {
+                            Offer::H2AndHttp11
+                        } else {
+                            Offer::Http11
+                        };
+                        (offer, Instant::now() + ALPN_TTL)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%dst, sni, error = %e, "probing the server's protocols failed");
+                        (Offer::Http11, Instant::now() + PROBE_RETRY)
+                    }
+                    Err(_) => {
+                        tracing::debug!(%dst, sni, "probing the server's protocols timed out");
+                        (Offer::Http11, Instant::now() + PROBE_RETRY)
+                    }
+                }
+            })
+            .await;
+        *offer
     }
 }
 
