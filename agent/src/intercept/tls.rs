@@ -103,7 +103,16 @@ impl Leaves {
 
     /// The server config presenting the leaf for `name`, offering `offer` in ALPN.
     pub async fn config(&self, name: &LeafName, offer: Offer) -> Result<Arc<ServerConfig>> {
-        let leaf = self.leaf(name).await?;
+        self.config_at(name, offer, SystemTime::now()).await
+    }
+
+    async fn config_at(
+        &self,
+        name: &LeafName,
+        offer: Offer,
+        now: SystemTime,
+    ) -> Result<Arc<ServerConfig>> {
+        let leaf = self.leaf(name, now).await?;
         let slot = match offer {
             Offer::H2AndHttp11 => &leaf.configs[0],
             Offer::Http11 => &leaf.configs[1],
@@ -123,11 +132,10 @@ impl Leaves {
 
     /// Make sure a leaf for `name` is minted (errors surface again from [`Leaves::config`]).
     pub async fn warm(&self, name: &LeafName) {
-        let _ = self.leaf(name).await;
+        let _ = self.leaf(name, SystemTime::now()).await;
     }
 
-    async fn leaf(&self, name: &LeafName) -> Result<Arc<Leaf>> {
-        let now = SystemTime::now();
+    async fn leaf(&self, name: &LeafName, now: SystemTime) -> Result<Arc<Leaf>> {
         let slot = self.slot(name, now);
         let leaf = slot
             .get_or_try_init(|| async {
@@ -303,4 +311,107 @@ pub async fn read_client_hello(stream: TcpStream) -> Result<StartHandshake<TcpSt
     tokio_rustls::LazyConfigAcceptor::new(Acceptor::default(), stream)
         .await
         .map_err(|e| format!("not a TLS ClientHello: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{CaFiles, CaSettings, NextCa};
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    fn dir(name: &str) -> Dir {
+        Dir(std::env::temp_dir().join(format!("mcpwarden-leaves-{name}-{}", std::process::id())))
+    }
+
+    fn leaves(ca: Ca) -> Leaves {
+        Leaves::new(
+            Arc::new(ca),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+    }
+
+    fn generated(d: &Dir) -> Result<Ca> {
+        Ca::load_or_generate(&CaSettings {
+            state_dir: d.0.clone(),
+            ..CaSettings::default()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_mint_per_name_whatever_the_offer_or_the_concurrency() -> Result<()> {
+        let d = dir("once");
+        let leaves = Arc::new(leaves(generated(&d)?));
+        let name = LeafName::Dns("mcp.example.test".into());
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let (leaves, name) = (leaves.clone(), name.clone());
+            let offer = if i % 2 == 0 {
+                Offer::H2AndHttp11
+            } else {
+                Offer::Http11
+            };
+            tasks.push(tokio::spawn(
+                async move { leaves.config(&name, offer).await },
+            ));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        assert_eq!(leaves.minted(), 1);
+        let h2 = leaves.config(&name, Offer::H2AndHttp11).await?;
+        assert_eq!(h2.alpn_protocols, vec![H2.to_vec(), HTTP11.to_vec()]);
+        assert!(Arc::ptr_eq(
+            &h2,
+            &leaves.config(&name, Offer::H2AndHttp11).await?
+        ));
+        assert_eq!(
+            leaves.config(&name, Offer::Http11).await?.alpn_protocols,
+            vec![HTTP11.to_vec()]
+        );
+        leaves
+            .config(&LeafName::Ip("10.1.2.3".parse()?), Offer::Http11)
+            .await?;
+        assert_eq!(leaves.minted(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn leaves_are_reminted_near_expiry_and_at_a_ca_cut_over() -> Result<()> {
+        let (old, new) = (dir("old"), dir("new"));
+        generated(&new)?;
+        let start = SystemTime::now();
+        let from = start + Duration::from_secs(30 * 3600);
+        let ca = Ca::load_or_generate(&CaSettings {
+            state_dir: old.0.clone(),
+            next: Some(NextCa {
+                files: CaFiles {
+                    cert: new.0.join("ca.crt"),
+                    key: new.0.join("ca.key"),
+                },
+                from,
+            }),
+            ..CaSettings::default()
+        })?;
+        let leaves = leaves(ca);
+        let name = LeafName::Dns("a.test".into());
+        leaves.config_at(&name, Offer::Http11, start).await?;
+        // 17 h later 7 h are left: still cached. 19 h later only 5 h: re-minted.
+        leaves
+            .config_at(&name, Offer::Http11, start + Duration::from_secs(17 * 3600))
+            .await?;
+        assert_eq!(leaves.minted(), 1);
+        let at19 = start + Duration::from_secs(19 * 3600);
+        leaves.config_at(&name, Offer::Http11, at19).await?;
+        assert_eq!(leaves.minted(), 2);
+        // The cut-over: the next CA signs, so the cached leaf (good until 19 h + 24 h) goes.
+        let after = leaves.leaf(&name, from + Duration::from_secs(1)).await?;
+        assert_eq!(leaves.minted(), 3);
+        assert_eq!(after.generation, 1);
+        Ok(())
+    }
 }
