@@ -132,7 +132,7 @@ fn ca_install_adds_the_ca_to_the_host_trust_store_and_uninstall_removes_it() {
     let der = ders(&pem).remove(0);
     let anchor = std::fs::read_to_string(DEBIAN_ANCHOR)
         .unwrap_or_else(|e| panic!("{DEBIAN_ANCHOR} after ca install: {e}"));
-    assert_eq!(ders(&anchor), [der.clone()]);
+    assert_eq!(ders(&anchor), std::slice::from_ref(&der));
     let bundle = std::fs::read_to_string(DEBIAN_BUNDLE).expect("read the system bundle");
     assert!(
         ders(&bundle).contains(&der),
