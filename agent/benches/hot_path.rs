@@ -45,6 +45,10 @@
 //!   arguments that go into the audit record. The parser does not look at
 //!   `Content-Type`, so the headers are empty (no routing headers, which is
 //!   the common case).
+//! - `tls/mint_leaf`: one leaf signed by a generated CA (P-256 key generation +
+//!   ECDSA signature) — what the first handshake for a name costs on top of a
+//!   cached one; `tls/cached_leaf_config`: the leaf-cache hit every other
+//!   handshake costs.
 
 use std::fs::OpenOptions;
 use std::hint::black_box;
@@ -253,5 +257,44 @@ fn mcp_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, policy_benches, audit_benches, mcp_benches);
+/// The CA work behind a TLS handshake: minting a leaf (key generation + ECDSA signature), and
+/// the cache hit every later handshake for that name costs.
+fn tls_benches(c: &mut Criterion) {
+    use mcpwarden::ca::{Ca, CaSettings, LeafName};
+    let dir = std::env::temp_dir().join(format!("mcpwarden-bench-ca-{}", std::process::id()));
+    let ca = Ca::load_or_generate(&CaSettings {
+        state_dir: dir.clone(),
+        ..CaSettings::default()
+    })
+    .unwrap_or_else(|e| panic!("generating a CA in {}: {e:#}", dir.display()));
+    let name = LeafName::Dns("mcp.example.test".into());
+    let mut group = c.benchmark_group("tls");
+    group.bench_function("mint_leaf", |b| {
+        b.iter(|| ca.mint(black_box(&name), std::time::SystemTime::now()));
+    });
+    let leaves = mcpwarden::intercept::Leaves::new(
+        std::sync::Arc::new(ca),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let offer = mcpwarden::intercept::Offer::H2AndHttp11;
+    if let Err(e) = rt.block_on(leaves.config(&name, offer)) {
+        panic!("the first config must mint: {e:#}");
+    }
+    group.bench_function("cached_leaf_config", |b| {
+        b.iter(|| rt.block_on(leaves.config(black_box(&name), offer)));
+    });
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(
+    benches,
+    policy_benches,
+    audit_benches,
+    mcp_benches,
+    tls_benches
+);
 criterion_main!(benches);

@@ -46,8 +46,8 @@ use crate::{
     policy::{CallerScope, Decision, Engine, Outcome},
     redirect::{resolve::Routes, Redirected},
 };
-pub use tls::Leaves;
-use tls::{Offer, Protocols};
+use tls::Protocols;
+pub use tls::{Leaves, Offer};
 use upstream::{strip_hop_by_hop, Body, TlsKey, Upstream};
 pub use upstream::{upstream_roots, TlsClient};
 
