@@ -1,5 +1,6 @@
 //! The load generator: MCP Streamable HTTP `tools/call` requests with unique ids over keep-alive
-//! HTTP/1.1 connections (hyper), latency recorded per call in an HDR histogram.
+//! HTTP/1.1 connections (hyper; over TLS when the spec says so, the handshake done before any
+//! call is timed), latency recorded per call in an HDR histogram.
 //!
 //! Two shapes of load:
 //! - closed loop: each connection sends its next call as soon as the previous answer is read
@@ -24,8 +25,11 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
+
+use crate::tls::ClientTls;
 
 /// The tool every call names; the agent's bench policy allows it.
 pub const TOOL: &str = "echo";
@@ -54,6 +58,9 @@ pub struct LoadSpec {
     pub max_calls: u64,
     /// …or after this long, whichever comes first.
     pub duration: Duration,
+    /// Speak TLS (HTTP/1.1 inside) to the target.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
 }
 
 /// What one run measured. Latencies in microseconds.
@@ -78,13 +85,51 @@ pub fn call_body(id: u64) -> Bytes {
     ))
 }
 
-/// Open one keep-alive HTTP/1.1 connection to `target`.
-pub async fn connect(target: SocketAddr) -> Result<SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(target)
-        .await
-        .with_context(|| format!("connecting to {target}"))?;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+/// Opens keep-alive HTTP/1.1 connections to one target, over TLS or not.
+#[derive(Clone)]
+pub struct Dialer {
+    target: SocketAddr,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+}
+
+impl Dialer {
+    pub fn new(target: SocketAddr, tls: Option<&ClientTls>) -> Result<Dialer> {
+        let tls = match tls {
+            None => None,
+            Some(t) => Some((
+                tokio_rustls::TlsConnector::from(crate::tls::client_config(&t.ca_file)?),
+                ServerName::try_from(t.sni.clone())
+                    .with_context(|| format!("{:?} is not a server name", t.sni))?,
+            )),
+        };
+        Ok(Dialer { target, tls })
+    }
+
+    /// Open one keep-alive HTTP/1.1 connection (TLS handshake included).
+    pub async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
+        let target = self.target;
+        let stream = TcpStream::connect(target)
+            .await
+            .with_context(|| format!("connecting to {target}"))?;
+        stream.set_nodelay(true)?;
+        match &self.tls {
+            None => handshake(TokioIo::new(stream)).await,
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .with_context(|| format!("TLS handshake with {target} for {name:?}"))?;
+                handshake(TokioIo::new(tls)).await
+            }
+        }
+    }
+}
+
+async fn handshake<IO>(io: TokioIo<IO>) -> Result<SendRequest<Full<Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .context("HTTP/1.1 handshake")?;
     tokio::spawn(async move {
@@ -126,9 +171,10 @@ struct ConnOutcome {
 
 /// Run `spec` on the current tokio runtime.
 pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
+    let dialer = Dialer::new(spec.target, spec.tls.as_ref())?;
     let mut senders = Vec::with_capacity(spec.conns);
     for _ in 0..spec.conns {
-        senders.push(connect(spec.target).await?);
+        senders.push(dialer.connect().await?);
     }
     // Warm-up: every connection carries a few calls before the clock starts.
     let mut id_base = 1u64;
@@ -144,7 +190,7 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, mut sender) in senders.into_iter().enumerate() {
         let host = spec.host.clone();
-        let target = spec.target;
+        let dialer = dialer.clone();
         let shape = spec.shape;
         let conns = spec.conns as f64;
         // Ids never repeat across connections or runs of one process.
@@ -190,7 +236,7 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
                         out.errors += 1;
                         out.first_error.get_or_insert_with(|| format!("{e:#}"));
                         // A broken connection would fail every later call at once; reopen it.
-                        if let Ok(s) = connect(target).await {
+                        if let Ok(s) = dialer.connect().await {
                             sender = s;
                         }
                     }
@@ -232,9 +278,10 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
 /// Open `conns` connections, make one call on each, report, and hold them open until stdin
 /// closes (the memory scenario measures the agent while they are open).
 pub async fn hold(target: SocketAddr, host: &str, conns: usize) -> Result<()> {
+    let dialer = Dialer::new(target, None)?;
     let mut senders = Vec::with_capacity(conns);
     for i in 0..conns {
-        let mut s = connect(target).await?;
+        let mut s = dialer.connect().await?;
         call(&mut s, host, i as u64 + 1).await?;
         senders.push(s);
     }

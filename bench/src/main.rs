@@ -10,6 +10,8 @@ mod report;
 mod responder;
 mod run;
 mod stats;
+mod tls;
+mod tlsrun;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -31,6 +33,12 @@ enum Cmd {
     Responder {
         #[arg(long)]
         listen: SocketAddr,
+        /// Serve TLS with this certificate chain (PEM)…
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// …and this key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Generate load as described by a JSON `LoadSpec`; prints a JSON `LoadResult`.
     Load {
@@ -46,6 +54,12 @@ enum Cmd {
         target: SocketAddr,
         #[arg(long)]
         count: u64,
+    },
+    /// Time fresh TCP + TLS handshakes as described by a JSON `HandshakeSpec`; prints a JSON
+    /// `HandshakeResult`.
+    Handshake {
+        #[arg(long)]
+        spec: String,
     },
     /// Accept and drop connections on `listen` (the connect() scenario's destination).
     Sink {
@@ -96,7 +110,23 @@ fn main() -> Result<()> {
     raise_nofile();
     match Cli::parse().command {
         Cmd::Run(opts) => run::run(opts),
-        Cmd::Responder { listen } => runtime(2)?.block_on(responder::serve(listen)),
+        Cmd::Responder {
+            listen,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(tls::server_config(&cert, &key)?),
+                _ => None,
+            };
+            runtime(2)?.block_on(responder::serve(listen, tls))
+        }
+        Cmd::Handshake { spec } => {
+            let spec: tls::HandshakeSpec = serde_json::from_str(&spec).context("--spec")?;
+            let result = tls::handshakes(&spec)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
         Cmd::Load { spec, threads } => {
             let spec: load::LoadSpec = serde_json::from_str(&spec).context("--spec")?;
             let result = runtime(threads)?.block_on(load::run(&spec))?;

@@ -1,6 +1,8 @@
 //! A bare nginx reverse-proxy hop: Debian's nginx, one worker, keep-alive to the upstream,
 //! no access log, responses streamed (`proxy_buffering off`, as the interceptor streams them).
-//! It parses HTTP and nothing else: the cost of a generic proxy in the path.
+//! It parses HTTP and nothing else: the cost of a generic proxy in the path. The TLS hop
+//! terminates TLS with a certificate from the bench CA and re-encrypts to the upstream,
+//! verifying it.
 
 use std::{
     net::SocketAddr,
@@ -33,8 +35,57 @@ pub fn version() -> String {
         .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
-fn config(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
+/// What the hop does.
+pub enum Hop<'a> {
+    /// HTTP in, HTTP to `upstream`.
+    Plain { upstream: SocketAddr },
+    /// TLS terminated with `cert`/`key` (a certificate for `name`), then TLS again to `upstream`
+    /// with SNI `name`, verified against `ca`: keep-alive and session reuse towards the upstream,
+    /// as a production TLS hop would be configured.
+    Tls {
+        upstream: SocketAddr,
+        name: &'a str,
+        cert: &'a Path,
+        key: &'a Path,
+        ca: &'a Path,
+    },
+}
+
+fn config(dir: &Path, listen: SocketAddr, hop: &Hop<'_>) -> String {
     let d = dir.display();
+    let (upstream, listen_opts, server_tls, scheme, location_tls) = match hop {
+        Hop::Plain { upstream } => (*upstream, "", String::new(), "http", String::new()),
+        Hop::Tls {
+            upstream,
+            name,
+            cert,
+            key,
+            ca,
+        } => (
+            *upstream,
+            " ssl",
+            format!(
+                r#"
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;"#,
+                cert.display(),
+                key.display()
+            ),
+            "https",
+            format!(
+                r#"
+            proxy_ssl_server_name on;
+            proxy_ssl_name {name};
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 2;
+            proxy_ssl_trusted_certificate {};
+            proxy_ssl_session_reuse on;
+            proxy_ssl_protocols TLSv1.2 TLSv1.3;"#,
+                ca.display()
+            ),
+        ),
+    };
     format!(
         r#"worker_processes 1;
 daemon off;
@@ -57,13 +108,13 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen {listen} reuseport backlog=4096;
+        listen {listen}{listen_opts} reuseport backlog=4096;{server_tls}
         location / {{
-            proxy_pass http://mcp;
+            proxy_pass {scheme}://mcp;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
-            proxy_buffering off;
+            proxy_buffering off;{location_tls}
         }}
     }}
 }}
@@ -72,11 +123,11 @@ http {{
 }
 
 impl Nginx {
-    /// Start nginx in `cgroup`, proxying `listen` → `upstream`; returns once it accepts.
-    pub fn start(cgroup: &Path, listen: SocketAddr, upstream: SocketAddr) -> Result<Nginx> {
+    /// Start nginx in `cgroup`, proxying `listen` → the hop's upstream; returns once it accepts.
+    pub fn start(cgroup: &Path, listen: SocketAddr, hop: &Hop<'_>) -> Result<Nginx> {
         let dir = TempDir::new("nginx");
         let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, config(dir.path(), listen, upstream))?;
+        std::fs::write(&conf, config(dir.path(), listen, hop))?;
         let mut cmd = Command::new(binary());
         cmd.arg("-p")
             .arg(dir.path())
@@ -86,7 +137,10 @@ impl Nginx {
             .arg(&conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::null())
+            // nginx reads $NGINX as a list of inherited listening sockets (its binary upgrade);
+            // ours names the binary (xtask sets it for the bench).
+            .env_remove("NGINX");
         spawn_in_cgroup(&mut cmd, cgroup);
         let child = cmd.spawn().with_context(|| {
             format!(

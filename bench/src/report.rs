@@ -9,6 +9,9 @@ use crate::{
     probe::ConnectResult,
     run::{added, ratio, Measured, Memory, Route, RunOpts, CONNECT_GOAL, ROUTES},
     stats::Spread,
+    tlsrun::{
+        hs_added, FirstConns, TlsFigures, FIRST_GOAL_US, FIRST_KINDS, HANDSHAKE_GOAL_US, HOST,
+    },
 };
 
 pub const BEGIN: &str = "<!-- mcpwarden-bench: generated figures begin -->";
@@ -35,6 +38,7 @@ pub struct Report {
     pub saturation: Vec<[Measured; 3]>,
     pub memory: Vec<Memory>,
     pub criterion: Vec<Estimate>,
+    pub tls: Option<TlsFigures>,
     pub attempts: Vec<(String, usize, Option<String>)>,
     pub agent_log_errors: Vec<String>,
 }
@@ -142,21 +146,27 @@ impl Report {
             self.repeats
         )?;
         self.render_goals(o)?;
-        self.render_connect(o)?;
-        self.render_latency(
-            o,
-            "2a. tools/call on one keep-alive connection (closed loop)",
-            &self.one_conn,
-            false,
-        )?;
-        let title = format!(
-            "2b. tools/call at a fixed {:.0} calls/s over 32 keep-alive connections (open loop)",
-            self.rate
-        );
-        self.render_latency(o, &title, &self.fixed_rate, true)?;
-        self.render_saturation(o)?;
-        self.render_memory(o)?;
+        // Scenarios 1–4 run together, or not at all (`--tls-only`).
+        if !self.connect.is_empty() {
+            self.render_connect(o)?;
+            self.render_latency(
+                o,
+                "2a. tools/call on one keep-alive connection (closed loop)",
+                &self.one_conn,
+                false,
+            )?;
+            let title = format!(
+                "2b. tools/call at a fixed {:.0} calls/s over 32 keep-alive connections (open loop)",
+                self.rate
+            );
+            self.render_latency(o, &title, &self.fixed_rate, true)?;
+            self.render_saturation(o)?;
+            self.render_memory(o)?;
+        }
         self.render_criterion(o)?;
+        if let Some(tls) = &self.tls {
+            self.render_tls(o, tls)?;
+        }
         writeln!(o, "### Repeats and noise\n")?;
         for (name, attempts, noisy) in &self.attempts {
             match noisy {
@@ -188,6 +198,28 @@ impl Report {
         writeln!(o, "### Goals\n")?;
         writeln!(o, "| scenario | goal | mcpwarden | nginx | |")?;
         writeln!(o, "|---|---|---|---|---|")?;
+        if !self.connect.is_empty() {
+            self.plaintext_goals(o)?;
+        }
+        if let Some(p) = self
+            .criterion
+            .iter()
+            .find(|e| e.id.contains("decide_1000_rules") && e.id.contains("allow_listed"))
+        {
+            writeln!(
+                o,
+                "| 5. policy decision, 1,000 rules, p50 | ≤ 2 µs | {:.3} µs | — | {} |",
+                p.median_ns / 1000.0,
+                yes_no(p.median_ns <= 2000.0)
+            )?;
+        }
+        if let Some(tls) = &self.tls {
+            tls_goals(o, tls)?;
+        }
+        writeln!(o)
+    }
+
+    fn plaintext_goals(&self, o: &mut String) -> std::fmt::Result {
         let c = self.connect_ratio();
         writeln!(
             o,
@@ -223,19 +255,7 @@ impl Report {
             "| 3. saturation throughput ÷ direct | ≥ nginx's | {a:.2}× | {n:.2}× | {} |",
             yes_no(a >= n)
         )?;
-        if let Some(p) = self
-            .criterion
-            .iter()
-            .find(|e| e.id.contains("decide_1000_rules") && e.id.contains("allow_listed"))
-        {
-            writeln!(
-                o,
-                "| 5. policy decision, 1,000 rules, p50 | ≤ 2 µs | {:.3} µs | — | {} |",
-                p.median_ns / 1000.0,
-                yes_no(p.median_ns <= 2000.0)
-            )?;
-        }
-        writeln!(o)
+        Ok(())
     }
 
     fn render_connect(&self, o: &mut String) -> std::fmt::Result {
@@ -406,6 +426,124 @@ impl Report {
         writeln!(o)
     }
 
+    fn render_tls(&self, o: &mut String, tls: &TlsFigures) -> std::fmt::Result {
+        writeln!(o, "### 6. TLS on both sides: an `https://` endpoint\n")?;
+        writeln!(
+            o,
+            "The responder serves TLS (rustls, ring; TLS 1.3, X25519, an ECDSA P-256 certificate from a bench CA) for `{HOST}`, which /etc/hosts maps to a bench address, and offers h2 and http/1.1 in ALPN. \
+             Clients (rustls) offer `http/1.1` only and never resume a session, so that every hop speaks HTTP/1.1 (nginx 1.22 proxies to upstreams in HTTP/1.1 only) and every handshake is a full one. \
+             *nginx* terminates TLS with a bench-CA certificate for the same name and re-encrypts to the responder (`proxy_ssl_verify on`, SNI, upstream keep-alive, `proxy_ssl_session_reuse on`). \
+             *mcpwarden* presents a leaf minted from its own CA and forwards over its own verified TLS connection. \
+             Each client trusts one CA only, the bench CA (direct, nginx) or the agent's (mcpwarden), so a successful handshake shows which of them answered.\n"
+        )?;
+        self.render_latency(
+            o,
+            "6a. tools/call on one keep-alive TLS connection (closed loop)",
+            &tls.calls,
+            false,
+        )?;
+
+        writeln!(
+            o,
+            "### 6b. TLS handshake with a cached leaf ({} handshakes per route per repeat)\n",
+            tls.handshakes_per_route
+        )?;
+        writeln!(
+            o,
+            "Fresh TCP + full TLS handshakes to `{HOST}`, one at a time, timed from `connect()` until the client's Finished is sent; each connection is then closed cleanly (not timed) before the next. \
+             Through mcpwarden the leaf for the name and the server's ALPN are already cached (the run fails if the agent mints, or refuses a connection); the time includes the interceptor's per-connection work (the redirect record lookup, the caller's comm and cgroup). \
+             Neither proxy touches the upstream during a handshake: each answers it with its own TLS stack, so *added* compares that stack (and the hop) with the responder's (rustls on a two-thread tokio runtime) and can come out below zero.\n"
+        )?;
+        writeln!(
+            o,
+            "| route | p50 | p99 | mean | added p50 | added p99 | proxy CPU µs per handshake |"
+        )?;
+        writeln!(o, "|---|---|---|---|---|---|---|")?;
+        for route in ROUTES {
+            let i = route_index(route);
+            let pick = |f: fn(&crate::tls::HandshakeResult) -> f64| {
+                spread(tls.handshakes.iter().map(|r| f(&r[i].hs)))
+            };
+            let (add50, add99, cpu) = if route == Route::Direct {
+                ("—".to_owned(), "—".to_owned(), "—".to_owned())
+            } else {
+                (
+                    cell(hs_added(&tls.handshakes, route, |h| h.p50_us), 0),
+                    cell(hs_added(&tls.handshakes, route, |h| h.p99_us), 0),
+                    cell(
+                        spread(
+                            tls.handshakes
+                                .iter()
+                                .filter_map(|r| r[i].proxy_cpu_us_per_handshake),
+                        ),
+                        0,
+                    ),
+                )
+            };
+            writeln!(
+                o,
+                "| {} | {} | {} | {} | {add50} | {add99} | {cpu} |",
+                route.name(),
+                cell(pick(|h| h.p50_us), 0),
+                cell(pick(|h| h.p99_us), 0),
+                cell(pick(|h| h.mean_us), 0),
+            )?;
+        }
+        writeln!(o)?;
+
+        writeln!(
+            o,
+            "### 6c. First connection to a name ({} new names per repeat, a freshly started agent each repeat)\n",
+            tls.names
+        )?;
+        writeln!(
+            o,
+            "The agent is configured with every name at two ports, P and Q, of the same responder address. \
+             For each new name, in order: a handshake at P (the agent mints a leaf for the name and, at the same time, probes (P, name) for its ALPN with a handshake of its own), one at Q (the leaf is cached; (Q, name) is probed), one at P again (both cached). \
+             The same steps run direct, against the same responders. *Median* is over the names of a repeat, *slowest* is the slowest name's time minus the direct median; the run fails unless the agent minted exactly one leaf per new name. \
+             The very first connection after start (to `{HOST}`) is shown apart: it also pays one-time start-up work.\n"
+        )?;
+        writeln!(
+            o,
+            "| handshake | direct, median | mcpwarden, median | added, median | added, slowest |"
+        )?;
+        writeln!(o, "|---|---|---|---|---|")?;
+        let over = |f: &dyn Fn(&FirstConns) -> f64| spread(tls.first.iter().map(f));
+        for (k, kind) in FIRST_KINDS.iter().enumerate() {
+            writeln!(
+                o,
+                "| {kind} | {} | {} | {} | {} |",
+                cell(over(&|f| f.median(k, false)), 0),
+                cell(over(&|f| f.median(k, true)), 0),
+                cell(over(&|f| f.added(k)), 0),
+                cell(over(&|f| f.slowest_added(k)), 0),
+            )?;
+        }
+        writeln!(
+            o,
+            "| first connection after the agent started | {} | {} | {} | — |",
+            cell(over(&|f| f.direct_first), 0),
+            cell(over(&|f| f.agent_first_after_start), 0),
+            cell(over(&|f| f.agent_first_after_start - f.direct_first), 0),
+        )?;
+        let mint = over(&|f| f.median(0, true) - f.median(1, true));
+        let probe = over(&|f| f.median(1, true) - f.median(2, true));
+        write!(
+            o,
+            "\nDifferences of the medians above: the mint's share of a first connection (new name − probe only) {} µs; the ALPN probe's (probe only − both cached) {} µs.",
+            cell(mint, 0),
+            cell(probe, 0)
+        )?;
+        if let Some(e) = self.criterion.iter().find(|e| e.id == "tls/mint_leaf") {
+            write!(
+                o,
+                " In process, a mint alone costs {} (criterion `tls/mint_leaf`).",
+                ns(e.median_ns)
+            )?;
+        }
+        writeln!(o, "\n")
+    }
+
     fn render_criterion(&self, o: &mut String) -> std::fmt::Result {
         writeln!(o, "### 5. In-process costs (criterion)\n")?;
         if self.criterion.is_empty() {
@@ -429,6 +567,62 @@ impl Report {
         }
         writeln!(o)
     }
+}
+
+/// The TLS rows of the goals table.
+fn tls_goals(o: &mut String, tls: &TlsFigures) -> std::fmt::Result {
+    type Pick = fn(&crate::load::LoadResult) -> f64;
+    for (q, f, cap) in [
+        ("p50", (|l| l.p50_us) as Pick, Some(100.0)),
+        ("p99", |l| l.p99_us, Some(500.0)),
+        ("p999", |l| l.p999_us, None),
+    ] {
+        let a = added(&tls.calls, Route::Agent, f).median;
+        let n = added(&tls.calls, Route::Nginx, f).median;
+        let (goal, verdict) = match cap {
+            Some(cap) => (
+                format!("≤ {cap:.0} µs and ≤ nginx's"),
+                match (a <= cap, a <= n) {
+                    (true, true) => "met".to_owned(),
+                    (false, true) => format!("**not met** (> {cap:.0} µs)"),
+                    (true, false) => "**not met** (> nginx's)".to_owned(),
+                    (false, false) => format!("**not met** (> {cap:.0} µs, > nginx's)"),
+                },
+            ),
+            None => ("≤ nginx's".to_owned(), yes_no(a <= n).to_owned()),
+        };
+        writeln!(
+            o,
+            "| 6a. TLS, one connection: added {q} latency | {goal} | {a:+.1} µs | {n:+.1} µs | {verdict} |"
+        )?;
+    }
+    type HsPick = fn(&crate::tls::HandshakeResult) -> f64;
+    for (q, f) in [("p50", (|h| h.p50_us) as HsPick), ("p99", |h| h.p99_us)] {
+        let a = hs_added(&tls.handshakes, Route::Agent, f).median;
+        let n = hs_added(&tls.handshakes, Route::Nginx, f).median;
+        writeln!(
+            o,
+            "| 6b. TLS handshake, cached leaf: added {q} | ≤ {:.0} ms | {:+.2} ms | {:+.2} ms | {} |",
+            HANDSHAKE_GOAL_US / 1000.0,
+            a / 1000.0,
+            n / 1000.0,
+            yes_no(a <= HANDSHAKE_GOAL_US)
+        )?;
+    }
+    let median = |f: &dyn Fn(&FirstConns) -> f64| spread(tls.first.iter().map(f)).median;
+    for (label, v) in [
+        ("median of the names", median(&|f| f.added(0))),
+        ("slowest name", median(&|f| f.slowest_added(0))),
+    ] {
+        writeln!(
+            o,
+            "| 6c. first connection to a new name (mint + ALPN probe), added, {label} | ≤ {:.0} ms | {:+.2} ms | — | {} |",
+            FIRST_GOAL_US / 1000.0,
+            v / 1000.0,
+            yes_no(v <= FIRST_GOAL_US)
+        )?;
+    }
+    Ok(())
 }
 
 fn ns(v: f64) -> String {

@@ -9,6 +9,9 @@
 //!
 //! The agent path is checked, not assumed: the audit log must gain one `request` record per
 //! call, and the direct and nginx paths must add none.
+//!
+//! Scenario 6 (TLS, [`crate::tlsrun`]) runs last: it adds TLS responders and a TLS-terminating
+//! nginx, and restarts the agent with `https://` endpoints.
 
 use std::{
     io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
@@ -23,7 +26,7 @@ use mcpwarden_tests::{free_port, require_root, spawn_in_cgroup, Agent, AgentOpts
 
 use crate::{
     load::{LoadResult, LoadSpec, Shape, PATH},
-    nginx::Nginx,
+    nginx::{Hop, Nginx},
     probe::ConnectResult,
     report::{self, Report},
     stats::Spread,
@@ -46,13 +49,17 @@ pub struct RunOpts {
     /// The command line to print in the report.
     #[arg(long, default_value = "cargo xtask bench")]
     pub command: String,
+    /// Run scenario 6 (TLS) alone: for working on the TLS harness; the report's other
+    /// sections are empty.
+    #[arg(long, hide = true)]
+    pub tls_only: bool,
 }
 
 /// The bench policy: the one tool the load calls is allowed; everything else is denied.
 const POLICY: &str = r#"{"version":"1","default":"deny","tools":{"echo":{}}}"#;
 
 /// Bench addresses: 127.0.0.220+, above every index the integration tests use.
-fn bench_ip(i: u8) -> Ipv4Addr {
+pub fn bench_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 220 + i)
 }
 
@@ -91,7 +98,7 @@ pub struct Memory {
 }
 
 /// A child process killed on drop.
-struct Proc(Child);
+pub struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -100,11 +107,13 @@ impl Drop for Proc {
     }
 }
 
-/// Counts `request` records appended to the audit log since the last look.
+/// Counts `request` records appended to the audit log since the last look (and `refused`
+/// records since the start).
 struct AuditCounter {
     path: PathBuf,
     offset: u64,
     carry: Vec<u8>,
+    refused: u64,
 }
 
 impl AuditCounter {
@@ -113,6 +122,7 @@ impl AuditCounter {
             path: agent.audit_path().to_path_buf(),
             offset: 0,
             carry: Vec::new(),
+            refused: 0,
         }
     }
 
@@ -130,25 +140,31 @@ impl AuditCounter {
         // Only complete lines count; a partial last line waits for the next look.
         let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         self.carry = buf.split_off(end);
-        let needle = br#""event":"request""#;
-        Ok(buf
-            .split(|&b| b == b'\n')
-            .filter(|line| line.windows(needle.len()).any(|w| w == needle))
-            .count() as u64)
+        let count = |needle: &[u8]| {
+            buf.split(|&b| b == b'\n')
+                .filter(|line| line.windows(needle.len()).any(|w| w == needle))
+                .count() as u64
+        };
+        self.refused += count(br#""event":"refused""#);
+        Ok(count(br#""event":"request""#))
     }
 }
 
 pub struct Bench {
-    quick: bool,
-    exe: PathBuf,
-    redirected: PathBuf,
-    plain: PathBuf,
+    pub quick: bool,
+    pub exe: PathBuf,
+    pub redirected: PathBuf,
+    pub plain: PathBuf,
     upstream: SocketAddr,
     nginx: Nginx,
-    agent: Agent,
+    pub agent: Agent,
     audit: AuditCounter,
     agent_bin: PathBuf,
     agent_cgroup: PathBuf,
+    /// What the agent is (re)started with: its endpoints and extra arguments.
+    agent_config: AgentConfig,
+    /// ERROR lines of the agents stopped so far.
+    pub agent_log_errors: Vec<String>,
     /// Where the connect() scenario dials: an accept-and-drop listener in `plain`.
     sink_addr: SocketAddr,
     _sink: Proc,
@@ -158,7 +174,7 @@ pub struct Bench {
 }
 
 /// Run `cmd` in `cgroup`, wait, and return its last stdout line; stderr is passed through.
-fn child_output(mut cmd: Command, cgroup: &Path) -> Result<String> {
+pub fn child_output(mut cmd: Command, cgroup: &Path) -> Result<String> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     spawn_in_cgroup(&mut cmd, cgroup);
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -191,7 +207,7 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     })
 }
 
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some(proc_stat(pid)?.cpu_ticks as f64 / hz.max(1) as f64)
@@ -207,17 +223,19 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Start `exe SUBCOMMAND --listen IP:0` in `cgroup` and read the `listening ADDR` line.
-fn spawn_listening(
+/// Start `exe SUBCOMMAND --listen IP:0 EXTRA…` in `cgroup` and read the `listening ADDR` line.
+pub fn spawn_listening(
     exe: &Path,
     subcommand: &str,
     ip: Ipv4Addr,
     cgroup: &Path,
+    extra: &[&std::ffi::OsStr],
 ) -> Result<(Proc, SocketAddr)> {
     let mut cmd = Command::new(exe);
     cmd.arg(subcommand)
         .arg("--listen")
         .arg(SocketAddr::new(ip.into(), 0).to_string())
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     spawn_in_cgroup(&mut cmd, cgroup);
@@ -239,24 +257,45 @@ fn spawn_listening(
     Ok((proc, addr))
 }
 
+/// The agent's endpoints (each with the bench policy) and extra arguments.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub endpoints: Vec<String>,
+    pub extra: Vec<String>,
+}
+
+impl AgentConfig {
+    fn plain(upstream: SocketAddr) -> AgentConfig {
+        AgentConfig {
+            endpoints: vec![format!("http://{upstream}{PATH}")],
+            extra: Vec::new(),
+        }
+    }
+}
+
 fn start_agent(
     bin: &Path,
-    upstream: SocketAddr,
+    config: &AgentConfig,
     redirected: &Path,
     agent_cgroup: &Path,
 ) -> Result<Agent> {
     let bin = bin
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("agent path is not UTF-8"))?;
-    Ok(Agent::start(
+    Ok(Agent::start_with(
         bin,
         AgentOpts {
             name: "bench".into(),
-            endpoints: vec![(format!("http://{upstream}{PATH}"), POLICY.into())],
+            endpoints: config
+                .endpoints
+                .iter()
+                .map(|url| (url.clone(), POLICY.to_owned()))
+                .collect(),
             listen: vec![SocketAddr::new(bench_ip(2).into(), 0)],
             cgroup: redirected.to_path_buf(),
             agent_cgroup: agent_cgroup.to_path_buf(),
         },
+        &config.extra,
     ))
 }
 
@@ -268,15 +307,16 @@ impl Bench {
         let redirected = cgroup.child("redirected");
         let plain = cgroup.child("plain");
 
-        let (responder, upstream) = spawn_listening(&exe, "responder", bench_ip(0), &plain)?;
-        let (sink, sink_addr) = spawn_listening(&exe, "sink", bench_ip(3), &plain)?;
+        let (responder, upstream) = spawn_listening(&exe, "responder", bench_ip(0), &plain, &[])?;
+        let (sink, sink_addr) = spawn_listening(&exe, "sink", bench_ip(3), &plain, &[])?;
 
         let nginx_addr = SocketAddr::new(bench_ip(1).into(), free_port(bench_ip(1)));
-        let nginx = Nginx::start(&plain, nginx_addr, upstream)?;
+        let nginx = Nginx::start(&plain, nginx_addr, &Hop::Plain { upstream })?;
 
         let agent_bin = opts.agent.clone();
         let agent_cgroup = cgroup.path().join("agent");
-        let agent = start_agent(&agent_bin, upstream, &redirected, &agent_cgroup)?;
+        let agent_config = AgentConfig::plain(upstream);
+        let agent = start_agent(&agent_bin, &agent_config, &redirected, &agent_cgroup)?;
         let audit = AuditCounter::new(&agent);
         Ok(Bench {
             quick: opts.quick,
@@ -289,6 +329,8 @@ impl Bench {
             audit,
             agent_bin,
             agent_cgroup,
+            agent_config,
+            agent_log_errors: Vec::new(),
             sink_addr,
             _sink: sink,
             _responder: responder,
@@ -296,7 +338,7 @@ impl Bench {
         })
     }
 
-    fn agent_pid(&self) -> Result<u32> {
+    pub fn agent_pid(&self) -> Result<u32> {
         self.agent
             .pid()
             .ok_or_else(|| anyhow::anyhow!("the agent is not running"))
@@ -338,15 +380,28 @@ impl Bench {
             warmup: 20,
             max_calls,
             duration: Duration::from_secs_f64(secs),
+            tls: None,
         };
+        let proxy = self.proxy_pid(route)?;
+        self.measure(route, &cgroup, proxy, &spec)
+    }
+
+    /// Run `spec` in `cgroup`, with the CPU time of `proxy` over it; on the agent route every
+    /// call must have been audited, on the others none.
+    pub fn measure(
+        &mut self,
+        route: Route,
+        cgroup: &Path,
+        proxy: Option<u32>,
+        spec: &LoadSpec,
+    ) -> Result<Measured> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("load")
             .arg("--spec")
-            .arg(serde_json::to_string(&spec)?);
+            .arg(serde_json::to_string(spec)?);
         self.audit.new_requests()?;
-        let proxy = self.proxy_pid(route)?;
         let cpu_before = proxy.and_then(cpu_seconds);
-        let line = child_output(cmd, &cgroup)?;
+        let line = child_output(cmd, cgroup)?;
         let cpu_after = proxy.and_then(cpu_seconds);
         let load: LoadResult =
             serde_json::from_str(&line).with_context(|| format!("load result {line:?}"))?;
@@ -355,7 +410,7 @@ impl Bench {
         }
         // Records are written before each call is forwarded, so they are all there by now.
         let audited = self.audit.new_requests()?;
-        let sent = load.calls + spec.warmup * conns as u64;
+        let sent = load.calls + spec.warmup * spec.conns as u64;
         match route {
             Route::Agent if audited < sent => bail!(
                 "the agent audited {audited} calls of the {sent} sent: the load did not go through it"
@@ -395,11 +450,12 @@ impl Bench {
 
     /// Replace the agent with a fresh one (the memory scenario measures from a clean start:
     /// allocators keep what earlier scenarios used).
-    fn restart_agent(&mut self) -> Result<()> {
+    pub fn restart_agent(&mut self) -> Result<()> {
         self.agent.terminate();
+        self.agent_log_errors.extend(log_errors(&self.agent));
         self.agent = start_agent(
             &self.agent_bin,
-            self.upstream,
+            &self.agent_config,
             &self.redirected,
             &self.agent_cgroup,
         )?;
@@ -440,6 +496,19 @@ impl Bench {
         Ok(rss)
     }
 
+    /// `refused` audit records of the current agent so far (connections or requests it
+    /// turned away).
+    pub fn audit_refused(&mut self) -> Result<u64> {
+        self.audit.new_requests()?;
+        Ok(self.audit.refused)
+    }
+
+    /// From now on, (re)start the agent with `config`, starting with a restart now.
+    pub fn reconfigure_agent(&mut self, config: AgentConfig) -> Result<()> {
+        self.agent_config = config;
+        self.restart_agent()
+    }
+
     fn memory(&mut self, conns: usize) -> Result<Memory> {
         self.restart_agent()?;
         // Start-up work (parsing the kernel's BTF to load the programs) is transient: let the
@@ -462,7 +531,7 @@ impl Bench {
 
 /// Repeat `one` `repeats` times; when `noisy` says the figures cannot carry their claim, run the
 /// whole scenario again (up to `attempts` times) and keep the last set.
-fn repeated<T>(
+pub fn repeated<T>(
     name: &str,
     repeats: usize,
     attempts: usize,
@@ -526,8 +595,8 @@ fn rotation(r: usize) -> [Route; 3] {
     order
 }
 
-fn three(mut f: impl FnMut(Route) -> Result<Measured>, r: usize) -> Result<[Measured; 3]> {
-    let mut out: [Measured; 3] = Default::default();
+pub fn three<T: Default>(mut f: impl FnMut(Route) -> Result<T>, r: usize) -> Result<[T; 3]> {
+    let mut out: [T; 3] = Default::default();
     for route in rotation(r) {
         let i = ROUTES.iter().position(|&x| x == route).unwrap_or(0);
         out[i] = f(route)?;
@@ -549,7 +618,10 @@ pub fn ratio(runs: &[[Measured; 3]], route: Route, f: impl Fn(&LoadResult) -> f6
     Spread::of(&v).unwrap_or_default()
 }
 
-fn noisy_added(runs: &[[Measured; 3]], f: impl Fn(&LoadResult) -> f64 + Copy) -> Option<String> {
+pub fn noisy_added(
+    runs: &[[Measured; 3]],
+    f: impl Fn(&LoadResult) -> f64 + Copy,
+) -> Option<String> {
     for route in [Route::Nginx, Route::Agent] {
         let s = added(runs, route, f);
         if s.noisier_than(s.median) {
@@ -573,6 +645,54 @@ pub fn run(opts: RunOpts) -> Result<()> {
     let mut report = Report::new(&opts, repeats);
     report.rate = RATE;
 
+    if !opts.tls_only {
+        plaintext(&mut bench, &mut report, repeats, attempts)?;
+    }
+
+    // 6. TLS on both sides: latency on one connection, handshakes, first connections.
+    let tls = crate::tlsrun::run(&mut bench, repeats, attempts)?;
+    report.attempts.extend(tls.attempts.iter().cloned());
+    report.tls = Some(tls);
+
+    bench.agent.assert_running();
+    let mut errors = std::mem::take(&mut bench.agent_log_errors);
+    errors.extend(log_errors(&bench.agent));
+    report.agent_log_errors = errors.into_iter().take(5).collect();
+    drop(bench);
+
+    if let Some(dir) = &opts.criterion {
+        report.criterion = report::read_criterion(dir)?;
+    }
+    let text = report.render();
+    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let existing = std::fs::read_to_string(&opts.out).unwrap_or_default();
+    std::fs::write(&opts.out, report::splice(&existing, &text))
+        .with_context(|| format!("writing {}", opts.out.display()))?;
+    println!("{text}");
+    eprintln!("mcpwarden-bench: report written to {}", opts.out.display());
+    Ok(())
+}
+
+/// The ERROR lines of an agent's log.
+fn log_errors(agent: &Agent) -> Vec<String> {
+    agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Scenarios 1–4: plaintext HTTP.
+fn plaintext(
+    bench: &mut Bench,
+    report: &mut Report,
+    repeats: usize,
+    attempts: usize,
+) -> Result<()> {
+    let quick = bench.quick;
     // 1. connect() to a non-endpoint destination, programs attached vs not.
     let count = if quick { 2_000 } else { 20_000 };
     eprintln!("mcpwarden-bench: connect() latency ({count} connects × {repeats} × 2)");
@@ -616,7 +736,7 @@ pub fn run(opts: RunOpts) -> Result<()> {
         max_calls: calls,
         secs: 60.0,
     };
-    let (runs, n, why) = plan.run(&mut bench, "one connection", |runs| {
+    let (runs, n, why) = plan.run(bench, "one connection", |runs| {
         noisy_added(runs, |l| l.p50_us)
     })?;
     report.one_conn = runs;
@@ -636,9 +756,7 @@ pub fn run(opts: RunOpts) -> Result<()> {
         max_calls: u64::MAX,
         secs,
     };
-    let (runs, n, why) = plan.run(&mut bench, "fixed rate", |runs| {
-        noisy_added(runs, |l| l.p50_us)
-    })?;
+    let (runs, n, why) = plan.run(bench, "fixed rate", |runs| noisy_added(runs, |l| l.p50_us))?;
     report.fixed_rate = runs;
     report.note_attempts("fixed rate", n, why);
 
@@ -653,7 +771,7 @@ pub fn run(opts: RunOpts) -> Result<()> {
         max_calls: u64::MAX,
         secs,
     };
-    let (runs, n, why) = plan.run(&mut bench, "saturation", |runs| {
+    let (runs, n, why) = plan.run(bench, "saturation", |runs| {
         let s = ratio(runs, Route::Agent, |l| l.calls_per_s);
         s.noisier_than(1.0 - s.median).then(|| {
             format!(
@@ -673,30 +791,6 @@ pub fn run(opts: RunOpts) -> Result<()> {
         memory.push(bench.memory(conns)?);
     }
     report.memory = memory;
-
-    bench.agent.assert_running();
-    report.agent_log_errors = bench
-        .agent
-        .log()
-        .lines()
-        .filter(|l| l.contains("ERROR"))
-        .take(5)
-        .map(str::to_owned)
-        .collect();
-    drop(bench);
-
-    if let Some(dir) = &opts.criterion {
-        report.criterion = report::read_criterion(dir)?;
-    }
-    let text = report.render();
-    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let existing = std::fs::read_to_string(&opts.out).unwrap_or_default();
-    std::fs::write(&opts.out, report::splice(&existing, &text))
-        .with_context(|| format!("writing {}", opts.out.display()))?;
-    println!("{text}");
-    eprintln!("mcpwarden-bench: report written to {}", opts.out.display());
     Ok(())
 }
 
