@@ -102,6 +102,10 @@ struct RunArgs {
     /// PEM roots trusted for every https:// --endpoint, besides the system's.
     #[arg(long = "upstream-ca", value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
+    /// Do not probe https servers and mint their leaves at start: each origin's first client
+    /// connection then waits for both (measuring that cold path is what this is for).
+    #[arg(long = "no-tls-prewarm")]
+    no_tls_prewarm: bool,
 }
 
 /// Entry point of the `mcpwarden` binary.
@@ -189,6 +193,7 @@ async fn run(args: RunArgs) -> Result<()> {
         workers: args.workers,
         state_dir: args.state_dir,
         upstream_ca: args.upstream_ca,
+        tls_prewarm: args.no_tls_prewarm.then_some(false),
     })?;
     let agent = Agent::start(&config).await?;
     tracing::info!(
@@ -393,11 +398,27 @@ impl Agent {
             terminator,
         });
         // The workers first: if they cannot start, nothing has been spawned yet.
-        let serve = interceptor.serve(listeners, config.workers)?;
-        let tasks = vec![
-            tokio::spawn(resolver.run(redirector.clone(), routes)),
+        let serve = interceptor.clone().serve(listeners, config.workers)?;
+        let mut tasks = vec![
+            tokio::spawn(resolver.run(redirector.clone(), routes.clone())),
             tokio::spawn(serve),
         ];
+        if let Some(terminator) = interceptor
+            .terminator
+            .clone()
+            .filter(|_| config.tls_prewarm)
+        {
+            let interceptor = interceptor.clone();
+            tasks.push(tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let origins = terminator.prewarm(&interceptor.servers, &routes).await;
+                tracing::info!(
+                    origins,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "TLS origins prewarmed: protocols probed, leaves minted"
+                );
+            }));
+        }
         Ok(Agent {
             listen,
             redirector,

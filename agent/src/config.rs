@@ -9,6 +9,7 @@
 //! max_body_bytes: 4194304
 //! workers: 2                                   # interceptor threads (default: one per CPU)
 //! state_dir: /var/lib/mcpwarden                # the generated CA lives here
+//! tls_prewarm: true                            # probe https servers and mint their leaves at start
 //! ca:                                          # optional: an existing CA instead (e.g. a Secret)
 //!   cert: /etc/mcpwarden/ca/tls.crt
 //!   key: /etc/mcpwarden/ca/tls.key
@@ -142,6 +143,9 @@ pub struct Config {
     pub servers: Vec<Server>,
     /// Where the CA comes from (used when some server is `https://`).
     pub ca: CaSettings,
+    /// Learn what each https origin speaks and mint its leaf at start (default), rather than on
+    /// its first connection.
+    pub tls_prewarm: bool,
 }
 
 /// What the command line contributes; `Some`/non-empty values override the file.
@@ -159,6 +163,7 @@ pub struct Flags {
     pub state_dir: Option<PathBuf>,
     /// Trusted for every `https://` `--endpoint`, besides the system roots.
     pub upstream_ca: Option<PathBuf>,
+    pub tls_prewarm: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +177,7 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     workers: Option<usize>,
     state_dir: Option<PathBuf>,
+    tls_prewarm: Option<bool>,
     ca: Option<FileCa>,
     #[serde(default)]
     servers: Vec<FileServer>,
@@ -248,7 +254,7 @@ impl Config {
         let mut listen = flags.listen.clone();
         let (mut audit, mut cgroup, mut agent_cgroup, mut max_body, mut workers) =
             (None, None, None, None, None);
-        let (mut state_dir, mut file_ca) = (None, None);
+        let (mut state_dir, mut file_ca, mut tls_prewarm) = (None, None, None);
         if let Some(f) = file {
             for s in f.servers {
                 let name = s
@@ -270,6 +276,7 @@ impl Config {
             }
             state_dir = f.state_dir;
             file_ca = f.ca;
+            tls_prewarm = f.tls_prewarm;
             if listen.is_empty() {
                 listen = f.listen;
             }
@@ -334,6 +341,7 @@ impl Config {
                 &servers,
             )?,
             servers,
+            tls_prewarm: flags.tls_prewarm.or(tls_prewarm).unwrap_or(true),
         };
         config.validate()?;
         Ok(config)

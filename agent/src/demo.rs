@@ -213,6 +213,7 @@ pub async fn run() -> Result<()> {
             state_dir: dir.join("state"),
             ..Default::default()
         },
+        tls_prewarm: true,
     };
     println!("mcpwarden demo");
     println!("  sample MCP server : {url}");

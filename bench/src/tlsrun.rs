@@ -191,7 +191,13 @@ impl TlsWorld {
         }
         AgentConfig {
             endpoints,
-            extra: vec!["--upstream-ca".into(), self.ca_file.display().to_string()],
+            // 6c measures the cold path (probe + mint on a first connection), which the agent
+            // otherwise does for configured origins at start.
+            extra: vec![
+                "--upstream-ca".into(),
+                self.ca_file.display().to_string(),
+                "--no-tls-prewarm".into(),
+            ],
         }
     }
 

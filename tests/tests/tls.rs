@@ -61,7 +61,7 @@ impl TlsRig {
     /// Servers as asked, each at `https://t<index>.mcpwarden.test:<port>/mcp` (or the address
     /// when `by_ip`), and an agent protecting them with [`POLICY`], trusting the upstream CA.
     fn start(name: &str, index: u8, upstreams: Vec<Upstream>, by_ip: bool) -> TlsRig {
-        Self::start_with(name, index, upstreams, by_ip, None)
+        Self::start_with(name, index, upstreams, by_ip, None, &[])
     }
 
     /// With `config`: the agent reads this YAML (its `servers:` replacing the --endpoint
@@ -72,6 +72,7 @@ impl TlsRig {
         upstreams: Vec<Upstream>,
         by_ip: bool,
         config: Option<&str>,
+        agent_args: &[&str],
     ) -> TlsRig {
         require_root();
         let files = mcpwarden_tests::TempDir::new(&format!("tls-{name}"));
@@ -110,7 +111,7 @@ impl TlsRig {
             .collect();
         let listen_v4 = mcpwarden_tests::free_addr(ip);
         let listen_v6 = mcpwarden_tests::free_addr(std::net::Ipv6Addr::LOCALHOST);
-        let (endpoints, extra) = match config {
+        let (endpoints, mut extra) = match config {
             None => (
                 urls.iter()
                     .map(|u| (u.clone(), POLICY.to_string()))
@@ -135,6 +136,7 @@ impl TlsRig {
                 )
             }
         };
+        extra.extend(agent_args.iter().map(|a| a.to_string()));
         let agent = Agent::start_with(
             AGENT_BIN,
             AgentOpts {
@@ -251,12 +253,38 @@ fn assert_policy_applies(rig: &TlsRig, mode: &str, url: &str) {
 #[test]
 fn https_by_hostname_is_under_policy_over_http1_and_http2() {
     let rig = TlsRig::start("tls-name", 40, vec![Upstream::good()], false);
+    // By default the agent probes the server and mints its leaf at start, before any client.
+    let warmed = mcpwarden_tests::wait_for(AUDIT_WAIT, || {
+        rig.agent
+            .log()
+            .contains("TLS origins prewarmed")
+            .then_some(())
+    });
+    assert!(
+        warmed.is_some(),
+        "no prewarm at start:\n{}",
+        rig.agent.log()
+    );
+    assert_eq!(
+        rig.agent.log().matches("minted a leaf certificate").count(),
+        1
+    );
+    assert!(rig
+        .server()
+        .alpns()
+        .iter()
+        .any(|a| a.as_deref() == Some("h2")));
     let url = rig.url(0);
     for mode in ["call-h1", "call-h2", "call"] {
         assert_policy_applies(&rig, mode, &url);
     }
     let server = rig.server();
     assert_eq!(server.calls("echo"), 3);
+    assert_eq!(
+        rig.agent.log().matches("minted a leaf certificate").count(),
+        1,
+        "the prewarmed leaf serves every connection"
+    );
     server.assert_not_reached("drop_cluster");
     server.assert_not_reached("secret_dump");
     let alpns = server.alpns();
@@ -392,10 +420,22 @@ fn unconfigured_names_and_non_tls_bytes_are_refused() {
     assert_eq!(rig.server().http_requests(), 0);
 }
 
-/// 100 concurrent first connections for one name: one leaf minted, the same one presented to all.
+/// 100 concurrent first connections for one name (no prewarm at start): one leaf minted, the
+/// same one presented to all.
 #[test]
 fn one_mint_for_100_concurrent_first_connections() {
-    let rig = TlsRig::start("tls-mint", 43, vec![Upstream::good()], false);
+    let rig = TlsRig::start_with(
+        "tls-mint",
+        43,
+        vec![Upstream::good()],
+        false,
+        None,
+        &["--no-tls-prewarm"],
+    );
+    assert_eq!(
+        rig.agent.log().matches("minted a leaf certificate").count(),
+        0
+    );
     let addr = rig.server().addr().to_string();
     let ca = rig.agent_ca();
     let run = rig.client(&["tls-handshakes", &addr, &rig.host, &ca, "100"]);
@@ -526,6 +566,7 @@ fn passthrough_servers_are_forwarded_untouched_and_audited() {
         vec![Upstream::good()],
         false,
         Some("servers:\n  - name: passed\n    url: {URL0}\n    policy: {POLICY}\n    tls: passthrough\n"),
+        &[],
     );
     let upstream_ca = rig
         .files

@@ -89,15 +89,43 @@ pub struct ServerTls {
 /// TLS termination: the minted leaves and what each server speaks.
 pub struct Terminator {
     pub leaves: Leaves,
-    protocols: Protocols,
+    protocols: Arc<Protocols>,
 }
 
 impl Terminator {
     pub fn new(leaves: Leaves) -> Terminator {
         Terminator {
             leaves,
-            protocols: Protocols::default(),
+            protocols: Arc::default(),
         }
+    }
+
+    /// Learn what each configured https origin at its resolved addresses speaks, and mint its
+    /// leaf, before clients ask: their first handshakes then wait for neither.
+    /// Returns how many origins were warmed.
+    pub async fn prewarm(&self, servers: &[Server], routes: &Routes) -> usize {
+        let mut origins = 0;
+        for (dst, indices) in routes.table() {
+            for s in indices.iter().filter_map(|&i| servers.get(i)) {
+                let Some(tls) = s.tls.as_ref().filter(|t| !t.passthrough) else {
+                    continue;
+                };
+                // Clients of a server configured by address send no SNI.
+                let (sni, name) = match tls.host.parse::<std::net::IpAddr>() {
+                    Ok(_) => (None, crate::ca::LeafName::Ip(dst.ip())),
+                    Err(_) => (
+                        Some(tls.host.as_str()),
+                        crate::ca::LeafName::Dns(tls.host.clone()),
+                    ),
+                };
+                tokio::join!(
+                    self.protocols.learn(dst, sni, &tls.client),
+                    self.leaves.warm(&name)
+                );
+                origins += 1;
+            }
+        }
+        origins
     }
 }
 

@@ -8,8 +8,10 @@
 //! a CA rotation has moved signing to the next CA.
 //!
 //! What the server speaks (h2 or only HTTP/1.1) is learned by one probe handshake per
-//! (destination, SNI) and cached for [`ALPN_TTL`], so a client handshake waits for the upstream
-//! only the first time (and concurrent first connections wait on one probe).
+//! (destination, SNI) and cached for [`ALPN_TTL`], then refreshed in the background while the
+//! old answer is served. The agent probes (and mints for) every configured origin at start, so
+//! a client handshake waits for the upstream only for an origin first seen later (an address
+//! DNS added), and concurrent first connections wait on one probe.
 
 use std::{
     collections::HashMap,
@@ -198,61 +200,93 @@ type Origin = (SocketAddr, Option<String>);
 /// What one origin speaks, and until when that is believed.
 type Learned = Arc<tokio::sync::OnceCell<(Offer, Instant)>>;
 
-/// What servers at (destination, SNI) speak, learned by probing: one probe per origin at a
-/// time, however many first connections arrive together.
+struct Entry {
+    learned: Learned,
+    /// A background probe is replacing a stale answer.
+    refreshing: bool,
+}
+
+/// What servers at (destination, SNI) speak, learned by probing. Only the first connection to
+/// an origin waits for a probe (concurrent first connections wait on the same one); a stale
+/// answer keeps being used while a background probe replaces it.
 #[derive(Default)]
 pub struct Protocols {
-    learned: Mutex<HashMap<Origin, Learned>>,
+    learned: Mutex<HashMap<Origin, Entry>>,
 }
 
 impl Protocols {
-    /// What to offer for this origin: remembered, or learned now with a probe handshake
-    /// offering h2 and http/1.1. A failed probe offers HTTP/1.1 only and is remembered for
+    /// What to offer for this origin. A failed probe offers HTTP/1.1 only and is believed for
     /// [`PROBE_RETRY`]: the request that follows meets the same failure and reports it to the
     /// client, and a burst of connections to a broken server costs one probe, not one each.
     pub async fn learn(
-        &self,
+        self: &Arc<Self>,
         dst: SocketAddr,
         sni: Option<&str>,
-        client: &super::upstream::TlsClient,
+        client: &Arc<super::upstream::TlsClient>,
     ) -> Offer {
-        let cell = {
-            let Ok(mut learned) = self.learned.lock() else {
+        let origin = (dst, sni.map(str::to_owned));
+        let learned = {
+            let Ok(mut map) = self.learned.lock() else {
                 return Offer::Http11;
             };
-            let origin = (dst, sni.map(str::to_owned));
-            let stale = learned
-                .get(&origin)
-                .and_then(|c| c.get())
-                .is_some_and(|(_, until)| *until <= Instant::now());
-            if stale {
-                learned.remove(&origin);
-            }
-            learned.entry(origin).or_default().clone()
-        };
-        let (offer, _) = cell
-            .get_or_init(|| async {
-                match tokio::time::timeout(PROBE_TIMEOUT, client.probe_alpn(dst, sni)).await {
-                    Ok(Ok(alpn)) => {
-                        let offer = if alpn.as_deref() == Some(H2) {
-                            Offer::H2AndHttp11
-                        } else {
-                            Offer::Http11
-                        };
-                        (offer, Instant::now() + ALPN_TTL)
+            let entry = map.entry(origin.clone()).or_insert_with(|| Entry {
+                learned: Learned::default(),
+                refreshing: false,
+            });
+            match entry.learned.get() {
+                Some((offer, until)) if *until > Instant::now() => return *offer,
+                Some((offer, _)) => {
+                    if !entry.refreshing {
+                        entry.refreshing = true;
+                        tokio::spawn(self.clone().refresh(origin, client.clone()));
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%dst, sni, error = %e, "probing the server's protocols failed");
-                        (Offer::Http11, Instant::now() + PROBE_RETRY)
-                    }
-                    Err(_) => {
-                        tracing::debug!(%dst, sni, "probing the server's protocols timed out");
-                        (Offer::Http11, Instant::now() + PROBE_RETRY)
-                    }
+                    return *offer;
                 }
-            })
-            .await;
+                None => entry.learned.clone(),
+            }
+        };
+        let (offer, _) = learned.get_or_init(|| probe(dst, sni, client)).await;
         *offer
+    }
+
+    async fn refresh(self: Arc<Self>, origin: Origin, client: Arc<super::upstream::TlsClient>) {
+        let answer = probe(origin.0, origin.1.as_deref(), &client).await;
+        if let Ok(mut map) = self.learned.lock() {
+            map.insert(
+                origin,
+                Entry {
+                    learned: Arc::new(tokio::sync::OnceCell::new_with(Some(answer))),
+                    refreshing: false,
+                },
+            );
+        }
+    }
+}
+
+/// One probe handshake offering h2 and http/1.1: the server's choice, and until when to
+/// believe it.
+async fn probe(
+    dst: SocketAddr,
+    sni: Option<&str>,
+    client: &super::upstream::TlsClient,
+) -> (Offer, Instant) {
+    match tokio::time::timeout(PROBE_TIMEOUT, client.probe_alpn(dst, sni)).await {
+        Ok(Ok(alpn)) => {
+            let offer = if alpn.as_deref() == Some(H2) {
+                Offer::H2AndHttp11
+            } else {
+                Offer::Http11
+            };
+            (offer, Instant::now() + ALPN_TTL)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%dst, sni, error = %e, "probing the server's protocols failed");
+            (Offer::Http11, Instant::now() + PROBE_RETRY)
+        }
+        Err(_) => {
+            tracing::debug!(%dst, sni, "probing the server's protocols timed out");
+            (Offer::Http11, Instant::now() + PROBE_RETRY)
+        }
     }
 }
 
@@ -377,6 +411,80 @@ mod tests {
             .config(&LeafName::Ip("10.1.2.3".parse()?), Offer::Http11)
             .await?;
         assert_eq!(leaves.minted(), 2);
+        Ok(())
+    }
+
+    /// A TLS server on loopback offering `alpn`, counting handshakes; returns its address.
+    async fn alpn_server(
+        d: &Dir,
+        alpn: &[&[u8]],
+        handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Result<(SocketAddr, Arc<rustls::RootCertStore>)> {
+        let ca = generated(d)?;
+        let minted = ca.mint(&LeafName::Ip("127.0.0.1".parse()?), SystemTime::now())?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in ca.certs() {
+            roots.add(c)?;
+        }
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(minted.chain, minted.key)?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, handshakes) = (acceptor.clone(), handshakes.clone());
+                tokio::spawn(async move {
+                    if acceptor.accept(tcp).await.is_ok() {
+                        handshakes.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        Ok((addr, Arc::new(roots)))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_probe_learns_what_a_server_speaks_for_every_concurrent_first_connection(
+    ) -> Result<()> {
+        use crate::intercept::upstream::TlsClient;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        for (name, alpn, expected) in [
+            ("h2", vec![H2, HTTP11], Offer::H2AndHttp11),
+            ("h1", vec![HTTP11], Offer::Http11),
+        ] {
+            let d = dir(&format!("probe-{name}"));
+            let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let (addr, roots) = alpn_server(&d, &alpn, count.clone()).await?;
+            let client = Arc::new(TlsClient::new(provider.clone(), roots)?);
+            let protocols = Arc::new(Protocols::default());
+            let mut tasks = Vec::new();
+            for _ in 0..20 {
+                let (p, c) = (protocols.clone(), client.clone());
+                tasks.push(tokio::spawn(async move { p.learn(addr, None, &c).await }));
+            }
+            for t in tasks {
+                assert_eq!(t.await?, expected, "{name}");
+            }
+            assert_eq!(protocols.learn(addr, None, &client).await, expected);
+            // The server counts a handshake once it has read the client's Finished.
+            for _ in 0..100 {
+                if count.load(Ordering::SeqCst) > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(
+                count.load(Ordering::SeqCst),
+                1,
+                "{name}: one probe handshake"
+            );
+        }
         Ok(())
     }
 

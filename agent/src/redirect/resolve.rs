@@ -55,6 +55,14 @@ impl Routes {
             .unwrap_or_default()
     }
 
+    /// Every destination with its servers.
+    pub fn table(&self) -> Vec<(SocketAddr, Vec<usize>)> {
+        self.inner
+            .read()
+            .map(|m| m.iter().map(|(d, s)| (*d, s.clone())).collect())
+            .unwrap_or_default()
+    }
+
     fn replace(&self, table: HashMap<SocketAddr, Vec<usize>>) {
         if let Ok(mut m) = self.inner.write() {
             *m = table;
