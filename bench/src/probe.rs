@@ -63,7 +63,8 @@ pub fn run(target: SocketAddr, count: u64) -> Result<ConnectResult> {
     })
 }
 
-fn close_rst(s: TcpStream) {
+/// Close without TIME_WAIT (a long run would otherwise pile them up).
+pub(crate) fn close_rst(s: TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,

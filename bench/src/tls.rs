@@ -9,12 +9,12 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use crate::probe::close_rst;
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use rustls::{
@@ -162,24 +162,6 @@ fn handshake_once(config: &Arc<ClientConfig>, step: &Step) -> Result<Duration> {
     let _ = sock.flush();
     close_rst(sock);
     Ok(took)
-}
-
-/// Close without TIME_WAIT (a long run would otherwise pile them up).
-fn close_rst(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on an fd we own, with a correctly sized linger struct.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
 }
 
 pub fn handshakes(spec: &HandshakeSpec) -> Result<HandshakeResult> {
