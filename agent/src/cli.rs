@@ -111,6 +111,9 @@ struct RunArgs {
 /// Entry point of the `mcpwarden` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One crypto provider for the process: the agent's own TLS configs name ring explicitly,
+    // but rmcp's HTTP client (the demo's) uses reqwest built without a provider of its own.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
