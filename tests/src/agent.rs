@@ -189,6 +189,14 @@ impl Agent {
         out
     }
 
+    /// Audit records of `tool` that carry a decision.
+    pub fn decisions_for(&self, tool: &str) -> Vec<serde_json::Value> {
+        self.audit_lines()
+            .into_iter()
+            .filter(|r| r["tool"] == tool && !r["decision"].is_null())
+            .collect()
+    }
+
     /// Poll the audit log (≤ `timeout`) until some record satisfies `pred`; return it.
     pub fn wait_audit(
         &self,

@@ -305,7 +305,7 @@ fn https_by_hostname_is_under_policy_over_http1_and_http2() {
         server.snis()
     );
 
-    let decisions: Vec<Value> = rig.decisions_for("echo");
+    let decisions: Vec<Value> = rig.agent.decisions_for("echo");
     assert_eq!(decisions.len(), 3, "{}", rig.agent.audit_text());
     for r in &decisions {
         assert_eq!(r["tls"], "terminated", "{r}");
@@ -320,7 +320,7 @@ fn https_by_hostname_is_under_policy_over_http1_and_http2() {
         versions.contains(&"HTTP/2") && versions.contains(&"HTTP/1.1"),
         "{versions:?}"
     );
-    let denied = rig.decisions_for("drop_cluster");
+    let denied = rig.agent.decisions_for("drop_cluster");
     assert!(
         denied
             .iter()
@@ -345,16 +345,6 @@ fn https_by_hostname_is_under_policy_over_http1_and_http2() {
             !log.contains(line),
             "a line of the CA key is in the agent's output"
         );
-    }
-}
-
-impl TlsRig {
-    fn decisions_for(&self, tool: &str) -> Vec<Value> {
-        self.agent
-            .audit_lines()
-            .into_iter()
-            .filter(|r| r["tool"] == tool && !r["decision"].is_null())
-            .collect()
     }
 }
 

@@ -295,6 +295,13 @@ enum Next {
     Done,
 }
 
+/// A ClientHello, consumed from the socket or only peeked at (its bytes still in the socket,
+/// `len` of them, so the connection can be passed through untouched).
+enum Hello {
+    Read(tokio_rustls::StartHandshake<TcpStream>),
+    Peeked(rustls::server::Accepted, usize, TcpStream),
+}
+
 /// `fut`, or Err after [`HANDSHAKE_TIMEOUT`].
 async fn in_time<T>(fut: impl std::future::Future<Output = T>) -> Result<T, String> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
@@ -465,34 +472,29 @@ impl Conn {
         });
         // Where something may be passed through, the hello is only peeked at: its bytes must
         // still be in the socket to forward them untouched.
-        let (start, stream) = if passthrough_here {
-            match in_time(tls::peek_client_hello(&stream))
+        let hello = if passthrough_here {
+            in_time(tls::peek_client_hello(&stream))
                 .await
                 .and_then(|r| r)
-            {
-                Ok((accepted, len)) => (Err((accepted, len)), Some(stream)),
-                Err(e) => {
-                    self.refuse_connection(None, format!("{e} (this endpoint is https)"));
-                    return Next::Done;
-                }
-            }
+                .map(|(accepted, len)| Hello::Peeked(accepted, len, stream))
         } else {
-            match in_time(tls::read_client_hello(stream))
+            in_time(tls::read_client_hello(stream))
                 .await
                 .and_then(|r| r)
-            {
-                Ok(start) => (Ok(start), None),
-                Err(e) => {
-                    self.refuse_connection(None, format!("{e} (this endpoint is https)"));
-                    return Next::Done;
-                }
+                .map(Hello::Read)
+        };
+        let hello = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                self.refuse_connection(None, format!("{e} (this endpoint is https)"));
+                return Next::Done;
             }
         };
-        let hello = match &start {
-            Ok(s) => s.client_hello(),
-            Err((accepted, _)) => accepted.client_hello(),
+        let client_hello = match &hello {
+            Hello::Read(start) => start.client_hello(),
+            Hello::Peeked(accepted, _, _) => accepted.client_hello(),
         };
-        let sni = hello.server_name().map(str::to_ascii_lowercase);
+        let sni = client_hello.server_name().map(str::to_ascii_lowercase);
         let dst = self.redirected.orig_dst;
         // The servers this hello is for: those whose configured name is the SNI; without SNI
         // (the client dialled an address), every https server here.
@@ -522,9 +524,9 @@ impl Conn {
         };
         let (passthrough, client) = (server_tls.passthrough, server_tls.client.clone());
         self.servers = candidates;
-        match (start, stream) {
-            (Err(_), Some(stream)) if passthrough => Next::Pass(self, stream, sni),
-            (Err((accepted, len)), Some(stream)) => {
+        match hello {
+            Hello::Peeked(_, _, stream) if passthrough => Next::Pass(self, stream, sni),
+            Hello::Peeked(accepted, len, stream) => {
                 match tls::resume_after_peek(stream, accepted, len).await {
                     Ok(start) => self.handshake(start, sni, first, client).await,
                     Err(e) => {
@@ -533,8 +535,7 @@ impl Conn {
                     }
                 }
             }
-            (Ok(start), _) => self.handshake(start, sni, first, client).await,
-            (Err(_), None) => Next::Done,
+            Hello::Read(start) => self.handshake(start, sni, first, client).await,
         }
     }
 

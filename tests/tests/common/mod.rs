@@ -93,11 +93,7 @@ impl Rig {
 
     /// Audit records of `tool` that carry a decision.
     pub fn decisions_for(&self, tool: &str) -> Vec<Value> {
-        self.agent
-            .audit_lines()
-            .into_iter()
-            .filter(|r| r["tool"] == tool && !r["decision"].is_null())
-            .collect()
+        self.agent.decisions_for(tool)
     }
 
     /// Wait for `n` decision records of `tool` by `pid`; panic with the audit if they do not come.
