@@ -38,6 +38,13 @@ impl Engine {
     /// here: the caller must forward it (or account for it as made).
     #[must_use]
     pub fn decide_call(&self, tool: &str, caller: &CallerScope<'_>, now: Instant) -> Decision {
+        if self.policy.hides(tool) {
+            return Decision {
+                outcome: Outcome::UnknownTool,
+                rule: "/hide".to_owned(),
+                reason: Some(format!("tool {tool} is hidden by this policy")),
+            };
+        }
         let Some(rule) = self.policy.tools.get(tool) else {
             return self.decide_unlisted(tool);
         };

@@ -423,3 +423,57 @@ fn concurrent_callers_are_admitted_exactly_max_times() {
     });
     assert_eq!(admitted, 10);
 }
+
+/// The one visibility rule: `hide` and default-deny remove a tool from listings and make it
+/// unknown when called; an explicit deny keeps it listed and refuses with the reason.
+#[test]
+fn hide_and_default_deny_make_tools_invisible_explicit_deny_does_not() {
+    let e = engine(
+        r#"{"version":"1","default":"deny","hide":["secret"],
+            "tools":{"echo":{},"secret":{},"drop":{"action":"deny","reason":"no"}}}"#,
+    );
+    let p = e.policy();
+    assert!(p.visible("echo"));
+    assert!(p.visible("drop"), "explicitly denied tools stay visible");
+    assert!(!p.visible("secret"), "hidden even though listed");
+    assert!(!p.visible("other"), "unlisted under default deny");
+    let now = Instant::now();
+    assert_decision(
+        &e.decide_call("secret", &ONE, now),
+        Outcome::UnknownTool,
+        "/hide",
+        Some("tool secret is hidden by this policy"),
+    );
+    assert_decision(
+        &e.decide_call("drop", &ONE, now),
+        Outcome::Deny,
+        "/tools/drop/action",
+        Some("no"),
+    );
+
+    let all = engine(r#"{"version":"1","default":"allow","hide":"*","tools":{"echo":{}}}"#);
+    assert!(!all.policy().visible("echo"));
+    assert!(!all.policy().visible("anything"));
+    assert_eq!(
+        all.decide_call("echo", &ONE, now).outcome,
+        Outcome::UnknownTool
+    );
+
+    let open = engine(r#"{"version":"1","default":"allow"}"#);
+    assert!(open.policy().visible("anything"));
+}
+
+#[test]
+fn hide_must_be_star_or_names() {
+    for (text, needle) in [
+        (r#"{"version":"1","default":"deny","hide":"x"}"#, "hide must be"),
+        (r#"{"version":"1","default":"deny","hide":["a","a"]}"#, "appears twice"),
+        (r#"{"version":"1","default":"deny","hide":[""]}"#, "must not be empty"),
+        (r#"{"version":"1","default":"deny","hide":[1]}"#, "invalid type"),
+        (r#"{"version":"1","default":"deny","hide":["get_*"]}"#, "not supported yet"),
+    ] {
+        let err = Policy::parse(text, "p.json").expect_err(text);
+        assert!(err.to_string().contains(needle), "{text}: {err}");
+        assert!(err.line >= 1 && err.column >= 1, "{err}");
+    }
+}

@@ -25,6 +25,10 @@ pub struct Policy {
     /// Whether unlisted tools are allowed.
     pub(super) default_allow: bool,
     pub(super) tools: HashMap<String, ToolRule>,
+    /// `hide: "*"`.
+    pub(super) hide_all: bool,
+    /// `hide: [names]`.
+    pub(super) hidden: std::collections::HashSet<String>,
     /// Every distinct counter name, indexed by [`Limit::counter`].
     pub(super) counters: Vec<Counter>,
 }
@@ -100,6 +104,18 @@ impl Policy {
         &self.source
     }
 
+    /// Whether `hide` names the tool (or is `"*"`).
+    pub fn hides(&self, tool: &str) -> bool {
+        self.hide_all || self.hidden.contains(tool)
+    }
+
+    /// The visibility rule: a tool appears in `tools/list` unless `hide` names it or the policy
+    /// does not list it and denies by default. Tools denied explicitly stay visible, so the
+    /// model can learn the reason when it calls them.
+    pub fn visible(&self, tool: &str) -> bool {
+        !self.hides(tool) && (self.default_allow || self.tools.contains_key(tool))
+    }
+
     fn from_bytes(bytes: &[u8], file: String) -> Result<Policy, PolicyError> {
         let parsed: PolicyFile = match serde_json::from_slice::<Object<PolicyFile>>(bytes) {
             Ok(Object(parsed)) => parsed,
@@ -159,10 +175,17 @@ fn compile(parsed: PolicyFile, source: PolicySource) -> Policy {
         tools.insert(name, rule);
     }
 
+    let (hide_all, hidden) = match parsed.hide {
+        Some(schema::Hide::All) => (true, Default::default()),
+        Some(schema::Hide::Names(names)) => (false, names.into_iter().collect()),
+        None => (false, Default::default()),
+    };
     Policy {
         source,
         default_allow: parsed.default == schema::DefaultAction::Allow,
         tools,
+        hide_all,
+        hidden,
         counters,
     }
 }

@@ -109,9 +109,9 @@ fn minimal_policy_needs_no_tools() {
 
 #[test]
 fn unknown_top_level_field() {
-    let text = "{\n  \"version\": \"1\",\n  \"default\": \"deny\",\n  \"hide\": [\"*\"]\n}";
+    let text = "{\n  \"version\": \"1\",\n  \"default\": \"deny\",\n  \"hidden\": [\"x\"]\n}";
     let err = load_error(text);
-    assert_error(&err, end_of(text, "\"hide\""), "unknown field `hide`");
+    assert_error(&err, end_of(text, "\"hidden\""), "unknown field `hidden`");
 }
 
 #[test]

@@ -63,8 +63,9 @@ pub struct CallerScope<'a> {
 pub enum Outcome {
     /// Forward the call.
     Allow,
-    /// The tool is not listed and the policy denies by default: answer as if
-    /// the tool did not exist (JSON-RPC error -32602 "Unknown tool").
+    /// The tool is hidden, or not listed while the policy denies by default:
+    /// answer as if the tool did not exist (JSON-RPC error -32602 "Unknown
+    /// tool"), as it is also absent from `tools/list`.
     UnknownTool,
     /// The tool is denied explicitly or a limit is exhausted: answer with a
     /// tool result that has `isError` set and carries the reason.

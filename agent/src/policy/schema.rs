@@ -51,9 +51,61 @@ pub(super) struct PolicyFile {
     pub version: Version,
     /// What happens to tools that `tools` does not list.
     pub default: DefaultAction,
+    /// Tools removed from `tools/list` and answered as unknown when called.
+    #[serde(default)]
+    pub hide: Option<Hide>,
     /// Rules per tool name, in file order.
     #[serde(default)]
     pub tools: ToolMap,
+}
+
+/// The `hide` field: `"*"` (every tool) or a list of tool names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Hide {
+    All,
+    Names(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Hide {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Hide;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"*\" or an array of tool names")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Hide, E> {
+                if v == "*" {
+                    Ok(Hide::All)
+                } else {
+                    Err(E::custom(format!(
+                        "hide must be \"*\" or an array of tool names, not the string {v:?}"
+                    )))
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Hide, A::Error> {
+                let mut names: Vec<String> = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    if name.is_empty() {
+                        return Err(de::Error::custom("a hidden tool name must not be empty"));
+                    }
+                    if name.contains('*') {
+                        return Err(de::Error::custom(format!(
+                            "{name:?}: patterns in \"hide\" are not supported yet; use \"hide\": \"*\" to hide every tool, or list names"
+                        )));
+                    }
+                    if names.contains(&name) {
+                        return Err(de::Error::custom(format!(
+                            "tool {name:?} appears twice in \"hide\""
+                        )));
+                    }
+                    names.push(name);
+                }
+                Ok(Hide::Names(names))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 /// The `version` field; only the string "1" is accepted.
