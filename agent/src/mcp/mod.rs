@@ -27,6 +27,8 @@ mod headers;
 mod path;
 mod probe;
 mod response;
+mod server;
+mod sse;
 mod strict;
 
 #[cfg(test)]
@@ -45,8 +47,10 @@ pub use path::{is_endpoint_path, normalize_path};
 pub use probe::looks_like_jsonrpc;
 pub use response::{
     denied_response, error_response, unknown_tool_response, ParseError, HEADER_MISMATCH,
-    INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR,
+    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR,
 };
+pub use server::{inspect, Filtered, Inspected, ListingRule, ServerMessage, FILTERED_TTL_CAP_MS};
+pub use sse::{message_event, EventTooLarge, SseEvent, SseSplitter};
 
 /// Default bound on a buffered POST body, in bytes.
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;

@@ -16,6 +16,8 @@ pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
 /// JSON-RPC "Invalid params"; also what servers answer for an unknown tool.
 pub const INVALID_PARAMS: i64 = -32602;
+/// JSON-RPC "Internal error": mcpwarden could not pass on what the server sent.
+pub const INTERNAL_ERROR: i64 = -32603;
 /// MCP 2026-07-28 "header mismatch": the routing headers disagree with the
 /// body.
 pub const HEADER_MISMATCH: i64 = -32020;
