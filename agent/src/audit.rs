@@ -42,6 +42,9 @@ pub enum Event {
     NonMcp,
     /// A TLS connection forwarded untouched (`tls: passthrough`): nothing in it was inspected.
     Passthrough,
+    /// A request or notification the server sent the client (on an SSE stream): sampling,
+    /// elicitation, roots, ping, progress, list changes, cancellations.
+    ServerMessage,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,6 +83,11 @@ pub struct Record {
     pub http_version: Option<&'static str>,
     pub http_method: Option<String>,
     pub path: Option<String>,
+    /// `http+sse` (2024-11-05), `streamable_http` (2025-03-26 to 2025-11-25) or `stateless_http`
+    /// (2026-07-28).
+    pub transport: Option<&'static str>,
+    /// The MCP revision the message was sent under, as far as it is known.
+    pub revision: Option<String>,
     pub method: Option<String>,
     pub id: Option<serde_json::Value>,
     pub tool: Option<String>,
@@ -89,6 +97,14 @@ pub struct Record {
     pub policy: Option<PolicyRef>,
     pub status: Option<u16>,
     pub latency_ms: Option<f64>,
+    /// Responses: a result with `isError: true`, or a JSON-RPC error.
+    pub is_error: Option<bool>,
+    /// Responses: the upstream's JSON-RPC error code.
+    pub error_code: Option<i64>,
+    /// Responses (2026-07-28): `complete` or `input_required`.
+    pub result_type: Option<String>,
+    /// Responses to `tools/list`: the tools removed for this caller by the visibility rule.
+    pub hidden_tools: Option<Vec<String>>,
     pub arg_keys: Option<Vec<String>>,
     pub args_sha256: Option<String>,
 }
@@ -112,6 +128,8 @@ impl Record {
             http_version: None,
             http_method: None,
             path: None,
+            transport: None,
+            revision: None,
             method: None,
             id: None,
             tool: None,
@@ -121,6 +139,10 @@ impl Record {
             policy: None,
             status: None,
             latency_ms: None,
+            is_error: None,
+            error_code: None,
+            result_type: None,
+            hidden_tools: None,
             arg_keys: None,
             args_sha256: None,
         }

@@ -314,6 +314,7 @@ impl Agent {
                 path: s.url.path.clone(),
                 engine,
                 tls: None,
+                origin: format!("{}:{}", s.url.host, s.url.port).to_ascii_lowercase(),
             });
         }
         let terminator = tls_setup(config, &mut servers)?;
@@ -399,6 +400,7 @@ impl Agent {
             audit,
             max_body: config.max_body_bytes,
             terminator,
+            sessions: Arc::default(),
         });
         // The workers first: if they cannot start, nothing has been spawned yet.
         let serve = interceptor.clone().serve(listeners, config.workers)?;

@@ -16,6 +16,8 @@
 //! audited as `non_mcp`. Upgrade and CONNECT are refused: they would open tunnels past the
 //! parser. Compressed request bodies cannot be inspected yet and are refused (415).
 
+mod respond;
+mod session;
 mod tls;
 mod upstream;
 
@@ -46,6 +48,9 @@ use crate::{
     policy::{CallerScope, Decision, Engine, Outcome},
     redirect::{resolve::Routes, Redirected},
 };
+use respond::{Batch, BatchElement, Exchange};
+use session::{Pending, Session, SessionKey};
+pub use session::Sessions;
 use tls::Protocols;
 pub use tls::{Leaves, Offer};
 use upstream::{strip_hop_by_hop, Body, TlsKey, Upstream};
@@ -74,6 +79,8 @@ pub struct Server {
     pub engine: Arc<Engine>,
     /// `https://` servers.
     pub tls: Option<ServerTls>,
+    /// `host:port` as configured, lower case: an origin an HTTP+SSE endpoint may name.
+    pub origin: String,
 }
 
 /// How an `https://` server is reached.
@@ -138,6 +145,8 @@ pub struct Interceptor {
     pub max_body: usize,
     /// Present when some server is `https://` and terminated.
     pub terminator: Option<Arc<Terminator>>,
+    /// MCP sessions, shared by every worker.
+    pub sessions: Arc<Sessions>,
 }
 
 /// Per accepted connection.
@@ -152,11 +161,11 @@ struct Conn {
     /// The audit writer of that worker.
     audit: Arc<WorkerAudit>,
     /// Set on TLS-terminated connections.
-    tls: Option<Session>,
+    tls: Option<TlsSession>,
 }
 
 /// A terminated TLS connection.
-struct Session {
+struct TlsSession {
     sni: Option<String>,
     h2: bool,
     /// The server whose trust roots verify the upstream.
@@ -579,7 +588,7 @@ impl Conn {
             Ok(tls) => {
                 let h2 =
                     offer == Offer::H2AndHttp11 && tls.get_ref().1.alpn_protocol() == Some(tls::H2);
-                self.tls = Some(Session {
+                self.tls = Some(TlsSession {
                     sni,
                     h2,
                     server,
@@ -728,7 +737,7 @@ impl Conn {
         if parts.method != Method::POST && body.is_end_stream() {
             // No body to inspect: the SSE GET stream, DELETE, OAuth metadata, health checks.
             return self
-                .forward_non_mcp(server, parts, body.boxed(), started)
+                .forward_bodiless(server, parts, body.boxed(), started)
                 .await;
         }
         // Every body is inspected, whatever the method: none reaches the server unread.
@@ -877,13 +886,132 @@ impl Conn {
         })
     }
 
+    /// A request without a body. GET streams are read like any server message (a 2024-11-05
+    /// HTTP+SSE stream, a Streamable HTTP standalone or resumed stream); DELETE ends a session.
+    async fn forward_bodiless(
+        &self,
+        server: Option<&Server>,
+        mut parts: http::request::Parts,
+        body: Body,
+        started: Instant,
+    ) -> Response<Body> {
+        let mut rec = self.record(Event::NonMcp, server, &parts);
+        let session = server.and_then(|s| self.header_session(s, &parts.headers));
+        if let Some(s) = &session {
+            rec.transport = Some(respond::STREAMABLE);
+            rec.revision = s.1.revision().or_else(|| mcp_header(&parts.headers));
+        }
+        if let Err(refusal) = self.audit_before_forwarding(&rec, None) {
+            return *refusal;
+        }
+        let (Some(server), true) = (server, parts.method == Method::GET) else {
+            if let (Some((key, s)), true) = (&session, parts.method == Method::DELETE) {
+                self.shared.sessions.remove(key, Some(s));
+            }
+            let rec = self.record(Event::Response, server, &parts);
+            return self.forward(rec, parts, body, started).await;
+        };
+        identity_encoding(&mut parts.headers);
+        let mut base = self.record(Event::Response, Some(server), &parts);
+        base.transport = rec.transport;
+        base.revision = rec.revision.clone();
+        let exchange = self.exchange(server, base, session.map(|s| s.1), Vec::new(), None, started);
+        let exchange = Exchange {
+            get_stream: true,
+            ..exchange
+        };
+        match self.send(parts, body).await {
+            Ok(resp) => respond::respond(resp, exchange).await,
+            Err((resp, reason)) => {
+                let mut rec = exchange.base;
+                rec.reason = Some(format!("upstream failed: {reason}"));
+                self.write_audit_deferred(&rec);
+                resp
+            }
+        }
+    }
+
+    /// The session an `Mcp-Session-Id` header names (created on first sight: the session may
+    /// have begun before this agent started).
+    fn header_session(
+        &self,
+        server: &Server,
+        headers: &http::HeaderMap,
+    ) -> Option<(SessionKey, Arc<Session>)> {
+        let id = headers.get("mcp-session-id")?.to_str().ok()?;
+        let key = SessionKey {
+            server: self.server_index(server)?,
+            id: id.to_owned(),
+        };
+        Some((key.clone(), self.shared.sessions.streamable(key)))
+    }
+
+    /// The HTTP+SSE session a POST's target names, if this agent saw it announced.
+    fn legacy_session(&self, server: &Server, target: &str) -> Option<Arc<Session>> {
+        let key = SessionKey {
+            server: self.server_index(server)?,
+            id: respond::legacy_session_id(target),
+        };
+        self.shared.sessions.get(&key).filter(|s| s.is_legacy())
+    }
+
+    fn server_index(&self, server: &Server) -> Option<usize> {
+        self.shared
+            .servers
+            .iter()
+            .position(|s| std::ptr::eq(s, server))
+    }
+
+    fn exchange(
+        &self,
+        server: &Server,
+        base: Record,
+        session: Option<Arc<Session>>,
+        calls: Vec<(serde_json::Value, Pending)>,
+        batch: Option<Batch>,
+        started: Instant,
+    ) -> Exchange {
+        let mut origins: Vec<String> = self.shared.servers.iter().map(|s| s.origin.clone()).collect();
+        let dst = self.redirected.orig_dst;
+        origins.push(dst.to_string().to_ascii_lowercase());
+        if let Some(t) = self.tls.as_ref().and_then(|t| t.sni.as_ref()) {
+            origins.push(format!("{t}:{}", dst.port()));
+        }
+        Exchange {
+            base,
+            calls,
+            batch,
+            engine: server.engine.clone(),
+            session,
+            sessions: self.shared.sessions.clone(),
+            server: self.server_index(server).unwrap_or(usize::MAX),
+            origins,
+            started,
+            max: self.shared.max_body,
+            audit: self.audit.clone(),
+            get_stream: false,
+        }
+    }
+
     async fn handle_mcp(
         &self,
         server: &Server,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         bytes: Bytes,
         started: Instant,
     ) -> Response<Body> {
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        let legacy = self.legacy_session(server, &target);
+        let session = match &legacy {
+            Some(s) => Some(s.clone()),
+            None => self
+                .header_session(server, &parts.headers)
+                .map(|(_, s)| s),
+        };
         let parsed = match mcp::parse_body(&bytes, &parts.headers) {
             Ok(p) => p,
             Err(e) => {
@@ -891,7 +1019,18 @@ impl Conn {
                 rec.decision = Some(Verdict::Deny);
                 rec.id = e.id.clone();
                 rec.reason = Some(e.message.clone());
+                rec.transport = Some(if legacy.is_some() {
+                    respond::HTTP_SSE
+                } else {
+                    respond::STREAMABLE
+                });
                 self.write_audit(&rec);
+                if let (Some(s), Some(_)) = (&legacy, &e.id) {
+                    // An HTTP+SSE client reads answers on its stream only.
+                    if s.inject(mcp::message_event(&e.response_body())) {
+                        return accepted();
+                    }
+                }
                 return json_response(e.status, e.response_body());
             }
         };
@@ -899,6 +1038,14 @@ impl Conn {
             Parsed::Single(m) => (false, vec![m]),
             Parsed::Batch(ms) => (true, ms),
         };
+        let transport = if legacy.is_some() {
+            respond::HTTP_SSE
+        } else if msgs.iter().any(|m| m.stateless_2026) {
+            respond::STATELESS
+        } else {
+            respond::STREAMABLE
+        };
+        let session_revision = session.as_ref().and_then(|s| s.revision());
         let grant = self.redirected.caller.cgroup_id.to_string();
         let now = Instant::now();
         let judged: Vec<Judged> = msgs
@@ -915,83 +1062,143 @@ impl Conn {
                 Judged { msg, decision }
             })
             .collect();
+        let stamp = |rec: &mut Record, msg: &Message| {
+            rec.transport = Some(transport);
+            rec.revision = msg.revision.clone().or_else(|| session_revision.clone()).or_else(|| {
+                (transport == respond::STREAMABLE).then(|| "2025-03-26".to_owned())
+            });
+        };
 
-        if judged.iter().any(Judged::refused) {
-            return self.refuse_messages(server, &parts, &judged, batch);
-        }
-        // Every decision record reaches the kernel before the request is forwarded.
-        for j in &judged {
-            let rec = self.message_record(Event::Request, server, &parts, j);
+        // Refused messages are answered by mcpwarden: in the POST's response, or on the
+        // HTTP+SSE stream, where the client reads its answers.
+        let mut elements = Vec::with_capacity(judged.len());
+        let mut forwarded = Vec::new();
+        let mut calls = Vec::new();
+        let mut refused_any = false;
+        for (index, j) in judged.iter().enumerate() {
+            if j.refused() {
+                refused_any = true;
+                let mut rec = self.message_record(Event::Refused, server, &parts, j);
+                stamp(&mut rec, &j.msg);
+                self.write_audit(&rec);
+                elements.push(BatchElement::Refused(refusal(j)));
+                continue;
+            }
+            let mut rec = self.message_record(Event::Request, server, &parts, j);
+            stamp(&mut rec, &j.msg);
+            // Every decision record reaches the kernel before the request is forwarded.
             if let Err(refusal) = self.audit_before_forwarding(&rec, j.msg.id.as_ref()) {
                 return *refusal;
             }
-        }
-        let mut rec = self.record(Event::Response, Some(server), &parts);
-        if let [only] = judged.as_slice() {
-            if only.msg.kind != Kind::Request {
-                // Notifications and client responses get no JSON-RPC answer to attribute.
-                return self.forward_unrecorded(parts, full(bytes)).await;
+            if let (Some(cancelled), Some(s)) = (&j.msg.cancels, &session) {
+                self.close_cancelled(s, cancelled);
             }
-            fill_message(&mut rec, &only.msg);
+            elements.push(BatchElement::Forwarded(
+                j.msg.id.clone().filter(|_| j.msg.kind == Kind::Request),
+            ));
+            forwarded.push(index);
+            if let (Kind::Request, Some(id)) = (j.msg.kind, &j.msg.id) {
+                let mut pending = self.record(Event::Response, Some(server), &parts);
+                stamp(&mut pending, &j.msg);
+                fill_message(&mut pending, &j.msg);
+                calls.push((
+                    id.clone(),
+                    Pending {
+                        rec: pending,
+                        started,
+                        listing: j.msg.method.as_deref() == Some("tools/list"),
+                    },
+                ));
+            }
         }
-        self.forward(rec, parts, full(bytes), started).await
+
+        if let Some(s) = &legacy {
+            // HTTP+SSE: every answer goes on the stream; the POST itself only gets 202.
+            for e in &elements {
+                if let BatchElement::Refused(Some(answer)) = e {
+                    let json = serde_json::to_vec(answer).unwrap_or_default();
+                    if !s.inject(mcp::message_event(&json)) {
+                        tracing::warn!("the HTTP+SSE stream of this session is gone or full: refusal answered in the POST body");
+                        return json_response(StatusCode::OK, json);
+                    }
+                }
+            }
+            if forwarded.is_empty() {
+                return accepted();
+            }
+        } else if forwarded.is_empty() {
+            let answers: Vec<serde_json::Value> = elements
+                .into_iter()
+                .filter_map(|e| match e {
+                    BatchElement::Refused(a) => a,
+                    BatchElement::Forwarded(_) => None,
+                })
+                .collect();
+            let body = if batch {
+                serde_json::to_vec(&answers).unwrap_or_default()
+            } else {
+                answers
+                    .first()
+                    .and_then(|a| serde_json::to_vec(a).ok())
+                    .unwrap_or_default()
+            };
+            if body.is_empty() {
+                return accepted();
+            }
+            return json_response(StatusCode::OK, body);
+        }
+
+        // What goes on: the body as it came, or the batch without its refused elements.
+        let body = if refused_any {
+            match mcp::batch_subset(&bytes, &forwarded) {
+                Some(b) => Bytes::from(b),
+                None => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        mcp::error_response(None, mcp::INVALID_REQUEST, "Invalid Request: the batch could not be split"),
+                    )
+                }
+            }
+        } else {
+            bytes
+        };
+        if refused_any {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        identity_encoding(&mut parts.headers);
+        let mut base = self.record(Event::Response, Some(server), &parts);
+        base.transport = Some(transport);
+        base.revision = session_revision;
+        let batch = (batch && legacy.is_none() && refused_any).then_some(Batch { elements });
+        let exchange = self.exchange(server, base, session, calls, batch, started);
+        match self.send(parts, full(body)).await {
+            Ok(resp) => respond::respond(resp, exchange).await,
+            Err((resp, reason)) => {
+                for (_, p) in exchange.calls {
+                    let mut rec = p.rec;
+                    rec.ts = crate::audit::now();
+                    rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                    rec.reason = Some(format!(
+                        "upstream failed (HTTP {} from mcpwarden): {reason}",
+                        resp.status()
+                    ));
+                    self.write_audit_deferred(&rec);
+                }
+                resp
+            }
+        }
     }
 
-    /// Answer refused messages ourselves; nothing is forwarded. A batch that contains a refused
-    /// call is refused whole for now: each refused element gets its refusal, every other request
-    /// an error saying it was not forwarded (splitting batches comes with the protocol work).
-    fn refuse_messages(
-        &self,
-        server: &Server,
-        parts: &http::request::Parts,
-        judged: &[Judged],
-        batch: bool,
-    ) -> Response<Body> {
-        let mut answers: Vec<serde_json::Value> = Vec::new();
-        for j in judged {
-            let mut rec = self.message_record(Event::Refused, server, parts, j);
-            let answer = match (&j.decision, &j.msg.id) {
-                (Some(d), Some(id)) if d.outcome == Outcome::UnknownTool => Some(
-                    mcp::unknown_tool_response(id, j.msg.tool.as_deref().unwrap_or("")),
-                ),
-                (Some(d), Some(id)) if d.outcome == Outcome::Deny => Some(mcp::denied_response(
-                    id,
-                    d.reason.as_deref().unwrap_or("denied"),
-                    j.msg.stateless_2026,
-                )),
-                (_, Some(id)) if j.msg.kind == Kind::Request => {
-                    rec.decision = Some(Verdict::Deny);
-                    rec.reason =
-                        Some("not forwarded: another call in the same batch was refused".into());
-                    Some(mcp::error_response(
-                        Some(id),
-                        -32000,
-                        "Not forwarded by mcpwarden: another call in this batch was refused. Send it on its own.",
-                    ))
-                }
-                _ => {
-                    rec.decision = Some(Verdict::Deny);
-                    rec.reason =
-                        Some("not forwarded: another call in the same batch was refused".into());
-                    None
-                }
-            };
-            self.write_audit(&rec);
-            if let Some(a) =
-                answer.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            {
-                answers.push(a);
-            }
+    /// The client cancelled a call: its record is closed now (its answer, if any still
+    /// comes, is no longer awaited).
+    fn close_cancelled(&self, session: &Session, id: &serde_json::Value) {
+        if let Some(p) = session.take_pending(id) {
+            let mut rec = p.rec;
+            rec.ts = crate::audit::now();
+            rec.latency_ms = Some(p.started.elapsed().as_secs_f64() * 1000.0);
+            rec.reason = Some("cancelled by the client (notifications/cancelled)".into());
+            self.write_audit_deferred(&rec);
         }
-        let body = if batch {
-            serde_json::to_vec(&answers).unwrap_or_default()
-        } else {
-            answers
-                .first()
-                .and_then(|a| serde_json::to_vec(a).ok())
-                .unwrap_or_default()
-        };
-        json_response(StatusCode::OK, body)
     }
 
     fn message_record(
@@ -1068,12 +1275,6 @@ impl Conn {
                 self.write_audit_deferred(&rec);
                 resp
             }
-        }
-    }
-
-    async fn forward_unrecorded(&self, parts: http::request::Parts, body: Body) -> Response<Body> {
-        match self.send(parts, body).await {
-            Ok(resp) | Err((resp, _)) => resp,
         }
     }
 
@@ -1163,6 +1364,43 @@ impl Conn {
             }
         }
     }
+}
+
+/// mcpwarden's answer to a refused message (`None` for a notification: nothing to answer).
+fn refusal(j: &Judged) -> Option<serde_json::Value> {
+    let id = j.msg.id.as_ref()?;
+    let body = match &j.decision {
+        Some(d) if d.outcome == Outcome::UnknownTool => {
+            mcp::unknown_tool_response(id, j.msg.tool.as_deref().unwrap_or(""))
+        }
+        Some(d) => mcp::denied_response(
+            id,
+            d.reason.as_deref().unwrap_or("denied"),
+            j.msg.stateless_2026,
+        ),
+        None => return None,
+    };
+    serde_json::from_slice(&body).ok()
+}
+
+/// 202 Accepted, as an HTTP+SSE server answers every POST.
+fn accepted() -> Response<Body> {
+    let mut resp = Response::new(full(Bytes::from_static(b"Accepted")));
+    *resp.status_mut() = StatusCode::ACCEPTED;
+    resp
+}
+
+/// The `MCP-Protocol-Version` header.
+fn mcp_header(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get(mcp::PROTOCOL_VERSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Ask for an uncompressed answer: a compressed one could not be read.
+fn identity_encoding(headers: &mut http::HeaderMap) {
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
 }
 
 fn fill_message(rec: &mut Record, msg: &Message) {

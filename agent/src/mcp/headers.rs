@@ -34,6 +34,16 @@ pub(crate) fn header_is_stateless(headers: &HeaderMap) -> bool {
         .any(|value| is_stateless_revision(value.trim()))
 }
 
+/// The `MCP-Protocol-Version` header, when there is exactly one and it is text.
+pub(crate) fn protocol_version(headers: &HeaderMap) -> Option<String> {
+    let mut values = headers.get_all(PROTOCOL_VERSION_HEADER).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    first.to_str().ok().map(|v| v.trim().to_owned())
+}
+
 /// The decoded value of a routing header: `Ok(None)` when absent, `Err` with
 /// a reason when it is repeated, not ASCII, or a malformed Base64 sentinel.
 pub(crate) fn routing_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, String> {

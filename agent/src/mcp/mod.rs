@@ -95,6 +95,12 @@ pub struct Message {
     /// `MCP-Protocol-Version` header or `params._meta`), so results written
     /// for it carry `resultType`.
     pub stateless_2026: bool,
+    /// The protocol revision the message names: its `MCP-Protocol-Version` header, else
+    /// `params._meta`'s version (2026-07-28), else an initialize request's
+    /// `params.protocolVersion`.
+    pub revision: Option<String>,
+    /// `params.requestId` of a `notifications/cancelled`.
+    pub cancels: Option<Value>,
 }
 
 impl Message {
@@ -109,6 +115,8 @@ impl Message {
             args_sha256: None,
             arguments: None,
             stateless_2026,
+            revision: None,
+            cancels: None,
         }
     }
 
@@ -131,6 +139,8 @@ impl fmt::Debug for Message {
             .field("args_sha256", &self.args_sha256)
             .field("arguments", &arguments)
             .field("stateless_2026", &self.stateless_2026)
+            .field("revision", &self.revision)
+            .field("cancels", &self.cancels)
             .finish()
     }
 }
@@ -195,11 +205,18 @@ pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, Pars
     }
 
     let header_stateless = headers::header_is_stateless(headers);
+    let header_revision = headers::protocol_version(headers);
+    let with_revision = |mut m: Message| {
+        if let Some(r) = &header_revision {
+            m.revision = Some(r.clone());
+        }
+        m
+    };
     match &document.value {
         Value::Object(object) => {
             let message = read_message(object, header_stateless, None)?;
             check_routing_headers(object, &message, headers)?;
-            Ok(Parsed::Single(message))
+            Ok(Parsed::Single(with_revision(message)))
         }
         Value::Array(elements) if elements.is_empty() => Err(ParseError::new(
             INVALID_REQUEST,
@@ -219,7 +236,11 @@ pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, Pars
                         None,
                     ));
                 };
-                messages.push(read_message(object, header_stateless, Some(index))?);
+                messages.push(with_revision(read_message(
+                    object,
+                    header_stateless,
+                    Some(index),
+                )?));
             }
             refuse_routing_headers_on_batch(headers)?;
             Ok(Parsed::Batch(messages))
@@ -233,6 +254,22 @@ pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, Pars
             None,
         )),
     }
+}
+
+/// The elements `keep` (indices, ascending) of a batch that [`parse_body`] accepted, as a new
+/// batch whose elements are the original bytes. `None` if the body is not such a batch.
+pub fn batch_subset(body: &[u8], keep: &[usize]) -> Option<Vec<u8>> {
+    let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body).ok()?;
+    let mut out = Vec::with_capacity(body.len());
+    out.push(b'[');
+    for (n, &i) in keep.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(elements.get(i)?.get().as_bytes());
+    }
+    out.push(b']');
+    Some(out)
 }
 
 /// The error for a document with clashing keys. The id is included unless
@@ -339,6 +376,25 @@ fn read_message(
 
     if method == TOOLS_CALL {
         read_tool_call(params, &mut message, &at)?;
+    }
+    let param_str = |key: &str| {
+        params
+            .and_then(|p| p.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    message.revision = params
+        .and_then(|p| p.get("_meta"))
+        .and_then(|m| m.get(META_PROTOCOL_VERSION))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| {
+            (method == "initialize")
+                .then(|| param_str("protocolVersion"))
+                .flatten()
+        });
+    if method == "notifications/cancelled" {
+        message.cancels = params.and_then(|p| p.get("requestId")).cloned();
     }
     message.method = Some(method);
     Ok(message)

@@ -109,6 +109,12 @@ impl Policy {
         self.hide_all || self.hidden.contains(tool)
     }
 
+    /// Whether every tool is visible (nothing hidden, unlisted tools allowed): listings are
+    /// then the same for every caller under this policy.
+    pub fn visible_all(&self) -> bool {
+        !self.hide_all && self.hidden.is_empty() && self.default_allow
+    }
+
     /// The visibility rule: a tool appears in `tools/list` unless `hide` names it or the policy
     /// does not list it and denies by default. Tools denied explicitly stay visible, so the
     /// model can learn the reason when it calls them.

@@ -1,0 +1,661 @@
+//! The way back: every server message in a response is read before it reaches the client.
+//!
+//! - `application/json` bodies are read whole (up to the body bound), audited message by
+//!   message, and `tools/list` results are filtered by the visibility rule;
+//! - `text/event-stream` bodies are read event by event ([`SseBody`]), never whole: each event
+//!   is passed on as soon as it is complete, byte for byte unless it carries a listing that
+//!   had to be filtered. Server requests and notifications on the stream are audited; results
+//!   complete the record of their call;
+//! - a 2024-11-05 HTTP+SSE stream announces its POST endpoint in its first event: the endpoint
+//!   must be on this origin (or a configured one), and the session is registered so that
+//!   refusals of POSTed calls can be written into this stream, between two whole events;
+//! - batch refusals are merged in order with the server's answers to the rest of the batch.
+//!
+//! Every call's record is closed exactly once: by its result, by the end of the exchange
+//! (an HTTP error, a stream that ended first), by the client's `notifications/cancelled`, or by
+//! the client going away.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
+
+use super::{
+    full,
+    session::{Pending, Session, SessionKey, Sessions},
+    upstream::Body,
+};
+use crate::{
+    audit::{Event, Record, WorkerAudit},
+    mcp::{self, Kind, ListingRule, ServerMessage, SseEvent, SseSplitter},
+    policy::Policy,
+};
+
+/// Transport names used in audit records.
+pub const HTTP_SSE: &str = "http+sse";
+pub const STREAMABLE: &str = "streamable_http";
+pub const STATELESS: &str = "stateless_http";
+
+/// What the response to one forwarded request is read against.
+pub struct Exchange {
+    /// Caller, server and HTTP fields shared by every record of this exchange.
+    pub base: Record,
+    /// Requests forwarded in this exchange, waiting for their answers.
+    pub calls: Vec<(Value, Pending)>,
+    /// Refusals of batch elements, by position in the client's batch, and the ids of the
+    /// forwarded elements in the same order: to merge the answers in the client's order.
+    pub batch: Option<Batch>,
+    pub engine: Arc<crate::policy::Engine>,
+    /// The session the request belongs to, if any (answers may arrive on other streams).
+    pub session: Option<Arc<Session>>,
+    pub sessions: Arc<Sessions>,
+    pub server: usize,
+    /// `host:port` origins an HTTP+SSE endpoint may name: this connection's and every
+    /// configured server's.
+    pub origins: Vec<String>,
+    pub started: Instant,
+    /// Bound on a JSON body or one SSE event.
+    pub max: usize,
+    pub audit: Arc<WorkerAudit>,
+    /// A GET: its stream may be a 2024-11-05 HTTP+SSE stream.
+    pub get_stream: bool,
+}
+
+/// The client's batch, element by element.
+pub struct Batch {
+    pub elements: Vec<BatchElement>,
+}
+
+pub enum BatchElement {
+    /// Answered by mcpwarden with this JSON-RPC message (`None`: a refused notification).
+    Refused(Option<Value>),
+    /// Forwarded; answered by the server if it has this id.
+    Forwarded(Option<Value>),
+}
+
+impl Batch {
+    fn refusals(&self) -> impl Iterator<Item = &Value> {
+        self.elements.iter().filter_map(|e| match e {
+            BatchElement::Refused(v) => v.as_ref(),
+            BatchElement::Forwarded(_) => None,
+        })
+    }
+
+    /// The client's order: refusals where their elements were, the server's answers where
+    /// theirs were (matched by id), then any answer that matched nothing.
+    fn merge(&self, mut answers: Vec<Value>) -> Vec<Value> {
+        let mut out = Vec::with_capacity(self.elements.len());
+        for e in &self.elements {
+            match e {
+                BatchElement::Refused(Some(v)) => out.push(v.clone()),
+                BatchElement::Refused(None) | BatchElement::Forwarded(None) => {}
+                BatchElement::Forwarded(Some(id)) => {
+                    if let Some(i) = answers.iter().position(|a| a.get("id") == Some(id)) {
+                        out.push(answers.remove(i));
+                    }
+                }
+            }
+        }
+        out.extend(answers);
+        out
+    }
+}
+
+impl Exchange {
+    fn policy(&self) -> &Policy {
+        self.engine.policy()
+    }
+
+    fn listing_ids(&self) -> Vec<Value> {
+        let mut ids: Vec<Value> = self
+            .calls
+            .iter()
+            .filter(|(_, p)| p.listing)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if let Some(s) = &self.session {
+            ids.extend(s.listing_ids());
+        }
+        ids
+    }
+
+    /// Whether the policy filters listings at all (then 2026-07-28 listings become private).
+    fn per_caller(&self) -> bool {
+        !self.policy().visible_all()
+    }
+
+    fn write(&self, rec: &Record) {
+        if let Err(e) = self.audit.write_deferred(rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+
+    /// The record that closes the call `id` (of this exchange, else of its session), with the
+    /// upstream's verdict.
+    fn close(&mut self, id: &Value, status: Option<u16>, msg: Option<&ServerMessage>) -> Record {
+        let local = self
+            .calls
+            .iter()
+            .position(|(i, _)| i == id)
+            .map(|pos| self.calls.remove(pos).1);
+        let in_session = self.session.as_ref().and_then(|s| s.take_pending(id));
+        let (mut rec, started) = match local.or(in_session) {
+            Some(p) => (p.rec, p.started),
+            None => {
+                let mut r = self.base.clone();
+                r.id = Some(id.clone());
+                r.reason = Some("answer to no call this agent forwarded".into());
+                (r, self.started)
+            }
+        };
+        finish_record(&mut rec, started, status);
+        if let Some(m) = msg {
+            rec.is_error = Some(m.is_error);
+            rec.error_code = m.error_code;
+            rec.result_type = m.result_type.clone();
+        }
+        rec
+    }
+
+    /// Audit every message of an inspected body, and forget the calls it answered.
+    fn record_messages(&mut self, inspected: &mcp::Inspected, status: u16) {
+        for m in &inspected.messages {
+            match (m.kind, &m.id) {
+                (Kind::Response, Some(id)) => {
+                    let mut rec = self.close(id, Some(status), Some(m));
+                    if let Some((_, f)) = inspected.filtered.iter().find(|(i, _)| i == id) {
+                        rec.hidden_tools = Some(f.removed.clone());
+                    }
+                    if let (Some(v), Some(s)) = (&m.protocol_version, &self.session) {
+                        s.set_revision(v.clone());
+                    }
+                    self.write(&rec);
+                }
+                _ => {
+                    let mut rec = self.base.clone();
+                    rec.event = Event::ServerMessage;
+                    rec.ts = crate::audit::now();
+                    rec.method = m.method.clone();
+                    rec.id = m.id.clone();
+                    rec.status = None;
+                    self.write(&rec);
+                }
+            }
+        }
+        if let Some(why) = &inspected.unreadable {
+            let mut rec = self.base.clone();
+            rec.event = Event::ServerMessage;
+            rec.ts = crate::audit::now();
+            rec.reason = Some(format!("server message could not be read: {why}"));
+            self.write(&rec);
+        }
+    }
+
+    fn inspect(&self, text: &str) -> mcp::Inspected {
+        let ids = self.listing_ids();
+        let engine = self.engine.clone();
+        let visible = move |t: &str| engine.policy().visible(t);
+        mcp::inspect(
+            text,
+            &ListingRule {
+                visible: &visible,
+                listing_ids: &ids,
+                per_caller: self.per_caller(),
+            },
+        )
+    }
+
+    /// Close every call of this exchange still open: `reason` says why no result came.
+    fn close_all(&mut self, status: Option<u16>, reason: &str, immediate: bool) {
+        for (id, p) in std::mem::take(&mut self.calls) {
+            if let Some(s) = &self.session {
+                s.take_pending(&id);
+            }
+            let mut rec = p.rec;
+            finish_record(&mut rec, p.started, status);
+            rec.reason = Some(reason.to_owned());
+            if immediate {
+                if let Err(e) = self.audit.write(&rec) {
+                    tracing::error!(error = %e, "writing an audit record failed");
+                }
+            } else {
+                self.write(&rec);
+            }
+        }
+    }
+
+    /// Hand calls still open to the session: their answers may come on another stream
+    /// (2025-11-25 resumption, HTTP+SSE). Without a session they are closed with `reason`.
+    fn hand_over(&mut self, status: Option<u16>, reason: &str) {
+        match &self.session {
+            Some(s) => {
+                for (id, p) in std::mem::take(&mut self.calls) {
+                    if let Some(old) = s.add_pending(&id, p) {
+                        let mut rec = old.rec;
+                        rec.event = Event::Response;
+                        rec.reason = Some("no answer before the session's pending-call bound pushed it out".into());
+                        self.write(&rec);
+                    }
+                }
+            }
+            None => self.close_all(status, reason, false),
+        }
+    }
+}
+
+/// A pending call's record, turned into the record of its answer.
+fn finish_record(rec: &mut Record, started: Instant, status: Option<u16>) {
+    rec.event = Event::Response;
+    rec.ts = crate::audit::now();
+    rec.status = status;
+    rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+    rec.decision = None;
+    rec.rule = None;
+    rec.reason = None;
+}
+
+/// Read the server's response to a forwarded request.
+pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
+    let status = resp.status();
+    if let Some(id) = resp
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        if ex.session.is_none() {
+            ex.session = Some(ex.sessions.streamable(SessionKey {
+                server: ex.server,
+                id: id.to_owned(),
+            }));
+        }
+    }
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    let encoded = resp.headers().get(header::CONTENT_ENCODING).is_some_and(|v| {
+        !v.as_bytes().eq_ignore_ascii_case(b"identity")
+    });
+    let sse = content_type.starts_with("text/event-stream");
+    let json = content_type.starts_with("application/json")
+        || (content_type.starts_with("application/") && content_type.contains("+json"));
+
+    if status.is_success() && (sse || json) && encoded {
+        // The request went out with `Accept-Encoding: identity`; a server that compresses
+        // anyway cannot be read, so nothing of it reaches the client.
+        ex.close_all(
+            Some(status.as_u16()),
+            "the server sent a compressed body that cannot be inspected; it was not forwarded",
+            false,
+        );
+        return super::json_response(
+            StatusCode::BAD_GATEWAY,
+            mcp::error_response(
+                None,
+                mcp::INTERNAL_ERROR,
+                "mcpwarden: the MCP server answered with a compressed body, which cannot be inspected; it was not forwarded",
+            ),
+        );
+    }
+    if status.is_success() && sse {
+        let (mut head, body) = resp.into_parts();
+        head.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(head, SseBody::new(body, ex).boxed());
+    }
+    if status.is_success() && json && status != StatusCode::ACCEPTED {
+        return json_body(resp, ex).await;
+    }
+    // No body to read: 202 (answers come on a stream), an HTTP error, anything else.
+    if status == StatusCode::ACCEPTED {
+        if let Some(batch) = &ex.batch {
+            let refusals: Vec<Value> = batch.refusals().cloned().collect();
+            ex.hand_over(Some(status.as_u16()), "answered 202 with no result");
+            if !refusals.is_empty() {
+                return super::json_response(
+                    StatusCode::OK,
+                    serde_json::to_vec(&refusals).unwrap_or_default(),
+                );
+            }
+            return resp;
+        }
+        ex.hand_over(Some(status.as_u16()), "answered 202 with no result");
+        return resp;
+    }
+    ex.close_all(
+        Some(status.as_u16()),
+        &format!("HTTP {} before any result", status.as_u16()),
+        false,
+    );
+    resp
+}
+
+/// A JSON body: read whole, audited, listings filtered, batch refusals merged.
+async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
+    let status = resp.status().as_u16();
+    let (mut head, body) = resp.into_parts();
+    let bytes = match Limited::new(body, ex.max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            let reason = format!("the server's response could not be read whole: {e}");
+            ex.close_all(Some(status), &reason, false);
+            return super::json_response(
+                StatusCode::BAD_GATEWAY,
+                mcp::error_response(None, mcp::INTERNAL_ERROR, &format!("mcpwarden: {reason}")),
+            );
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let inspected = ex.inspect(&text);
+    ex.record_messages(&inspected, status);
+    ex.hand_over(Some(status), "the response carried no answer to this call");
+    let mut out = match &inspected.rewritten {
+        Some(b) => Bytes::from(b.clone()),
+        None => bytes,
+    };
+    if let Some(batch) = &ex.batch {
+        let answers: Vec<Value> = match serde_json::from_slice::<Value>(&out) {
+            Ok(Value::Array(a)) => a,
+            Ok(other) => vec![other],
+            Err(_) => Vec::new(),
+        };
+        out = Bytes::from(serde_json::to_vec(&batch.merge(answers)).unwrap_or_default());
+    }
+    if inspected.rewritten.is_some() || ex.batch.is_some() {
+        head.headers.remove(header::CONTENT_LENGTH);
+        if let Ok(v) = HeaderValue::from_str(&out.len().to_string()) {
+            head.headers.insert(header::CONTENT_LENGTH, v);
+        }
+    }
+    Response::from_parts(head, full(out))
+}
+
+/// HTTP+SSE state of a GET stream.
+enum Legacy {
+    /// No event yet: the first may be `endpoint`.
+    Unknown,
+    /// Not an HTTP+SSE stream.
+    No,
+    /// The announced session, and the events to inject into the stream.
+    Yes(SessionKey, Arc<Session>, tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+/// An SSE response body, passed on event by event.
+pub struct SseBody {
+    inner: Body,
+    splitter: SseSplitter,
+    out: VecDeque<Bytes>,
+    ex: Exchange,
+    legacy: Legacy,
+    status: u16,
+    /// The stream ended (normally or not): nothing more is read or closed on drop.
+    done: bool,
+}
+
+impl SseBody {
+    fn new(inner: Body, ex: Exchange) -> SseBody {
+        let mut out = VecDeque::new();
+        if let Some(batch) = &ex.batch {
+            for r in batch.refusals() {
+                out.push_back(mcp::message_event(&serde_json::to_vec(r).unwrap_or_default()));
+            }
+        }
+        SseBody {
+            inner,
+            splitter: SseSplitter::new(ex.max),
+            out,
+            legacy: if ex.get_stream {
+                Legacy::Unknown
+            } else {
+                Legacy::No
+            },
+            status: 200,
+            ex,
+            done: false,
+        }
+    }
+
+    /// Read one whole event; push what the client gets. Err: the stream must stop here.
+    fn event(&mut self, ev: SseEvent) -> Result<(), String> {
+        if matches!(self.legacy, Legacy::Unknown) {
+            if ev.event.as_deref() == Some("endpoint") {
+                self.endpoint(&ev)?;
+                self.out.push_back(ev.raw);
+                return Ok(());
+            }
+            if ev.data.is_some() {
+                self.legacy = Legacy::No;
+            }
+        }
+        let Some(data) = ev.data.as_deref().filter(|d| !d.trim().is_empty()) else {
+            // Priming events, comments, retry: nothing to read.
+            self.out.push_back(ev.raw);
+            return Ok(());
+        };
+        if ev.event.as_deref() == Some("endpoint") {
+            return Err("a second endpoint event on an HTTP+SSE stream".into());
+        }
+        let inspected = self.ex.inspect(data);
+        self.ex.record_messages(&inspected, self.status);
+        match inspected.rewritten {
+            None => self.out.push_back(ev.raw),
+            Some(json) => {
+                let mut e = Vec::with_capacity(json.len() + 64);
+                if let Some(id) = &ev.id {
+                    e.extend_from_slice(b"id: ");
+                    e.extend_from_slice(id.as_bytes());
+                    e.push(b'\n');
+                }
+                if let Some(t) = &ev.event {
+                    e.extend_from_slice(b"event: ");
+                    e.extend_from_slice(t.as_bytes());
+                    e.push(b'\n');
+                }
+                e.extend_from_slice(b"data: ");
+                e.extend_from_slice(&json);
+                e.extend_from_slice(b"\n\n");
+                self.out.push_back(Bytes::from(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first event of an HTTP+SSE stream: where to POST. Checked and registered.
+    fn endpoint(&mut self, ev: &SseEvent) -> Result<(), String> {
+        let uri = ev.data.as_deref().unwrap_or_default().trim();
+        if let Some(rest) = uri.split_once("://").map(|(_, r)| r) {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            let authority = authority.to_ascii_lowercase();
+            if !self.ex.origins.iter().any(|o| *o == authority) {
+                return Err(format!(
+                    "the HTTP+SSE endpoint {uri:?} is on another origin ({authority}), which is not a configured MCP endpoint: refused"
+                ));
+            }
+        } else if uri.starts_with("//") {
+            return Err(format!(
+                "the HTTP+SSE endpoint {uri:?} names another origin: refused"
+            ));
+        }
+        let key = SessionKey {
+            server: self.ex.server,
+            id: legacy_session_id(uri),
+        };
+        let (session, rx) = self.ex.sessions.legacy(key.clone());
+        self.ex.session = Some(session.clone());
+        self.ex.base.transport = Some(HTTP_SSE);
+        let mut rec = self.ex.base.clone();
+        rec.event = Event::ServerMessage;
+        rec.ts = crate::audit::now();
+        rec.method = Some("endpoint".into());
+        rec.reason = Some(format!("HTTP+SSE session announced: POST endpoint {uri}"));
+        self.ex.write(&rec);
+        self.legacy = Legacy::Yes(key, session, rx);
+        Ok(())
+    }
+
+    fn refuse_stream(&mut self, reason: String) {
+        let mut rec = self.ex.base.clone();
+        rec.event = Event::Refused;
+        rec.ts = crate::audit::now();
+        rec.decision = Some(crate::audit::Verdict::Deny);
+        rec.reason = Some(reason.clone());
+        if let Err(e) = self.ex.audit.write(&rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+        tracing::warn!(reason, "SSE stream cut");
+        self.ex.close_all(Some(self.status), &reason, true);
+    }
+
+    fn finish(&mut self, clean: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.splitter.pending() > 0 {
+            let mut rec = self.ex.base.clone();
+            rec.event = Event::ServerMessage;
+            rec.ts = crate::audit::now();
+            rec.reason = Some(format!(
+                "the stream ended inside an event ({} bytes); clients discard it and so did mcpwarden",
+                self.splitter.pending()
+            ));
+            let _ = self.ex.audit.write(&rec);
+        }
+        if clean {
+            self.ex
+                .hand_over(Some(self.status), "the stream ended before the result");
+        } else {
+            self.ex.close_all(
+                Some(self.status),
+                "the client disconnected before the result",
+                true,
+            );
+        }
+        if let Legacy::Yes(key, session, _) = &self.legacy {
+            self.ex.sessions.remove(key, Some(session));
+        }
+    }
+}
+
+/// The session key of an HTTP+SSE endpoint URI: its `session_id` (Python SDK) or `sessionId`
+/// (TypeScript SDK) query parameter, else the whole URI.
+pub fn legacy_session_id(uri: &str) -> String {
+    let query = uri.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let query = query.split('#').next().unwrap_or_default();
+    query
+        .split('&')
+        .find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == "session_id" || k == "sessionId").then(|| v.to_owned())
+        })
+        .unwrap_or_else(|| uri.to_owned())
+}
+
+impl Drop for SseBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away.
+        self.finish(false);
+    }
+}
+
+impl http_body::Body for SseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Legacy::Yes(_, _, rx) = &mut this.legacy {
+                if let Poll::Ready(Some(ev)) = rx.poll_recv(cx) {
+                    this.out.push_back(ev);
+                    continue;
+                }
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => data,
+                        // Trailers: nothing to read in them.
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    let events = match this.splitter.push(&frame) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            this.refuse_stream(format!("{e}: the stream was cut"));
+                            this.done = true;
+                            return Poll::Ready(None);
+                        }
+                    };
+                    for ev in events {
+                        if let Err(reason) = this.event(ev) {
+                            this.refuse_stream(reason);
+                            this.done = true;
+                            // Whatever was complete before the refused event still goes out.
+                            break;
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.finish(true);
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => this.finish(true),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.out.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_session_ids() {
+        assert_eq!(legacy_session_id("/messages/?session_id=abc"), "abc");
+        assert_eq!(legacy_session_id("/messages?x=1&sessionId=def#f"), "def");
+        assert_eq!(legacy_session_id("/m"), "/m");
+    }
+
+    #[test]
+    fn batch_merge_keeps_the_clients_order() {
+        let b = Batch {
+            elements: vec![
+                BatchElement::Forwarded(Some(Value::from(1))),
+                BatchElement::Refused(Some(serde_json::json!({"id":2,"refused":true}))),
+                BatchElement::Forwarded(None),
+                BatchElement::Forwarded(Some(Value::from(3))),
+            ],
+        };
+        let merged = b.merge(vec![
+            serde_json::json!({"id":3}),
+            serde_json::json!({"id":1}),
+            serde_json::json!({"id":9}),
+        ]);
+        let ids: Vec<Value> = merged.iter().map(|m| m["id"].clone()).collect();
+        assert_eq!(ids, vec![Value::from(1), Value::from(2), Value::from(3), Value::from(9)]);
+    }
+}

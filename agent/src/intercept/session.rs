@@ -1,0 +1,223 @@
+//! MCP sessions seen by the interceptor, shared by every worker: a session's messages arrive
+//! on several connections (a POST per message, a GET stream for the server's messages), which
+//! may be served by different workers.
+//!
+//! A session is keyed by its server and its id: `Mcp-Session-Id` for Streamable HTTP, the
+//! `session_id`/`sessionId` query parameter of the POST endpoint announced on a 2024-11-05
+//! HTTP+SSE stream. It holds the calls forwarded and not yet answered (so a result arriving on
+//! another stream, or a cancellation, is attributed to its call in the audit log), the revision
+//! the session negotiated, and for HTTP+SSE the way to write into the client's GET stream
+//! (refusals of POSTed calls are delivered there, as the server would deliver them).
+//!
+//! Bounded: at most [`MAX_SESSIONS`] sessions (the least recently used goes first) and
+//! [`MAX_PENDING`] unanswered calls per session (the oldest goes first, recorded as such).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::audit::Record;
+
+/// Sessions kept at most.
+pub const MAX_SESSIONS: usize = 16 * 1024;
+/// Unanswered calls kept per session at most.
+pub const MAX_PENDING: usize = 1024;
+/// Events queued for injection into one HTTP+SSE stream at most.
+pub const INJECT_QUEUE: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub server: usize,
+    pub id: String,
+}
+
+/// A call forwarded and not yet answered: the record its answer will complete.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub rec: Record,
+    pub started: Instant,
+    /// A `tools/list` request: its result is filtered whatever it looks like.
+    pub listing: bool,
+}
+
+/// A JSON-RPC id as a map key (`1` and `"1"` are different ids).
+pub fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+#[derive(Debug, Default)]
+pub struct Session {
+    pending: Mutex<HashMap<String, (u64, Pending)>>,
+    seq: std::sync::atomic::AtomicU64,
+    revision: Mutex<Option<String>>,
+    /// HTTP+SSE: events to write into the client's GET stream, between whole events.
+    inject: Option<tokio::sync::mpsc::Sender<Bytes>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here leaves the data consistent; a panic elsewhere does not
+    // make it unusable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Session {
+    /// Remember a forwarded call; returns a call pushed out to stay within [`MAX_PENDING`].
+    pub fn add_pending(&self, id: &Value, p: Pending) -> Option<Pending> {
+        let seq = self
+            .seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut map = lock(&self.pending);
+        map.insert(id_key(id), (seq, p));
+        if map.len() <= MAX_PENDING {
+            return None;
+        }
+        let oldest = map.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| k.clone())?;
+        map.remove(&oldest).map(|(_, p)| p)
+    }
+
+    pub fn take_pending(&self, id: &Value) -> Option<Pending> {
+        lock(&self.pending).remove(&id_key(id)).map(|(_, p)| p)
+    }
+
+    pub fn is_listing(&self, id: &Value) -> bool {
+        lock(&self.pending)
+            .get(&id_key(id))
+            .is_some_and(|(_, p)| p.listing)
+    }
+
+    /// The ids of unanswered `tools/list` requests.
+    pub fn listing_ids(&self) -> Vec<Value> {
+        lock(&self.pending)
+            .values()
+            .filter(|(_, p)| p.listing)
+            .filter_map(|(_, p)| p.rec.id.clone())
+            .collect()
+    }
+
+    pub fn revision(&self) -> Option<String> {
+        lock(&self.revision).clone()
+    }
+
+    pub fn set_revision(&self, r: String) {
+        *lock(&self.revision) = Some(r);
+    }
+
+    /// HTTP+SSE: queue an event for the client's stream. False when the stream is gone or
+    /// its queue is full.
+    pub fn inject(&self, event: Bytes) -> bool {
+        self.inject
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(event).is_ok())
+    }
+
+    pub fn is_legacy(&self) -> bool {
+        self.inject.is_some()
+    }
+}
+
+/// Every session, shared by the workers.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<SessionKey, (Instant, Arc<Session>)>>,
+}
+
+impl Sessions {
+    pub fn get(&self, key: &SessionKey) -> Option<Arc<Session>> {
+        let mut map = lock(&self.map);
+        let entry = map.get_mut(key)?;
+        entry.0 = Instant::now();
+        Some(entry.1.clone())
+    }
+
+    /// The session for a Streamable HTTP id, created if new.
+    pub fn streamable(&self, key: SessionKey) -> Arc<Session> {
+        if let Some(s) = self.get(&key) {
+            return s;
+        }
+        let s = Arc::new(Session::default());
+        self.insert(key, s.clone());
+        s
+    }
+
+    /// A new HTTP+SSE session; the receiver feeds the client's GET stream.
+    pub fn legacy(&self, key: SessionKey) -> (Arc<Session>, tokio::sync::mpsc::Receiver<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(INJECT_QUEUE);
+        let s = Arc::new(Session {
+            inject: Some(tx),
+            ..Session::default()
+        });
+        self.insert(key, s.clone());
+        (s, rx)
+    }
+
+    fn insert(&self, key: SessionKey, s: Arc<Session>) {
+        let mut map = lock(&self.map);
+        map.insert(key, (Instant::now(), s));
+        if map.len() > MAX_SESSIONS {
+            if let Some(oldest) = map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+    }
+
+    /// Forget a session (DELETE, or its HTTP+SSE stream ended). Only `which` is removed, not a
+    /// newer session that took over the key.
+    pub fn remove(&self, key: &SessionKey, which: Option<&Arc<Session>>) {
+        let mut map = lock(&self.map);
+        let same = match (map.get(key), which) {
+            (Some((_, s)), Some(w)) => Arc::ptr_eq(s, w),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if same {
+            map.remove(key);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Event;
+
+    #[test]
+    fn pending_is_bounded_oldest_first() {
+        let s = Session::default();
+        let p = || Pending {
+            rec: Record::new(Event::Response),
+            started: Instant::now(),
+            listing: false,
+        };
+        for i in 0..MAX_PENDING as u64 {
+            assert!(s.add_pending(&Value::from(i), p()).is_none());
+        }
+        assert!(s.add_pending(&Value::from("x"), p()).is_some());
+        assert!(s.take_pending(&Value::from(0)).is_none(), "the oldest went");
+        assert!(s.take_pending(&Value::from(1)).is_some());
+        assert!(s.take_pending(&Value::from("1")).is_none(), "ids keep their type");
+    }
+
+    #[test]
+    fn remove_leaves_a_newer_session_alone() {
+        let sessions = Sessions::default();
+        let key = SessionKey {
+            server: 0,
+            id: "a".into(),
+        };
+        let (old, _rx) = sessions.legacy(key.clone());
+        let (_new, _rx2) = sessions.legacy(key.clone());
+        sessions.remove(&key, Some(&old));
+        assert_eq!(sessions.len(), 1);
+    }
+}
