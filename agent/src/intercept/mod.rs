@@ -9,13 +9,17 @@
 //! another server than the SNI gets 421. `tls: passthrough` servers are forwarded untouched and
 //! audited per connection.
 //!
-//! What is MCP: a POST to a configured endpoint path (query ignored, path normalised) must parse as
-//! JSON-RPC or it is refused; any other request whose body is JSON-RPC is MCP too. Every request
-//! body is buffered (up to `max_body`) and inspected before anything is forwarded; requests without
-//! a body (the SSE GET stream, DELETE, OAuth metadata, health checks) stream through and are
-//! audited as `non_mcp`. Upgrade and CONNECT are refused: they would open tunnels past the
-//! parser. Compressed request bodies cannot be inspected yet and are refused (415).
+//! What is MCP: a POST to a configured endpoint path (query ignored, path normalised), or to the
+//! POST endpoint an HTTP+SSE stream announced, must parse as JSON-RPC or it is refused; any other
+//! request whose body is JSON-RPC is MCP too. Every request body is buffered (up to `max_body`),
+//! decoded if compressed ([`encoding`]: forwarded decoded) and inspected before anything is
+//! forwarded; requests without a body (GET streams, DELETE, OAuth metadata, health checks) are
+//! audited as `non_mcp`. Upgrade and CONNECT are refused: they would open tunnels past the parser.
+//!
+//! On the way back ([`respond`]) every server message is read: JSON bodies whole, SSE streams
+//! event by event. Sessions ([`session`]) tie together what arrives on different connections.
 
+mod encoding;
 mod respond;
 mod session;
 mod tls;
@@ -686,7 +690,10 @@ impl Conn {
         match here.iter().find(|s| mcp::is_endpoint_path(path, &s.path)) {
             Some(s) => Some(s),
             None if here.len() == 1 => here.first().copied(),
-            None => None,
+            // The POST endpoint of an HTTP+SSE session one of them announced.
+            None => here
+                .into_iter()
+                .find(|s| self.legacy_session(s, path).is_some()),
         }
     }
 
@@ -714,7 +721,7 @@ impl Conn {
 
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let path = parts
             .uri
             .path_and_query()
@@ -741,20 +748,6 @@ impl Conn {
                 .await;
         }
         // Every body is inspected, whatever the method: none reaches the server unread.
-        let encoded = parts
-            .headers
-            .get_all(header::CONTENT_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|token| !token.trim_ascii().eq_ignore_ascii_case(b"identity"));
-        if encoded {
-            return self.refuse_plain(
-                server,
-                &parts,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "compressed request bodies cannot be inspected; send them uncompressed",
-            );
-        }
         let bytes = match Limited::new(body, self.shared.max_body).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) => {
@@ -782,8 +775,32 @@ impl Conn {
                 return json_response(status, mcp::error_response(None, -32600, &msg));
             }
         };
+        // A compressed body is decoded, inspected, and forwarded decoded: the server reads
+        // exactly what the policy read.
+        let codings = encoding::codings(&parts.headers);
+        let bytes = if codings.is_empty() {
+            bytes
+        } else {
+            match encoding::decode(&bytes, &codings, self.shared.max_body) {
+                Ok(decoded) => {
+                    parts.headers.remove(header::CONTENT_ENCODING);
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    Bytes::from(decoded)
+                }
+                Err(e) => {
+                    let status = match e {
+                        encoding::DecodeError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        encoding::DecodeError::Corrupt(_) => StatusCode::BAD_REQUEST,
+                        encoding::DecodeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                    };
+                    return self.refuse_plain(server, &parts, status, &e.to_string());
+                }
+            }
+        };
         let must_be_mcp = parts.method == Method::POST
-            && server.is_some_and(|s| mcp::is_endpoint_path(&path, &s.path));
+            && server.is_some_and(|s| {
+                mcp::is_endpoint_path(&path, &s.path) || self.legacy_session(s, &path).is_some()
+            });
         if !must_be_mcp && !mcp::looks_like_jsonrpc(&bytes) {
             return self
                 .forward_non_mcp(server, parts, full(bytes), started)
@@ -907,6 +924,7 @@ impl Conn {
         let (Some(server), true) = (server, parts.method == Method::GET) else {
             if let (Some((key, s)), true) = (&session, parts.method == Method::DELETE) {
                 self.shared.sessions.remove(key, Some(s));
+                respond::close_session_calls(s, &self.audit, None, "the client ended the session (DELETE) before the result");
             }
             let rec = self.record(Event::Response, server, &parts);
             return self.forward(rec, parts, body, started).await;
@@ -915,7 +933,8 @@ impl Conn {
         let mut base = self.record(Event::Response, Some(server), &parts);
         base.transport = rec.transport;
         base.revision = rec.revision.clone();
-        let exchange = self.exchange(server, base, session.map(|s| s.1), Vec::new(), None, started);
+        let exchange =
+            self.exchange(server, &parts, base, session.map(|s| s.1), Vec::new(), None, started);
         let exchange = Exchange {
             get_stream: true,
             ..exchange
@@ -965,6 +984,7 @@ impl Conn {
     fn exchange(
         &self,
         server: &Server,
+        parts: &http::request::Parts,
         base: Record,
         session: Option<Arc<Session>>,
         calls: Vec<(serde_json::Value, Pending)>,
@@ -976,6 +996,25 @@ impl Conn {
         origins.push(dst.to_string().to_ascii_lowercase());
         if let Some(t) = self.tls.as_ref().and_then(|t| t.sni.as_ref()) {
             origins.push(format!("{t}:{}", dst.port()));
+        }
+
+        // The origin the client addressed (Host, or :authority), with its default port.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+        if let Some(a) = authority.and_then(|a| a.parse::<http::uri::Authority>().ok()) {
+            let port = a
+                .port_u16()
+                .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+            origins.push(format!("{}:{port}", a.host()).to_ascii_lowercase());
         }
         Exchange {
             base,
@@ -1170,7 +1209,18 @@ impl Conn {
         base.transport = Some(transport);
         base.revision = session_revision;
         let batch = (batch && legacy.is_none() && refused_any).then_some(Batch { elements });
-        let exchange = self.exchange(server, base, session, calls, batch, started);
+        let calls = match &legacy {
+            // HTTP+SSE answers come on the GET stream, possibly before the POST's 202:
+            // the session knows the calls before they go.
+            Some(s) => {
+                for (id, p) in calls {
+                    s.add_pending(&id, p);
+                }
+                Vec::new()
+            }
+            None => calls,
+        };
+        let exchange = self.exchange(server, &parts, base, session, calls, batch, started);
         match self.send(parts, full(body)).await {
             Ok(resp) => respond::respond(resp, exchange).await,
             Err((resp, reason)) => {

@@ -252,6 +252,23 @@ impl Exchange {
     }
 }
 
+/// Close the record of every call of a session that is ending.
+pub fn close_session_calls(
+    session: &Session,
+    audit: &WorkerAudit,
+    status: Option<u16>,
+    reason: &str,
+) {
+    for p in session.drain_pending() {
+        let mut rec = p.rec;
+        finish_record(&mut rec, p.started, status);
+        rec.reason = Some(reason.to_owned());
+        if let Err(e) = audit.write(&rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+}
+
 /// A pending call's record, turned into the record of its answer.
 fn finish_record(rec: &mut Record, started: Instant, status: Option<u16>) {
     rec.event = Event::Response;
@@ -542,7 +559,14 @@ impl SseBody {
             );
         }
         if let Legacy::Yes(key, session, _) = &self.legacy {
+            // The session's answers could only come on this stream.
             self.ex.sessions.remove(key, Some(session));
+            let reason = if clean {
+                "the HTTP+SSE stream ended before the result"
+            } else {
+                "the client closed its HTTP+SSE stream before the result"
+            };
+            close_session_calls(session, &self.ex.audit, Some(self.status), reason);
         }
     }
 }

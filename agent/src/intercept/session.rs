@@ -84,10 +84,11 @@ impl Session {
         lock(&self.pending).remove(&id_key(id)).map(|(_, p)| p)
     }
 
-    pub fn is_listing(&self, id: &Value) -> bool {
-        lock(&self.pending)
-            .get(&id_key(id))
-            .is_some_and(|(_, p)| p.listing)
+    /// Every unanswered call, oldest first (the session is ending).
+    pub fn drain_pending(&self) -> Vec<Pending> {
+        let mut all: Vec<(u64, Pending)> = lock(&self.pending).drain().map(|(_, v)| v).collect();
+        all.sort_by_key(|(seq, _)| *seq);
+        all.into_iter().map(|(_, p)| p).collect()
     }
 
     /// The ids of unanswered `tools/list` requests.
