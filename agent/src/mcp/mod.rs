@@ -216,6 +216,7 @@ pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, Pars
         Value::Object(object) => {
             let message = read_message(object, header_stateless, None)?;
             check_routing_headers(object, &message, headers)?;
+            check_version_header(object, &message, header_revision.as_deref())?;
             Ok(Parsed::Single(with_revision(message)))
         }
         Value::Array(elements) if elements.is_empty() => Err(ParseError::new(
@@ -518,6 +519,33 @@ fn check_routing_headers(
         }
     }
     Ok(())
+}
+
+/// In 2026-07-28 the version travels twice, in `MCP-Protocol-Version` and in `params._meta`;
+/// servers refuse a request where they differ (-32020), and so does mcpwarden, so that no
+/// server reads one revision where the policy read another.
+fn check_version_header(
+    object: &Map<String, Value>,
+    message: &Message,
+    header: Option<&str>,
+) -> Result<(), ParseError> {
+    let meta = object
+        .get("params")
+        .and_then(|p| p.get("_meta"))
+        .and_then(|m| m.get(META_PROTOCOL_VERSION))
+        .and_then(Value::as_str);
+    match (header, meta) {
+        (Some(h), Some(m)) if h != m => Err(ParseError::new(
+            HEADER_MISMATCH,
+            format!(
+                "Header mismatch: MCP-Protocol-Version is {} but params._meta names {}",
+                quoted(h),
+                quoted(m)
+            ),
+            message.id.clone(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses `Mcp-Method` and `Mcp-Name` on a batch.

@@ -1049,3 +1049,30 @@ fn parse_error_response_carries_the_id() {
     assert_eq!(value["id"], Value::Null);
     assert_eq!(value["error"]["code"], PARSE_ERROR);
 }
+
+#[test]
+fn version_header_and_meta_must_agree() {
+    let body = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#;
+    let m = single_with(body, &headers(&[("MCP-Protocol-Version", "2026-07-28")]));
+    assert_eq!(m.revision.as_deref(), Some("2026-07-28"));
+    let err = refused_with(
+        body.as_bytes(),
+        &headers(&[("MCP-Protocol-Version", "2025-11-25")]),
+    );
+    assert_eq!(err.code, HEADER_MISMATCH, "{err}");
+    assert_eq!(err.id, Some(json!(3)));
+    // An initialize proposes its version in params, not _meta: no mismatch to find.
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"c","version":"1"}}}"#;
+    assert_eq!(single(init).revision.as_deref(), Some("2025-06-18"));
+    let cancel = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"a"}}"#;
+    assert_eq!(single(cancel).cancels, Some(json!("a")));
+}
+
+#[test]
+fn batch_subset_keeps_element_bytes() {
+    let body = br#"[ {"jsonrpc":"2.0","id":1,"method":"a"} , {"jsonrpc":"2.0", "id":2,"method":"b"},{"jsonrpc":"2.0","method":"n"}]"#;
+    assert_eq!(
+        super::batch_subset(body, &[1, 2]).unwrap(),
+        br#"[{"jsonrpc":"2.0", "id":2,"method":"b"},{"jsonrpc":"2.0","method":"n"}]"#.to_vec()
+    );
+}
