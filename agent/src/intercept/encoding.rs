@@ -98,7 +98,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    const BODY: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"secret_dump"}}"#;
+    const BODY: &[u8] =
+        br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"secret_dump"}}"#;
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -128,7 +129,8 @@ mod tests {
         // BODY as compressed by Google's brotli (Python bindings 1.2), quality 11.
         let br = hex("1b4d00808dd315f3a284750fa16d94fab2bcb118bc62104430993a2c7db00107eee37ab4e0203c720cbfc714fefef4dc33d1739515b4440802544864d0f271a0fd8c78fb78");
         assert_eq!(decode(&br, &["br".into()], 1 << 20).unwrap(), BODY);
-        let zst = ruzstd::encoding::compress_to_vec(BODY, ruzstd::encoding::CompressionLevel::Fastest);
+        let zst =
+            ruzstd::encoding::compress_to_vec(BODY, ruzstd::encoding::CompressionLevel::Fastest);
         assert_eq!(decode(&zst, &["zstd".into()], 1 << 20).unwrap(), BODY);
         let mut two = zst.clone();
         two.extend_from_slice(&zst);

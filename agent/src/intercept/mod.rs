@@ -53,8 +53,8 @@ use crate::{
     redirect::{resolve::Routes, Redirected},
 };
 use respond::{Batch, BatchElement, Exchange};
-use session::{Pending, Session, SessionKey};
 pub use session::Sessions;
+use session::{Pending, Session, SessionKey};
 use tls::Protocols;
 pub use tls::{Leaves, Offer};
 use upstream::{strip_hop_by_hop, Body, TlsKey, Upstream};
@@ -924,7 +924,12 @@ impl Conn {
         let (Some(server), true) = (server, parts.method == Method::GET) else {
             if let (Some((key, s)), true) = (&session, parts.method == Method::DELETE) {
                 self.shared.sessions.remove(key, Some(s));
-                respond::close_session_calls(s, &self.audit, None, "the client ended the session (DELETE) before the result");
+                respond::close_session_calls(
+                    s,
+                    &self.audit,
+                    None,
+                    "the client ended the session (DELETE) before the result",
+                );
             }
             let rec = self.record(Event::Response, server, &parts);
             return self.forward(rec, parts, body, started).await;
@@ -933,8 +938,7 @@ impl Conn {
         let mut base = self.record(Event::Response, Some(server), &parts);
         base.transport = rec.transport;
         base.revision = rec.revision.clone();
-        let exchange =
-            self.exchange(server, &parts, base, session.map(|s| s.1), Vec::new(), None, started);
+        let exchange = self.exchange(server, &parts, base, session.map(|s| s.1), started);
         let exchange = Exchange {
             get_stream: true,
             ..exchange
@@ -987,11 +991,14 @@ impl Conn {
         parts: &http::request::Parts,
         base: Record,
         session: Option<Arc<Session>>,
-        calls: Vec<(serde_json::Value, Pending)>,
-        batch: Option<Batch>,
         started: Instant,
     ) -> Exchange {
-        let mut origins: Vec<String> = self.shared.servers.iter().map(|s| s.origin.clone()).collect();
+        let mut origins: Vec<String> = self
+            .shared
+            .servers
+            .iter()
+            .map(|s| s.origin.clone())
+            .collect();
         let dst = self.redirected.orig_dst;
         origins.push(dst.to_string().to_ascii_lowercase());
         if let Some(t) = self.tls.as_ref().and_then(|t| t.sni.as_ref()) {
@@ -1018,8 +1025,8 @@ impl Conn {
         }
         Exchange {
             base,
-            calls,
-            batch,
+            calls: Vec::new(),
+            batch: None,
             engine: server.engine.clone(),
             session,
             sessions: self.shared.sessions.clone(),
@@ -1047,9 +1054,7 @@ impl Conn {
         let legacy = self.legacy_session(server, &target);
         let session = match &legacy {
             Some(s) => Some(s.clone()),
-            None => self
-                .header_session(server, &parts.headers)
-                .map(|(_, s)| s),
+            None => self.header_session(server, &parts.headers).map(|(_, s)| s),
         };
         let parsed = match mcp::parse_body(&bytes, &parts.headers) {
             Ok(p) => p,
@@ -1103,9 +1108,11 @@ impl Conn {
             .collect();
         let stamp = |rec: &mut Record, msg: &Message| {
             rec.transport = Some(transport);
-            rec.revision = msg.revision.clone().or_else(|| session_revision.clone()).or_else(|| {
-                (transport == respond::STREAMABLE).then(|| "2025-03-26".to_owned())
-            });
+            rec.revision = msg
+                .revision
+                .clone()
+                .or_else(|| session_revision.clone())
+                .or_else(|| (transport == respond::STREAMABLE).then(|| "2025-03-26".to_owned()));
         };
 
         // Refused messages are answered by mcpwarden: in the POST's response, or on the
@@ -1194,7 +1201,11 @@ impl Conn {
                 None => {
                     return json_response(
                         StatusCode::BAD_REQUEST,
-                        mcp::error_response(None, mcp::INVALID_REQUEST, "Invalid Request: the batch could not be split"),
+                        mcp::error_response(
+                            None,
+                            mcp::INVALID_REQUEST,
+                            "Invalid Request: the batch could not be split",
+                        ),
                     )
                 }
             }
@@ -1220,7 +1231,11 @@ impl Conn {
             }
             None => calls,
         };
-        let exchange = self.exchange(server, &parts, base, session, calls, batch, started);
+        let exchange = Exchange {
+            calls,
+            batch,
+            ..self.exchange(server, &parts, base, session, started)
+        };
         match self.send(parts, full(body)).await {
             Ok(resp) => respond::respond(resp, exchange).await,
             Err((resp, reason)) => {
@@ -1450,7 +1465,10 @@ fn mcp_header(headers: &http::HeaderMap) -> Option<String> {
 
 /// Ask for an uncompressed answer: a compressed one could not be read.
 fn identity_encoding(headers: &mut http::HeaderMap) {
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
 }
 
 fn fill_message(rec: &mut Record, msg: &Message) {

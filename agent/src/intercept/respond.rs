@@ -242,7 +242,10 @@ impl Exchange {
                     if let Some(old) = s.add_pending(&id, p) {
                         let mut rec = old.rec;
                         rec.event = Event::Response;
-                        rec.reason = Some("no answer before the session's pending-call bound pushed it out".into());
+                        rec.reason = Some(
+                            "no answer before the session's pending-call bound pushed it out"
+                                .into(),
+                        );
                         self.write(&rec);
                     }
                 }
@@ -301,9 +304,10 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .map(|v| v.to_ascii_lowercase())
         .unwrap_or_default();
-    let encoded = resp.headers().get(header::CONTENT_ENCODING).is_some_and(|v| {
-        !v.as_bytes().eq_ignore_ascii_case(b"identity")
-    });
+    let encoded = resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let sse = content_type.starts_with("text/event-stream");
     let json = content_type.starts_with("application/json")
         || (content_type.starts_with("application/") && content_type.contains("+json"));
@@ -424,7 +428,9 @@ impl SseBody {
         let mut out = VecDeque::new();
         if let Some(batch) = &ex.batch {
             for r in batch.refusals() {
-                out.push_back(mcp::message_event(&serde_json::to_vec(r).unwrap_or_default()));
+                out.push_back(mcp::message_event(
+                    &serde_json::to_vec(r).unwrap_or_default(),
+                ));
             }
         }
         SseBody {
@@ -493,7 +499,7 @@ impl SseBody {
         if let Some(rest) = uri.split_once("://").map(|(_, r)| r) {
             let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
             let authority = authority.to_ascii_lowercase();
-            if !self.ex.origins.iter().any(|o| *o == authority) {
+            if !self.ex.origins.contains(&authority) {
                 return Err(format!(
                     "the HTTP+SSE endpoint {uri:?} is on another origin ({authority}), which is not a configured MCP endpoint: refused"
                 ));
@@ -680,6 +686,226 @@ mod tests {
             serde_json::json!({"id":9}),
         ]);
         let ids: Vec<Value> = merged.iter().map(|m| m["id"].clone()).collect();
-        assert_eq!(ids, vec![Value::from(1), Value::from(2), Value::from(3), Value::from(9)]);
+        assert_eq!(
+            ids,
+            vec![
+                Value::from(1),
+                Value::from(2),
+                Value::from(3),
+                Value::from(9)
+            ]
+        );
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    //! The SSE body against a scripted upstream: events pass whole and in order, listings are
+    //! filtered, HTTP+SSE refusals land between whole events, foreign endpoints cut the stream,
+    //! and every call's record is closed.
+
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::policy::{Engine, Policy};
+    use http_body_util::BodyExt;
+
+    /// An upstream body fed by the test.
+    struct ChanBody(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, hyper::Error>>);
+
+    impl http_body::Body for ChanBody {
+        type Data = Bytes;
+        type Error = hyper::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    struct Rig {
+        audit: Arc<WorkerAudit>,
+        ex: Exchange,
+        log: std::path::PathBuf,
+        tx: tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, hyper::Error>>,
+        body: Body,
+    }
+
+    fn rig(name: &str, get_stream: bool, calls: &[(i64, &str)]) -> Rig {
+        let dir =
+            std::env::temp_dir().join(format!("mcpwarden-respond-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("audit.jsonl");
+        let audit = WorkerAudit::new(Arc::new(AuditLog::open(&log).unwrap()));
+        let policy = Policy::parse(
+            r#"{"version":"1","default":"deny","tools":{"echo":{},"drop":{"action":"deny"}}}"#,
+            "p.json",
+        )
+        .unwrap();
+        let calls = calls
+            .iter()
+            .map(|(id, method)| {
+                let mut rec = Record::new(Event::Response);
+                rec.id = Some(Value::from(*id));
+                rec.method = Some((*method).to_owned());
+                (
+                    Value::from(*id),
+                    Pending {
+                        rec,
+                        started: Instant::now(),
+                        listing: *method == "tools/list",
+                    },
+                )
+            })
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Rig {
+            audit: audit.clone(),
+            ex: Exchange {
+                base: Record::new(Event::Response),
+                calls,
+                batch: None,
+                engine: Arc::new(Engine::new(policy)),
+                session: None,
+                sessions: Arc::default(),
+                server: 0,
+                origins: vec!["127.0.0.1:9".into()],
+                started: Instant::now(),
+                max: 1 << 16,
+                audit,
+                get_stream,
+            },
+            log,
+            tx,
+            body: ChanBody(rx).boxed(),
+        }
+    }
+
+    fn records(audit: &WorkerAudit, path: &std::path::Path) -> Vec<Value> {
+        audit.flush().unwrap();
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    async fn next(body: &mut SseBody) -> Option<Bytes> {
+        body.frame().await.map(|f| f.unwrap().into_data().unwrap())
+    }
+
+    #[tokio::test]
+    async fn events_split_anywhere_pass_whole_and_listings_are_filtered() {
+        let r = rig("split", false, &[(1, "tools/list"), (2, "tools/call")]);
+        let mut body = SseBody::new(r.body, r.ex);
+        let stream = concat!(
+            ": c\n\n",
+            "event: message\nid: 5\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"echo\"},{\"name\":\"hidden\"}]}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":2,\n",
+            "data: \"result\":{\"content\":[],\"isError\":true}}\n\n",
+        );
+        for b in stream.as_bytes().chunks(3) {
+            r.tx.send(Ok(Frame::data(Bytes::copy_from_slice(b))))
+                .unwrap();
+        }
+        drop(r.tx);
+        let mut got = Vec::new();
+        while let Some(b) = next(&mut body).await {
+            got.push(String::from_utf8(b.to_vec()).unwrap());
+        }
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[0], ": c\n\n");
+        assert!(got[1].starts_with("event: message\nid: 5\n"), "{got:?}");
+        assert!(
+            got[2].contains("\"echo\"") && !got[2].contains("hidden"),
+            "{got:?}"
+        );
+        assert!(got[3].contains("isError"), "{got:?}");
+        drop(body);
+        let recs = records(&r.audit, &r.log);
+        let listing = recs.iter().find(|r| r["id"] == 1).unwrap();
+        assert_eq!(listing["hidden_tools"], serde_json::json!(["hidden"]));
+        let call = recs.iter().find(|r| r["id"] == 2).unwrap();
+        assert_eq!(call["is_error"], true);
+        assert!(recs
+            .iter()
+            .any(|r| r["event"] == "server_message" && r["method"] == "notifications/progress"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_closes_the_calls_record() {
+        let r = rig("gone", false, &[(7, "tools/call")]);
+        let mut body = SseBody::new(r.body, r.ex);
+        r.tx.send(Ok(Frame::data(Bytes::from_static(
+            b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n",
+        ))))
+        .unwrap();
+        assert!(next(&mut body).await.is_some());
+        drop(body);
+        let recs = records(&r.audit, &r.log);
+        let closed = recs.iter().find(|r| r["id"] == 7).expect("record closed");
+        assert_eq!(
+            closed["reason"],
+            "the client disconnected before the result"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_sse_refusals_go_between_whole_events() {
+        let r = rig("legacy", true, &[]);
+        let sessions = r.ex.sessions.clone();
+        let mut body = SseBody::new(r.body, r.ex);
+        r.tx.send(Ok(Frame::data(Bytes::from_static(
+            b"event: endpoint\ndata: /messages/?session_id=abc\n\n",
+        ))))
+        .unwrap();
+        assert!(next(&mut body)
+            .await
+            .unwrap()
+            .starts_with(b"event: endpoint"));
+        let session = sessions
+            .get(&SessionKey {
+                server: 0,
+                id: "abc".into(),
+            })
+            .expect("session registered");
+        // Half an event from the server, then a refusal to inject: it must wait.
+        r.tx.send(Ok(Frame::data(Bytes::from_static(
+            b"event: message\ndata: {\"jsonrpc\":\"2.0\",",
+        ))))
+        .unwrap();
+        assert!(session.inject(mcp::message_event(b"{\"refusal\":1}")));
+        let first = next(&mut body).await.unwrap();
+        assert_eq!(&first[..], b"event: message\ndata: {\"refusal\":1}\n\n");
+        r.tx.send(Ok(Frame::data(Bytes::from_static(
+            b"\"method\":\"ping\",\"id\":9}\n\n",
+        ))))
+        .unwrap();
+        let second = next(&mut body).await.unwrap();
+        assert_eq!(
+            &second[..],
+            b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"ping\",\"id\":9}\n\n"
+        );
+        drop(body);
+        assert!(!session.inject(Bytes::from_static(b"x")), "stream gone");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_on_another_origin_cuts_the_stream() {
+        let r = rig("foreign", true, &[]);
+        let mut body = SseBody::new(r.body, r.ex);
+        r.tx.send(Ok(Frame::data(Bytes::from_static(
+            b"event: endpoint\ndata: http://127.0.0.254:9/messages/?session_id=x\n\n",
+        ))))
+        .unwrap();
+        assert!(next(&mut body).await.is_none(), "nothing forwarded");
+        drop(body);
+        let recs = records(&r.audit, &r.log);
+        assert!(recs
+            .iter()
+            .any(|r| r["event"] == "refused"
+                && r["reason"].as_str().unwrap().contains("another origin")));
     }
 }

@@ -68,15 +68,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Session {
     /// Remember a forwarded call; returns a call pushed out to stay within [`MAX_PENDING`].
     pub fn add_pending(&self, id: &Value, p: Pending) -> Option<Pending> {
-        let seq = self
-            .seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut map = lock(&self.pending);
         map.insert(id_key(id), (seq, p));
         if map.len() <= MAX_PENDING {
             return None;
         }
-        let oldest = map.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| k.clone())?;
+        let oldest = map
+            .iter()
+            .min_by_key(|(_, (s, _))| *s)
+            .map(|(k, _)| k.clone())?;
         map.remove(&oldest).map(|(_, p)| p)
     }
 
@@ -160,7 +161,10 @@ impl Sessions {
         let mut map = lock(&self.map);
         map.insert(key, (Instant::now(), s));
         if map.len() > MAX_SESSIONS {
-            if let Some(oldest) = map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| k.clone())
+            if let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| k.clone())
             {
                 map.remove(&oldest);
             }
@@ -182,7 +186,7 @@ impl Sessions {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         lock(&self.map).len()
     }
 }
@@ -206,7 +210,10 @@ mod tests {
         assert!(s.add_pending(&Value::from("x"), p()).is_some());
         assert!(s.take_pending(&Value::from(0)).is_none(), "the oldest went");
         assert!(s.take_pending(&Value::from(1)).is_some());
-        assert!(s.take_pending(&Value::from("1")).is_none(), "ids keep their type");
+        assert!(
+            s.take_pending(&Value::from("1")).is_none(),
+            "ids keep their type"
+        );
     }
 
     #[test]
@@ -219,6 +226,6 @@ mod tests {
         let (old, _rx) = sessions.legacy(key.clone());
         let (_new, _rx2) = sessions.legacy(key.clone());
         sessions.remove(&key, Some(&old));
-        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions.count(), 1);
     }
 }

@@ -8,9 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{
-    canonical::write_value, error_response, strict, Kind, INTERNAL_ERROR,
-};
+use super::{canonical::write_value, error_response, strict, Kind, INTERNAL_ERROR};
 
 /// What one server message is.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,9 +172,7 @@ fn filter_listing(object: &mut Map<String, Value>, rule: &ListingRule<'_>) -> Op
             changed = true;
         }
         if let Some(ttl) = result.get("ttlMs") {
-            let capped = ttl
-                .as_u64()
-                .map_or(0, |t| t.min(FILTERED_TTL_CAP_MS));
+            let capped = ttl.as_u64().map_or(0, |t| t.min(FILTERED_TTL_CAP_MS));
             if ttl.as_u64() != Some(capped) {
                 result.insert("ttlMs".into(), Value::from(capped));
                 changed = true;
@@ -213,7 +209,12 @@ fn read(object: &Map<String, Value>) -> ServerMessage {
             .and_then(Value::as_bool)
             .unwrap_or(false);
     let cancels = (method.as_deref() == Some("notifications/cancelled"))
-        .then(|| object.get("params").and_then(|p| p.get("requestId")).cloned())
+        .then(|| {
+            object
+                .get("params")
+                .and_then(|p| p.get("requestId"))
+                .cloned()
+        })
         .flatten();
     ServerMessage {
         kind,
@@ -295,7 +296,10 @@ mod tests {
         let got = inspect(text, &rule(&ids, false));
         let out: Value = serde_json::from_slice(got.rewritten.as_ref().unwrap()).unwrap();
         assert!(out.get("result").is_none(), "{out}");
-        assert!(out["error"]["message"].as_str().unwrap().contains("duplicate"));
+        assert!(out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate"));
     }
 
     #[test]

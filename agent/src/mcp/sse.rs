@@ -216,7 +216,8 @@ mod tests {
 
     #[test]
     fn fields_comments_and_multiline_data() {
-        let stream = b": hello\nevent: message\nid: 7\nretry: 250\ndata: {\"a\":\ndata:1}\n\ndata:x\n\n";
+        let stream =
+            b": hello\nevent: message\nid: 7\nretry: 250\ndata: {\"a\":\ndata:1}\n\ndata:x\n\n";
         let events = all(&[stream]);
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].event.as_deref(), Some("message"));
@@ -265,10 +266,7 @@ mod tests {
         let mut s = SseSplitter::new(16);
         assert!(s.push(b"data: 12345").unwrap().is_empty());
         assert_eq!(s.pending(), 11);
-        assert_eq!(
-            s.push(b"678901234567"),
-            Err(EventTooLarge { limit: 16 })
-        );
+        assert_eq!(s.push(b"678901234567"), Err(EventTooLarge { limit: 16 }));
     }
 
     #[test]

@@ -1064,7 +1064,8 @@ fn version_header_and_meta_must_agree() {
     // An initialize proposes its version in params, not _meta: no mismatch to find.
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"c","version":"1"}}}"#;
     assert_eq!(single(init).revision.as_deref(), Some("2025-06-18"));
-    let cancel = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"a"}}"#;
+    let cancel =
+        r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"a"}}"#;
     assert_eq!(single(cancel).cancels, Some(json!("a")));
 }
 

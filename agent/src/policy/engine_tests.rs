@@ -466,11 +466,26 @@ fn hide_and_default_deny_make_tools_invisible_explicit_deny_does_not() {
 #[test]
 fn hide_must_be_star_or_names() {
     for (text, needle) in [
-        (r#"{"version":"1","default":"deny","hide":"x"}"#, "hide must be"),
-        (r#"{"version":"1","default":"deny","hide":["a","a"]}"#, "appears twice"),
-        (r#"{"version":"1","default":"deny","hide":[""]}"#, "must not be empty"),
-        (r#"{"version":"1","default":"deny","hide":[1]}"#, "invalid type"),
-        (r#"{"version":"1","default":"deny","hide":["get_*"]}"#, "not supported yet"),
+        (
+            r#"{"version":"1","default":"deny","hide":"x"}"#,
+            "hide must be",
+        ),
+        (
+            r#"{"version":"1","default":"deny","hide":["a","a"]}"#,
+            "appears twice",
+        ),
+        (
+            r#"{"version":"1","default":"deny","hide":[""]}"#,
+            "must not be empty",
+        ),
+        (
+            r#"{"version":"1","default":"deny","hide":[1]}"#,
+            "invalid type",
+        ),
+        (
+            r#"{"version":"1","default":"deny","hide":["get_*"]}"#,
+            "not supported yet",
+        ),
     ] {
         let err = Policy::parse(text, "p.json").expect_err(text);
         assert!(err.to_string().contains(needle), "{text}: {err}");
