@@ -315,6 +315,7 @@ impl Agent {
                 engine,
                 tls: None,
                 origin: format!("{}:{}", s.url.host, s.url.port).to_ascii_lowercase(),
+                params: Arc::default(),
             });
         }
         let terminator = tls_setup(config, &mut servers)?;

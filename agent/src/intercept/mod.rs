@@ -53,6 +53,7 @@ use crate::{
     redirect::{resolve::Routes, Redirected},
 };
 use respond::{Batch, BatchElement, Exchange};
+pub use session::ParamTable;
 pub use session::Sessions;
 use session::{Pending, Session, SessionKey};
 use tls::Protocols;
@@ -85,6 +86,8 @@ pub struct Server {
     pub tls: Option<ServerTls>,
     /// `host:port` as configured, lower case: an origin an HTTP+SSE endpoint may name.
     pub origin: String,
+    /// `Mcp-Param-*` designations learnt from this server's listings.
+    pub params: Arc<ParamTable>,
 }
 
 /// How an `https://` server is reached.
@@ -1028,6 +1031,7 @@ impl Conn {
             calls: Vec::new(),
             batch: None,
             engine: server.engine.clone(),
+            params: server.params.clone(),
             session,
             sessions: self.shared.sessions.clone(),
             server: self.server_index(server).unwrap_or(usize::MAX),
@@ -1078,6 +1082,16 @@ impl Conn {
                 return json_response(e.status, e.response_body());
             }
         };
+        if let Parsed::Single(m) = &parsed {
+            if let Err(e) = self.check_param_headers(server, m, &parts.headers) {
+                let mut rec = self.record(Event::Refused, Some(server), &parts);
+                fill_message(&mut rec, m);
+                rec.decision = Some(Verdict::Deny);
+                rec.reason = Some(e.message.clone());
+                self.write_audit(&rec);
+                return json_response(e.status, e.response_body());
+            }
+        }
         let (batch, msgs) = match parsed {
             Parsed::Single(m) => (false, vec![m]),
             Parsed::Batch(ms) => (true, ms),
@@ -1251,6 +1265,31 @@ impl Conn {
                 }
                 resp
             }
+        }
+    }
+
+    /// `Mcp-Param-*` headers of a call must mirror its arguments as the tool's listing
+    /// designated. A call whose tool was never seen in a listing cannot be checked: it passes
+    /// (the server still checks; the policy decides on the body either way).
+    fn check_param_headers(
+        &self,
+        server: &Server,
+        m: &Message,
+        headers: &http::HeaderMap,
+    ) -> Result<(), mcp::ParseError> {
+        let Some(tool) = m.tool.as_deref().filter(|_| m.is_tool_call()) else {
+            return Ok(());
+        };
+        match server.params.get(tool) {
+            Some(d) => mcp::check_param_headers(&d, m, headers),
+            None if mcp::has_param_headers(headers) => {
+                tracing::debug!(
+                    tool,
+                    "Mcp-Param-* headers on a call whose tool's listing was not seen: not checked"
+                );
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 

@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use super::{
     full,
-    session::{Pending, Session, SessionKey, Sessions},
+    session::{ParamTable, Pending, Session, SessionKey, Sessions},
     upstream::Body,
 };
 use crate::{
@@ -55,6 +55,8 @@ pub struct Exchange {
     /// forwarded elements in the same order: to merge the answers in the client's order.
     pub batch: Option<Batch>,
     pub engine: Arc<crate::policy::Engine>,
+    /// Where `Mcp-Param-*` designations seen in listings are kept.
+    pub params: Arc<ParamTable>,
     /// The session the request belongs to, if any (answers may arrive on other streams).
     pub session: Option<Arc<Session>>,
     pub sessions: Arc<Sessions>,
@@ -168,6 +170,7 @@ impl Exchange {
 
     /// Audit every message of an inspected body, and forget the calls it answered.
     fn record_messages(&mut self, inspected: &mcp::Inspected, status: u16) {
+        self.params.learn(&inspected.designations);
         for m in &inspected.messages {
             match (m.kind, &m.id) {
                 (Kind::Response, Some(id)) => {
@@ -767,6 +770,7 @@ mod stream_tests {
                 calls,
                 batch: None,
                 engine: Arc::new(Engine::new(policy)),
+                params: Arc::default(),
                 session: None,
                 sessions: Arc::default(),
                 server: 0,

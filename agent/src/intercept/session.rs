@@ -191,6 +191,33 @@ impl Sessions {
     }
 }
 
+/// Tools designations learnt from one server's listings: which arguments its tools mirror into
+/// `Mcp-Param-*` headers. Bounded: a listing replaces what a tool had; at most
+/// [`MAX_DESIGNATED_TOOLS`] tools are remembered.
+#[derive(Default)]
+pub struct ParamTable {
+    tools: Mutex<HashMap<String, Vec<crate::mcp::Designation>>>,
+}
+
+pub const MAX_DESIGNATED_TOOLS: usize = 10_000;
+
+impl ParamTable {
+    pub fn learn(&self, found: &[(String, Vec<crate::mcp::Designation>)]) {
+        let mut tools = lock(&self.tools);
+        for (name, d) in found {
+            // A tool listed without designations is known too: no Mcp-Param-* header fits it.
+            if tools.len() < MAX_DESIGNATED_TOOLS || tools.contains_key(name) {
+                tools.insert(name.clone(), d.clone());
+            }
+        }
+    }
+
+    /// `None`: this tool's listing was never seen.
+    pub fn get(&self, tool: &str) -> Option<Vec<crate::mcp::Designation>> {
+        lock(&self.tools).get(tool).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@
 
 mod canonical;
 mod headers;
+mod params;
 mod path;
 mod probe;
 mod response;
@@ -43,6 +44,7 @@ pub use headers::{
     is_stateless_revision, META_PROTOCOL_VERSION, METHOD_HEADER, NAME_HEADER,
     PROTOCOL_VERSION_HEADER, STATELESS_REVISION,
 };
+pub use params::{designations, has_param_headers, Designation};
 pub use path::{is_endpoint_path, normalize_path};
 pub use probe::looks_like_jsonrpc;
 pub use response::{
@@ -548,8 +550,36 @@ fn check_version_header(
     }
 }
 
-/// Refuses `Mcp-Method` and `Mcp-Name` on a batch.
+/// Checks a `tools/call`'s `Mcp-Param-*` headers against its arguments, given the tool's
+/// designations (see [`designations`]): -32020 on any disagreement.
+///
+/// # Errors
+///
+/// A header that differs from its argument, is missing for a present argument, is present for
+/// an absent one, or names no designated parameter.
+pub fn check_param_headers(
+    designations: &[Designation],
+    message: &Message,
+    headers: &http::HeaderMap,
+) -> Result<(), ParseError> {
+    params::check(designations, message.arguments.as_ref(), headers).map_err(|detail| {
+        ParseError::new(
+            HEADER_MISMATCH,
+            format!("Header mismatch: {detail}"),
+            message.id.clone(),
+        )
+    })
+}
+
+/// Refuses `Mcp-Method`, `Mcp-Name` and `Mcp-Param-*` on a batch.
 fn refuse_routing_headers_on_batch(headers: &http::HeaderMap) -> Result<(), ParseError> {
+    if params::has_param_headers(headers) {
+        return Err(ParseError::new(
+            HEADER_MISMATCH,
+            "Header mismatch: Mcp-Param-* headers are set on a batch",
+            None,
+        ));
+    }
     for name in [METHOD_HEADER, NAME_HEADER] {
         if headers.contains_key(name) {
             return Err(ParseError::new(

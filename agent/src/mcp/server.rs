@@ -62,6 +62,8 @@ pub struct Inspected {
     /// `None`: forward the original bytes. `Some`: send these instead (a listing was changed,
     /// or could not be read and was replaced by an error).
     pub rewritten: Option<Vec<u8>>,
+    /// `Mcp-Param-*` designations of every tool in the listings read (before filtering).
+    pub designations: Vec<(String, Vec<super::Designation>)>,
     /// Why the body could not be read as JSON-RPC (it is forwarded as it is unless it holds a
     /// listing; the audit notes it).
     pub unreadable: Option<String>,
@@ -73,6 +75,7 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
     let mut out = Inspected {
         messages: Vec::new(),
         filtered: Vec::new(),
+        designations: Vec::new(),
         rewritten: None,
         unreadable: None,
     };
@@ -101,6 +104,7 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
                 if let Some(id) = message.id.clone() {
                     let listing = rule.listing_ids.contains(&id) || looks_like_listing(object);
                     if listing {
+                        collect_designations(object, &mut out.designations);
                         if document.clash.is_some() {
                             // Another reader may see another list: replace it with an error.
                             *object = error_object(
@@ -130,6 +134,20 @@ fn error_object(id: &Value, message: &str) -> Map<String, Value> {
     match serde_json::from_slice(&error_response(Some(id), INTERNAL_ERROR, message)) {
         Ok(Value::Object(o)) => o,
         _ => Map::new(),
+    }
+}
+
+fn collect_designations(
+    object: &Map<String, Value>,
+    out: &mut Vec<(String, Vec<super::Designation>)>,
+) {
+    let Some(Value::Array(tools)) = object.get("result").and_then(|r| r.get("tools")) else {
+        return;
+    };
+    for tool in tools {
+        if let Some(name) = tool.get("name").and_then(Value::as_str) {
+            out.push((name.to_owned(), super::designations(tool)));
+        }
     }
 }
 
