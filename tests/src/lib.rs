@@ -14,8 +14,10 @@ pub mod client;
 pub mod echo;
 pub mod hosts;
 pub mod netns;
+pub mod peer;
 pub mod rawhttp;
 pub mod server;
+pub mod sse;
 pub mod tls;
 
 pub use agent::{Agent, AgentOpts};
@@ -23,6 +25,7 @@ pub use cgroup::{cgroup2_mount, spawn_in_cgroup, TestCgroup};
 pub use client::{run_client, run_client_env, ClientRun};
 pub use echo::{TcpEcho, UdpEcho};
 pub use netns::NetNs;
+pub use peer::{McpPeer, PeerOpts, PeerRequest};
 pub use server::{TestServer, TlsOpts};
 pub use tls::{sha256_fingerprint, ServerCert, TestCa, Validity};
 
