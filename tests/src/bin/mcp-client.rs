@@ -46,6 +46,11 @@
 //!     handshake counts). Prints ok=<n>, errors=<n>, first-error=<message> (if any, the
 //!     lowest-numbered failing handshake), distinct-certs=<n>, and cert-sha256=<hex> for each
 //!     distinct leaf certificate seen (sorted). Exit 3 if any handshake failed.
+//! mcp-client script FILE                                 run a JSON script of raw HTTP/1.1 and
+//!     SSE steps (any MCP transport byte for byte, keep-alive connections, SSE streams read in
+//!     the background, requests written in pieces); one JSON line per step. The format is
+//!     documented in `mcpwarden_tests::script` (tests/src/script.rs). Exit 2 if FILE is not a
+//!     script.
 //! ```
 //!
 //! Trust for `call*` comes from the environment: reqwest uses rustls-platform-verifier,
@@ -78,7 +83,8 @@ fn usage() -> ExitCode {
          call-h2 URL TOOL JSONARGS... | raw-post URL BODY [HEADER: VALUE]... | \
          raw-request METHOD URL BODY [HEADER: VALUE]... | keepalive URL BODY... | pipeline URL BODY... | \
          peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL | raw-post-big URL BYTES | \
-         tls-raw ADDR SNI|- CAFILE METHOD PATH HOST BODY [HEADER: VALUE]... | tls-handshakes ADDR SNI|- CAFILE N"
+         tls-raw ADDR SNI|- CAFILE METHOD PATH HOST BODY [HEADER: VALUE]... | tls-handshakes ADDR SNI|- CAFILE N | \
+         script FILE"
     );
     ExitCode::from(2)
 }
@@ -119,6 +125,13 @@ fn main() -> ExitCode {
         "udp-echo" if rest.len() == 2 => udp_echo(&rest[0], &rest[1]),
         "sse-get" if rest.len() == 1 => sse_get(&rest[0]),
         "raw-post-big" if rest.len() == 2 => raw_post_big(&rest[0], &rest[1]),
+        "script" if rest.len() == 1 => match mcpwarden_tests::script::run_file(&rest[0]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("{}", serde_json::json!({ "error": e }));
+                ExitCode::from(2)
+            }
+        },
         _ => return usage(),
     };
     let _ = std::io::stdout().flush();
