@@ -1,6 +1,8 @@
 //! Shared set-up for the integration tests: one cgroup, one MCP server, one agent per test.
 #![allow(dead_code)]
 
+pub mod peer_rig;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
