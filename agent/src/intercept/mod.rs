@@ -1163,11 +1163,11 @@ impl Conn {
                 fill_message(&mut pending, &j.msg);
                 calls.push((
                     id.clone(),
-                    Pending {
-                        rec: pending,
+                    Pending::new(
+                        pending,
                         started,
-                        listing: j.msg.method.as_deref() == Some("tools/list"),
-                    },
+                        j.msg.method.as_deref() == Some("tools/list"),
+                    ),
                 ));
             }
         }
@@ -1234,17 +1234,14 @@ impl Conn {
         base.transport = Some(transport);
         base.revision = session_revision;
         let batch = (batch && legacy.is_none() && refused_any).then_some(Batch { elements });
-        let calls = match &legacy {
-            // HTTP+SSE answers come on the GET stream, possibly before the POST's 202:
-            // the session knows the calls before they go.
-            Some(s) => {
-                for (id, p) in calls {
-                    s.add_pending(&id, p);
-                }
-                Vec::new()
+        // The session holds the calls too: HTTP+SSE answers come on the GET stream (possibly
+        // before the POST's 202), Streamable HTTP ones may come on a resumed stream, and a
+        // cancellation arrives in another POST.
+        if let Some(s) = &session {
+            for (id, p) in &calls {
+                s.add_pending(id, p.clone());
             }
-            None => calls,
-        };
+        }
         let exchange = Exchange {
             calls,
             batch,
@@ -1253,7 +1250,13 @@ impl Conn {
         match self.send(parts, full(body)).await {
             Ok(resp) => respond::respond(resp, exchange).await,
             Err((resp, reason)) => {
-                for (_, p) in exchange.calls {
+                for (id, p) in exchange.calls {
+                    if let Some(s) = &exchange.session {
+                        s.take_pending(&id);
+                    }
+                    if !p.claim() {
+                        continue;
+                    }
                     let mut rec = p.rec;
                     rec.ts = crate::audit::now();
                     rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
@@ -1296,7 +1299,7 @@ impl Conn {
     /// The client cancelled a call: its record is closed now (its answer, if any still
     /// comes, is no longer awaited).
     fn close_cancelled(&self, session: &Session, id: &serde_json::Value) {
-        if let Some(p) = session.take_pending(id) {
+        if let Some(p) = session.take_pending(id).filter(Pending::claim) {
             let mut rec = p.rec;
             rec.ts = crate::audit::now();
             rec.latency_ms = Some(p.started.elapsed().as_secs_f64() * 1000.0);

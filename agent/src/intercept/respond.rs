@@ -143,7 +143,13 @@ impl Exchange {
 
     /// The record that closes the call `id` (of this exchange, else of its session), with the
     /// upstream's verdict.
-    fn close(&mut self, id: &Value, status: Option<u16>, msg: Option<&ServerMessage>) -> Record {
+    /// `None` when the call's record was closed already (by a cancellation, say).
+    fn close(
+        &mut self,
+        id: &Value,
+        status: Option<u16>,
+        msg: Option<&ServerMessage>,
+    ) -> Option<Record> {
         let local = self
             .calls
             .iter()
@@ -151,6 +157,7 @@ impl Exchange {
             .map(|pos| self.calls.remove(pos).1);
         let in_session = self.session.as_ref().and_then(|s| s.take_pending(id));
         let (mut rec, started) = match local.or(in_session) {
+            Some(p) if !p.claim() => return None,
             Some(p) => (p.rec, p.started),
             None => {
                 let mut r = self.base.clone();
@@ -165,7 +172,7 @@ impl Exchange {
             rec.error_code = m.error_code;
             rec.result_type = m.result_type.clone();
         }
-        rec
+        Some(rec)
     }
 
     /// Audit every message of an inspected body, and forget the calls it answered.
@@ -174,12 +181,14 @@ impl Exchange {
         for m in &inspected.messages {
             match (m.kind, &m.id) {
                 (Kind::Response, Some(id)) => {
-                    let mut rec = self.close(id, Some(status), Some(m));
-                    if let Some((_, f)) = inspected.filtered.iter().find(|(i, _)| i == id) {
-                        rec.hidden_tools = Some(f.removed.clone());
-                    }
                     if let (Some(v), Some(s)) = (&m.protocol_version, &self.session) {
                         s.set_revision(v.clone());
+                    }
+                    let Some(mut rec) = self.close(id, Some(status), Some(m)) else {
+                        continue;
+                    };
+                    if let Some((_, f)) = inspected.filtered.iter().find(|(i, _)| i == id) {
+                        rec.hidden_tools = Some(f.removed.clone());
                     }
                     self.write(&rec);
                 }
@@ -223,6 +232,9 @@ impl Exchange {
             if let Some(s) = &self.session {
                 s.take_pending(&id);
             }
+            if !p.claim() {
+                continue;
+            }
             let mut rec = p.rec;
             finish_record(&mut rec, p.started, status);
             rec.reason = Some(reason.to_owned());
@@ -242,7 +254,10 @@ impl Exchange {
         match &self.session {
             Some(s) => {
                 for (id, p) in std::mem::take(&mut self.calls) {
-                    if let Some(old) = s.add_pending(&id, p) {
+                    if p.is_closed() {
+                        continue;
+                    }
+                    if let Some(old) = s.add_pending(&id, p).filter(Pending::claim) {
                         let mut rec = old.rec;
                         rec.event = Event::Response;
                         rec.reason = Some(
@@ -266,6 +281,9 @@ pub fn close_session_calls(
     reason: &str,
 ) {
     for p in session.drain_pending() {
+        if !p.claim() {
+            continue;
+        }
         let mut rec = p.rec;
         finish_record(&mut rec, p.started, status);
         rec.reason = Some(reason.to_owned());
@@ -754,11 +772,7 @@ mod stream_tests {
                 rec.method = Some((*method).to_owned());
                 (
                     Value::from(*id),
-                    Pending {
-                        rec,
-                        started: Instant::now(),
-                        listing: *method == "tools/list",
-                    },
+                    Pending::new(rec, Instant::now(), *method == "tools/list"),
                 )
             })
             .collect();

@@ -36,13 +36,36 @@ pub struct SessionKey {
     pub id: String,
 }
 
-/// A call forwarded and not yet answered: the record its answer will complete.
+/// A call forwarded and not yet answered: the record its answer will complete. The exchange
+/// and the session may both hold it (a result, a cancellation or a disconnect can each come
+/// first); clones share `closed`, so its record is closed exactly once.
 #[derive(Debug, Clone)]
 pub struct Pending {
     pub rec: Record,
     pub started: Instant,
     /// A `tools/list` request: its result is filtered whatever it looks like.
     pub listing: bool,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Pending {
+    pub fn new(rec: Record, started: Instant, listing: bool) -> Pending {
+        Pending {
+            rec,
+            started,
+            listing,
+            closed: Arc::default(),
+        }
+    }
+
+    /// True for the one caller that gets to close this call's record.
+    pub fn claim(&self) -> bool {
+        !self.closed.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// A JSON-RPC id as a map key (`1` and `"1"` are different ids).
@@ -96,7 +119,7 @@ impl Session {
     pub fn listing_ids(&self) -> Vec<Value> {
         lock(&self.pending)
             .values()
-            .filter(|(_, p)| p.listing)
+            .filter(|(_, p)| p.listing && !p.is_closed())
             .filter_map(|(_, p)| p.rec.id.clone())
             .collect()
     }
@@ -226,11 +249,7 @@ mod tests {
     #[test]
     fn pending_is_bounded_oldest_first() {
         let s = Session::default();
-        let p = || Pending {
-            rec: Record::new(Event::Response),
-            started: Instant::now(),
-            listing: false,
-        };
+        let p = || Pending::new(Record::new(Event::Response), Instant::now(), false);
         for i in 0..MAX_PENDING as u64 {
             assert!(s.add_pending(&Value::from(i), p()).is_none());
         }
