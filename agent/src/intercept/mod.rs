@@ -1299,7 +1299,7 @@ impl Conn {
     /// The client cancelled a call: its record is closed now (its answer, if any still
     /// comes, is no longer awaited).
     fn close_cancelled(&self, session: &Session, id: &serde_json::Value) {
-        if let Some(p) = session.take_pending(id).filter(Pending::claim) {
+        if let Some(p) = session.pending(id).filter(Pending::claim) {
             let mut rec = p.rec;
             rec.ts = crate::audit::now();
             rec.latency_ms = Some(p.started.elapsed().as_secs_f64() * 1000.0);

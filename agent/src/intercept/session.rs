@@ -104,6 +104,11 @@ impl Session {
         map.remove(&oldest).map(|(_, p)| p)
     }
 
+    /// The call `id`, left in place (its late answer then finds it closed, not unknown).
+    pub fn pending(&self, id: &Value) -> Option<Pending> {
+        lock(&self.pending).get(&id_key(id)).map(|(_, p)| p.clone())
+    }
+
     pub fn take_pending(&self, id: &Value) -> Option<Pending> {
         lock(&self.pending).remove(&id_key(id)).map(|(_, p)| p)
     }
