@@ -237,7 +237,13 @@ impl TestServer {
 
     pub fn start_with_hosts(addr: SocketAddr, extra_hosts: &[&str]) -> TestServer {
         let hosts: Vec<String> = extra_hosts.iter().map(|h| h.to_string()).collect();
-        Self::launch(addr, &hosts, None)
+        Self::launch(addr, &hosts, None, true)
+    }
+
+    /// Like [`Self::start`], but rmcp answers every request with an SSE stream (its
+    /// `json_response` off), as rmcp servers do by default.
+    pub fn start_sse(addr: SocketAddr) -> TestServer {
+        Self::launch(addr, &[], None, false)
     }
 
     /// Serve MCP over TLS on `addr` (port 0 picks a free port): each accepted connection does
@@ -247,13 +253,14 @@ impl TestServer {
     /// list is that of [`Self::start`] plus `opts.extra_hosts`.
     pub fn start_tls(addr: SocketAddr, opts: TlsOpts) -> TestServer {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_server_config(&opts)));
-        Self::launch(addr, &opts.extra_hosts, Some(acceptor))
+        Self::launch(addr, &opts.extra_hosts, Some(acceptor), true)
     }
 
     fn launch(
         addr: SocketAddr,
         extra_hosts: &[String],
         tls: Option<tokio_rustls::TlsAcceptor>,
+        json: bool,
     ) -> TestServer {
         let listener = std::net::TcpListener::bind(addr)
             .unwrap_or_else(|e| panic!("TestServer bind {addr}: {e}"));
@@ -269,7 +276,7 @@ impl TestServer {
         hosts.extend(extra_hosts.iter().cloned());
         let config = StreamableHttpServerConfig::default()
             .with_legacy_session_mode(false)
-            .with_json_response(true)
+            .with_json_response(json)
             .with_sse_keep_alive(None)
             .with_allowed_hosts(hosts);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

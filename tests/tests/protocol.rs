@@ -448,3 +448,63 @@ fn stateless_2026_07_28_listing_private_and_input_required() {
     });
     assert_eq!(first["result_type"], "input_required", "{first}");
 }
+
+/// Real SDK peers: an unmodified rmcp client through the agent to an rmcp server that answers
+/// with SSE streams (its default). The listing it gets is filtered; calls are decided as over
+/// JSON.
+#[test]
+fn rmcp_client_and_sse_server_see_the_filtered_listing() {
+    use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+    let cg = mcpwarden_tests::TestCgroup::new("proto-rmcp");
+    let app = cg.child("app");
+    let ip = mcpwarden_tests::test_ip(67);
+    let server = mcpwarden_tests::TestServer::start_sse(SocketAddr::new(IpAddr::V4(ip), 0));
+    let agent = mcpwarden_tests::Agent::start(
+        common::AGENT_BIN,
+        mcpwarden_tests::AgentOpts {
+            name: "proto-rmcp".into(),
+            endpoints: vec![(server.url(), common::POLICY.to_string())],
+            listen: vec![
+                mcpwarden_tests::free_addr(ip),
+                mcpwarden_tests::free_addr(Ipv6Addr::LOCALHOST),
+            ],
+            cgroup: app.clone(),
+            agent_cgroup: cg.path().join("agent"),
+        },
+    );
+    let run = mcpwarden_tests::run_client(
+        common::CLIENT_BIN,
+        Some(&app),
+        &[
+            "call",
+            &server.url(),
+            "@list",
+            "{}",
+            "echo",
+            r#"{"text":"over sse"}"#,
+            "secret_dump",
+            "{}",
+        ],
+        common::CLIENT_TIMEOUT,
+    );
+    run.assert_success();
+    let lines = run.json_lines();
+    let d = run.describe();
+    assert_eq!(
+        lines[0]["tools"],
+        json!(["echo", "add", "start_security_scan", "drop_cluster"]),
+        "secret_dump (unlisted, default deny) is not listed\n{d}"
+    );
+    assert_eq!(common::result_text(&lines[1]), "over sse", "{d}");
+    assert_eq!(
+        lines[2]["error"]["message"], "Unknown tool: secret_dump",
+        "{d}"
+    );
+    assert_eq!(server.calls("secret_dump"), 0);
+    let listing = agent
+        .wait_audit(common::AUDIT_WAIT, |r| {
+            r["event"] == "response" && r["method"] == "tools/list"
+        })
+        .unwrap_or_else(|| panic!("no listing record\n{}", agent.audit_text()));
+    assert_eq!(listing["hidden_tools"], json!(["secret_dump"]), "{listing}");
+}

@@ -8,7 +8,8 @@
 //!     {"error": {"transport": "...", "causes": [...]}} for anything else (causes: the messages
 //!     of the error's source chain, where a TLS error shows), and
 //!     {"init_error": "...", "causes": [...]} if initialize fails. http:// or https://, with
-//!     rmcp's own default reqwest client (over TLS it offers ALPN h2 and http/1.1).
+//!     rmcp's own default reqwest client (over TLS it offers ALPN h2 and http/1.1). The pseudo
+//!     TOOL `@list` (its JSONARGS ignored) prints {"tools": [names]} from rmcp's tools/list.
 //! mcp-client call-h1 URL TOOL JSONARGS...                the same with a reqwest client that
 //!     speaks only HTTP/1.1 (ALPN http/1.1 over TLS).
 //! mcp-client call-h2 URL TOOL JSONARGS...                the same with a reqwest client that
@@ -79,7 +80,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... | call-h1 URL TOOL JSONARGS... | \
+        "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... (TOOL @list: list tools) | call-h1 URL TOOL JSONARGS... | \
          call-h2 URL TOOL JSONARGS... | raw-post URL BODY [HEADER: VALUE]... | \
          raw-request METHOD URL BODY [HEADER: VALUE]... | keepalive URL BODY... | pipeline URL BODY... | \
          peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL | raw-post-big URL BYTES | \
@@ -475,6 +476,25 @@ async fn call_async(url: &str, pairs: &[String], mode: HttpMode) -> ExitCode {
     };
     let mut code = ExitCode::SUCCESS;
     for (tool, args) in calls {
+        if tool == "@list" {
+            // Not a call: print the names rmcp's tools/list gives (every page).
+            let line = match tokio::time::timeout(TIMEOUT, client.list_all_tools()).await {
+                Ok(Ok(tools)) => serde_json::json!({
+                    "tools": tools.iter().map(|t| t.name.to_string()).collect::<Vec<_>>()
+                }),
+                Ok(Err(e)) => {
+                    code = ExitCode::from(1);
+                    serde_json::json!({"error": {"list": e.to_string()}})
+                }
+                Err(_) => {
+                    code = ExitCode::from(1);
+                    serde_json::json!({"error": {"list": "timeout"}})
+                }
+            };
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+            continue;
+        }
         let params = CallToolRequestParams::new(tool).with_arguments(args);
         let line = match tokio::time::timeout(TIMEOUT, client.call_tool(params)).await {
             Ok(Ok(result)) => serde_json::to_value(&result).expect("serialize CallToolResult"),
