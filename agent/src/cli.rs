@@ -156,10 +156,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Raise the soft open-file limit to the hard limit: every intercepted connection holds two
-/// descriptors (client and upstream), and the default soft limit of 1024 would cap a node at a
-/// few hundred agent connections. Returns the limit in force.
+/// Raise the open-file limit: every intercepted connection holds two descriptors (client and
+/// upstream), and long-lived SSE streams hold theirs for hours, so the default soft limit of
+/// 1024 would cap a node at a few hundred agent connections. As root (CAP_SYS_RESOURCE) the
+/// hard limit is raised too, up to the kernel's `fs.nr_open` (at most 1,048,576); otherwise the
+/// soft limit goes up to the hard one. Returns the limit in force.
 fn raise_nofile_limit() -> Option<u64> {
+    const CEILING: u64 = 1 << 20;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(CEILING)
+        .min(CEILING);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -169,13 +177,23 @@ fn raise_nofile_limit() -> Option<u64> {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return None;
         }
-        if lim.rlim_cur < lim.rlim_max {
+        let want = lim.rlim_max.max(nr_open);
+        if lim.rlim_cur < want {
             let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
+                rlim_cur: want,
+                rlim_max: want,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return Some(raised.rlim_cur);
+                return Some(want);
+            }
+            if lim.rlim_cur < lim.rlim_max {
+                let soft = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
+                    return Some(lim.rlim_max);
+                }
             }
         }
     }
