@@ -1176,10 +1176,9 @@ impl Conn {
             // HTTP+SSE: every answer goes on the stream; the POST itself only gets 202.
             for e in &elements {
                 if let BatchElement::Refused(Some(answer)) = e {
-                    let json = serde_json::to_vec(answer).unwrap_or_default();
-                    if !s.inject(mcp::message_event(&json)) {
+                    if !s.inject(mcp::message_event(answer)) {
                         tracing::warn!("the HTTP+SSE stream of this session is gone or full: refusal answered in the POST body");
-                        return json_response(StatusCode::OK, json);
+                        return json_response(StatusCode::OK, answer.clone());
                     }
                 }
             }
@@ -1187,24 +1186,17 @@ impl Conn {
                 return accepted();
             }
         } else if forwarded.is_empty() {
-            let answers: Vec<serde_json::Value> = elements
-                .into_iter()
-                .filter_map(|e| match e {
-                    BatchElement::Refused(a) => a,
-                    BatchElement::Forwarded(_) => None,
-                })
-                .collect();
-            let body = if batch {
-                serde_json::to_vec(&answers).unwrap_or_default()
-            } else {
-                answers
-                    .first()
-                    .and_then(|a| serde_json::to_vec(a).ok())
-                    .unwrap_or_default()
-            };
-            if body.is_empty() {
+            // Nothing forwarded: mcpwarden answers alone, with the bytes it wrote.
+            let answers = Batch { elements };
+            let mut refusals = answers.refusals().peekable();
+            if refusals.peek().is_none() {
                 return accepted();
             }
+            let body = if batch {
+                respond::json_array(refusals)
+            } else {
+                refusals.next().map(<[u8]>::to_vec).unwrap_or_default()
+            };
             return json_response(StatusCode::OK, body);
         }
 
@@ -1474,7 +1466,7 @@ impl Conn {
 }
 
 /// mcpwarden's answer to a refused message (`None` for a notification: nothing to answer).
-fn refusal(j: &Judged) -> Option<serde_json::Value> {
+fn refusal(j: &Judged) -> Option<Vec<u8>> {
     let id = j.msg.id.as_ref()?;
     let body = match &j.decision {
         Some(d) if d.outcome == Outcome::UnknownTool => {
@@ -1487,7 +1479,7 @@ fn refusal(j: &Judged) -> Option<serde_json::Value> {
         ),
         None => return None,
     };
-    serde_json::from_slice(&body).ok()
+    Some(body)
 }
 
 /// 202 Accepted, as an HTTP+SSE server answers every POST.

@@ -79,36 +79,74 @@ pub struct Batch {
 
 pub enum BatchElement {
     /// Answered by mcpwarden with this JSON-RPC message (`None`: a refused notification).
-    Refused(Option<Value>),
+    Refused(Option<Vec<u8>>),
     /// Forwarded; answered by the server if it has this id.
     Forwarded(Option<Value>),
 }
 
+/// JSON array text of whole JSON texts.
+pub fn json_array<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![b'['];
+    for (n, item) in items.into_iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
+    }
+    out.push(b']');
+    out
+}
+
 impl Batch {
-    fn refusals(&self) -> impl Iterator<Item = &Value> {
+    pub fn refusals(&self) -> impl Iterator<Item = &[u8]> {
         self.elements.iter().filter_map(|e| match e {
-            BatchElement::Refused(v) => v.as_ref(),
+            BatchElement::Refused(v) => v.as_deref(),
             BatchElement::Forwarded(_) => None,
         })
     }
 
     /// The client's order: refusals where their elements were, the server's answers where
-    /// theirs were (matched by id), then any answer that matched nothing.
-    fn merge(&self, mut answers: Vec<Value>) -> Vec<Value> {
-        let mut out = Vec::with_capacity(self.elements.len());
+    /// theirs were (matched by id), then any answer that matched nothing. `answers` are the
+    /// server's elements as it wrote them, with their ids; their bytes are kept.
+    fn merge(&self, mut answers: Vec<(Option<Value>, Vec<u8>)>) -> Vec<u8> {
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(self.elements.len());
         for e in &self.elements {
             match e {
                 BatchElement::Refused(Some(v)) => out.push(v.clone()),
                 BatchElement::Refused(None) | BatchElement::Forwarded(None) => {}
                 BatchElement::Forwarded(Some(id)) => {
-                    if let Some(i) = answers.iter().position(|a| a.get("id") == Some(id)) {
-                        out.push(answers.remove(i));
+                    if let Some(i) = answers.iter().position(|(a, _)| a.as_ref() == Some(id)) {
+                        out.push(answers.remove(i).1);
                     }
                 }
             }
         }
-        out.extend(answers);
-        out
+        out.extend(answers.into_iter().map(|(_, b)| b));
+        json_array(out.iter().map(Vec::as_slice))
+    }
+}
+
+/// The elements of a server's batch answer (or its one object), with their ids, bytes kept.
+fn answer_elements(body: &[u8]) -> Vec<(Option<Value>, Vec<u8>)> {
+    let id_of = |text: &str| {
+        serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| v.get("id").cloned())
+    };
+    match serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(body) {
+        Ok(items) => items
+            .into_iter()
+            .map(|raw| (id_of(raw.get()), raw.get().as_bytes().to_vec()))
+            .collect(),
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            let trimmed = text.trim();
+            if trimmed.is_empty() {
+                Vec::new()
+            } else {
+                vec![(id_of(trimmed), trimmed.as_bytes().to_vec())]
+            }
+        }
     }
 }
 
@@ -361,13 +399,11 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
     // No body to read: 202 (answers come on a stream), an HTTP error, anything else.
     if status == StatusCode::ACCEPTED {
         if let Some(batch) = &ex.batch {
-            let refusals: Vec<Value> = batch.refusals().cloned().collect();
+            let any = batch.refusals().next().is_some();
+            let refusals = json_array(batch.refusals());
             ex.hand_over(Some(status.as_u16()), "answered 202 with no result");
-            if !refusals.is_empty() {
-                return super::json_response(
-                    StatusCode::OK,
-                    serde_json::to_vec(&refusals).unwrap_or_default(),
-                );
+            if any {
+                return super::json_response(StatusCode::OK, refusals);
             }
             return resp;
         }
@@ -406,12 +442,7 @@ async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         None => bytes,
     };
     if let Some(batch) = &ex.batch {
-        let answers: Vec<Value> = match serde_json::from_slice::<Value>(&out) {
-            Ok(Value::Array(a)) => a,
-            Ok(other) => vec![other],
-            Err(_) => Vec::new(),
-        };
-        out = Bytes::from(serde_json::to_vec(&batch.merge(answers)).unwrap_or_default());
+        out = Bytes::from(batch.merge(answer_elements(&out)));
     }
     if inspected.rewritten.is_some() || ex.batch.is_some() {
         head.headers.remove(header::CONTENT_LENGTH);
@@ -696,25 +727,18 @@ mod tests {
         let b = Batch {
             elements: vec![
                 BatchElement::Forwarded(Some(Value::from(1))),
-                BatchElement::Refused(Some(serde_json::json!({"id":2,"refused":true}))),
+                BatchElement::Refused(Some(br#"{"id":2,"refused":true}"#.to_vec())),
                 BatchElement::Forwarded(None),
                 BatchElement::Forwarded(Some(Value::from(3))),
             ],
         };
-        let merged = b.merge(vec![
-            serde_json::json!({"id":3}),
-            serde_json::json!({"id":1}),
-            serde_json::json!({"id":9}),
-        ]);
-        let ids: Vec<Value> = merged.iter().map(|m| m["id"].clone()).collect();
+        let merged = b.merge(answer_elements(
+            br#"[{"id":3,"x":[1, 2]} ,{"id":1},{"id":9}]"#,
+        ));
         assert_eq!(
-            ids,
-            vec![
-                Value::from(1),
-                Value::from(2),
-                Value::from(3),
-                Value::from(9)
-            ]
+            String::from_utf8(merged).unwrap(),
+            r#"[{"id":1},{"id":2,"refused":true},{"id":3,"x":[1, 2]},{"id":9}]"#,
+            "order and bytes kept"
         );
     }
 }
