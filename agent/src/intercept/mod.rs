@@ -947,7 +947,19 @@ impl Conn {
             ..exchange
         };
         match self.send(parts, body).await {
-            Ok(resp) => respond::respond(resp, exchange).await,
+            // MCP answers a GET with an event stream (or 405); anything else (OAuth metadata, a
+            // health check) carries no MCP message and is passed on as it is.
+            Ok(resp) if respond::is_event_stream(resp.headers()) => {
+                respond::respond(resp, exchange).await
+            }
+            Ok(resp) => {
+                let mut rec = exchange.base;
+                rec.ts = crate::audit::now();
+                rec.status = Some(resp.status().as_u16());
+                rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                self.write_audit_deferred(&rec);
+                resp
+            }
             Err((resp, reason)) => {
                 let mut rec = exchange.base;
                 rec.reason = Some(format!("upstream failed: {reason}"));

@@ -342,6 +342,18 @@ fn finish_record(rec: &mut Record, started: Instant, status: Option<u16>) {
     rec.reason = None;
 }
 
+/// Whether a response is `text/event-stream`.
+pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
+}
+
 /// Read the server's response to a forwarded request.
 pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
     let status = resp.status();
@@ -367,7 +379,7 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         .headers()
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let sse = content_type.starts_with("text/event-stream");
+    let sse = is_event_stream(resp.headers());
     let json = content_type.starts_with("application/json")
         || (content_type.starts_with("application/") && content_type.contains("+json"));
 
