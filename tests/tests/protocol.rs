@@ -256,6 +256,10 @@ fn streamable_json_errors_and_every_page_filtered() {
     assert_eq!(err["error_code"], -32001, "{err}");
     assert_eq!(err["is_error"], true, "{err}");
     assert_eq!(err["revision"], "2025-03-26", "{err}");
+    // Records reach the file in order: once the last page's is there, all are.
+    rig.wait_record("the last page's record", |r| {
+        r["event"] == "response" && r["id"] == 14
+    });
     let pages: Vec<Value> = rig
         .agent
         .audit_lines()
