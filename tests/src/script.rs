@@ -9,10 +9,13 @@
 //!
 //! Steps:
 //! - `{"op":"request", "conn":"a"?, "url":"http://IP:PORT/path", "method":"POST"?,
-//!   "headers":[["name","value"],...]?, "body":"..."?, "chunks":[n,...]?, "delay_ms":n?,
-//!   "max_events":n?, "until_id":ID?, "save_session":"NAME"?, "save_event_id":"NAME"?}`:
+//!   "headers":[["name","value"],...]?, "body":"..."?, "body_base64":"..."?, "chunks":[n,...]?,
+//!   "delay_ms":n?, "max_events":n?, "until_id":ID?, "save_session":"NAME"?,
+//!   "save_event_id":"NAME"?}`:
 //!   one HTTP/1.1 request on the keep-alive connection named `conn` (opened on first use; no
-//!   `conn`: a connection of its own, closed after). `method` defaults to POST. Headers are
+//!   `conn`: a connection of its own, closed after). `method` defaults to POST. `body_base64`
+//!   (standard Base64, padded or not) gives the body as bytes instead of `body`, for bodies
+//!   that are not UTF-8 (compressed, UTF-16); it is not substituted. Headers are
 //!   sent in the order given; added unless given: `Host` (the URL's authority), `accept`
 //!   (`application/json, text/event-stream`, or `text/event-stream` for GET), `content-type:
 //!   application/json` (when there is a body), `content-length` (when there is a body or the
@@ -361,9 +364,14 @@ impl Exec {
         let url = self.subst(str_field(step, "url")?)?;
         let (addr, authority, path) = parse_url(&url)?;
         let method = step["method"].as_str().unwrap_or("POST").to_string();
-        let body = self.subst(step["body"].as_str().unwrap_or(""))?;
+        let body = match step["body_base64"].as_str() {
+            Some(b64) => base64_decode(b64).ok_or("\"body_base64\" is not valid Base64")?,
+            None => self
+                .subst(step["body"].as_str().unwrap_or(""))?
+                .into_bytes(),
+        };
         let headers = self.headers(step)?;
-        let bytes = build_request(&method, &authority, &path, &headers, body.as_bytes());
+        let bytes = build_request(&method, &authority, &path, &headers, &body);
         let name = step["conn"].as_str();
         let mut conn = self.conn(name, addr, deadline)?;
         let chunks: Vec<usize> = step["chunks"]
@@ -607,6 +615,33 @@ fn resolve(base: &str, data: &str) -> String {
     let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
     let dir = if dir.is_empty() { "/" } else { dir };
     format!("{}{dir}{data}", &base[..origin_end])
+}
+
+/// Standard Base64 (padding optional, no whitespace); `None` if malformed.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let sextet = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for group in s.chunks(4) {
+        if group.len() == 1 {
+            return None;
+        }
+        let mut acc = 0u32;
+        for (i, &c) in group.iter().enumerate() {
+            acc |= sextet(c)? << (18 - 6 * i);
+        }
+        out.extend_from_slice(&acc.to_be_bytes()[1..group.len()]);
+    }
+    Some(out)
 }
 
 fn remaining(deadline: Instant) -> Duration {
@@ -1059,6 +1094,19 @@ mod tests {
         }
         assert!(ended);
         assert_eq!(data, b"abcd");
+    }
+
+    #[test]
+    fn base64_bodies() {
+        assert_eq!(base64_decode("ZWNobw==").as_deref(), Some(&b"echo"[..]));
+        assert_eq!(base64_decode("ZWNobw").as_deref(), Some(&b"echo"[..]));
+        assert_eq!(
+            base64_decode("H4sI/w").as_deref(),
+            Some(&[0x1f, 0x8b, 0x08, 0xff][..])
+        );
+        assert_eq!(base64_decode("").as_deref(), Some(&b""[..]));
+        assert_eq!(base64_decode("Z"), None);
+        assert_eq!(base64_decode("ZW*o"), None);
     }
 
     #[test]
