@@ -16,6 +16,7 @@ pub mod hosts;
 pub mod netns;
 pub mod peer;
 pub mod rawhttp;
+pub mod replay;
 pub mod script;
 pub mod server;
 pub mod sse;
