@@ -492,9 +492,7 @@ impl SseBody {
         let mut out = VecDeque::new();
         if let Some(batch) = &ex.batch {
             for r in batch.refusals() {
-                out.push_back(mcp::message_event(
-                    &serde_json::to_vec(r).unwrap_or_default(),
-                ));
+                out.push_back(mcp::message_event(r));
             }
         }
         SseBody {
@@ -712,7 +710,17 @@ impl http_body::Body for SseBody {
                     this.finish(true);
                     return Poll::Ready(Some(Err(e)));
                 }
-                Poll::Ready(None) => this.finish(true),
+                Poll::Ready(None) => {
+                    // An event whose blank line was a lone CR ends with the stream.
+                    if let Some(ev) = this.splitter.finish() {
+                        if let Err(reason) = this.event(ev) {
+                            this.refuse_stream(reason);
+                            this.done = true;
+                            continue;
+                        }
+                    }
+                    this.finish(true)
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }

@@ -23,7 +23,9 @@ use super::strict::fold_key;
 ///
 /// Doubtful bodies count as JSON-RPC:
 /// - every element of a batch is looked at, not only the first, since a
-///   server answers each element on its own;
+///   server answers each element on its own, and so are the elements of arrays
+///   nested in a batch (`[[{"method":…}]]`), which a lenient server might
+///   flatten;
 /// - an object or array that cannot be read to its end before one of those
 ///   keys was found (`NaN`, nesting beyond the parser's limit, bad UTF-8 in a
 ///   string) counts, because a more lenient server parser might accept it and
@@ -49,11 +51,7 @@ pub fn looks_like_jsonrpc(body: &[u8]) -> bool {
 
     let found = Cell::new(false);
     let mut deserializer = serde_json::Deserializer::from_slice(&text);
-    let read = Probe {
-        found: &found,
-        batch_level: true,
-    }
-    .deserialize(&mut deserializer);
+    let read = Probe { found: &found }.deserialize(&mut deserializer);
     // A found key stops the reader with an error; any other error means the
     // value could not be read to its end.
     found.get() || read.is_err()
@@ -136,13 +134,11 @@ fn utf32(bytes: &[u8], little_endian: bool) -> Option<Cow<'static, [u8]>> {
     Some(Cow::Owned(text.into_bytes()))
 }
 
-/// Reads a value looking for the JSON-RPC keys in objects at the top level
-/// or directly inside a top-level array.
+/// Reads a value looking for the JSON-RPC keys in objects at the top level, or inside a
+/// top-level array (a batch) and arrays nested in it; values inside objects are skipped.
 #[derive(Clone, Copy)]
 struct Probe<'f> {
     found: &'f Cell<bool>,
-    /// True at the top level, where an array is a batch to look into.
-    batch_level: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for Probe<'_> {
@@ -185,15 +181,12 @@ impl<'de> Visitor<'de> for Probe<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        if self.batch_level {
-            let element = Probe {
-                found: self.found,
-                batch_level: false,
-            };
-            while seq.next_element_seed(element)?.is_some() {}
-        } else {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-        }
+        // The elements of a batch are probed as messages, and so are the elements of an array
+        // inside a batch (`[[{...}]]`): no spec server reads that as a message, but a lenient
+        // one might flatten it, and in doubt it is JSON-RPC (the strict parser refuses it).
+        // Arrays inside messages are not looked into.
+        let element = Probe { found: self.found };
+        while seq.next_element_seed(element)?.is_some() {}
         Ok(())
     }
 

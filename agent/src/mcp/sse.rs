@@ -64,6 +64,9 @@ pub struct SseSplitter {
     line_start: usize,
     /// The last line ended in CR: a LF right after it belongs to the same line ending.
     after_cr: bool,
+    /// The event's blank line ended in CR: it is complete, but a LF right after it is still
+    /// part of it (CRLF), so it is passed on once the next byte (or the end) is seen.
+    blank_cr: bool,
     /// Still at the start of the stream (a byte-order mark may follow).
     at_start: bool,
     fields: Fields,
@@ -88,6 +91,7 @@ impl SseSplitter {
             scanned: 0,
             line_start: 0,
             after_cr: false,
+            blank_cr: false,
             at_start: true,
             fields: Fields::default(),
             limit,
@@ -118,6 +122,15 @@ impl SseSplitter {
             }
             let i = self.scanned;
             let byte = self.buf[i];
+            if self.blank_cr {
+                self.blank_cr = false;
+                self.after_cr = false;
+                if byte == b'\n' {
+                    self.scanned += 1;
+                }
+                events.push(self.dispatch());
+                continue;
+            }
             self.scanned += 1;
             if self.after_cr {
                 self.after_cr = false;
@@ -132,7 +145,9 @@ impl SseSplitter {
             self.after_cr = byte == b'\r';
             let line_start = self.line_start;
             self.line_start = self.scanned;
-            if i == line_start {
+            if i == line_start && byte == b'\r' {
+                self.blank_cr = true;
+            } else if i == line_start {
                 events.push(self.dispatch());
             } else {
                 let line = String::from_utf8_lossy(&self.buf[line_start..i]).into_owned();
@@ -143,6 +158,16 @@ impl SseSplitter {
             return Err(EventTooLarge { limit: self.limit });
         }
         Ok(events)
+    }
+
+    /// At the end of the stream: the last event, if its blank line was a lone CR still
+    /// waiting to see whether a LF followed.
+    pub fn finish(&mut self) -> Option<SseEvent> {
+        if !self.blank_cr {
+            return None;
+        }
+        self.blank_cr = false;
+        Some(self.dispatch())
     }
 
     /// Bytes held for an event not yet ended: at the end of the stream clients discard them.
@@ -211,6 +236,8 @@ mod tests {
         for p in pieces {
             out.extend(s.push(p).unwrap());
         }
+        out.extend(s.finish());
+        assert_eq!(s.pending(), 0, "nothing left over");
         out
     }
 
@@ -259,6 +286,28 @@ mod tests {
                 assert_eq!(raw, stream.to_vec(), "cut at {a},{b}");
             }
         }
+    }
+
+    /// The Python SDK's style: CRLF everywhere. Each event carries its whole blank line, as
+    /// soon as the bytes are there.
+    #[test]
+    fn crlf_events_end_with_their_lf() {
+        let mut s = SseSplitter::new(1 << 20);
+        let got = s
+            .push(b"event: message\r\ndata: {}\r\n\r\nevent: message\r\ndata: 2\r\n\r\n")
+            .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(&got[0].raw[..], b"event: message\r\ndata: {}\r\n\r\n");
+        assert_eq!(&got[1].raw[..], b"event: message\r\ndata: 2\r\n\r\n");
+        assert_eq!(s.pending(), 0);
+        // Cut between the CR and the LF of the blank line: the event waits for the LF.
+        assert!(s.push(b"data: 3\r\n\r").unwrap().is_empty());
+        let got = s.push(b"\ndata: 4").unwrap();
+        assert_eq!(&got[0].raw[..], b"data: 3\r\n\r\n");
+        // A lone CR blank line at the very end is an event too.
+        let mut s = SseSplitter::new(1 << 20);
+        assert!(s.push(b"data: 5\r\r").unwrap().is_empty());
+        assert_eq!(s.finish().unwrap().data.as_deref(), Some("5"));
     }
 
     #[test]
