@@ -1,23 +1,127 @@
 //! The bench's MCP server: the smallest thing that answers a Streamable HTTP `tools/call`
 //! correctly, so that the server is never what the bench measures.
 //!
-//! POST with a JSON-RPC request → 200 `application/json` with a result for the same id;
-//! a notification or response → 202; anything else → 405. No sessions, no SSE.
+//! - POST with a JSON-RPC request → 200 `application/json` with a result for the same id;
+//! - POST of a `tools/call` of the tool [`PROGRESS_TOOL`] → 200 `text/event-stream`: `steps`
+//!   (argument, default [`DEFAULT_STEPS`]) `notifications/progress` events for the request's
+//!   `_meta.progressToken` (its id when there is none), then the result event for its id, and
+//!   the stream ends. Each event is flushed on its own, as a server that reports progress while
+//!   it works does (scenario 7a);
+//! - GET with `Accept: text/event-stream` (the standalone stream) → 200 `text/event-stream`,
+//!   one comment line, then nothing until the client goes away (scenario 7b);
+//! - a notification or response → 202; anything else → 405. No sessions.
 //!
 //! With a certificate it serves TLS, offering h2 and http/1.1 in ALPN as a real server behind
 //! TLS would (HTTP/1.1 when the client offers no ALPN, as nginx does to its upstreams).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, service::service_fn};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    service::service_fn,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-async fn answer(req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The tool whose call is answered with an SSE stream of progress events.
+pub const PROGRESS_TOOL: &str = "progress";
+/// Progress events before the result when the call does not say (`arguments.steps`).
+pub const DEFAULT_STEPS: u64 = 5;
+/// What a standalone GET stream sends before it falls idle.
+pub const PRIMING: &str = ": mcpwarden-bench stream open\n\n";
+
+type Reply = Response<Either<Full<Bytes>, Sse>>;
+
+/// An SSE response body: its events one frame each, yielding between frames so that hyper
+/// writes each on its own; then the end of the stream, or (`open`) nothing more until the
+/// connection goes away.
+pub struct Sse {
+    events: VecDeque<Bytes>,
+    flushed: bool,
+    open: bool,
+}
+
+impl Body for Sse {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !self.flushed {
+            // Pending makes hyper flush what it has written; the wake brings it straight back.
+            self.flushed = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match self.events.pop_front() {
+            Some(event) => {
+                self.flushed = false;
+                Poll::Ready(Some(Ok(Frame::data(event))))
+            }
+            // Idle: never woken; the connection's end drops the body.
+            None if self.open => Poll::Pending,
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.open && self.events.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+fn sse(events: VecDeque<Bytes>, open: bool) -> Reply {
+    let mut resp = Response::new(Either::Right(Sse {
+        events,
+        // The first event goes with the head.
+        flushed: true,
+        open,
+    }));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn accepts_sse(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+async fn answer(req: Request<Incoming>) -> Reply {
+    if req.method() == Method::GET && accepts_sse(&req) {
+        return sse(
+            VecDeque::from([Bytes::from_static(PRIMING.as_bytes())]),
+            true,
+        );
+    }
     if req.method() != Method::POST {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
@@ -27,22 +131,49 @@ async fn answer(req: Request<Incoming>) -> Response<Full<Bytes>> {
     let Ok(msg) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes()) else {
         return status(StatusCode::BAD_REQUEST);
     };
-    let (Some(id), Some(_method)) = (msg.get("id"), msg.get("method")) else {
+    let (Some(id), Some(method)) = (msg.get("id"), msg.get("method")) else {
         return status(StatusCode::ACCEPTED);
     };
-    let out = format!(
-        r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":"ok"}}],"isError":false}}}}"#
-    );
-    let mut resp = Response::new(Full::new(Bytes::from(out)));
+    let result = result_for(id);
+    let params = &msg["params"];
+    if method == "tools/call" && params["name"] == PROGRESS_TOOL {
+        let steps = params["arguments"]["steps"]
+            .as_u64()
+            .unwrap_or(DEFAULT_STEPS);
+        let token = params["_meta"].get("progressToken").unwrap_or(id);
+        return sse(progress_events(token, steps, &result), false);
+    }
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::from(result))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json"),
     );
     resp
 }
 
-fn status(code: StatusCode) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::new()));
+/// The JSON-RPC result every call gets.
+pub fn result_for(id: &serde_json::Value) -> String {
+    format!(
+        r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":"ok"}}],"isError":false}}}}"#
+    )
+}
+
+/// The events of a `progress` call's answer: `steps` progress notifications for `token`, then
+/// `result`.
+pub fn progress_events(token: &serde_json::Value, steps: u64, result: &str) -> VecDeque<Bytes> {
+    let mut events: VecDeque<Bytes> = (1..=steps)
+        .map(|i| {
+            Bytes::from(format!(
+                "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progressToken\":{token},\"progress\":{i},\"total\":{steps}}}}}\n\n"
+            ))
+        })
+        .collect();
+    events.push_back(Bytes::from(format!("event: message\ndata: {result}\n\n")));
+    events
+}
+
+fn status(code: StatusCode) -> Reply {
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
     *resp.status_mut() = code;
     resp
 }
@@ -87,7 +218,7 @@ pub async fn serve(addr: SocketAddr, tls: Option<Arc<rustls::ServerConfig>>) -> 
     }
 }
 
-async fn service(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn service(req: Request<Incoming>) -> Result<Response<Either<Full<Bytes>, Sse>>, Infallible> {
     Ok(answer(req).await)
 }
 
