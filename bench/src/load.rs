@@ -13,9 +13,18 @@
 //!
 //! Every answer is checked (HTTP 200 and the JSON-RPC id echoed back): an error is counted, never
 //! timed as a success.
+//!
+//! A call is either `echo`, answered with one JSON body, or `progress` ([`Call::Progress`]),
+//! answered with an SSE stream of progress notifications and then the result; its latency runs
+//! until the stream ends, and every event is checked (scenario 7a). [`hold`] opens idle
+//! connections or idle standalone SSE streams for the memory scenarios (4 and 7b).
 
 use std::{
     net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -23,13 +32,16 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-use crate::tls::ClientTls;
+use crate::{
+    responder::{PRIMING, PROGRESS_TOOL},
+    tls::ClientTls,
+};
 
 /// The tool every call names; the agent's bench policy allows it.
 pub const TOOL: &str = "echo";
@@ -43,6 +55,17 @@ pub enum Shape {
     Open {
         rate: f64,
     },
+}
+
+/// What each call asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub enum Call {
+    /// tools/call `echo`: one `application/json` answer.
+    #[default]
+    Echo,
+    /// tools/call `progress`: a `text/event-stream` answer of `steps` progress notifications and
+    /// then the result, read to the end of the stream.
+    Progress { steps: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +84,9 @@ pub struct LoadSpec {
     /// Speak TLS (HTTP/1.1 inside) to the target.
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    /// The call every request makes.
+    #[serde(default)]
+    pub call: Call,
 }
 
 /// What one run measured. Latencies in microseconds.
@@ -78,11 +104,17 @@ pub struct LoadResult {
     pub mean_us: f64,
 }
 
-/// A tools/call body with a unique id and a realistic small argument object.
-pub fn call_body(id: u64) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{TOOL}","arguments":{{"text":"benchmark payload {id}","repeat":1}}}}}}"#
-    ))
+/// A tools/call body with a unique id and a realistic small argument object; a `progress` call
+/// asks for progress notifications with its id as the token, as MCP SDK clients do.
+pub fn call_body(id: u64, call: Call) -> Bytes {
+    Bytes::from(match call {
+        Call::Echo => format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{TOOL}","arguments":{{"text":"benchmark payload {id}","repeat":1}}}}}}"#
+        ),
+        Call::Progress { steps } => format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{PROGRESS_TOOL}","arguments":{{"text":"benchmark payload {id}","steps":{steps}}},"_meta":{{"progressToken":{id}}}}}}}"#
+        ),
+    })
 }
 
 /// Opens keep-alive HTTP/1.1 connections to one target, over TLS or not.
@@ -138,16 +170,27 @@ where
     Ok(sender)
 }
 
-/// Send one call and check its answer.
-pub async fn call(sender: &mut SendRequest<Full<Bytes>>, host: &str, id: u64) -> Result<()> {
+/// Send one call and check its answer (for `progress`, every event of the stream).
+pub async fn call(
+    sender: &mut SendRequest<Full<Bytes>>,
+    host: &str,
+    id: u64,
+    call: Call,
+) -> Result<()> {
     sender.ready().await.context("connection closed")?;
     let req = http::Request::post(PATH)
         .header(http::header::HOST, host)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "application/json, text/event-stream")
-        .body(Full::new(call_body(id)))?;
+        .body(Full::new(call_body(id, call)))?;
     let resp = sender.send_request(req).await.context("sending a call")?;
     let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let body = resp.into_body().collect().await?.to_bytes();
     if status != http::StatusCode::OK {
         bail!(
@@ -155,11 +198,86 @@ pub async fn call(sender: &mut SendRequest<Full<Bytes>>, host: &str, id: u64) ->
             String::from_utf8_lossy(&body[..body.len().min(200)])
         );
     }
-    let answer: serde_json::Value = serde_json::from_slice(&body).context("answer is not JSON")?;
+    match call {
+        Call::Echo => check_result(&body, id),
+        Call::Progress { steps } => {
+            if !content_type.starts_with("text/event-stream") {
+                bail!("call {id}: the answer is {content_type:?}, not an SSE stream");
+            }
+            check_progress(&body, id, steps)
+        }
+    }
+}
+
+/// `data` is the JSON-RPC result for `id`.
+fn check_result(data: &[u8], id: u64) -> Result<()> {
+    let answer: serde_json::Value = serde_json::from_slice(data).context("answer is not JSON")?;
     if answer["id"].as_u64() != Some(id) || answer.get("result").is_none() {
         bail!("unexpected answer to call {id}: {answer}");
     }
     Ok(())
+}
+
+/// `body` is `steps` progress notifications for token `id`, in order, then the result for `id`.
+fn check_progress(body: &[u8], id: u64, steps: u64) -> Result<()> {
+    let events = sse_events(body)?;
+    let Some((result, progress)) = events.split_last() else {
+        bail!("call {id}: the SSE stream carried no event");
+    };
+    if progress.len() as u64 != steps {
+        bail!(
+            "call {id}: {} events before the last, not {steps} progress notifications",
+            progress.len()
+        );
+    }
+    for (i, data) in progress.iter().enumerate() {
+        let n: serde_json::Value = serde_json::from_str(data)
+            .with_context(|| format!("call {id}: event {i} is not JSON: {data:?}"))?;
+        let p = &n["params"];
+        if n["method"] != "notifications/progress"
+            || p["progressToken"].as_u64() != Some(id)
+            || p["progress"].as_u64() != Some(i as u64 + 1)
+            || p["total"].as_u64() != Some(steps)
+        {
+            bail!(
+                "call {id}: event {i} is not progress {} of {steps}: {data}",
+                i + 1
+            );
+        }
+    }
+    check_result(result.as_bytes(), id)
+}
+
+/// The data of each event of an SSE stream (its `data` lines joined by `\n`); comments, other
+/// fields and an unterminated last event are skipped, as an EventSource would.
+pub fn sse_events(body: &[u8]) -> Result<Vec<String>> {
+    let text = std::str::from_utf8(body).context("the SSE stream is not UTF-8")?;
+    let mut events = Vec::new();
+    let mut data: Option<String> = None;
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() {
+            events.extend(data.take());
+            continue;
+        }
+        if line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        if field == "data" {
+            match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => data = Some(value.to_owned()),
+            }
+        }
+    }
+    Ok(events)
 }
 
 struct ConnOutcome {
@@ -180,7 +298,7 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
     let mut id_base = 1u64;
     for sender in &mut senders {
         for _ in 0..spec.warmup {
-            call(sender, &spec.host, id_base).await?;
+            call(sender, &spec.host, id_base, spec.call).await?;
             id_base += 1;
         }
     }
@@ -192,6 +310,7 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
         let host = spec.host.clone();
         let dialer = dialer.clone();
         let shape = spec.shape;
+        let what = spec.call;
         let conns = spec.conns as f64;
         // Ids never repeat across connections or runs of one process.
         let first_id = id_base + (i as u64) * 1_000_000_000;
@@ -227,7 +346,7 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
                     break;
                 }
                 let sent = Instant::now();
-                match call(&mut sender, &host, first_id + k).await {
+                match call(&mut sender, &host, first_id + k, what).await {
                     Ok(()) => {
                         let ns = sent.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
                         out.hist.saturating_record(ns.max(1));
@@ -282,7 +401,7 @@ pub async fn hold(target: SocketAddr, host: &str, conns: usize) -> Result<()> {
     let mut senders = Vec::with_capacity(conns);
     for i in 0..conns {
         let mut s = dialer.connect().await?;
-        call(&mut s, host, i as u64 + 1).await?;
+        call(&mut s, host, i as u64 + 1, Call::Echo).await?;
         senders.push(s);
     }
     println!("holding {conns}");
@@ -293,4 +412,155 @@ pub async fn hold(target: SocketAddr, host: &str, conns: usize) -> Result<()> {
         .context("waiting for stdin")??;
     drop(senders);
     Ok(())
+}
+
+/// Streams [`hold_sse`] opens at a time.
+const OPEN_AT_ONCE: usize = 64;
+/// [`hold_sse`] gives up when one stream takes longer than this to open…
+const OPEN_ONE: Duration = Duration::from_secs(10);
+/// …or all of them longer than this.
+const OPEN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Open `streams` standalone SSE streams (GET with `Accept: text/event-stream`), one per
+/// connection and [`OPEN_AT_ONCE`] at a time, each counted once its priming comment has
+/// arrived; print `holding N` and hold them idle until stdin closes, then print
+/// `released N, K ended early` (a stream that ended or failed while held was not held).
+pub async fn hold_sse(target: SocketAddr, host: &str, streams: usize) -> Result<()> {
+    let dialer = Dialer::new(target, None)?;
+    let ended = Arc::new(AtomicUsize::new(0));
+    let mut held = tokio::task::JoinSet::new();
+    let mut opening = tokio::task::JoinSet::new();
+    let deadline = tokio::time::Instant::now() + OPEN_DEADLINE;
+    let (mut started, mut opened) = (0, 0);
+    while opened < streams {
+        while started < streams && opening.len() < OPEN_AT_ONCE {
+            let (dialer, host) = (dialer.clone(), host.to_owned());
+            opening.spawn(async move {
+                tokio::time::timeout(OPEN_ONE, open_stream(&dialer, &host))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "no 200 text/event-stream with the priming comment within {OPEN_ONE:?}"
+                        )
+                    })?
+            });
+            started += 1;
+        }
+        let next = tokio::time::timeout_at(deadline, opening.join_next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "{opened} of {streams} SSE streams opened in {OPEN_DEADLINE:?}: giving up"
+                )
+            })?;
+        let (sender, mut body) = next
+            .context("no stream is opening")?
+            .context("opening task panicked")?
+            .with_context(|| format!("opening SSE stream {}", opened + 1))?;
+        opened += 1;
+        let ended = ended.clone();
+        held.spawn(async move {
+            let _sender = sender;
+            // Idle: whatever arrives (the end, an error, an event) means it was not.
+            let _ = body.frame().await;
+            ended.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    println!("holding {streams}");
+    let mut line = String::new();
+    // Blocks until the orchestrator closes our stdin.
+    tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line))
+        .await
+        .context("waiting for stdin")??;
+    println!(
+        "released {streams}, {} ended early",
+        ended.load(Ordering::Relaxed)
+    );
+    held.abort_all();
+    Ok(())
+}
+
+/// One standalone SSE stream, opened: 200 `text/event-stream` and the server's priming comment.
+async fn open_stream(dialer: &Dialer, host: &str) -> Result<(SendRequest<Full<Bytes>>, Incoming)> {
+    let mut sender = dialer.connect().await?;
+    sender.ready().await.context("connection closed")?;
+    let req = http::Request::get(PATH)
+        .header(http::header::HOST, host)
+        .header(http::header::ACCEPT, "text/event-stream")
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await.context("sending the GET")?;
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if status != http::StatusCode::OK || !content_type.starts_with("text/event-stream") {
+        bail!("the GET was answered HTTP {status} {content_type:?}, not an SSE stream");
+    }
+    let mut body = resp.into_body();
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"\n\n") {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    seen.extend_from_slice(data);
+                }
+            }
+            Some(Err(e)) => return Err(e).context("reading the stream's first event"),
+            None => bail!("the SSE stream ended before its first event"),
+        }
+    }
+    if seen != PRIMING.as_bytes() {
+        bail!(
+            "the SSE stream began with {:?}, not the priming comment",
+            String::from_utf8_lossy(&seen)
+        );
+    }
+    Ok((sender, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::responder::{progress_events, result_for};
+
+    fn responder_stream(id: u64, steps: u64) -> Vec<u8> {
+        let id = serde_json::json!(id);
+        progress_events(&id, steps, &result_for(&id))
+            .iter()
+            .flat_map(|b| b.to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn the_responders_progress_stream_passes_the_check() {
+        check_progress(&responder_stream(7, 5), 7, 5).unwrap();
+        check_progress(&responder_stream(7, 0), 7, 0).unwrap();
+    }
+
+    #[test]
+    fn a_stream_missing_reordering_or_misattributing_events_fails() {
+        let events = sse_events(&responder_stream(7, 3)).unwrap();
+        let join = |evs: &[&String]| -> Vec<u8> {
+            evs.iter()
+                .flat_map(|e| format!("data: {e}\n\n").into_bytes())
+                .collect()
+        };
+        let [a, b, c, r] = [&events[0], &events[1], &events[2], &events[3]];
+        assert!(check_progress(&join(&[a, b, c, r]), 7, 3).is_ok());
+        assert!(check_progress(&join(&[a, b, r]), 7, 3).is_err());
+        assert!(check_progress(&join(&[b, a, c, r]), 7, 3).is_err());
+        assert!(check_progress(&join(&[a, b, c]), 7, 3).is_err());
+        assert!(check_progress(&join(&[a, b, c, r]), 8, 3).is_err());
+        assert!(check_progress(&join(&[a, b, r, c]), 7, 3).is_err());
+    }
+
+    #[test]
+    fn sse_events_reads_data_lines_and_skips_the_rest() {
+        let body = b": comment\r\nevent: message\r\nid: 1\r\ndata: {\"a\":\r\ndata:1}\r\n\r\n\ndata: x\n\ndata: unterminated";
+        assert_eq!(sse_events(body).unwrap(), vec!["{\"a\":\n1}", "x"]);
+        assert!(sse_events(b": only a comment\n\n").unwrap().is_empty());
+    }
 }

@@ -9,6 +9,7 @@ mod probe;
 mod report;
 mod responder;
 mod run;
+mod sserun;
 mod stats;
 mod tls;
 mod tlsrun;
@@ -74,6 +75,9 @@ enum Cmd {
         host: String,
         #[arg(long)]
         conns: usize,
+        /// Open a standalone SSE stream (GET) on each connection instead, and hold it idle.
+        #[arg(long)]
+        sse: bool,
     },
 }
 
@@ -91,7 +95,13 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
     Ok(rt)
 }
 
-/// Raise the soft open-file limit to the hard one: the memory scenario holds 1,000 connections.
+/// Open files the bench wants: scenario 7b holds 10,000 SSE streams, which the agent (and
+/// nginx) carry on two descriptors each.
+pub const NOFILE: u64 = 65_536;
+
+/// Raise the open-file limit to [`NOFILE`] (as root with CAP_SYS_RESOURCE, above the hard
+/// limit), or else the soft limit to the hard one. Children inherit it: the agent raises its soft
+/// limit to the hard one, and the responder and the holder come here too.
 fn raise_nofile() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -99,10 +109,31 @@ fn raise_nofile() {
     };
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: NOFILE,
+            rlim_max: NOFILE,
+        };
+        if lim.rlim_max >= NOFILE || libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+/// The soft open-file limit of this process.
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        0
     }
 }
 
@@ -143,7 +174,14 @@ fn main() -> Result<()> {
             target,
             host,
             conns,
+            sse: false,
         } => runtime(1)?.block_on(load::hold(target, &host, conns)),
+        Cmd::Hold {
+            target,
+            host,
+            conns,
+            sse: true,
+        } => runtime(1)?.block_on(load::hold_sse(target, &host, conns)),
     }
 }
 

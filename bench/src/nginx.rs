@@ -1,5 +1,6 @@
 //! A bare nginx reverse-proxy hop: Debian's nginx, one worker, keep-alive to the upstream,
-//! no access log, responses streamed (`proxy_buffering off`, as the interceptor streams them).
+//! no access log, responses streamed (`proxy_buffering off`, as the interceptor streams them:
+//! each SSE event goes on as it arrives, and an idle stream is not timed out for an hour).
 //! It parses HTTP and nothing else: the cost of a generic proxy in the path. The TLS hop
 //! terminates TLS with a certificate from the bench CA and re-encrypts to the upstream,
 //! verifying it.
@@ -51,7 +52,13 @@ pub enum Hop<'a> {
     },
 }
 
-fn config(dir: &Path, listen: SocketAddr, hop: &Hop<'_>) -> String {
+/// Connections (client and upstream) the worker takes unless told otherwise.
+pub const CONNECTIONS: usize = 4096;
+
+fn config(dir: &Path, listen: SocketAddr, hop: &Hop<'_>, connections: usize) -> String {
+    // Twice the connections, within what the worker may have (the master runs as root, but
+    // raising the hard limit takes CAP_SYS_RESOURCE, which a container may not grant).
+    let nofile = (2 * connections as u64).min(crate::nofile_limit().max(connections as u64));
     let d = dir.display();
     let (upstream, listen_opts, server_tls, scheme, location_tls) = match hop {
         Hop::Plain { upstream } => (*upstream, "", String::new(), "http", String::new()),
@@ -92,8 +99,8 @@ daemon off;
 master_process on;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-worker_rlimit_nofile 8192;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile {nofile};
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {d}/client_body;
@@ -114,7 +121,8 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
-            proxy_buffering off;{location_tls}
+            proxy_buffering off;
+            proxy_read_timeout 1h;{location_tls}
         }}
     }}
 }}
@@ -125,9 +133,20 @@ http {{
 impl Nginx {
     /// Start nginx in `cgroup`, proxying `listen` → the hop's upstream; returns once it accepts.
     pub fn start(cgroup: &Path, listen: SocketAddr, hop: &Hop<'_>) -> Result<Nginx> {
+        Nginx::start_sized(cgroup, listen, hop, CONNECTIONS)
+    }
+
+    /// [`Nginx::start`] with room for `connections` connections (client and upstream) in its
+    /// worker, which allocates their slots at start.
+    pub fn start_sized(
+        cgroup: &Path,
+        listen: SocketAddr,
+        hop: &Hop<'_>,
+        connections: usize,
+    ) -> Result<Nginx> {
         let dir = TempDir::new("nginx");
         let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, config(dir.path(), listen, hop))?;
+        std::fs::write(&conf, config(dir.path(), listen, hop, connections))?;
         let mut cmd = Command::new(binary());
         cmd.arg("-p")
             .arg(dir.path())

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use crate::{
     probe::ConnectResult,
     run::{added, ratio, Measured, Memory, Route, RunOpts, CONNECT_GOAL, ROUTES},
+    sserun::{SseFigures, STREAM_GOAL_KIB},
     stats::Spread,
     tlsrun::{
         hs_added, FirstConns, TlsFigures, FIRST_GOAL_US, FIRST_KINDS, HANDSHAKE_GOAL_US, HOST,
@@ -39,6 +40,7 @@ pub struct Report {
     pub memory: Vec<Memory>,
     pub criterion: Vec<Estimate>,
     pub tls: Option<TlsFigures>,
+    pub sse: Option<SseFigures>,
     pub attempts: Vec<(String, usize, Option<String>)>,
     pub agent_log_errors: Vec<String>,
 }
@@ -146,7 +148,7 @@ impl Report {
             self.repeats
         )?;
         self.render_goals(o)?;
-        // Scenarios 1–4 run together, or not at all (`--tls-only`).
+        // Scenarios 1–4 run together, or not at all (`--tls-only`, `--sse-only`).
         if !self.connect.is_empty() {
             self.render_connect(o)?;
             self.render_latency(
@@ -166,6 +168,9 @@ impl Report {
         self.render_criterion(o)?;
         if let Some(tls) = &self.tls {
             self.render_tls(o, tls)?;
+        }
+        if let Some(sse) = &self.sse {
+            self.render_sse(o, sse)?;
         }
         writeln!(o, "### Repeats and noise\n")?;
         for (name, attempts, noisy) in &self.attempts {
@@ -215,6 +220,9 @@ impl Report {
         }
         if let Some(tls) = &self.tls {
             tls_goals(o, tls)?;
+        }
+        if let Some(sse) = &self.sse {
+            sse_goals(o, sse)?;
         }
         writeln!(o)
     }
@@ -544,6 +552,80 @@ impl Report {
         writeln!(o, "\n")
     }
 
+    fn render_sse(&self, o: &mut String, sse: &SseFigures) -> std::fmt::Result {
+        writeln!(o, "### 7. Server-Sent Events\n")?;
+        writeln!(
+            o,
+            "How it is measured: on the plaintext endpoint of scenarios 1–4, with the same responder, which answers a `tools/call` of the tool `progress` with `200 text/event-stream`: {} `notifications/progress` events for the call's progress token, then the result event, each event written and flushed on its own, then the end of the stream; and a GET with `Accept: text/event-stream` (the standalone stream) with `200 text/event-stream`, one SSE comment, and nothing more until the client goes away. \
+             *nginx* streams both (`proxy_buffering off`, `proxy_read_timeout 1h`). \
+             The client checks every event it reads; a run with a missing, reordered or misattributed event fails.\n",
+            sse.steps
+        )?;
+        self.render_latency(
+            o,
+            &format!(
+                "7a. tools/call answered over SSE ({} progress events, then the result) on one keep-alive connection (closed loop)",
+                sse.steps
+            ),
+            &sse.calls,
+            false,
+        )?;
+        writeln!(
+            o,
+            "7a is 2a with a streamed answer: one keep-alive connection, closed loop, each call timed from the request until the end of its stream, having read every event (progress 1…{} for its token, in order, then the result for its id). On the mcpwarden route the audit log must hold a `request` record per call.\n",
+            sse.steps
+        )?;
+
+        writeln!(o, "### 7b. Memory per idle SSE stream (RSS)\n")?;
+        writeln!(
+            o,
+            "For each count, a freshly started agent is measured 2 s after start (*idle*, as in 4), then while a client holds that many standalone SSE streams through it, each on its own connection, opened 64 at a time and idle once its priming comment has arrived (*held*, 0.5 s after the last one opened). \
+             Per stream = (held − idle) ÷ streams: the client connection, the upstream connection (a stream in flight keeps its own) and whatever the agent keeps per stream; the kernel's socket buffers are not in RSS. \
+             The holder fails the run unless every stream opened (200, `text/event-stream`, the comment) and was still open when released; on the mcpwarden route every stream's GET must have been audited (`non_mcp`). \
+             *nginx* is a separate nginx (same binary and settings) whose worker has room for every stream's two connections: it allocates their slots at start, so its idle RSS is larger than in 4 and its per-stream figure is what it adds beyond those slots.\n"
+        )?;
+        if !sse.notes.is_empty() {
+            for why in &sse.notes {
+                writeln!(o, "- {why}.")?;
+            }
+            writeln!(o)?;
+        }
+        writeln!(o, "| streams | process | idle | held | per stream |")?;
+        writeln!(o, "|---|---|---|---|---|")?;
+        let mib = |v: Spread| Spread {
+            min: v.min / 1024.0,
+            median: v.median / 1024.0,
+            max: v.max / 1024.0,
+        };
+        for (k, &count) in sse.counts.iter().enumerate() {
+            type Kib = fn(&crate::sserun::StreamMemory) -> f64;
+            for (name, idle, held, per) in [
+                (
+                    "mcpwarden agent",
+                    (|m| m.agent_idle_kib as f64) as Kib,
+                    (|m| m.agent_held_kib as f64) as Kib,
+                    (|m| m.agent_per_stream()) as Kib,
+                ),
+                (
+                    "nginx worker",
+                    |m| m.nginx_idle_kib as f64,
+                    |m| m.nginx_held_kib as f64,
+                    |m| m.nginx_per_stream(),
+                ),
+            ] {
+                writeln!(
+                    o,
+                    "| {} | {name} | {} MiB | {} MiB | {} KiB |",
+                    thousands(count),
+                    cell(mib(spread(sse.memory_at(k).map(idle))), 1),
+                    cell(mib(spread(sse.memory_at(k).map(held))), 1),
+                    cell(spread(sse.memory_at(k).map(per)), 1)
+                )?;
+            }
+        }
+        writeln!(o)
+    }
+
     fn render_criterion(&self, o: &mut String) -> std::fmt::Result {
         writeln!(o, "### 5. In-process costs (criterion)\n")?;
         if self.criterion.is_empty() {
@@ -623,6 +705,51 @@ fn tls_goals(o: &mut String, tls: &TlsFigures) -> std::fmt::Result {
         )?;
     }
     Ok(())
+}
+
+/// The SSE rows of the goals table.
+fn sse_goals(o: &mut String, sse: &SseFigures) -> std::fmt::Result {
+    type Pick = fn(&crate::load::LoadResult) -> f64;
+    for (q, f) in [("p50", (|l| l.p50_us) as Pick), ("p99", |l| l.p99_us)] {
+        let a = added(&sse.calls, Route::Agent, f).median;
+        let n = added(&sse.calls, Route::Nginx, f).median;
+        writeln!(
+            o,
+            "| 7a. SSE response ({} progress events + result), one connection: added {q} latency | informational (nginx for comparison) | {a:+.1} µs | {n:+.1} µs | — |",
+            sse.steps
+        )?;
+    }
+    for (k, &count) in sse.counts.iter().enumerate() {
+        let a = spread(sse.memory_at(k).map(|m| m.agent_per_stream())).median;
+        let n = spread(sse.memory_at(k).map(|m| m.nginx_per_stream())).median;
+        let instead = match sse.instead_of.get(k).copied().flatten() {
+            Some(asked) => format!(
+                " (instead of {}: the open-file limit, see 7b)",
+                thousands(asked)
+            ),
+            None => String::new(),
+        };
+        writeln!(
+            o,
+            "| 7b. memory per idle SSE stream, {} streams{instead} | ≤ {STREAM_GOAL_KIB:.0} KiB | {a:.1} KiB | {n:.1} KiB | {} |",
+            thousands(count),
+            yes_no(a <= STREAM_GOAL_KIB)
+        )?;
+    }
+    Ok(())
+}
+
+/// 10000 → "10,000".
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn ns(v: f64) -> String {
@@ -705,6 +832,15 @@ mod tests {
         assert!(!out.contains("old figures"));
         assert!(out.ends_with("## Analysis\nkept\n"));
         assert_eq!(out.matches(BEGIN).count(), 1);
+    }
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(200), "200");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(20_512), "20,512");
+        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 
     #[test]

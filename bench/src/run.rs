@@ -10,6 +10,7 @@
 //! The agent path is checked, not assumed: the audit log must gain one `request` record per
 //! call, and the direct and nginx paths must add none.
 //!
+//! Scenario 7 (SSE, [`crate::sserun`]) runs after 1–4, on the same agent configuration.
 //! Scenario 6 (TLS, [`crate::tlsrun`]) runs last: it adds TLS responders and a TLS-terminating
 //! nginx, and restarts the agent with `https://` endpoints.
 
@@ -25,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use mcpwarden_tests::{free_port, require_root, spawn_in_cgroup, Agent, AgentOpts, TestCgroup};
 
 use crate::{
-    load::{LoadResult, LoadSpec, Shape, PATH},
+    load::{Call, LoadResult, LoadSpec, Shape, PATH},
     nginx::{Hop, Nginx},
     probe::ConnectResult,
     report::{self, Report},
@@ -51,12 +52,17 @@ pub struct RunOpts {
     pub command: String,
     /// Run scenario 6 (TLS) alone: for working on the TLS harness; the report's other
     /// sections are empty.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, conflicts_with = "sse_only")]
     pub tls_only: bool,
+    /// Run scenario 7 (SSE) alone: for working on the SSE harness; the report's other
+    /// sections are empty.
+    #[arg(long, hide = true)]
+    pub sse_only: bool,
 }
 
-/// The bench policy: the one tool the load calls is allowed; everything else is denied.
-const POLICY: &str = r#"{"version":"1","default":"deny","tools":{"echo":{}}}"#;
+/// The bench policy: the tools the load calls are allowed (`echo`, and `progress`, answered
+/// over SSE); everything else is denied.
+const POLICY: &str = r#"{"version":"1","default":"deny","tools":{"echo":{},"progress":{}}}"#;
 
 /// Bench addresses: 127.0.0.220+, above every index the integration tests use.
 pub fn bench_ip(i: u8) -> Ipv4Addr {
@@ -107,13 +113,14 @@ impl Drop for Proc {
     }
 }
 
-/// Counts `request` records appended to the audit log since the last look (and `refused`
-/// records since the start).
+/// Counts `request` records appended to the audit log since the last look (and `refused` and
+/// `non_mcp` records since the start).
 struct AuditCounter {
     path: PathBuf,
     offset: u64,
     carry: Vec<u8>,
     refused: u64,
+    non_mcp: u64,
 }
 
 impl AuditCounter {
@@ -123,6 +130,7 @@ impl AuditCounter {
             offset: 0,
             carry: Vec::new(),
             refused: 0,
+            non_mcp: 0,
         }
     }
 
@@ -146,6 +154,7 @@ impl AuditCounter {
                 .count() as u64
         };
         self.refused += count(br#""event":"refused""#);
+        self.non_mcp += count(br#""event":"non_mcp""#);
         Ok(count(br#""event":"request""#))
     }
 }
@@ -344,8 +353,13 @@ impl Bench {
             .ok_or_else(|| anyhow::anyhow!("the agent is not running"))
     }
 
+    /// The responder every plaintext route reaches (the Host of every request).
+    pub fn upstream(&self) -> SocketAddr {
+        self.upstream
+    }
+
     /// The process whose CPU the route spends besides client and server.
-    fn proxy_pid(&self, route: Route) -> Result<Option<u32>> {
+    pub fn proxy_pid(&self, route: Route) -> Result<Option<u32>> {
         Ok(match route {
             Route::Direct => None,
             Route::Nginx => self.nginx.worker_pid(),
@@ -353,7 +367,8 @@ impl Bench {
         })
     }
 
-    fn route_target(&self, route: Route) -> (SocketAddr, &Path) {
+    /// Where `route` dials, and from which cgroup.
+    pub fn route_target(&self, route: Route) -> (SocketAddr, &Path) {
         match route {
             Route::Direct => (self.upstream, &self.plain),
             Route::Nginx => (self.nginx.listen, &self.plain),
@@ -381,6 +396,7 @@ impl Bench {
             max_calls,
             duration: Duration::from_secs_f64(secs),
             tls: None,
+            call: Call::Echo,
         };
         let proxy = self.proxy_pid(route)?;
         self.measure(route, &cgroup, proxy, &spec)
@@ -466,6 +482,21 @@ impl Bench {
     /// RSS of `pid` while 1,000 keep-alive connections through `route` are open.
     fn rss_holding(&self, route: Route, pid: u32, conns: usize) -> Result<u64> {
         let (target, cgroup) = self.route_target(route);
+        self.rss_holding_at(target, cgroup, route.name(), pid, conns, false)
+    }
+
+    /// RSS of `pid` while a holder in `cgroup` keeps `conns` connections to `target` open: idle
+    /// keep-alive connections after one call each, or (`sse`) idle standalone SSE streams, which
+    /// must all still be open when the holder is released.
+    pub fn rss_holding_at(
+        &self,
+        target: SocketAddr,
+        cgroup: &Path,
+        what: &str,
+        pid: u32,
+        conns: usize,
+        sse: bool,
+    ) -> Result<u64> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("hold")
             .arg("--target")
@@ -477,20 +508,42 @@ impl Bench {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if sse {
+            cmd.arg("--sse");
+        }
         spawn_in_cgroup(&mut cmd, cgroup);
         let mut child = Proc(cmd.spawn().context("starting the holder")?);
+        let mut out = child.0.stdout.take().map(BufReader::new);
         let mut line = String::new();
-        if let Some(out) = child.0.stdout.take() {
-            BufReader::new(out).read_line(&mut line)?;
+        if let Some(out) = &mut out {
+            out.read_line(&mut line)?;
         }
         if !line.starts_with("holding") {
-            bail!("the holder failed on the {} route: {line:?}", route.name());
+            bail!("the holder failed on the {what} route: {line:?}");
         }
         // Let the proxy settle (buffers of the last calls are released).
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(if sse { 500 } else { 300 }));
         let rss = rss_kib(pid).ok_or_else(|| anyhow::anyhow!("no RSS for pid {pid}"))?;
         if let Some(mut stdin) = child.0.stdin.take() {
             let _ = stdin.write_all(b"done\n");
+        }
+        if sse {
+            line.clear();
+            if let Some(out) = &mut out {
+                out.read_line(&mut line)?;
+            }
+            let ended = line
+                .trim()
+                .strip_suffix(" ended early")
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            match ended {
+                Some(0) => {}
+                Some(n) => bail!(
+                    "{n} of the {conns} SSE streams held on the {what} route ended while held"
+                ),
+                None => bail!("the holder failed on the {what} route: {line:?}"),
+            }
         }
         let _ = child.0.wait();
         Ok(rss)
@@ -501,6 +554,13 @@ impl Bench {
     pub fn audit_refused(&mut self) -> Result<u64> {
         self.audit.new_requests()?;
         Ok(self.audit.refused)
+    }
+
+    /// `non_mcp` audit records of the current agent so far (requests without an MCP message,
+    /// such as the GET of a standalone SSE stream).
+    pub fn audit_non_mcp(&mut self) -> Result<u64> {
+        self.audit.new_requests()?;
+        Ok(self.audit.non_mcp)
     }
 
     /// From now on, (re)start the agent with `config`, starting with a restart now.
@@ -645,14 +705,24 @@ pub fn run(opts: RunOpts) -> Result<()> {
     let mut report = Report::new(&opts, repeats);
     report.rate = RATE;
 
-    if !opts.tls_only {
+    if !opts.tls_only && !opts.sse_only {
         plaintext(&mut bench, &mut report, repeats, attempts)?;
     }
 
+    // 7. SSE: responses as event streams, idle standalone streams. Before 6, which restarts
+    // the agent with https endpoints.
+    if !opts.tls_only {
+        let sse = crate::sserun::run(&mut bench, repeats, attempts)?;
+        report.attempts.extend(sse.attempts.iter().cloned());
+        report.sse = Some(sse);
+    }
+
     // 6. TLS on both sides: latency on one connection, handshakes, first connections.
-    let tls = crate::tlsrun::run(&mut bench, repeats, attempts)?;
-    report.attempts.extend(tls.attempts.iter().cloned());
-    report.tls = Some(tls);
+    if !opts.sse_only {
+        let tls = crate::tlsrun::run(&mut bench, repeats, attempts)?;
+        report.attempts.extend(tls.attempts.iter().cloned());
+        report.tls = Some(tls);
+    }
 
     bench.agent.assert_running();
     let mut errors = std::mem::take(&mut bench.agent_log_errors);

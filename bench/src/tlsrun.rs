@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use mcpwarden_tests::{free_port, hosts::HostsEntry, TempDir, TestCa, Validity};
 
 use crate::{
-    load::{LoadSpec, Shape, PATH},
+    load::{Call, LoadSpec, Shape, PATH},
     nginx::{Hop, Nginx},
     run::{
         bench_ip, child_output, cpu_seconds, noisy_added, repeated, spawn_listening, three,
@@ -271,6 +271,7 @@ fn calls(bench: &mut Bench, world: &TlsWorld, route: Route, calls: u64) -> Resul
             sni: HOST.into(),
             ca_file: t.ca_file,
         }),
+        call: Call::Echo,
     };
     bench.measure(route, &t.cgroup, t.proxy, &spec)
 }
