@@ -810,33 +810,6 @@ fn gzip_echo_forwarded_decoded(o: &Outcome) -> Result<String, String> {
     Ok(String::new())
 }
 
-/// A method that is `tools/call` but for letter case is no tools/call to a server that
-/// matches methods exactly: whatever the agent does with it, the peer must not execute
-/// secret_dump.
-fn method_case(o: &Outcome) -> Result<String, String> {
-    o.executed(&[])?;
-    let resp = o.response()?;
-    let body = resp.to_string();
-    if body.contains("SECRET_TOKEN") {
-        return Err(format!("the secret reached the client: {body}"));
-    }
-    let (_, answer) = o.answer()?;
-    if answer.get("error").is_none() {
-        return Err(format!("expected an error answer, got {answer}"));
-    }
-    let how = if o.requests.is_empty() {
-        let rec = o.audit_refused(None)?;
-        format!("refused by the agent: {}", rec["reason"])
-    } else {
-        let rec = o.audit("a `request` record", |r| r["event"] == "request")?;
-        format!(
-            "forwarded as method {} (decision {}); the peer answered {}",
-            rec["method"], rec["decision"], answer["error"]
-        )
-    };
-    Ok(how)
-}
-
 /// Two pipelined requests, `first` then `second`: each decided on its own.
 fn pipelined(o: &Outcome, first: &str, second: &str) -> Result<String, String> {
     let [a, b] = o.responses.as_slice() else {
@@ -880,8 +853,8 @@ fn not_read(o: &Outcome) -> Result<String, String> {
         Some(s) => return Err(format!("answered HTTP {s}: {resp}")),
         None => format!("closed: {}", resp["error"]),
     };
-    let audited = o.audit_lines();
-    Ok(format!("{note}; {} audit record(s)", audited.len()))
+    let rec = o.audit_refused(None)?;
+    Ok(format!("{note}; refused: {}", rec["reason"]))
 }
 
 /// Content-Length and Transfer-Encoding together: either refused, or the body read one way
@@ -903,33 +876,16 @@ fn cl_and_te(o: &Outcome) -> Result<String, String> {
     }
 }
 
-/// A gzip transfer coding (which hyper, like most servers, does not undo): never executed, and
-/// if forwarded, without a header that would let the server decode it.
+/// A gzip transfer coding (which hyper, like most servers, does not undo): refused with 501.
 fn transfer_coding(o: &Outcome) -> Result<String, String> {
-    o.executed(&[])?;
-    for r in &o.requests {
-        let coded = ["transfer-encoding", "content-encoding"]
-            .iter()
-            .filter_map(|h| r.header(h))
-            .any(|v| v.contains("gzip"));
-        if coded {
-            return Err(format!(
-                "forwarded with its coding: {}",
-                describe_request(r)
-            ));
-        }
-    }
+    // A transfer coding the agent cannot undo is refused (501), never forwarded.
+    o.nothing_forwarded()?;
     let resp = o.response()?;
-    let audited: Vec<String> = o
-        .audit_lines()
-        .iter()
-        .map(|r| r["event"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    Ok(format!(
-        "HTTP {}; {} request(s) reached the peer; audit {audited:?}",
-        resp["status"],
-        o.requests.len()
-    ))
+    if resp["status"] != 501 {
+        return Err(format!("expected HTTP 501, got {resp}"));
+    }
+    let rec = o.audit_refused(None)?;
+    Ok(format!("HTTP 501; refused: {}", rec["reason"]))
 }
 
 /// An echo answered on the peer's CRLF SSE stream: answered like the plain call, and the
@@ -1711,21 +1667,22 @@ fn bypass_cases(rig: &PeerRig) -> Vec<Case> {
             )],
             Malformed(400, -32020),
         ),
-        // 7. Method-name case: not tools/call to a server matching methods exactly.
+        // 7. Method-name case: a server matching methods loosely would run these, so they
+        // are decided like the plain call.
         case(
             "method/Tools/Call",
             vec![p(&alter(&plain_secret, "tools/call", "Tools/Call"))],
-            Check(method_case),
+            Like(SECRET),
         ),
         case(
             "method/TOOLS/CALL",
             vec![p(&alter(&plain_secret, "tools/call", "TOOLS/CALL"))],
-            Check(method_case),
+            Like(SECRET),
         ),
         case(
             "method/tools/call + trailing space",
             vec![p(&alter(&plain_secret, "tools/call", "tools/call "))],
-            Check(method_case),
+            Like(SECRET),
         ),
         case(
             "tool name/Secret_Dump (unlisted)",

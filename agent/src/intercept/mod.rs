@@ -330,6 +330,7 @@ async fn serve_http<IO>(conn: Arc<Conn>, io: IO, h2: bool, peer: SocketAddr)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let audit_conn = conn.clone();
     let service = service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
@@ -345,6 +346,20 @@ where
             .await
     };
     if let Err(e) = result {
+        if e.is_parse() || e.is_parse_too_large() {
+            // Bytes hyper could not read as HTTP (an h2c preface on HTTP/1.1, a malformed
+            // head): nothing reached the service, nothing was forwarded; the caller is audited.
+            let reason = if e.is_parse_version_h2() {
+                "plaintext HTTP/2 (h2c prior knowledge) is refused: it would not be inspected"
+                    .to_owned()
+            } else {
+                format!("malformed HTTP request: {e}")
+            };
+            let mut rec = caller_record(Event::Refused, &audit_conn.redirected);
+            rec.decision = Some(Verdict::Deny);
+            rec.reason = Some(reason);
+            audit_conn.write_audit(&rec);
+        }
         tracing::debug!(%peer, error = %e, "client connection ended");
     }
 }
@@ -735,6 +750,20 @@ impl Conn {
 
         if let Some(refusal) = self.misdirected(server, &parts) {
             return refusal;
+        }
+        let transfer_codings = parts
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| !t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if transfer_codings {
+            return self.refuse_plain(
+                server,
+                &parts,
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not accepted: the body could not be inspected",
+            );
         }
         if parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE) {
             return self.refuse_plain(
@@ -1178,7 +1207,10 @@ impl Conn {
                     Pending::new(
                         pending,
                         started,
-                        j.msg.method.as_deref() == Some("tools/list"),
+                        j.msg
+                            .method
+                            .as_deref()
+                            .is_some_and(|m| mcp::is_method(m, "tools/list")),
                     ),
                 ));
             }

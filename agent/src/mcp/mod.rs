@@ -60,6 +60,12 @@ pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 /// The method whose requests the policy decides.
 pub const TOOLS_CALL: &str = "tools/call";
 
+/// Whether `method` names `name` for some server: exactly, or but for letter case and
+/// surrounding whitespace (which a lenient server might ignore).
+pub fn is_method(method: &str, name: &str) -> bool {
+    method == name || strict::fold_key(method.trim()) == strict::fold_key(name)
+}
+
 /// What a JSON-RPC message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -123,9 +129,15 @@ impl Message {
     }
 
     /// Whether this is a `tools/call` request (the only kind the policy
-    /// decides; a `tools/call` notification never gets this far).
+    /// decides; a `tools/call` notification never gets this far). A method
+    /// spelt `Tools/Call` or ` tools/call ` counts too: a lenient server could
+    /// run it, so it is decided like the plain form.
     pub fn is_tool_call(&self) -> bool {
-        self.kind == Kind::Request && self.method.as_deref() == Some(TOOLS_CALL)
+        self.kind == Kind::Request
+            && self
+                .method
+                .as_deref()
+                .is_some_and(|m| is_method(m, TOOLS_CALL))
     }
 }
 
@@ -377,7 +389,7 @@ fn read_message(
     };
     let mut message = Message::bare(kind, id, header_stateless || meta_is_stateless(params));
 
-    if method == TOOLS_CALL {
+    if is_method(&method, TOOLS_CALL) {
         read_tool_call(params, &mut message, &at)?;
     }
     let param_str = |key: &str| {

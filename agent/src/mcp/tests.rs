@@ -1080,3 +1080,26 @@ fn batch_subset_keeps_element_bytes() {
         br#"[{"jsonrpc":"2.0", "id":2,"method":"b"},{"jsonrpc":"2.0","method":"n"}]"#.to_vec()
     );
 }
+
+/// A method spelt another way is decided like the plain form: a lenient server could run it.
+#[test]
+fn tools_call_spelt_another_way_is_still_a_call() {
+    for method in ["Tools/Call", "TOOLS/CALL", " tools/call ", "tools/call\t"] {
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"{}","params":{{"name":"secret_dump"}}}}"#,
+            method.replace('\t', "\\t")
+        );
+        let m = single(&body);
+        assert!(m.is_tool_call(), "{method:?}");
+        assert_eq!(m.tool.as_deref(), Some("secret_dump"));
+    }
+    assert!(
+        !single(r#"{"jsonrpc":"2.0","id":1,"method":"tools/called","params":{}}"#).is_tool_call()
+    );
+    // And like the plain form, a notification of it is refused.
+    let err = refused_with(
+        br#"{"jsonrpc":"2.0","method":"TOOLS/call","params":{"name":"x"}}"#,
+        &headers(&[]),
+    );
+    assert_eq!(err.code, INVALID_REQUEST, "{err}");
+}
