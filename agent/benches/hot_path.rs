@@ -45,6 +45,11 @@
 //!   arguments that go into the audit record. The parser does not look at
 //!   `Content-Type`, so the headers are empty (no routing headers, which is
 //!   the common case).
+//! - `mcp/inspect_result`: [`mcp::inspect`] of a ~150-byte `tools/call` result (what every
+//!   JSON answer costs on the way back: strict parse, audit fields, no listing);
+//!   `mcp/filter_listing_50`: the same for a 50-tool `tools/list` result of which the policy
+//!   hides 5 (parse, filter, write the new body); `mcp/sse_split_8_events`: the SSE splitter
+//!   over a 1 KiB piece holding 8 CRLF events.
 //! - `tls/mint_leaf`: one leaf signed by a generated CA (P-256 key generation +
 //!   ECDSA signature) — what the first handshake for a name costs on top of a
 //!   cached one; `tls/cached_leaf_config`: the leaf-cache hit every other
@@ -253,6 +258,50 @@ fn mcp_benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("mcp");
     group.bench_function("parse_tools_call", |b| {
         b.iter(|| mcp::parse_body(black_box(body), &headers));
+    });
+
+    let result = r#"{"jsonrpc":"2.0","id":42,"result":{"content":[{"type":"text","text":"scan started: job 8812"}],"isError":false}}"#;
+    let visible = |t: &str| !t.ends_with('7');
+    let no_ids: [serde_json::Value; 0] = [];
+    let rule = mcp::ListingRule {
+        visible: &visible,
+        listing_ids: &no_ids,
+        per_caller: true,
+    };
+    assert!(mcp::inspect(result, &rule).rewritten.is_none());
+    group.bench_function("inspect_result", |b| {
+        b.iter(|| mcp::inspect(black_box(result), &rule));
+    });
+    let tools: Vec<serde_json::Value> = (0..50)
+        .map(|i| serde_json::json!({"name": format!("tool_{i:02}"), "description": "does a thing",
+            "inputSchema": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}))
+        .collect();
+    let listing =
+        serde_json::json!({"jsonrpc": "2.0", "id": 7, "result": {"tools": tools}}).to_string();
+    let ids = [serde_json::Value::from(7)];
+    let listing_rule = mcp::ListingRule {
+        visible: &visible,
+        listing_ids: &ids,
+        per_caller: true,
+    };
+    assert_eq!(
+        mcp::inspect(&listing, &listing_rule).filtered[0]
+            .1
+            .removed
+            .len(),
+        5
+    );
+    group.bench_function("filter_listing_50", |b| {
+        b.iter(|| mcp::inspect(black_box(&listing), &listing_rule));
+    });
+    let events: String = (0..8)
+        .map(|i| format!("event: message\r\ndata: {{\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{{\"progressToken\":\"t\",\"progress\":{i},\"total\":8}}}}\r\n\r\n"))
+        .collect();
+    group.bench_function("sse_split_8_events", |b| {
+        b.iter(|| {
+            let mut s = mcp::SseSplitter::new(1 << 20);
+            s.push(black_box(events.as_bytes())).map(|e| e.len())
+        });
     });
     group.finish();
 }
