@@ -270,6 +270,9 @@ async fn worker(
     }
 }
 
+/// Every branch's future is boxed: the task is allocated at the size of its largest possible
+/// state, and a TLS handshake or an HTTP/2 connection is several KiB that a plaintext
+/// connection (or an idle SSE stream on one) should not carry.
 async fn serve_connection(conn: Conn, stream: std::net::TcpStream, peer: SocketAddr) {
     let stream = match TcpStream::from_std(stream) {
         Ok(s) => s,
@@ -280,7 +283,7 @@ async fn serve_connection(conn: Conn, stream: std::net::TcpStream, peer: SocketA
     };
     let (plain, tls) = conn.schemes();
     if !tls {
-        return serve_http(Arc::new(conn), stream, false, peer).await;
+        return Box::pin(serve_http(Arc::new(conn), stream, false, peer)).await;
     }
     if plain {
         // Names of both kinds share this address: the first byte tells TLS (a handshake
@@ -288,15 +291,15 @@ async fn serve_connection(conn: Conn, stream: std::net::TcpStream, peer: SocketA
         let mut first = [0u8; 1];
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
             Ok(Ok(1)) if first[0] != 0x16 => {
-                return serve_http(Arc::new(conn), stream, false, peer).await
+                return Box::pin(serve_http(Arc::new(conn), stream, false, peer)).await
             }
             Ok(Ok(1)) => {}
             _ => return,
         }
     }
-    match conn.terminate_or_pass(stream).await {
-        Next::Serve(conn, tls, h2) => serve_http(Arc::new(conn), tls, h2, peer).await,
-        Next::Pass(conn, stream, sni) => conn.pass_through(stream, sni).await,
+    match Box::pin(conn.terminate_or_pass(stream)).await {
+        Next::Serve(conn, tls, h2) => Box::pin(serve_http(Arc::new(conn), tls, h2, peer)).await,
+        Next::Pass(conn, stream, sni) => Box::pin(conn.pass_through(stream, sni)).await,
         Next::Done => {}
     }
 }
@@ -336,9 +339,11 @@ where
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
     let result = if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(io), service)
-            .await
+        Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), service),
+        )
+        .await
     } else {
         hyper::server::conn::http1::Builder::new()
             .preserve_header_case(true)
