@@ -1083,7 +1083,7 @@ impl Conn {
             server: self.server_index(server).unwrap_or(usize::MAX),
             origins,
             started,
-            max: self.shared.max_body,
+            max: self.shared.max_body.max(respond::MIN_RESPONSE_BOUND),
             audit: self.audit.clone(),
             get_stream: false,
         }

@@ -40,6 +40,11 @@ use crate::{
     policy::Policy,
 };
 
+/// The least bound on a JSON answer read whole, or on one SSE event: tool results can be much
+/// larger than requests (file contents, query results), so answers get at least this much
+/// whatever `max_body_bytes` is.
+pub const MIN_RESPONSE_BOUND: usize = 16 << 20;
+
 /// Transport names used in audit records.
 pub const HTTP_SSE: &str = "http+sse";
 pub const STREAMABLE: &str = "streamable_http";
