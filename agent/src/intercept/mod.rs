@@ -1020,6 +1020,9 @@ impl Conn {
 
     /// The HTTP+SSE session a POST's target names, if this agent saw it announced.
     fn legacy_session(&self, server: &Server, target: &str) -> Option<Arc<Session>> {
+        if !self.shared.sessions.any_legacy() {
+            return None;
+        }
         let key = SessionKey {
             server: self.server_index(server)?,
             id: respond::legacy_session_id(target),
@@ -1034,14 +1037,9 @@ impl Conn {
             .position(|s| std::ptr::eq(s, server))
     }
 
-    fn exchange(
-        &self,
-        server: &Server,
-        parts: &http::request::Parts,
-        base: Record,
-        session: Option<Arc<Session>>,
-        started: Instant,
-    ) -> Exchange {
+    /// The origins an HTTP+SSE endpoint may name: every configured server's, this
+    /// connection's destination (and SNI), and the origin the client addressed.
+    fn origins(&self, parts: &http::request::Parts) -> Vec<String> {
         let mut origins: Vec<String> = self
             .shared
             .servers
@@ -1072,6 +1070,23 @@ impl Conn {
                 .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
             origins.push(format!("{}:{port}", a.host()).to_ascii_lowercase());
         }
+        origins
+    }
+
+    fn exchange(
+        &self,
+        server: &Server,
+        parts: &http::request::Parts,
+        base: Record,
+        session: Option<Arc<Session>>,
+        started: Instant,
+    ) -> Exchange {
+        // Only a GET's stream can announce an HTTP+SSE endpoint, whose origin is checked.
+        let origins = if parts.method == Method::GET {
+            self.origins(parts)
+        } else {
+            Vec::new()
+        };
         Exchange {
             base,
             calls: Vec::new(),

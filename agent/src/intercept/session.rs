@@ -154,6 +154,9 @@ impl Session {
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<SessionKey, (Instant, Arc<Session>)>>,
+    /// HTTP+SSE sessions in `map`: while there are none, POSTs need not look (and take the lock
+    /// the workers share) to find out.
+    legacy: std::sync::atomic::AtomicUsize,
 }
 
 impl Sessions {
@@ -174,6 +177,11 @@ impl Sessions {
         s
     }
 
+    /// Whether any HTTP+SSE session is known.
+    pub fn any_legacy(&self) -> bool {
+        self.legacy.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
     /// A new HTTP+SSE session; the receiver feeds the client's GET stream.
     pub fn legacy(&self, key: SessionKey) -> (Arc<Session>, tokio::sync::mpsc::Receiver<Bytes>) {
         let (tx, rx) = tokio::sync::mpsc::channel(INJECT_QUEUE);
@@ -187,15 +195,30 @@ impl Sessions {
 
     fn insert(&self, key: SessionKey, s: Arc<Session>) {
         let mut map = lock(&self.map);
-        map.insert(key, (Instant::now(), s));
+        let gone = map
+            .insert(key, (Instant::now(), s.clone()))
+            .map(|(_, old)| old);
+        self.counted(Some(&s), gone.as_ref());
         if map.len() > MAX_SESSIONS {
             if let Some(oldest) = map
                 .iter()
                 .min_by_key(|(_, (t, _))| *t)
                 .map(|(k, _)| k.clone())
             {
-                map.remove(&oldest);
+                let gone = map.remove(&oldest).map(|(_, old)| old);
+                self.counted(None, gone.as_ref());
             }
+        }
+    }
+
+    /// Keep the HTTP+SSE count: `added` went into the map, `removed` left it.
+    fn counted(&self, added: Option<&Arc<Session>>, removed: Option<&Arc<Session>>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if added.is_some_and(|s| s.is_legacy()) {
+            self.legacy.fetch_add(1, Relaxed);
+        }
+        if removed.is_some_and(|s| s.is_legacy()) {
+            self.legacy.fetch_sub(1, Relaxed);
         }
     }
 
@@ -209,7 +232,8 @@ impl Sessions {
             (None, _) => false,
         };
         if same {
-            map.remove(key);
+            let gone = map.remove(key).map(|(_, old)| old);
+            self.counted(None, gone.as_ref());
         }
     }
 
@@ -231,6 +255,9 @@ pub const MAX_DESIGNATED_TOOLS: usize = 10_000;
 
 impl ParamTable {
     pub fn learn(&self, found: &[(String, Vec<crate::mcp::Designation>)]) {
+        if found.is_empty() {
+            return;
+        }
         let mut tools = lock(&self.tools);
         for (name, d) in found {
             // A tool listed without designations is known too: no Mcp-Param-* header fits it.
@@ -276,7 +303,11 @@ mod tests {
         };
         let (old, _rx) = sessions.legacy(key.clone());
         let (_new, _rx2) = sessions.legacy(key.clone());
+        assert!(sessions.any_legacy());
         sessions.remove(&key, Some(&old));
         assert_eq!(sessions.count(), 1);
+        sessions.remove(&key, None);
+        assert_eq!(sessions.count(), 0);
+        assert!(!sessions.any_legacy(), "the count follows the map");
     }
 }
