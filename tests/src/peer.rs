@@ -100,6 +100,31 @@ pub struct PeerRequest {
 }
 
 impl PeerRequest {
+    /// The request as received: `parts` and its whole `body`.
+    pub fn new(conn: u64, peer: SocketAddr, parts: &http::request::Parts, body: &[u8]) -> Self {
+        PeerRequest {
+            conn,
+            peer,
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -488,28 +513,11 @@ async fn handle(
         Ok(b) => b.to_bytes().to_vec(),
         Err(_) => Vec::new(),
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    state.requests.lock().unwrap().push(PeerRequest {
-        conn,
-        peer,
-        method: parts.method.to_string(),
-        path: path.clone(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: body.clone(),
-    });
+    state
+        .requests
+        .lock()
+        .unwrap()
+        .push(PeerRequest::new(conn, peer, &parts, &body));
     let query = parts.uri.query().unwrap_or("");
     match parts.uri.path() {
         p if LEGACY_STREAMS.iter().any(|(s, _)| *s == p) => {

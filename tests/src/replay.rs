@@ -744,23 +744,11 @@ async fn handle(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    state.requests.lock().unwrap().push(PeerRequest {
-        conn,
-        peer,
-        method: parts.method.to_string(),
-        path: target.clone(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: body.clone(),
-    });
+    state
+        .requests
+        .lock()
+        .unwrap()
+        .push(PeerRequest::new(conn, peer, &parts, &body));
     let rpc = rpc_key(&body);
     let method = parts.method.as_str();
     let candidates = state.capture.matching(method, path_of(&target), &rpc);
