@@ -1,7 +1,8 @@
 //! The way back: every server message in a response is read before it reaches the client.
 //!
-//! - `application/json` bodies are read whole (up to the body bound), audited message by
-//!   message, and `tools/list` results are filtered by the visibility rule;
+//! - `application/json` bodies, and any other body of a 2xx answer but an event stream, are read
+//!   whole (up to the answer bound), audited message by message, and `tools/list` results are
+//!   filtered by the visibility rule;
 //! - `text/event-stream` bodies are read event by event ([`SseBody`]), never whole: each event
 //!   is passed on as soon as it is complete, byte for byte unless it carries a listing that
 //!   had to be filtered. Server requests and notifications on the stream are audited; results
@@ -374,21 +375,17 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
             }));
         }
     }
-    let content_type = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.to_ascii_lowercase())
-        .unwrap_or_default();
     let encoded = resp
         .headers()
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let sse = is_event_stream(resp.headers());
-    let json = content_type.starts_with("application/json")
-        || (content_type.starts_with("application/") && content_type.contains("+json"));
+    // Anything else a 2xx carries is read as if it were JSON: a listing sent as `text/plain`
+    // (or with no type) must not reach a lenient client unfiltered.
+    let body_to_read =
+        status.is_success() && status != StatusCode::ACCEPTED && status != StatusCode::NO_CONTENT;
 
-    if status.is_success() && (sse || json) && encoded {
+    if body_to_read && encoded {
         // The request went out with `Accept-Encoding: identity`; a server that compresses
         // anyway cannot be read, so nothing of it reaches the client.
         ex.close_all(
@@ -410,7 +407,7 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         head.headers.remove(header::CONTENT_LENGTH);
         return Response::from_parts(head, SseBody::new(body, ex).boxed());
     }
-    if status.is_success() && json && status != StatusCode::ACCEPTED {
+    if body_to_read {
         return json_body(resp, ex).await;
     }
     // No body to read: 202 (answers come on a stream), an HTTP error, anything else.
@@ -899,6 +896,21 @@ mod stream_tests {
         assert!(recs
             .iter()
             .any(|r| r["event"] == "server_message" && r["method"] == "notifications/progress"));
+    }
+
+    /// A listing sent with another content type is read and filtered all the same.
+    #[tokio::test]
+    async fn a_listing_in_text_plain_is_filtered_too() {
+        let r = rig("plain", false, &[(1, "tools/list")]);
+        let listing =
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo"},{"name":"hidden"}]}}"#;
+        let mut resp = Response::new(full(Bytes::from_static(listing.as_bytes())));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let out = respond(resp, r.ex).await;
+        let body = out.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["result"]["tools"], serde_json::json!([{"name": "echo"}]));
     }
 
     #[tokio::test]
