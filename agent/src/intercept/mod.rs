@@ -1003,8 +1003,9 @@ impl Conn {
         }
     }
 
-    /// The session an `Mcp-Session-Id` header names (created on first sight: the session may
-    /// have begun before this agent started).
+    /// The session an `Mcp-Session-Id` header names, if the server has confirmed it (a 2xx
+    /// answer carrying it: see `respond`). Ids a client makes up create nothing, so the table
+    /// cannot be flooded past the servers' own sessions.
     fn header_session(
         &self,
         server: &Server,
@@ -1015,7 +1016,8 @@ impl Conn {
             server: self.server_index(server)?,
             id: id.to_owned(),
         };
-        Some((key.clone(), self.shared.sessions.streamable(key)))
+        let session = self.shared.sessions.get(&key)?;
+        Some((key, session))
     }
 
     /// The HTTP+SSE session a POST's target names, if this agent saw it announced.

@@ -363,10 +363,13 @@ pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
 /// Read the server's response to a forwarded request.
 pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
     let status = resp.status();
+    // A session starts to be tracked when the server confirms it: the initialize answer, or
+    // (for sessions begun before this agent) any 2xx answer that names it.
     if let Some(id) = resp
         .headers()
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
+        .filter(|_| status.is_success())
     {
         if ex.session.is_none() {
             ex.session = Some(ex.sessions.streamable(SessionKey {
@@ -896,6 +899,22 @@ mod stream_tests {
         assert!(recs
             .iter()
             .any(|r| r["event"] == "server_message" && r["method"] == "notifications/progress"));
+    }
+
+    /// Only a server's 2xx answer makes a session tracked: ids a client makes up (answered
+    /// 404) create nothing.
+    #[tokio::test]
+    async fn only_a_confirmed_session_is_tracked() {
+        for (status, tracked) in [(StatusCode::NOT_FOUND, 0), (StatusCode::OK, 1)] {
+            let r = rig("confirm", false, &[]);
+            let sessions = r.ex.sessions.clone();
+            let mut resp = Response::new(full(Bytes::from_static(b"{}")));
+            *resp.status_mut() = status;
+            resp.headers_mut()
+                .insert("mcp-session-id", HeaderValue::from_static("made-up"));
+            let _ = respond(resp, r.ex).await;
+            assert_eq!(sessions.count(), tracked, "{status}");
+        }
     }
 
     /// A listing sent with another content type is read and filtered all the same.
