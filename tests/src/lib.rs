@@ -35,6 +35,53 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// A test server on its own two-thread tokio runtime, on its own thread: `serve` gets the
+/// receiver that fires when this guard drops; the guard then waits for the thread (and gives the
+/// runtime 2 s to finish its tasks).
+pub struct ServerThread {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    pub fn spawn<F>(
+        name: String,
+        serve: impl FnOnce(tokio::sync::oneshot::Receiver<()>) -> F + Send + 'static,
+    ) -> ServerThread
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                rt.block_on(serve(rx));
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .unwrap_or_else(|e| panic!("spawn thread {name}: {e}"));
+        ServerThread {
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Panics unless the test process runs as root with CAP_BPF (and CAP_NET_ADMIN, CAP_SYS_ADMIN,
 /// which attaching cgroup programs and writing `cgroup.procs` of arbitrary cgroups need).
 /// Never skips: under CI or not, a test that cannot run must fail loudly.

@@ -51,7 +51,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -179,8 +178,8 @@ const VERSIONS: [&str; 5] = [
 pub struct McpPeer {
     addr: SocketAddr,
     state: Arc<State>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Stops the server when dropped.
+    _server: crate::ServerThread,
 }
 
 impl McpPeer {
@@ -196,25 +195,14 @@ impl McpPeer {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State::new(opts, addr));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("mcp-peer-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(serve(listener, st, rx));
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .expect("spawn peer thread");
+        let server = crate::ServerThread::spawn(format!("mcp-peer-{addr}"), move |rx| {
+            serve(listener, st, rx)
+        });
         McpPeer {
             addr,
             state,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -270,17 +258,6 @@ impl McpPeer {
             }
         }
         out
-    }
-}
-
-impl Drop for McpPeer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -40,7 +40,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -50,6 +49,7 @@ use serde_json::Value;
 
 use crate::peer::PeerRequest;
 use crate::sse::{SseEvent, SseParser};
+use crate::ServerThread;
 
 // ---------------------------------------------------------------------------------------------
 // The capture format.
@@ -593,8 +593,8 @@ struct State {
 pub struct ReplayServer {
     addr: SocketAddr,
     state: Arc<State>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Stops the server when dropped.
+    _server: crate::ServerThread,
 }
 
 impl ReplayServer {
@@ -612,25 +612,13 @@ impl ReplayServer {
             held: Mutex::default(),
             conns: AtomicU64::new(0),
         });
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("replay-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(serve(listener, st, rx));
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .expect("spawn replay thread");
+        let server =
+            ServerThread::spawn(format!("replay-{addr}"), move |rx| serve(listener, st, rx));
         ReplayServer {
             addr,
             state,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -660,17 +648,6 @@ impl ReplayServer {
             .filter(|v| v["method"] == "tools/call")
             .filter_map(|v| v["params"]["name"].as_str().map(str::to_owned))
             .collect()
-    }
-}
-
-impl Drop for ReplayServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

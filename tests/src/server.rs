@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -224,8 +223,8 @@ pub struct TestServer {
     addr: SocketAddr,
     tls: bool,
     counters: Arc<Counters>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Stops the server when dropped.
+    _server: crate::ServerThread,
 }
 
 impl TestServer {
@@ -279,27 +278,16 @@ impl TestServer {
             .with_json_response(json)
             .with_sse_keep_alive(None)
             .with_allowed_hosts(hosts);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let c2 = counters.clone();
         let is_tls = tls.is_some();
-        let thread = std::thread::Builder::new()
-            .name(format!("mcp-server-{addr}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime");
-                rt.block_on(serve(listener, config, c2, rx, tls));
-                rt.shutdown_timeout(std::time::Duration::from_secs(2));
-            })
-            .expect("spawn server thread");
+        let server = crate::ServerThread::spawn(format!("mcp-server-{addr}"), move |rx| {
+            serve(listener, config, c2, rx, tls)
+        });
         TestServer {
             addr,
             tls: is_tls,
             counters,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -375,17 +363,6 @@ impl TestServer {
     /// TLS servers: the error of each failed handshake, in order.
     pub fn tls_errors(&self) -> Vec<String> {
         self.counters.tls_errors.lock().unwrap().clone()
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
