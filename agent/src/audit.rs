@@ -45,6 +45,9 @@ pub enum Event {
     /// A request or notification the server sent the client (on an SSE stream): sampling,
     /// elicitation, roots, ping, progress, list changes, cancellations.
     ServerMessage,
+    /// A policy or config file was (re)loaded, or failed to load and the previous one stays in
+    /// force (`reason` then holds `file:line:col: message`).
+    PolicyReload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -52,6 +55,8 @@ pub enum Event {
 pub enum Verdict {
     Allow,
     Deny,
+    /// `action: require_approval`: refused, as no approval channel exists yet.
+    RequireApproval,
 }
 
 /// Which policy made a decision: a JSON Pointer only means something next to the file it points
@@ -95,6 +100,14 @@ pub struct Record {
     pub rule: Option<String>,
     pub reason: Option<String>,
     pub policy: Option<PolicyRef>,
+    /// `mode: dry_run`: what enforcing would have decided, when it would have refused
+    /// (`decision` is then `allow`).
+    pub would: Option<Verdict>,
+    /// The config's binding that chose the policy (`/bindings/0`); null for a server's default.
+    pub binding: Option<String>,
+    /// Responses: the call's quota was given back, because the upstream certainly did not run
+    /// it (connection failed, HTTP or JSON-RPC error before any result).
+    pub quota_released: Option<bool>,
     pub status: Option<u16>,
     pub latency_ms: Option<f64>,
     /// Responses: a result with `isError: true`, or a JSON-RPC error.
@@ -137,6 +150,9 @@ impl Record {
             rule: None,
             reason: None,
             policy: None,
+            would: None,
+            binding: None,
+            quota_released: None,
             status: None,
             latency_ms: None,
             is_error: None,

@@ -11,7 +11,7 @@ use crate::{
     audit::AuditLog,
     config::{Config, Flags, TlsMode},
     intercept::{upstream_roots, Interceptor, Leaves, Server, ServerTls, Terminator, TlsClient},
-    policy::{Engine, Policy},
+    reload::{self, Policies},
     redirect::{
         cgroup,
         resolve::{EndpointResolver, Routes, Target},
@@ -43,6 +43,38 @@ enum Command {
     /// The CA that signs the certificates presented to workloads for https:// servers.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Check policy files, or explain the decision for one call.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files: each error as file:line:col with a hint, and warnings about rules
+    /// that can never apply. Exits non-zero if any file is invalid.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: crate::policy_cli::Format,
+    },
+    /// Decide one tools/call against a policy file: the decision, the rule's JSON Pointer, and
+    /// every check on the way.
+    Explain {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The tool called.
+        #[arg(long)]
+        tool: String,
+        /// The call's arguments, a JSON object.
+        #[arg(long)]
+        args: Option<String>,
+        /// Limit scope keys of the caller: grant=…, process=…, session=… (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        caller: Vec<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: crate::policy_cli::Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +143,10 @@ struct RunArgs {
 /// Entry point of the `mcpwarden` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Offline commands: no runtime, no logging set-up, exit codes of their own.
+    if let Command::Policy(cmd) = &cli.command {
+        return policy_command(cmd);
+    }
     // One crypto provider for the process: the agent's own TLS configs name ring explicitly,
     // but rmcp's HTTP client (the demo's) uses reqwest built without a provider of its own.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -145,6 +181,7 @@ pub fn main() -> ExitCode {
             Command::Demo => crate::demo::run().await,
             Command::DemoClient { url } => crate::demo::client(&url).await,
             Command::Ca(cmd) => ca_command(cmd),
+            Command::Policy(_) => Ok(()),
         }
     });
     match result {
@@ -153,6 +190,31 @@ pub fn main() -> ExitCode {
             eprintln!("mcpwarden: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn policy_command(cmd: &PolicyCommand) -> ExitCode {
+    match cmd {
+        PolicyCommand::Check { files, format } => {
+            if crate::policy_cli::check(files, *format) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        PolicyCommand::Explain {
+            file,
+            tool,
+            args,
+            caller,
+            format,
+        } => match crate::policy_cli::explain(file, tool, args.as_deref(), caller, *format) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mcpwarden: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -230,7 +292,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // SAFETY: mi_collect only releases free memory of the calling thread's heap; it is a no-op
     // when the process's allocator is not mimalloc (the heap is empty).
     unsafe { libmimalloc_sys::mi_collect(true) };
-    shutdown_signal().await?;
+    shutdown_signal(&agent).await?;
     tracing::info!("signal received: detaching and exiting");
     agent.stop().await;
     Ok(())
@@ -293,15 +355,22 @@ fn ca_command(cmd: CaCommand) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() -> Result<()> {
+/// Waits for SIGTERM or SIGINT; each SIGHUP meanwhile reloads the policies and config.
+async fn shutdown_signal(agent: &Agent) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading policies and config");
+                agent.reload();
+            }
+        }
     }
-    Ok(())
 }
 
 /// A running agent. Dropping it stops the interceptor and detaches the eBPF programs.
@@ -309,38 +378,31 @@ pub struct Agent {
     pub listen: Vec<SocketAddr>,
     redirector: Arc<Redirector>,
     tasks: Vec<JoinHandle<()>>,
+    /// The reload thread's queue.
+    reloader: std::sync::mpsc::Sender<reload::Msg>,
 }
 
 impl Agent {
     /// Load the policies, join the agent cgroup, bind the listeners, attach, resolve, serve.
     /// Every failure here is an error naming what to fix; nothing stays attached after one.
     pub async fn start(config: &Config) -> Result<Agent> {
+        let audit = Arc::new(
+            AuditLog::open(&config.audit)
+                .with_context(|| format!("opening the audit log {}", config.audit.display()))?,
+        );
         // Policies first: a bad file stops the agent before it touches the host.
-        let mut engines: HashMap<PathBuf, Arc<Engine>> = HashMap::new();
+        let policies = Arc::new(Policies::load(config, audit.clone())?);
         let mut servers = Vec::new();
         for s in &config.servers {
-            let engine = match engines.get(&s.policy) {
-                Some(e) => e.clone(),
-                None => {
-                    let e = Arc::new(Engine::new(Policy::load(&s.policy)?));
-                    engines.insert(s.policy.clone(), e.clone());
-                    e
-                }
-            };
             servers.push(Server {
                 name: s.name.clone(),
                 path: s.url.path.clone(),
-                engine,
                 tls: None,
                 origin: format!("{}:{}", s.url.host, s.url.port).to_ascii_lowercase(),
                 params: Arc::default(),
             });
         }
         let terminator = tls_setup(config, &mut servers)?;
-        let audit = Arc::new(
-            AuditLog::open(&config.audit)
-                .with_context(|| format!("opening the audit log {}", config.audit.display()))?,
-        );
 
         let mount = cgroup::cgroup2_mount()?;
         let agent_cgroup = cgroup::resolve(&mount, &config.agent_cgroup)?;
@@ -420,7 +482,10 @@ impl Agent {
             max_body: config.max_body_bytes,
             terminator,
             sessions: Arc::default(),
+            routing: policies.routing(),
+            pods: Arc::default(),
         });
+        let (reloader, _) = reload::spawn(policies, config.flags.clone())?;
         // The workers first: if they cannot start, nothing has been spawned yet.
         let serve = interceptor.clone().serve(listeners, config.workers)?;
         let mut tasks = vec![
@@ -447,6 +512,7 @@ impl Agent {
             listen,
             redirector,
             tasks,
+            reloader,
         })
     }
 }
@@ -507,8 +573,16 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Re-read the policy files and the config now (what SIGHUP does).
+    pub fn reload(&self) {
+        let _ = self.reloader.send(reload::Msg::Reload);
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
+        let _ = self.reloader.send(reload::Msg::Stop);
         for t in &self.tasks {
             t.abort();
         }

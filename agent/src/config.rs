@@ -27,7 +27,14 @@
 //!     policy: policy.json
 //!     upstream_ca: internal-ca.pem             # trusted for this server, besides system roots
 //!     tls: terminate                           # or passthrough: forwarded untouched, not inspected
+//! identity_wait_ms: 500                        # how long a call waits for its pod's metadata
+//! bindings:                                    # first match wins; else the server's `policy`
+//!   - match: {namespace: payments, labels: {app: agent}, server: tools}
+//!     policy: payments.json
+//!   - match: {cgroup: "/system.slice/ci-*.scope", uid: 1000, comm: python3}
+//!     policy: ci.yaml
 //! ```
+//! The policy files and this file are watched and reloaded on change and on SIGHUP.
 //! Unknown keys and bad values are errors naming the file, line and column.
 
 use std::{
@@ -146,7 +153,24 @@ pub struct Config {
     /// Learn what each https origin speaks and mint its leaf at start (default), rather than on
     /// its first connection.
     pub tls_prewarm: bool,
+    /// Which policy applies to which caller, in order; first match wins.
+    pub bindings: Vec<BindingConfig>,
+    /// How long a call waits for its caller's pod metadata when a binding needs it.
+    pub identity_wait: std::time::Duration,
+    /// What the config was assembled from: a reload assembles it again from the same.
+    pub flags: Flags,
 }
+
+/// One entry of `bindings`.
+#[derive(Debug, Clone)]
+pub struct BindingConfig {
+    pub selector: crate::policy::bindings::Selector,
+    /// Relative paths are resolved against the config file's directory.
+    pub policy: PathBuf,
+}
+
+/// The default `identity_wait_ms`.
+pub const DEFAULT_IDENTITY_WAIT_MS: u64 = 500;
 
 /// What the command line contributes; `Some`/non-empty values override the file.
 #[derive(Debug, Clone, Default)]
@@ -181,6 +205,17 @@ struct FileConfig {
     ca: Option<FileCa>,
     #[serde(default)]
     servers: Vec<FileServer>,
+    #[serde(default)]
+    bindings: Vec<FileBinding>,
+    identity_wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBinding {
+    #[serde(rename = "match")]
+    selector: crate::policy::bindings::Selector,
+    policy: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,6 +275,7 @@ fn parse_file(text: &str, file: &Path) -> Result<FileConfig> {
 impl Config {
     /// Read the file (if any), apply the flags, validate.
     pub fn assemble(flags: Flags) -> Result<Config> {
+        let flags_again = flags.clone();
         let (file, base) = match &flags.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| {
@@ -255,7 +291,17 @@ impl Config {
         let (mut audit, mut cgroup, mut agent_cgroup, mut max_body, mut workers) =
             (None, None, None, None, None);
         let (mut state_dir, mut file_ca, mut tls_prewarm) = (None, None, None);
+        let (mut bindings, mut identity_wait_ms) = (Vec::new(), None);
         if let Some(f) = file {
+            bindings = f
+                .bindings
+                .into_iter()
+                .map(|b| BindingConfig {
+                    selector: b.selector,
+                    policy: base.join(b.policy),
+                })
+                .collect();
+            identity_wait_ms = f.identity_wait_ms;
             for s in f.servers {
                 let name = s
                     .name
@@ -342,6 +388,11 @@ impl Config {
             )?,
             servers,
             tls_prewarm: flags.tls_prewarm.or(tls_prewarm).unwrap_or(true),
+            bindings,
+            identity_wait: std::time::Duration::from_millis(
+                identity_wait_ms.unwrap_or(DEFAULT_IDENTITY_WAIT_MS),
+            ),
+            flags: flags_again,
         };
         config.validate()?;
         Ok(config)
@@ -401,6 +452,16 @@ impl Config {
                     s.url.raw
                 );
             }
+        }
+        for (i, b) in self.bindings.iter().enumerate() {
+            if let Some(name) = &b.selector.server {
+                if !self.servers.iter().any(|s| &s.name == name) {
+                    bail!("bindings[{i}]: match.server {name:?} names no configured server");
+                }
+            }
+        }
+        if self.identity_wait > std::time::Duration::from_secs(60) {
+            bail!("identity_wait_ms must be at most 60000: calls wait that long");
         }
         if self.max_body_bytes == 0 {
             bail!("max_body_bytes must be positive");

@@ -214,6 +214,10 @@ pub async fn run() -> Result<()> {
             ..Default::default()
         },
         tls_prewarm: true,
+        bindings: Vec::new(),
+        identity_wait: std::time::Duration::from_millis(crate::config::DEFAULT_IDENTITY_WAIT_MS),
+        // No config file: a reload re-reads the policy file only.
+        flags: crate::config::Flags::default(),
     };
     println!("mcpwarden demo");
     println!("  sample MCP server : {url}");

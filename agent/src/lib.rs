@@ -15,5 +15,8 @@ pub mod config;
 pub mod demo;
 pub mod intercept;
 pub mod mcp;
+pub mod identity;
 pub mod policy;
+pub mod policy_cli;
 pub mod redirect;
+pub mod reload;

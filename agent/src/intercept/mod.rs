@@ -29,7 +29,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -46,10 +46,15 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+use arc_swap::ArcSwap;
+
 use crate::{
     audit::{AuditLog, Event, PolicyRef, Record, Verdict, WorkerAudit},
     mcp::{self, Kind, Message, Parsed},
-    policy::{CallerScope, Decision, Engine, Outcome},
+    policy::{
+        bindings::{CallerFacts, Choice, PodFacts, Routing},
+        Call, CallerScope, Decision, Engine, Outcome,
+    },
     redirect::{resolve::Routes, Redirected},
 };
 use respond::{Batch, BatchElement, Exchange};
@@ -81,7 +86,6 @@ pub struct Server {
     pub name: String,
     /// Normalised endpoint path.
     pub path: String,
-    pub engine: Arc<Engine>,
     /// `https://` servers.
     pub tls: Option<ServerTls>,
     /// `host:port` as configured, lower case: an origin an HTTP+SSE endpoint may name.
@@ -154,10 +158,26 @@ pub struct Interceptor {
     pub terminator: Option<Arc<Terminator>>,
     /// MCP sessions, shared by every worker.
     pub sessions: Arc<Sessions>,
+    /// Which policy applies to which caller; swapped whole on reload.
+    pub routing: Arc<ArcSwap<Routing>>,
+    /// Pod metadata of callers, for bindings that select on it.
+    pub pods: Arc<crate::identity::Pods>,
+}
+
+/// The policy chosen for one request.
+struct Chosen {
+    engine: Arc<Engine>,
+    /// `/bindings/N` when a binding chose it.
+    binding: Option<String>,
+    /// Set when the caller's identity could not be resolved in time: every call is refused
+    /// with this decision, and listings are emptied (`engine` then hides everything).
+    unresolved: Option<Decision>,
 }
 
 /// Per accepted connection.
 struct Conn {
+    /// Unique within this agent's run: the `session` limit key of revisions without sessions.
+    id: u64,
     shared: Arc<Interceptor>,
     redirected: Redirected,
     /// Indices into `shared.servers` configured at the original destination (for TLS: those
@@ -250,6 +270,9 @@ impl Workers {
     }
 }
 
+/// Numbers accepted connections.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
+
 /// One worker: serve every connection it is handed until its queue closes.
 async fn worker(
     shared: Arc<Interceptor>,
@@ -259,6 +282,7 @@ async fn worker(
     let audit = WorkerAudit::new(shared.audit.clone());
     while let Some(a) = queue.recv().await {
         let conn = Conn {
+            id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
             shared: shared.clone(),
             redirected: a.redirected,
             servers: a.servers,
@@ -975,7 +999,17 @@ impl Conn {
         let mut base = self.record(Event::Response, Some(server), &parts);
         base.transport = rec.transport;
         base.revision = rec.revision.clone();
-        let exchange = self.exchange(server, &parts, base, session.map(|s| s.1), started);
+        // A stream's listings are filtered with the caller's policy (everything hidden when
+        // the caller could not be identified).
+        let engine = self.choose_policy(server).await.engine;
+        let exchange = self.exchange(
+            server,
+            engine,
+            &parts,
+            base,
+            session.map(|s| s.1),
+            started,
+        );
         let exchange = Exchange {
             get_stream: true,
             ..exchange
@@ -994,7 +1028,7 @@ impl Conn {
                 self.write_audit_deferred(&rec);
                 resp
             }
-            Err((resp, reason)) => {
+            Err((resp, reason, _)) => {
                 let mut rec = exchange.base;
                 rec.reason = Some(format!("upstream failed: {reason}"));
                 self.write_audit_deferred(&rec);
@@ -1078,6 +1112,7 @@ impl Conn {
     fn exchange(
         &self,
         server: &Server,
+        engine: Arc<Engine>,
         parts: &http::request::Parts,
         base: Record,
         session: Option<Arc<Session>>,
@@ -1093,7 +1128,7 @@ impl Conn {
             base,
             calls: Vec::new(),
             batch: None,
-            engine: server.engine.clone(),
+            engine,
             params: server.params.clone(),
             session,
             sessions: self.shared.sessions.clone(),
@@ -1167,15 +1202,38 @@ impl Conn {
             respond::STREAMABLE
         };
         let session_revision = session.as_ref().and_then(|s| s.revision());
-        let grant = self.redirected.caller.cgroup_id.to_string();
+        let chosen = self.choose_policy(server).await;
+        let caller = &self.redirected.caller;
+        let grant = match self.shared.pods.get(caller.cgroup_id) {
+            Some(pod) => format!("pod:{}", pod.uid),
+            None => format!("cgroup:{}", caller.cgroup_id),
+        };
+        let process = format!("pid:{}", caller.pid);
+        // Revisions without sessions count a `session` limit per connection.
+        let session_key = match self.header_session(server, &parts.headers) {
+            Some((key, _)) => format!("session:{}", key.id),
+            None => match &legacy {
+                Some(_) => format!("session:{target}"),
+                None => format!("connection:{}", self.id),
+            },
+        };
+        let scope = CallerScope {
+            grant: &grant,
+            process: &process,
+            session: &session_key,
+        };
         let now = Instant::now();
         let judged: Vec<Judged> = msgs
             .into_iter()
             .map(|msg| {
-                let decision = match (msg.is_tool_call(), &msg.tool) {
-                    (true, Some(tool)) => Some(server.engine.decide_call(
-                        tool,
-                        &CallerScope { grant: &grant },
+                let decision = match (msg.is_tool_call(), &msg.tool, &chosen.unresolved) {
+                    (true, Some(_), Some(refusal)) => Some(refusal.clone()),
+                    (true, Some(tool), None) => Some(chosen.engine.decide_call(
+                        &Call {
+                            tool,
+                            arguments: msg.arguments.as_ref(),
+                        },
+                        &scope,
                         now,
                     )),
                     _ => None,
@@ -1201,13 +1259,13 @@ impl Conn {
         for (index, j) in judged.iter().enumerate() {
             if j.refused() {
                 refused_any = true;
-                let mut rec = self.message_record(Event::Refused, server, &parts, j);
+                let mut rec = self.message_record(Event::Refused, server, &chosen, &parts, j);
                 stamp(&mut rec, &j.msg);
                 self.write_audit(&rec);
                 elements.push(BatchElement::Refused(refusal(j)));
                 continue;
             }
-            let mut rec = self.message_record(Event::Request, server, &parts, j);
+            let mut rec = self.message_record(Event::Request, server, &chosen, &parts, j);
             stamp(&mut rec, &j.msg);
             // Every decision record reaches the kernel before the request is forwarded.
             if let Err(refusal) = self.audit_before_forwarding(&rec, j.msg.id.as_ref()) {
@@ -1233,6 +1291,7 @@ impl Conn {
                             .method
                             .as_deref()
                             .is_some_and(|m| mcp::is_method(m, "tools/list")),
+                        j.decision.as_ref().and_then(|d| d.reservation.clone()),
                     ),
                 ));
             }
@@ -1303,11 +1362,11 @@ impl Conn {
         let exchange = Exchange {
             calls,
             batch,
-            ..self.exchange(server, &parts, base, session, started)
+            ..self.exchange(server, chosen.engine.clone(), &parts, base, session, started)
         };
         match self.send(parts, full(body)).await {
             Ok(resp) => respond::respond(resp, exchange).await,
-            Err((resp, reason)) => {
+            Err((resp, reason, not_sent)) => {
                 for (id, p) in exchange.calls {
                     if let Some(s) = &exchange.session {
                         s.take_pending(&id);
@@ -1315,7 +1374,11 @@ impl Conn {
                     if !p.claim() {
                         continue;
                     }
-                    let mut rec = p.rec;
+                    let mut rec = p.rec.clone();
+                    // The request never reached the server: the calls did not run.
+                    if not_sent {
+                        p.release_quota(&mut rec);
+                    }
                     rec.ts = crate::audit::now();
                     rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
                     rec.reason = Some(format!(
@@ -1370,6 +1433,7 @@ impl Conn {
         &self,
         event: Event,
         server: &Server,
+        chosen: &Chosen,
         parts: &http::request::Parts,
         j: &Judged,
     ) -> Record {
@@ -1377,20 +1441,83 @@ impl Conn {
         fill_message(&mut rec, &j.msg);
         rec.decision = Some(Verdict::Allow);
         if let Some(d) = &j.decision {
-            rec.decision = Some(if d.outcome == Outcome::Allow {
-                Verdict::Allow
-            } else {
-                Verdict::Deny
-            });
+            rec.decision = Some(verdict(d.outcome));
+            rec.would = d.would.map(verdict);
             rec.rule = Some(d.rule.clone());
             rec.reason = d.reason.clone();
-            let src = server.engine.policy().source();
-            rec.policy = Some(PolicyRef {
-                file: src.file.clone(),
-                sha256: src.sha256.clone(),
-            });
+            rec.binding = chosen.binding.clone();
+            if chosen.unresolved.is_none() {
+                let src = chosen.engine.policy().source();
+                rec.policy = Some(PolicyRef {
+                    file: src.file.clone(),
+                    sha256: src.sha256.clone(),
+                });
+            }
         }
         rec
+    }
+
+    /// The policy for this caller and server: the first matching binding, else the server's
+    /// default. When a binding needs the caller's pod metadata and it is not known, waits for
+    /// it up to `identity_wait_ms`, then refuses: never another policy in its place.
+    async fn choose_policy(&self, server: &Server) -> Chosen {
+        let index = self.server_index(server).unwrap_or(usize::MAX);
+        let caller = &self.redirected.caller;
+        let is_pod = caller
+            .cgroup
+            .as_deref()
+            .is_some_and(crate::policy::bindings::is_pod_cgroup);
+        let mut deadline = None;
+        loop {
+            let changed = self.shared.pods.changed();
+            let routing = self.shared.routing.load();
+            let pod = self.shared.pods.get(caller.cgroup_id);
+            let facts = CallerFacts {
+                uid: caller.uid,
+                comm: &caller.comm,
+                cgroup: caller.cgroup.as_deref(),
+                pod: match (&pod, is_pod) {
+                    (Some(p), _) => PodFacts::Known(p),
+                    (None, true) => PodFacts::Pending,
+                    (None, false) => PodFacts::NotAPod,
+                },
+            };
+            let binding = match routing.choose(index, &server.name, &facts) {
+                Choice::Engine { engine, binding } => {
+                    return Chosen {
+                        engine,
+                        binding: binding.map(|b| format!("/bindings/{b}")),
+                        unresolved: None,
+                    }
+                }
+                Choice::Unresolved { binding } => binding,
+            };
+            let deadline =
+                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + routing.identity_wait);
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let pointer = format!("/bindings/{binding}");
+                tracing::warn!(
+                    cgroup = caller.cgroup.as_deref().unwrap_or(""),
+                    binding = pointer,
+                    "caller identity unresolved: its calls are refused"
+                );
+                return Chosen {
+                    engine: UNRESOLVED.clone(),
+                    binding: Some(pointer.clone()),
+                    unresolved: Some(Decision {
+                        outcome: Outcome::Deny,
+                        rule: pointer,
+                        reason: Some(format!(
+                            "caller identity unresolved: binding {binding} selects on pod metadata, \
+                             which was not known within {} ms",
+                            routing.identity_wait.as_millis()
+                        )),
+                        would: None,
+                        reservation: None,
+                    }),
+                };
+            }
+        }
     }
 
     fn refuse_plain(
@@ -1431,7 +1558,7 @@ impl Conn {
                 self.write_audit_deferred(&rec);
                 resp
             }
-            Err((resp, reason)) => {
+            Err((resp, reason, _)) => {
                 rec.status = None;
                 rec.reason = Some(format!(
                     "upstream failed (HTTP {} from mcpwarden): {reason}",
@@ -1448,7 +1575,7 @@ impl Conn {
         &self,
         mut parts: http::request::Parts,
         body: Body,
-    ) -> Result<Response<Body>, (Response<Body>, String)> {
+    ) -> Result<Response<Body>, (Response<Body>, String, bool)> {
         strip_hop_by_hop(&mut parts.headers);
         let dst = self.redirected.orig_dst;
         let result = match &self.tls {
@@ -1494,6 +1621,7 @@ impl Conn {
                                 "mcpwarden: bad request target\n",
                             ),
                             format!("bad request target: {e}"),
+                            true,
                         ))
                     }
                 }
@@ -1525,11 +1653,24 @@ impl Conn {
                     StatusCode::BAD_GATEWAY,
                     &format!("mcpwarden: the MCP server could not be reached: {e}\n"),
                 );
-                Err((resp, e.to_string()))
+                Err((resp, e.to_string(), e.not_sent()))
             }
         }
     }
 }
+
+/// The audit verdict of a policy outcome.
+fn verdict(outcome: Outcome) -> Verdict {
+    match outcome {
+        Outcome::Allow => Verdict::Allow,
+        Outcome::Deny | Outcome::UnknownTool => Verdict::Deny,
+        Outcome::ApprovalRequired => Verdict::RequireApproval,
+    }
+}
+
+/// The policy applied to callers whose identity could not be resolved: every tool hidden.
+static UNRESOLVED: std::sync::LazyLock<Arc<Engine>> =
+    std::sync::LazyLock::new(|| Arc::new(Engine::new(crate::policy::Policy::hide_everything())));
 
 /// mcpwarden's answer to a refused message (`None` for a notification: nothing to answer).
 fn refusal(j: &Judged) -> Option<Vec<u8>> {

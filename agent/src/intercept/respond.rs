@@ -202,7 +202,14 @@ impl Exchange {
         let in_session = self.session.as_ref().and_then(|s| s.take_pending(id));
         let (mut rec, started) = match local.or(in_session) {
             Some(p) if !p.claim() => return None,
-            Some(p) => (p.rec, p.started),
+            Some(p) => {
+                let mut rec = p.rec.clone();
+                // A JSON-RPC error is the server saying it did not run the call.
+                if msg.is_some_and(|m| m.error_code.is_some()) {
+                    p.release_quota(&mut rec);
+                }
+                (rec, p.started)
+            }
             None => {
                 let mut r = self.base.clone();
                 r.id = Some(id.clone());
@@ -271,7 +278,9 @@ impl Exchange {
     }
 
     /// Close every call of this exchange still open: `reason` says why no result came.
-    fn close_all(&mut self, status: Option<u16>, reason: &str, immediate: bool) {
+    /// `not_run`: the upstream certainly did not run them (an HTTP error), so their quota is
+    /// given back.
+    fn close_all(&mut self, status: Option<u16>, reason: &str, immediate: bool, not_run: bool) {
         for (id, p) in std::mem::take(&mut self.calls) {
             if let Some(s) = &self.session {
                 s.take_pending(&id);
@@ -279,7 +288,10 @@ impl Exchange {
             if !p.claim() {
                 continue;
             }
-            let mut rec = p.rec;
+            let mut rec = p.rec.clone();
+            if not_run {
+                p.release_quota(&mut rec);
+            }
             finish_record(&mut rec, p.started, status);
             rec.reason = Some(reason.to_owned());
             if immediate {
@@ -312,7 +324,7 @@ impl Exchange {
                     }
                 }
             }
-            None => self.close_all(status, reason, false),
+            None => self.close_all(status, reason, false, false),
         }
     }
 }
@@ -395,6 +407,7 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
             Some(status.as_u16()),
             "the server sent a compressed body that cannot be inspected; it was not forwarded",
             false,
+            false,
         );
         return super::json_response(
             StatusCode::BAD_GATEWAY,
@@ -431,6 +444,7 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         Some(status.as_u16()),
         &format!("HTTP {} before any result", status.as_u16()),
         false,
+        !status.is_success(),
     );
     resp
 }
@@ -443,7 +457,7 @@ async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         Ok(c) => c.to_bytes(),
         Err(e) => {
             let reason = format!("the server's response could not be read whole: {e}");
-            ex.close_all(Some(status), &reason, false);
+            ex.close_all(Some(status), &reason, false, false);
             return super::json_response(
                 StatusCode::BAD_GATEWAY,
                 mcp::error_response(None, mcp::INTERNAL_ERROR, &format!("mcpwarden: {reason}")),
@@ -603,7 +617,7 @@ impl SseBody {
             tracing::error!(error = %e, "writing an audit record failed");
         }
         tracing::warn!(reason, "SSE stream cut");
-        self.ex.close_all(Some(self.status), &reason, true);
+        self.ex.close_all(Some(self.status), &reason, true, false);
     }
 
     fn finish(&mut self, clean: bool) {
@@ -629,6 +643,7 @@ impl SseBody {
                 Some(self.status),
                 "the client disconnected before the result",
                 true,
+                false,
             );
         }
         if let Legacy::Yes(key, session, _) = &self.legacy {
@@ -821,7 +836,7 @@ mod stream_tests {
                 rec.method = Some((*method).to_owned());
                 (
                     Value::from(*id),
-                    Pending::new(rec, Instant::now(), *method == "tools/list"),
+                    Pending::new(rec, Instant::now(), *method == "tools/list", None),
                 )
             })
             .collect();

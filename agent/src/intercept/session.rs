@@ -45,16 +45,32 @@ pub struct Pending {
     pub started: Instant,
     /// A `tools/list` request: its result is filtered whatever it looks like.
     pub listing: bool,
+    /// The quota the call took: given back if the upstream certainly did not run it.
+    pub quota: Option<crate::policy::Reservation>,
     closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pending {
-    pub fn new(rec: Record, started: Instant, listing: bool) -> Pending {
+    pub fn new(
+        rec: Record,
+        started: Instant,
+        listing: bool,
+        quota: Option<crate::policy::Reservation>,
+    ) -> Pending {
         Pending {
             rec,
             started,
             listing,
+            quota,
             closed: Arc::default(),
+        }
+    }
+
+    /// Gives the call's quota back (the upstream did not run it) and notes it in `rec`.
+    pub fn release_quota(&self, rec: &mut Record) {
+        if let Some(quota) = &self.quota {
+            quota.release();
+            rec.quota_released = Some(true);
         }
     }
 
@@ -281,7 +297,7 @@ mod tests {
     #[test]
     fn pending_is_bounded_oldest_first() {
         let s = Session::default();
-        let p = || Pending::new(Record::new(Event::Response), Instant::now(), false);
+        let p = || Pending::new(Record::new(Event::Response), Instant::now(), false, None);
         for i in 0..MAX_PENDING as u64 {
             assert!(s.add_pending(&Value::from(i), p()).is_none());
         }

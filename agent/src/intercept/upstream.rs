@@ -81,6 +81,20 @@ pub enum UpstreamError {
     },
 }
 
+impl UpstreamError {
+    /// Whether the request certainly never reached the server: the target was unusable, or
+    /// the connection (TCP or TLS) could not be made. An error after a connection carried the
+    /// request (a reset, a timeout) may have come after the server ran it.
+    pub fn not_sent(&self) -> bool {
+        match self {
+            UpstreamError::Uri { .. } => true,
+            UpstreamError::Http { source, .. } | UpstreamError::ClientCertRequired { source, .. } => {
+                source.is_connect()
+            }
+        }
+    }
+}
+
 /// An error and its sources, `a: b: c` (hyper-util's own Display says only "client error").
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();

@@ -1,30 +1,97 @@
 //! Deciding tool calls against a loaded policy.
+//!
+//! The order of the checks, each of which can decide the call:
+//! 1. `hide` (the tool does not exist for this caller): `/hide`;
+//! 2. the tool's rule, exact name first, then the pattern with the longest literal prefix; an
+//!    unlisted tool under `default: deny` is unknown too: `/default`;
+//! 3. the rule's `action` (`deny`, `require_approval`): `/tools/<name>/action`;
+//! 4. the rule's `arguments` schema: `/tools/<name>/arguments`;
+//! 5. `all_tools` then the rule's `deny_if` and `require`: `/all_tools/deny_if/0`, …;
+//! 6. the limits of `all_tools` and of the rule, reserved together: `/tools/<name>/limits/1`;
+//! 7. allowed: the rule's pointer, or `/default`.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
-use super::limits::CounterStore;
-use super::load::ToolRule;
+use serde_json::Value;
+
+use super::condition::{Condition, WrongType};
+use super::limits::{self, CounterStore, Reservation, Want};
+use super::load::{Checks, ToolRule};
+use super::schema::{location_or_root, Scope, ToolAction};
 use super::{CallerScope, Decision, Outcome, Policy};
 
-/// A policy together with its rate-limit state.
+/// The arguments of a call that has none.
+static NO_ARGUMENTS: LazyLock<Value> = LazyLock::new(|| Value::Object(serde_json::Map::new()));
+
+/// A policy together with its quota state.
 ///
-/// One engine is shared by every connection that uses the policy, so that
-/// limits count all of a workload's calls, whichever connection they come
-/// over.
+/// One engine is shared by every connection that uses the policy file, so that limits count
+/// all of a workload's calls, whichever connection they come over.
 #[derive(Debug)]
 pub struct Engine {
     policy: Policy,
-    /// All counters behind one lock, so that a call with several limits
-    /// checks and records them as one step.
-    counters: Mutex<CounterStore>,
+    /// All counters behind one lock, so that a call with several limits checks and records
+    /// them as one step. Shared with the engines that replace this one on reload.
+    counters: Arc<Mutex<CounterStore>>,
+}
+
+/// One `tools/call` as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub tool: &'a str,
+    /// `params.arguments`; `None` when the call has none (decided as `{}`).
+    pub arguments: Option<&'a Value>,
+}
+
+/// A decision with the steps that led to it, for `policy explain`.
+#[derive(Debug)]
+pub struct Explanation {
+    pub decision: Decision,
+    /// One line per check, in order.
+    pub steps: Vec<String>,
+}
+
+/// Collects explanation lines; the hot path uses [`Silent`], which compiles them away.
+trait Trace {
+    const ON: bool;
+    fn step(&mut self, line: impl FnOnce() -> String);
+}
+
+struct Silent;
+
+impl Trace for Silent {
+    const ON: bool = false;
+    #[inline(always)]
+    fn step(&mut self, _: impl FnOnce() -> String) {}
+}
+
+impl Trace for Vec<String> {
+    const ON: bool = true;
+    fn step(&mut self, line: impl FnOnce() -> String) {
+        self.push(line());
+    }
 }
 
 impl Engine {
-    /// An engine with empty rate-limit logs.
+    /// An engine with empty quota logs.
     pub fn new(policy: Policy) -> Engine {
-        let counters = Mutex::new(CounterStore::new(&policy.counters));
-        Engine { policy, counters }
+        let mut store = CounterStore::default();
+        store.fit(&policy.counters);
+        Engine {
+            policy,
+            counters: Arc::new(Mutex::new(store)),
+        }
+    }
+
+    /// The engine for a reloaded `policy` that replaces `previous`: counters whose name and
+    /// scope are unchanged keep their logs (and outstanding reservations); others start empty.
+    pub fn reloaded(policy: Policy, previous: &Engine) -> Engine {
+        limits::lock(&previous.counters).fit(&policy.counters);
+        Engine {
+            policy,
+            counters: previous.counters.clone(),
+        }
     }
 
     /// The policy this engine enforces.
@@ -32,101 +99,327 @@ impl Engine {
         &self.policy
     }
 
-    /// Decides a `tools/call` of `tool` by `caller` at `now`.
+    /// Decides a `tools/call` by `caller` at `now`.
     ///
-    /// An allowed call that is subject to limits is counted against them
-    /// here: the caller must forward it (or account for it as made).
+    /// An allowed call that is subject to limits is counted against them here, and the
+    /// decision carries the [`Reservation`]: the caller releases it if the upstream certainly
+    /// did not run the call, and otherwise drops it.
     #[must_use]
-    pub fn decide_call(&self, tool: &str, caller: &CallerScope<'_>, now: Instant) -> Decision {
-        if self.policy.hides(tool) {
-            return Decision {
-                outcome: Outcome::UnknownTool,
-                rule: "/hide".to_owned(),
-                reason: Some(format!("tool {tool} is hidden by this policy")),
-            };
+    pub fn decide_call(&self, call: &Call<'_>, caller: &CallerScope<'_>, now: Instant) -> Decision {
+        self.dry_run(self.decide(call, caller, now, &mut Silent))
+    }
+
+    /// Like [`Engine::decide_call`], with a line per check saying what it found.
+    pub fn explain(&self, call: &Call<'_>, caller: &CallerScope<'_>, now: Instant) -> Explanation {
+        let mut steps = Vec::new();
+        let decision = self.dry_run(self.decide(call, caller, now, &mut steps));
+        if let Some(would) = &decision.would {
+            steps.push(format!(
+                "mode dry_run: the call is forwarded; enforcing would have answered {would:?}"
+            ));
         }
-        let Some(rule) = self.policy.tools.get(tool) else {
-            return self.decide_unlisted(tool);
+        Explanation { decision, steps }
+    }
+
+    /// In a dry run nothing is refused: the decision says what would have been.
+    fn dry_run(&self, mut decision: Decision) -> Decision {
+        if self.policy.dry_run && decision.outcome != Outcome::Allow {
+            decision.would = Some(decision.outcome);
+            decision.outcome = Outcome::Allow;
+        }
+        decision
+    }
+
+    fn decide<T: Trace>(
+        &self,
+        call: &Call<'_>,
+        caller: &CallerScope<'_>,
+        now: Instant,
+        trace: &mut T,
+    ) -> Decision {
+        let tool = call.tool;
+        let policy = &self.policy;
+        if policy.hides(tool) {
+            trace.step(|| format!("hide: {tool} is hidden"));
+            return refuse(
+                Outcome::UnknownTool,
+                "/hide".to_owned(),
+                format!("tool {tool} is hidden by this policy"),
+            );
+        }
+        let args = call.arguments.unwrap_or(&NO_ARGUMENTS);
+        let Some(rule) = policy.rule_for(tool) else {
+            if !policy.default_allow {
+                trace.step(|| format!("no rule names {tool}, and default is deny"));
+                return refuse(
+                    Outcome::UnknownTool,
+                    "/default".to_owned(),
+                    format!("tool {tool} is not allowed by this policy (default deny)"),
+                );
+            }
+            trace.step(|| format!("no rule names {tool}; default is allow"));
+            return self.check(&[&policy.all_tools], args, caller, now, trace, "/default");
         };
-        if rule.deny {
-            return Decision {
-                outcome: Outcome::Deny,
-                rule: format!("{}/action", rule.pointer),
-                reason: Some(
+        trace.step(|| {
+            if rule.name == tool {
+                format!("rule {}: exact name", rule.pointer)
+            } else {
+                format!("rule {}: pattern {:?} matches {tool}", rule.pointer, rule.name)
+            }
+        });
+        match rule.action {
+            ToolAction::Deny => {
+                trace.step(|| "action: deny".to_owned());
+                return refuse(
+                    Outcome::Deny,
+                    format!("{}/action", rule.pointer),
                     rule.reason
                         .clone()
                         .unwrap_or_else(|| format!("tool {tool} is denied by policy")),
-                ),
-            };
+                );
+            }
+            ToolAction::RequireApproval => {
+                trace.step(|| "action: require_approval".to_owned());
+                return refuse(
+                    Outcome::ApprovalRequired,
+                    format!("{}/action", rule.pointer),
+                    rule.reason.clone().unwrap_or_else(|| {
+                        format!(
+                            "tool {tool} requires approval, and no approval channel is configured on this node"
+                        )
+                    }),
+                );
+            }
+            ToolAction::Allow => {}
         }
-        if rule.limits.is_empty() {
-            return allow(rule.pointer.clone());
+        if let Some(refusal) = check_schema(rule, tool, args, trace) {
+            return refusal;
         }
-        self.decide_limited(rule, caller, now)
+        self.check(
+            &[&policy.all_tools, &rule.checks],
+            args,
+            caller,
+            now,
+            trace,
+            &rule.pointer,
+        )
+        .with_reason_prefix(rule.reason.as_deref())
     }
 
-    /// A tool the policy does not list: the default decides.
-    fn decide_unlisted(&self, tool: &str) -> Decision {
-        if self.policy.default_allow {
-            allow("/default".to_owned())
-        } else {
-            Decision {
-                outcome: Outcome::UnknownTool,
-                rule: "/default".to_owned(),
-                reason: Some(format!(
-                    "tool {tool} is not allowed by this policy (default deny)"
-                )),
+    /// Conditions, then limits, of `all_tools` and the rule; allowed with `allow_rule` when
+    /// all pass.
+    fn check<T: Trace>(
+        &self,
+        sets: &[&Checks],
+        args: &Value,
+        caller: &CallerScope<'_>,
+        now: Instant,
+        trace: &mut T,
+        allow_rule: &str,
+    ) -> Decision {
+        for checks in sets {
+            if let Some(refusal) = check_conditions(checks, args, trace) {
+                return refusal;
             }
         }
+        let reservation = match self.reserve(sets, args, caller, now, trace) {
+            Ok(reservation) => reservation,
+            Err(refusal) => return refusal,
+        };
+        trace.step(|| format!("allowed by {allow_rule}"));
+        Decision {
+            outcome: Outcome::Allow,
+            would: None,
+            rule: allow_rule.to_owned(),
+            reason: None,
+            reservation,
+        }
     }
 
-    /// A listed, allowed tool with limits: admitted only if every limit has
-    /// room, and then counted against all of them.
-    fn decide_limited(&self, rule: &ToolRule, caller: &CallerScope<'_>, now: Instant) -> Decision {
-        // Only the `grant` scope exists so far, so its key is the only one.
-        let key = caller.grant;
-        let admitted = self
-            .counters
-            .lock()
-            // `try_admit` does not panic, so the store behind a poisoned lock
-            // is still consistent; failing closed here would deny everything.
-            .unwrap_or_else(PoisonError::into_inner)
-            .try_admit(&rule.limits, &rule.counters, key, now);
-        match admitted {
-            Ok(()) => allow(rule.pointer.clone()),
-            Err(index) => {
-                let reason = rule.limits.get(index).map(|limit| {
-                    let counter = self
-                        .policy
-                        .counters
-                        .get(limit.counter)
-                        .map_or("", |c| c.name.as_str());
-                    let calls = if limit.max == 1 { "call" } else { "calls" };
+    /// Reserves every limit of `sets` together, or refuses naming the first without room.
+    fn reserve<T: Trace>(
+        &self,
+        sets: &[&Checks],
+        args: &Value,
+        caller: &CallerScope<'_>,
+        now: Instant,
+        trace: &mut T,
+    ) -> Result<Option<Reservation>, Decision> {
+        let limits = sets
+            .iter()
+            .flat_map(|c| c.limits.iter().enumerate().map(move |(i, l)| (*c, i, l)));
+        let mut wants = Vec::new();
+        let mut owners = Vec::new();
+        for (checks, index, limit) in limits {
+            let amount = match &limit.increment {
+                None => 1.0,
+                Some(path) => match path.get(args).and_then(Value::as_f64) {
+                    Some(v) if v >= 0.0 && v.is_finite() => v,
+                    found => {
+                        let what = match (path.get(args), found) {
+                            (None, _) => "is missing",
+                            (Some(_), None) => "is not a number",
+                            _ => "is negative",
+                        };
+                        trace.step(|| format!("limit {}/limits/{index}: {path} {what}", checks.pointer));
+                        return Err(refuse(
+                            Outcome::Deny,
+                            format!("{}/limits/{index}/increment_from", checks.pointer),
+                            format!("argument {path} {what}: it is what this call spends of quota {}", self.counter_name(limit.counter)),
+                        ));
+                    }
+                },
+            };
+            let scope = self.policy.counters.get(limit.counter).map(|c| c.scope);
+            wants.push(Want {
+                counter: limit.counter,
+                key: match scope {
+                    Some(Scope::Grant) | None => caller.grant,
+                    Some(Scope::Process) => caller.process,
+                    Some(Scope::Session) => caller.session,
+                    Some(Scope::Server) => "",
+                },
+                window: limit.window.duration(),
+                max: limit.max,
+                amount,
+            });
+            owners.push((checks, index, limit));
+        }
+        if wants.is_empty() {
+            return Ok(None);
+        }
+        let mut store = limits::lock(&self.counters);
+        if T::ON {
+            for (want, (checks, index, limit)) in wants.iter().zip(&owners) {
+                let used = store.used(want.counter, want.key, want.window, now);
+                trace.step(|| {
                     format!(
-                        "rate limit {counter} exceeded: at most {} {calls} per {}",
-                        limit.max, limit.window
+                        "limit {}/limits/{index}: counter {} ({} scope) has used {used} of {} per {}; this call adds {}",
+                        checks.pointer,
+                        self.counter_name(limit.counter),
+                        self.policy.counters.get(limit.counter).map_or("", |c| c.scope.as_str()),
+                        limit.max,
+                        limit.window,
+                        want.amount
                     )
                 });
-                Decision {
-                    outcome: Outcome::Deny,
-                    rule: format!("{}/limits/{index}", rule.pointer),
-                    reason,
-                }
             }
         }
+        match store.try_reserve(&self.counters, &wants, now) {
+            Ok(reservation) => Ok(reservation),
+            Err(failed) => {
+                let Some((checks, index, limit)) = owners.get(failed) else {
+                    return Err(refuse(Outcome::Deny, "/".to_owned(), "quota exceeded".to_owned()));
+                };
+                let name = self.counter_name(limit.counter);
+                let reason = match &limit.increment {
+                    None => {
+                        let calls = if limit.max == 1.0 { "call" } else { "calls" };
+                        format!(
+                            "rate limit {name} exceeded: at most {} {calls} per {}",
+                            limit.max, limit.window
+                        )
+                    }
+                    Some(path) => format!(
+                        "quota {name} exceeded: at most {} of {path} per {}",
+                        limit.max, limit.window
+                    ),
+                };
+                Err(refuse(
+                    Outcome::Deny,
+                    format!("{}/limits/{index}", checks.pointer),
+                    reason,
+                ))
+            }
+        }
+    }
+
+    fn counter_name(&self, id: usize) -> &str {
+        self.policy.counters.get(id).map_or("", |c| c.name.as_str())
     }
 
     /// The rate-limit state, for tests that look at memory use.
     #[cfg(test)]
     pub(super) fn with_counters<T>(&self, f: impl FnOnce(&CounterStore) -> T) -> T {
-        f(&self.counters.lock().unwrap_or_else(PoisonError::into_inner))
+        f(&limits::lock(&self.counters))
     }
 }
 
-fn allow(rule: String) -> Decision {
+/// The rule's `arguments` schema; a violation names the failing argument and keyword, never
+/// the value (the audit log must not hold argument values).
+fn check_schema<T: Trace>(rule: &ToolRule, tool: &str, args: &Value, trace: &mut T) -> Option<Decision> {
+    let schema = rule.arguments.as_ref()?;
+    if schema.0.is_valid(args) {
+        trace.step(|| "arguments: match the schema".to_owned());
+        return None;
+    }
+    let detail = schema
+        .0
+        .iter_errors(args)
+        .next()
+        .map(|e| {
+            format!(
+                "argument {} fails the schema at {}: {}",
+                location_or_root(e.instance_path().as_str()),
+                location_or_root(e.schema_path().as_str()),
+                e.masked()
+            )
+        })
+        .unwrap_or_else(|| "the arguments do not match the schema".to_owned());
+    trace.step(|| format!("arguments: {detail}"));
+    Some(refuse(
+        Outcome::Deny,
+        format!("{}/arguments", rule.pointer),
+        format!("invalid arguments for {tool}: {detail}"),
+    ))
+}
+
+/// `deny_if` (any holds: denied; a wrong type holds) then `require` (every one must hold; a
+/// wrong type fails).
+fn check_conditions<T: Trace>(checks: &Checks, args: &Value, trace: &mut T) -> Option<Decision> {
+    let lists: [(&str, &[Condition], WrongType, bool); 2] = [
+        ("deny_if", &checks.deny_if, WrongType::Holds, true),
+        ("require", &checks.require, WrongType::Fails, false),
+    ];
+    for (field, conditions, wrong, denies_when) in lists {
+        for (index, condition) in conditions.iter().enumerate() {
+            let holds = if T::ON {
+                let (holds, why) = condition.explain(args, wrong);
+                trace.step(|| format!("{}/{field}/{index}: {why}", checks.pointer));
+                holds
+            } else {
+                condition.holds(args, wrong)
+            };
+            if holds == denies_when {
+                let verdict = if denies_when { "holds" } else { "does not hold" };
+                return Some(refuse(
+                    Outcome::Deny,
+                    format!("{}/{field}/{index}", checks.pointer),
+                    format!("{field} condition {verdict}: {condition}"),
+                ));
+            }
+        }
+    }
+    None
+}
+
+fn refuse(outcome: Outcome, rule: String, reason: String) -> Decision {
     Decision {
-        outcome: Outcome::Allow,
+        outcome,
+        would: None,
         rule,
-        reason: None,
+        reason: Some(reason),
+        reservation: None,
     }
 }
+
+impl Decision {
+    /// Prefixes the reason of a refusal with the rule's own `reason`, when it has one.
+    fn with_reason_prefix(mut self, prefix: Option<&str>) -> Decision {
+        if let (Some(prefix), Some(reason)) = (prefix, &self.reason) {
+            self.reason = Some(format!("{prefix} ({reason})"));
+        }
+        self
+    }
+}
+

@@ -1,98 +1,225 @@
-//! Sliding-window rate-limit state.
+//! Sliding-window quota state.
 //!
-//! Each counter keeps, per scope key, a log of the instants at which calls
-//! were admitted. A limit `{window, max}` admits a call only if fewer than
-//! `max` logged admissions are at most `window` old, so no closed interval of
-//! one window's length ever holds more than `max` admissions. Windows slide
-//! with each call; they are not aligned to the calendar.
+//! Each counter keeps, per scope key, a log of what it admitted: when, and how much (1 for a
+//! call, the `increment_from` value for spend quotas). A limit `{window, max}` admits an amount
+//! only if the amounts logged at most `window` ago plus the new one stay within `max`, so no
+//! closed interval of one window's length ever holds more than `max`. Windows slide with each
+//! call; they are not aligned to the calendar.
+//!
+//! A call's limits are checked and recorded as one step under one lock (all or none), and each
+//! admission can be taken back ([`Reservation::release`]) when the upstream certainly did not
+//! run the call.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::load::{Counter, Limit};
+use super::load::Counter;
+use super::schema::Scope;
 
 /// How many admission checks pass between sweeps of idle scope keys.
 const SWEEP_EVERY: u32 = 1024;
 
-/// Admission logs of every counter of one policy.
-#[derive(Debug)]
+/// A spend-quota log keeps at most this many entries per key; beyond it the two oldest are
+/// merged into the newer one's instant, which can only over-count (never admit more).
+const MAX_WEIGHTED_ENTRIES: usize = 4096;
+
+/// Admission logs of every counter of one policy file. Survives reloads: counters whose name
+/// and scope are unchanged keep their logs.
+#[derive(Debug, Default)]
 pub(super) struct CounterStore {
     /// Indexed like [`Policy::counters`](super::Policy).
     counters: Vec<CounterLogs>,
     /// Checks since the last sweep.
     since_sweep: u32,
+    /// Names each admission, so that a reservation can take back exactly its own.
+    next_serial: u64,
 }
 
 /// One counter's logs, by scope key.
 #[derive(Debug)]
 struct CounterLogs {
+    name: String,
+    scope: Scope,
     /// Admissions older than this cannot count against any limit.
     retention: Duration,
-    /// No limit needs more than this many of the newest admissions.
-    capacity: usize,
-    /// Admission instants per scope key, oldest first. Never empty: a log
-    /// that empties is removed.
-    by_key: HashMap<String, VecDeque<Instant>>,
+    /// For counters that only ever add 1: no limit needs more than this many of the newest
+    /// admissions (a full window of `max` entries already refuses everything). `None` for spend
+    /// quotas, whose amounts can be fractions.
+    capacity: Option<usize>,
+    /// Admissions per scope key, oldest first. Never empty: a log that empties is removed.
+    by_key: HashMap<String, VecDeque<Entry>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    at: Instant,
+    amount: f64,
+    serial: u64,
+}
+
+/// What one limit of a call asks for.
+#[derive(Debug)]
+pub(super) struct Want<'a> {
+    /// Index into the store's counters.
+    pub counter: usize,
+    /// The scope key of the caller for this counter.
+    pub key: &'a str,
+    pub window: Duration,
+    pub max: f64,
+    /// What this call adds to the counter.
+    pub amount: f64,
+}
+
+/// Admissions a call made, to be taken back if the upstream never ran it.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    store: Arc<Mutex<CounterStore>>,
+    entries: Vec<Reserved>,
+}
+
+#[derive(Debug, Clone)]
+struct Reserved {
+    counter: String,
+    scope: Scope,
+    key: String,
+    serial: u64,
+}
+
+impl Reservation {
+    /// Takes the call's admissions back: the upstream did not run it (the connection failed,
+    /// or it answered an error before any result). Idempotent; admissions already expired,
+    /// merged, or dropped by a reload that changed the counter are left alone.
+    pub fn release(&self) {
+        let mut store = lock(&self.store);
+        for r in &self.entries {
+            store.remove(&r.counter, r.scope, &r.key, r.serial);
+        }
+    }
+}
+
+/// The store behind a lock that nobody panics under: `try_reserve` and `remove` do not panic,
+/// so a poisoned store is still consistent; failing closed here would deny everything.
+pub(super) fn lock(store: &Mutex<CounterStore>) -> std::sync::MutexGuard<'_, CounterStore> {
+    store.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl CounterStore {
-    /// Empty logs for the given counters.
-    pub fn new(counters: &[Counter]) -> CounterStore {
-        CounterStore {
-            counters: counters
-                .iter()
-                .map(|counter| CounterLogs {
-                    retention: counter.retention,
-                    capacity: counter.capacity,
-                    by_key: HashMap::new(),
-                })
-                .collect(),
-            since_sweep: 0,
-        }
+    /// Fits the store to a (re)loaded policy's counters: logs of counters with the same name
+    /// and scope are kept, the others dropped; retention and capacity follow the new limits.
+    pub fn fit(&mut self, counters: &[Counter]) {
+        let mut old: Vec<CounterLogs> = std::mem::take(&mut self.counters);
+        self.counters = counters
+            .iter()
+            .map(|c| {
+                let by_key = old
+                    .iter_mut()
+                    .find(|o| o.name == c.name && o.scope == c.scope)
+                    .map(|o| std::mem::take(&mut o.by_key))
+                    .unwrap_or_default();
+                CounterLogs {
+                    name: c.name.clone(),
+                    scope: c.scope,
+                    retention: c.retention,
+                    capacity: c.capacity,
+                    by_key,
+                }
+            })
+            .collect();
     }
 
-    /// Admits a call at `now` for scope key `key` against all of `limits`,
-    /// or against none of them.
+    /// Admits a call at `now` against all of `wants`, or against none of them.
     ///
-    /// `used` lists the distinct counters that `limits` name. If every limit
-    /// has room, `now` is recorded once in each of those counters and the
-    /// call is admitted. Otherwise nothing is recorded and the error is the
-    /// index (in `limits`) of the first limit that is full.
-    pub fn try_admit(
+    /// Each counter named by `wants` records once, the largest amount any of its wants asks
+    /// for; each want checks that amount against its own window and max. On success the
+    /// returned reservation can take the admissions back. Otherwise nothing is recorded and
+    /// the error is the index (in `wants`) of the first limit without room.
+    pub fn try_reserve(
         &mut self,
-        limits: &[Limit],
-        used: &[usize],
-        key: &str,
+        store: &Arc<Mutex<CounterStore>>,
+        wants: &[Want<'_>],
         now: Instant,
-    ) -> Result<(), usize> {
+    ) -> Result<Option<Reservation>, usize> {
         self.sweep_now_and_then(now);
-
-        for &id in used {
-            if let Some(counter) = self.counters.get_mut(id) {
-                counter.prune_key(key, now);
+        for want in wants {
+            if let Some(counter) = self.counters.get_mut(want.counter) {
+                counter.prune_key(want.key, now);
             }
         }
-
-        for (index, limit) in limits.iter().enumerate() {
-            let admitted = self.counters.get(limit.counter).map_or(0, |counter| {
-                counter.admitted_within(key, limit.window.duration(), now)
+        let recorded = |counter: usize| {
+            wants
+                .iter()
+                .filter(|w| w.counter == counter)
+                .map(|w| w.amount)
+                .fold(0.0_f64, f64::max)
+        };
+        for (index, want) in wants.iter().enumerate() {
+            let used = self.counters.get(want.counter).map_or(0.0, |counter| {
+                counter.used_within(want.key, want.window, now)
             });
-            if u64::try_from(admitted).unwrap_or(u64::MAX) >= limit.max {
+            if used + recorded(want.counter) > want.max {
                 return Err(index);
             }
         }
-
-        for &id in used {
-            if let Some(counter) = self.counters.get_mut(id) {
-                counter.record(key, now);
+        let mut entries = Vec::new();
+        for (index, want) in wants.iter().enumerate() {
+            // Once per counter: at its first want.
+            if wants[..index].iter().any(|w| w.counter == want.counter) {
+                continue;
+            }
+            let amount = recorded(want.counter);
+            let serial = self.next_serial;
+            let Some(counter) = self.counters.get_mut(want.counter) else {
+                continue;
+            };
+            if amount > 0.0 {
+                self.next_serial += 1;
+                counter.record(want.key, now, amount, serial);
+                entries.push(Reserved {
+                    counter: counter.name.clone(),
+                    scope: counter.scope,
+                    key: want.key.to_owned(),
+                    serial,
+                });
             }
         }
-        Ok(())
+        Ok((!entries.is_empty()).then(|| Reservation {
+            store: store.clone(),
+            entries,
+        }))
     }
 
-    /// Every [`SWEEP_EVERY`] checks, drops expired admissions under every
-    /// key and forgets keys with none left, so that callers that went away
-    /// do not hold memory.
+    /// What `key` has used of counter `id` within `window` at `now`, for `policy explain`.
+    pub fn used(&self, id: usize, key: &str, window: Duration, now: Instant) -> f64 {
+        self.counters
+            .get(id)
+            .map_or(0.0, |c| c.used_within(key, window, now))
+    }
+
+    fn remove(&mut self, name: &str, scope: Scope, key: &str, serial: u64) {
+        let Some(counter) = self
+            .counters
+            .iter_mut()
+            .find(|c| c.name == name && c.scope == scope)
+        else {
+            return;
+        };
+        let emptied = match counter.by_key.get_mut(key) {
+            Some(log) => {
+                if let Some(at) = log.iter().position(|e| e.serial == serial) {
+                    log.remove(at);
+                }
+                log.is_empty()
+            }
+            None => false,
+        };
+        if emptied {
+            counter.by_key.remove(key);
+        }
+    }
+
+    /// Every [`SWEEP_EVERY`] checks, drops expired admissions under every key and forgets keys
+    /// with none left, so that callers that went away do not hold memory.
     fn sweep_now_and_then(&mut self, now: Instant) {
         self.since_sweep += 1;
         if self.since_sweep < SWEEP_EVERY {
@@ -121,8 +248,8 @@ impl CounterStore {
 }
 
 impl CounterLogs {
-    /// The earliest instant still worth keeping, or `None` if every instant
-    /// is (the process has not run for a whole retention period).
+    /// The earliest instant still worth keeping, or `None` if every instant is (the process has
+    /// not run for a whole retention period).
     fn keep_from(&self, now: Instant) -> Option<Instant> {
         now.checked_sub(self.retention)
     }
@@ -144,39 +271,44 @@ impl CounterLogs {
         }
     }
 
-    /// How many of `key`'s admissions are at most `window` old at `now`.
-    /// Admissions logged with a later instant than `now` (a caller that
-    /// read the clock earlier but got the lock later) count as inside.
-    fn admitted_within(&self, key: &str, window: Duration, now: Instant) -> usize {
+    /// The sum of `key`'s admissions at most `window` old at `now`. Admissions logged with a
+    /// later instant than `now` (a caller that read the clock earlier but got the lock later)
+    /// count as inside.
+    fn used_within(&self, key: &str, window: Duration, now: Instant) -> f64 {
         let Some(log) = self.by_key.get(key) else {
-            return 0;
+            return 0.0;
         };
-        match now.checked_sub(window) {
-            Some(start) => log.len() - log.partition_point(|t| *t < start),
-            None => log.len(),
-        }
+        let start = now.checked_sub(window);
+        log.iter()
+            .rev()
+            .take_while(|e| start.is_none_or(|s| e.at >= s))
+            .map(|e| e.amount)
+            .sum()
     }
 
-    /// Logs an admission at `now`, keeping the log sorted and no longer than
-    /// `capacity`.
-    fn record(&mut self, key: &str, now: Instant) {
-        if !self.by_key.contains_key(key) {
-            self.by_key.insert(key.to_owned(), VecDeque::new());
-        }
-        let Some(log) = self.by_key.get_mut(key) else {
-            return;
-        };
-        if log.back().is_none_or(|last| *last <= now) {
-            log.push_back(now);
+    /// Logs an admission, keeping the log sorted by instant and within its bound.
+    fn record(&mut self, key: &str, at: Instant, amount: f64, serial: u64) {
+        let entry = Entry { at, amount, serial };
+        let log = self.by_key.entry(key.to_owned()).or_default();
+        if log.back().is_none_or(|last| last.at <= at) {
+            log.push_back(entry);
         } else {
-            let at = log.partition_point(|t| *t <= now);
-            log.insert(at, now);
+            let index = log.partition_point(|e| e.at <= at);
+            log.insert(index, entry);
         }
-        while log.len() > self.capacity {
-            log.pop_front();
-        }
-        if log.is_empty() {
-            self.by_key.remove(key);
+        match self.capacity {
+            Some(capacity) => {
+                while log.len() > capacity.max(1) {
+                    log.pop_front();
+                }
+            }
+            None => {
+                while log.len() > MAX_WEIGHTED_ENTRIES {
+                    if let (Some(oldest), Some(next)) = (log.pop_front(), log.front_mut()) {
+                        next.amount += oldest.amount;
+                    }
+                }
+            }
         }
     }
 
@@ -188,8 +320,8 @@ impl CounterLogs {
                 !log.is_empty()
             });
         }
-        // A HashMap does not give memory back by itself after a burst of
-        // callers; do it once it is mostly empty.
+        // A HashMap does not give memory back by itself after a burst of callers; do it once
+        // it is mostly empty.
         if self.by_key.capacity() > self.by_key.len().saturating_mul(4).saturating_add(64) {
             self.by_key.shrink_to_fit();
         }
@@ -197,8 +329,8 @@ impl CounterLogs {
 }
 
 /// Drops the admissions logged strictly before `keep_from`.
-fn drop_before(log: &mut VecDeque<Instant>, keep_from: Instant) {
-    while log.front().is_some_and(|t| *t < keep_from) {
+fn drop_before(log: &mut VecDeque<Entry>, keep_from: Instant) {
+    while log.front().is_some_and(|e| e.at < keep_from) {
         log.pop_front();
     }
 }

@@ -1,12 +1,16 @@
 //! Loading a policy file and turning it into the form the engine uses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 
-use super::schema::{self, Object, PolicyFile, ToolAction, Window};
+use super::args::ArgPath;
+use super::condition::Condition;
+use super::glob::Pattern;
+use super::schema::{
+    self, ArgSchema, LimitSpec, Mode, NameOrPattern, Object, PolicyFile, Scope, ToolAction, Window,
+};
 use super::PolicyError;
 
 /// Where a policy came from, for the audit log.
@@ -24,48 +28,82 @@ pub struct Policy {
     pub(super) source: PolicySource,
     /// Whether unlisted tools are allowed.
     pub(super) default_allow: bool,
-    pub(super) tools: HashMap<String, ToolRule>,
-    /// `hide: "*"`.
+    /// `mode: dry_run`: decide and audit, but forward everything.
+    pub(super) dry_run: bool,
+    /// Rules of `tools`, in file order.
+    pub(super) rules: Vec<ToolRule>,
+    /// Exact names, to their rule.
+    pub(super) exact: HashMap<String, usize>,
+    /// Patterns and their rule, the longest literal prefix first.
+    pub(super) patterns: Vec<(Pattern, usize)>,
+    /// `all_tools`.
+    pub(super) all_tools: Checks,
+    /// `hide: "*"`, or `"*"` in the list.
     pub(super) hide_all: bool,
     /// `hide: [names]`.
-    pub(super) hidden: std::collections::HashSet<String>,
-    /// Every distinct counter name, indexed by [`Limit::counter`].
+    pub(super) hidden: HashSet<String>,
+    /// `hide: [patterns]`.
+    pub(super) hidden_patterns: Vec<Pattern>,
+    /// Every distinct counter (name and scope), indexed by [`Limit::counter`].
     pub(super) counters: Vec<Counter>,
+    /// Rules that can never apply, found at load.
+    pub(super) warnings: Vec<Warning>,
 }
 
-/// The rule for one listed tool.
+/// Something in a policy that is valid but cannot do what it seems to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// JSON Pointer to the rule concerned.
+    pub pointer: String,
+    pub message: String,
+}
+
+/// The rule for one entry of `tools`.
 #[derive(Debug, Clone)]
 pub(super) struct ToolRule {
     /// JSON Pointer to this rule: `/tools/<escaped name>`.
     pub pointer: String,
-    pub deny: bool,
+    /// The name or pattern as written.
+    pub name: String,
+    pub action: ToolAction,
     pub reason: Option<String>,
-    pub limits: Vec<Limit>,
-    /// The distinct counters that `limits` use, so that an admitted call is
-    /// recorded once per counter even if two limits name the same one.
-    pub counters: Vec<usize>,
+    pub arguments: Option<ArgSchema>,
+    pub checks: Checks,
 }
 
-/// One limit of a tool, in file order.
+/// Argument conditions and limits, of one tool or of `all_tools`.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Checks {
+    /// `/tools/<name>` or `/all_tools`.
+    pub pointer: String,
+    pub deny_if: Vec<Condition>,
+    pub require: Vec<Condition>,
+    pub limits: Vec<Limit>,
+}
+
+/// One limit, in file order.
 #[derive(Debug, Clone)]
 pub(super) struct Limit {
     /// Index into [`Policy::counters`].
     pub counter: usize,
     pub window: Window,
-    pub max: u64,
+    pub max: f64,
+    /// `increment_from`; `None` adds 1 per call.
+    pub increment: Option<ArgPath>,
 }
 
-/// A named counter and how much of its log must be kept.
+/// A named counter in one scope, and how much of its log must be kept.
 #[derive(Debug, Clone)]
 pub(super) struct Counter {
     pub name: String,
-    /// The longest window of any limit using this counter: older admissions
-    /// can no longer count against anything.
+    pub scope: Scope,
+    /// The longest window of any limit using this counter: older admissions can no longer
+    /// count against anything.
     pub retention: Duration,
-    /// The largest `max` of any limit using this counter: a limit only needs
-    /// to know whether its newest `max` admissions all fall in its window, so
-    /// older entries beyond this many can be dropped.
-    pub capacity: usize,
+    /// For counters that only ever add 1: the largest `max` of any limit using it (a limit
+    /// only needs to know whether its newest `max` admissions all fall in its window). `None`
+    /// when some limit adds `increment_from` values.
+    pub capacity: Option<usize>,
 }
 
 impl Policy {
@@ -99,6 +137,35 @@ impl Policy {
         Self::from_bytes(text.as_bytes(), file.to_owned())
     }
 
+    /// A policy that hides every tool, for callers no policy can be chosen for.
+    pub fn hide_everything() -> Policy {
+        let parsed = PolicyFile {
+            version: schema::Version,
+            default: schema::DefaultAction::Deny,
+            mode: Mode::Enforce,
+            hide: Some(schema::Hide::All),
+            all_tools: None,
+            tools: schema::ToolMap::default(),
+        };
+        compile(
+            parsed,
+            PolicySource {
+                file: "(no policy: caller identity unresolved)".to_owned(),
+                sha256: String::new(),
+            },
+        )
+    }
+
+    /// Parses policy bytes (a file already read); `file` names it, and its extension picks
+    /// YAML or JSON.
+    ///
+    /// # Errors
+    ///
+    /// Bytes that are not a valid policy give an error with the offending position.
+    pub fn parse_bytes(bytes: &[u8], file: &str) -> Result<Policy, PolicyError> {
+        Self::from_bytes(bytes, file.to_owned())
+    }
+
     /// Where this policy came from.
     pub fn source(&self) -> &PolicySource {
         &self.source
@@ -106,94 +173,279 @@ impl Policy {
 
     /// Whether `hide` names the tool (or is `"*"`).
     pub fn hides(&self, tool: &str) -> bool {
-        self.hide_all || self.hidden.contains(tool)
+        self.hide_all
+            || self.hidden.contains(tool)
+            || self.hidden_patterns.iter().any(|p| p.matches(tool))
     }
 
-    /// Whether every tool is visible (nothing hidden, unlisted tools allowed): listings are
-    /// then the same for every caller under this policy.
+    /// Whether every tool is visible (nothing hidden, unlisted tools allowed, or a dry run):
+    /// listings are then the same for every caller under this policy.
     pub fn visible_all(&self) -> bool {
-        !self.hide_all && self.hidden.is_empty() && self.default_allow
+        self.dry_run
+            || (!self.hide_all
+                && self.hidden.is_empty()
+                && self.hidden_patterns.is_empty()
+                && self.default_allow)
     }
 
     /// The visibility rule: a tool appears in `tools/list` unless `hide` names it or the policy
-    /// does not list it and denies by default. Tools denied explicitly stay visible, so the
-    /// model can learn the reason when it calls them.
+    /// does not list it (by name or pattern) and denies by default. Tools denied explicitly stay
+    /// visible, so the model can learn the reason when it calls them. A dry run changes nothing
+    /// on the wire, so every tool stays visible.
     pub fn visible(&self, tool: &str) -> bool {
-        !self.hides(tool) && (self.default_allow || self.tools.contains_key(tool))
+        self.dry_run
+            || (!self.hides(tool) && (self.default_allow || self.rule_for(tool).is_some()))
+    }
+
+    /// Rules that are valid but can never apply, or apply less than they seem to.
+    pub fn warnings(&self) -> &[Warning] {
+        &self.warnings
+    }
+
+    /// Whether the policy only audits (`mode: dry_run`).
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    /// The rule that decides calls to `tool`: its exact entry, else the matching pattern with
+    /// the longest literal prefix.
+    pub(super) fn rule_for(&self, tool: &str) -> Option<&ToolRule> {
+        let index = match self.exact.get(tool) {
+            Some(&index) => index,
+            None => self
+                .patterns
+                .iter()
+                .find(|(pattern, _)| pattern.matches(tool))
+                .map(|&(_, index)| index)?,
+        };
+        self.rules.get(index)
     }
 
     fn from_bytes(bytes: &[u8], file: String) -> Result<Policy, PolicyError> {
-        let parsed: PolicyFile = match serde_json::from_slice::<Object<PolicyFile>>(bytes) {
-            Ok(Object(parsed)) => parsed,
-            Err(err) => return Err(json_error(file, &err)),
+        let parsed: PolicyFile = if is_yaml(&file) {
+            match serde_yaml_ng::from_slice::<Object<PolicyFile>>(bytes) {
+                Ok(Object(parsed)) => parsed,
+                Err(err) => return Err(yaml_error(file, &err)),
+            }
+        } else {
+            match serde_json::from_slice::<Object<PolicyFile>>(bytes) {
+                Ok(Object(parsed)) => parsed,
+                Err(err) => return Err(json_error(file, &err)),
+            }
         };
         let source = PolicySource {
             file,
-            sha256: lowercase_hex(&Sha256::digest(bytes)),
+            sha256: super::sha256_hex(bytes),
         };
         Ok(compile(parsed, source))
     }
 }
 
-/// Turns the validated file into lookup tables: counters get indices, and
-/// each tool's pointer and distinct counters are worked out once.
+/// YAML by the file name's extension (`.yaml`, `.yml`); JSON otherwise.
+fn is_yaml(file: &str) -> bool {
+    let lower = file.to_ascii_lowercase();
+    lower.ends_with(".yaml") || lower.ends_with(".yml")
+}
+
+/// Turns the validated file into lookup tables: counters get indices, patterns an order, and
+/// each rule its pointer.
 fn compile(parsed: PolicyFile, source: PolicySource) -> Policy {
-    let mut counters: Vec<Counter> = Vec::new();
-    let mut counter_ids: HashMap<String, usize> = HashMap::new();
-    let mut tools = HashMap::with_capacity(parsed.tools.0.len());
-
-    for (name, rule) in parsed.tools.0 {
-        let mut limits = Vec::with_capacity(rule.limits.len());
-        let mut used = Vec::new();
-        for Object(spec) in rule.limits {
-            let id = *counter_ids
-                .entry(spec.counter.0.clone())
-                .or_insert_with(|| {
-                    let id = counters.len();
-                    counters.push(Counter {
-                        name: spec.counter.0.clone(),
-                        retention: Duration::ZERO,
-                        capacity: 0,
-                    });
-                    id
-                });
-            if let Some(counter) = counters.get_mut(id) {
-                counter.retention = counter.retention.max(spec.window.duration());
-                let max = usize::try_from(spec.max.0).unwrap_or(usize::MAX);
-                counter.capacity = counter.capacity.max(max);
-            }
-            if !used.contains(&id) {
-                used.push(id);
-            }
-            limits.push(Limit {
-                counter: id,
-                window: spec.window,
-                max: spec.max.0,
-            });
-        }
-        let rule = ToolRule {
-            pointer: format!("/tools/{}", escape_pointer_token(&name)),
-            deny: rule.action == Some(ToolAction::Deny),
-            reason: rule.reason,
-            limits,
-            counters: used,
-        };
-        tools.insert(name, rule);
-    }
-
-    let (hide_all, hidden) = match parsed.hide {
-        Some(schema::Hide::All) => (true, Default::default()),
-        Some(schema::Hide::Names(names)) => (false, names.into_iter().collect()),
-        None => (false, Default::default()),
+    let mut counters = Counters::default();
+    let all_tools = parsed.all_tools.map(|Object(a)| a).unwrap_or_default();
+    let all_tools = Checks {
+        pointer: "/all_tools".to_owned(),
+        deny_if: all_tools.deny_if,
+        require: all_tools.require,
+        limits: counters.limits(all_tools.limits),
     };
-    Policy {
+    let mut rules = Vec::with_capacity(parsed.tools.0.len());
+    let mut exact = HashMap::new();
+    let mut patterns = Vec::new();
+    for (name, rule) in parsed.tools.0 {
+        let pointer = format!("/tools/{}", escape_pointer_token(&name));
+        let index = rules.len();
+        match Pattern::new(&name) {
+            Some(pattern) => patterns.push((pattern, index)),
+            None => {
+                exact.insert(name.clone(), index);
+            }
+        }
+        rules.push(ToolRule {
+            action: rule.action.unwrap_or(ToolAction::Allow),
+            reason: rule.reason,
+            arguments: rule.arguments,
+            checks: Checks {
+                pointer: pointer.clone(),
+                deny_if: rule.deny_if,
+                require: rule.require,
+                limits: counters.limits(rule.limits),
+            },
+            pointer,
+            name,
+        });
+    }
+    // Longest literal prefix first; patterns that tie on length never overlap (checked at
+    // load), so the order among them does not matter.
+    patterns.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.prefix_len()));
+
+    let (mut hide_all, mut hidden, mut hidden_patterns) = (false, HashSet::new(), Vec::new());
+    match parsed.hide {
+        Some(schema::Hide::All) => hide_all = true,
+        Some(schema::Hide::List(entries)) => {
+            for entry in entries {
+                match entry {
+                    NameOrPattern::Name(name) => {
+                        hidden.insert(name);
+                    }
+                    NameOrPattern::Pattern(p) if p.as_str().bytes().all(|b| b == b'*') => {
+                        hide_all = true;
+                    }
+                    NameOrPattern::Pattern(p) => hidden_patterns.push(p),
+                }
+            }
+        }
+        None => {}
+    }
+    let mut policy = Policy {
         source,
         default_allow: parsed.default == schema::DefaultAction::Allow,
-        tools,
+        dry_run: parsed.mode == Mode::DryRun,
+        rules,
+        exact,
+        patterns,
+        all_tools,
         hide_all,
         hidden,
-        counters,
+        hidden_patterns,
+        counters: counters.list,
+        warnings: Vec::new(),
+    };
+    policy.warnings = warnings(&policy);
+    policy
+}
+
+/// Gives each distinct (counter name, scope) an index.
+#[derive(Default)]
+struct Counters {
+    list: Vec<Counter>,
+}
+
+impl Counters {
+    fn limits(&mut self, specs: Vec<Object<LimitSpec>>) -> Vec<Limit> {
+        specs
+            .into_iter()
+            .map(|Object(spec)| {
+                let counter = self.id(&spec);
+                Limit {
+                    counter,
+                    window: spec.window,
+                    max: spec.max.0,
+                    increment: spec.increment_from.map(|i| i.0),
+                }
+            })
+            .collect()
     }
+
+    fn id(&mut self, spec: &LimitSpec) -> usize {
+        let name = &spec.counter.0;
+        let id = match self
+            .list
+            .iter()
+            .position(|c| c.name == *name && c.scope == spec.scope)
+        {
+            Some(id) => id,
+            None => {
+                self.list.push(Counter {
+                    name: name.clone(),
+                    scope: spec.scope,
+                    retention: Duration::ZERO,
+                    capacity: Some(0),
+                });
+                self.list.len() - 1
+            }
+        };
+        if let Some(counter) = self.list.get_mut(id) {
+            counter.retention = counter.retention.max(spec.window.duration());
+            counter.capacity = match (counter.capacity, &spec.increment_from) {
+                (Some(capacity), None) => {
+                    // Capacity of a unit counter: enough entries to fill the largest window.
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    let max = spec.max.0.ceil().min(usize::MAX as f64) as usize;
+                    Some(capacity.max(max))
+                }
+                _ => None,
+            };
+        }
+        id
+    }
+}
+
+/// Rules that can never apply, for `policy check` and the load log.
+fn warnings(policy: &Policy) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let mut warn = |pointer: &str, message: String| {
+        out.push(Warning {
+            pointer: pointer.to_owned(),
+            message,
+        });
+    };
+    for rule in &policy.rules {
+        let hidden = match Pattern::new(&rule.name) {
+            None => policy.hides(&rule.name),
+            Some(pattern) => {
+                policy.hide_all || policy.hidden_patterns.iter().any(|h| h.covers(&pattern))
+            }
+        };
+        if hidden {
+            warn(
+                &rule.pointer,
+                format!(
+                    "never applies: every tool it names is hidden by \"hide\", and hidden tools are refused as unknown first"
+                ),
+            );
+            continue;
+        }
+        let checks = &rule.checks;
+        let has_checks = rule.arguments.is_some()
+            || !checks.deny_if.is_empty()
+            || !checks.require.is_empty()
+            || !checks.limits.is_empty();
+        if rule.action != ToolAction::Allow && has_checks {
+            warn(
+                &rule.pointer,
+                format!(
+                    "its arguments, deny_if, require and limits never apply: action {:?} decides first",
+                    if rule.action == ToolAction::Deny { "deny" } else { "require_approval" }
+                ),
+            );
+        }
+        if Pattern::new(&rule.name).is_none() {
+            for (pattern, _) in &policy.patterns {
+                if pattern.matches(&rule.name) {
+                    warn(
+                        &rule.pointer,
+                        format!(
+                            "also matches pattern {:?}, whose rules do not apply to it: an exact name beats a pattern",
+                            pattern.as_str()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    for (pointer, checks) in std::iter::once(("/all_tools".to_owned(), &policy.all_tools))
+        .chain(policy.rules.iter().map(|r| (r.pointer.clone(), &r.checks)))
+    {
+        for (index, limit) in checks.limits.iter().enumerate() {
+            if limit.max <= 0.0 {
+                warn(
+                    &format!("{pointer}/limits/{index}"),
+                    "max 0 admits nothing: every call it applies to is denied".to_owned(),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Escapes one JSON Pointer reference token (RFC 6901): `~` becomes `~0`
@@ -221,6 +473,25 @@ fn json_error(file: String, err: &serde_json::Error) -> PolicyError {
     }
 }
 
-fn lowercase_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+/// Converts a serde_yaml_ng error into a [`PolicyError`], like [`json_error`].
+fn yaml_error(file: String, err: &serde_yaml_ng::Error) -> PolicyError {
+    let text = err.to_string();
+    match err.location() {
+        Some(l) => {
+            let suffix = format!(" at line {} column {}", l.line(), l.column());
+            PolicyError {
+                file,
+                line: l.line().max(1),
+                column: l.column().max(1),
+                message: text.strip_suffix(&suffix).unwrap_or(&text).to_owned(),
+            }
+        }
+        None => PolicyError {
+            file,
+            line: 1,
+            column: 1,
+            message: text,
+        },
+    }
 }
+

@@ -1,10 +1,11 @@
 //! Policy decisions for MCP tool calls.
 //!
-//! This module reads PolicyLayer's `policy.json` format (the subset this
-//! version supports) and decides, call by call, whether a workload may run a
+//! This module reads PolicyLayer's `policy.json` format (JSON, or YAML with
+//! the same structure) and decides, call by call, whether a workload may run a
 //! tool. It does no I/O apart from reading the policy file in
 //! [`Policy::load`]; callers pass the current time in, so decisions are
-//! deterministic and testable.
+//! deterministic and testable. Which policy applies to which caller is
+//! [`bindings`]; reloading files is the agent's `reload` module.
 //!
 //! The pieces:
 //! - [`Policy`]: the parsed, validated, immutable policy. Loading is strict:
@@ -16,7 +17,11 @@
 //! Every decision names the rule that made it as a JSON Pointer (RFC 6901)
 //! into the policy file, for the audit log.
 
+mod args;
+pub mod bindings;
+mod condition;
 mod engine;
+mod glob;
 mod limits;
 mod load;
 mod schema;
@@ -26,8 +31,18 @@ mod engine_tests;
 #[cfg(test)]
 mod load_tests;
 
-pub use engine::Engine;
-pub use load::{Policy, PolicySource};
+pub use engine::{Call, Engine, Explanation};
+pub use limits::Reservation;
+pub use load::{Policy, PolicySource, Warning};
+
+/// SHA-256 of `bytes` as lowercase hex: how the audit log names a file's version.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
 
 /// A policy file that could not be read or is not valid.
 ///
@@ -50,16 +65,21 @@ pub struct PolicyError {
 /// Who is making a call, as far as limit scopes are concerned.
 ///
 /// Each field is the key of one scope: calls with the same key share a
-/// rate-limit log, calls with different keys do not.
+/// counter's log, calls with different keys do not. The `server` scope has
+/// one key for every caller.
 #[derive(Debug, Clone, Copy)]
 pub struct CallerScope<'a> {
-    /// Key for the `grant` scope: the calling workload (for now, its cgroup
-    /// id as text).
+    /// `grant`: the calling workload (its pod when known, else its cgroup).
     pub grant: &'a str,
+    /// `process`: the calling process.
+    pub process: &'a str,
+    /// `session`: the MCP session id, or the connection for revisions
+    /// without sessions.
+    pub session: &'a str,
 }
 
 /// What the caller should do with a tool call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Forward the call.
     Allow,
@@ -67,9 +87,13 @@ pub enum Outcome {
     /// answer as if the tool did not exist (JSON-RPC error -32602 "Unknown
     /// tool"), as it is also absent from `tools/list`.
     UnknownTool,
-    /// The tool is denied explicitly or a limit is exhausted: answer with a
-    /// tool result that has `isError` set and carries the reason.
+    /// The tool is denied explicitly, its arguments fail a check, or a limit
+    /// is exhausted: answer with a tool result that has `isError` set and
+    /// carries the reason.
     Deny,
+    /// `action: require_approval`. No approval channel exists yet, so the
+    /// call is answered like [`Outcome::Deny`], and audited as this.
+    ApprovalRequired,
 }
 
 /// The outcome of one call, the rule that decided it, and why.
@@ -82,4 +106,9 @@ pub struct Decision {
     pub rule: String,
     /// Text for the agent and the audit log; `None` when the call is allowed.
     pub reason: Option<String>,
+    /// `mode: dry_run` only: what enforcing would have done, when that is not
+    /// to allow (`outcome` is then `Allow`).
+    pub would: Option<Outcome>,
+    /// The quota this call took, when it is allowed and limited.
+    pub reservation: Option<Reservation>,
 }

@@ -16,8 +16,12 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-/// Scope names that later versions of the format define.
-const LATER_SCOPES: [&str; 4] = ["process", "session", "server", "cluster"];
+use super::args::ArgPath;
+use super::condition::Condition;
+use super::glob::Pattern;
+
+/// How deep `tools` patterns may nest: not at all; this bounds `hide` lists instead.
+const MAX_HIDE_ENTRIES: usize = 65_536;
 
 /// A derived struct that may only be written as a JSON object.
 ///
@@ -51,19 +55,84 @@ pub(super) struct PolicyFile {
     pub version: Version,
     /// What happens to tools that `tools` does not list.
     pub default: DefaultAction,
+    /// Enforce, or only audit what would have been refused.
+    #[serde(default)]
+    pub mode: Mode,
     /// Tools removed from `tools/list` and answered as unknown when called.
     #[serde(default)]
     pub hide: Option<Hide>,
-    /// Rules per tool name, in file order.
+    /// Rules over every call.
+    #[serde(default)]
+    pub all_tools: Option<Object<AllTools>>,
+    /// Rules per tool name or pattern, in file order.
     #[serde(default)]
     pub tools: ToolMap,
 }
 
-/// The `hide` field: `"*"` (every tool) or a list of tool names.
+/// `all_tools`: rules every call must pass, whatever the tool.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AllTools {
+    #[serde(default)]
+    pub limits: Vec<Object<LimitSpec>>,
+    #[serde(default)]
+    pub deny_if: Vec<Condition>,
+    #[serde(default)]
+    pub require: Vec<Condition>,
+}
+
+/// The `mode` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Mode {
+    #[default]
+    Enforce,
+    /// Forward everything; audit what enforcing would have refused.
+    DryRun,
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Mode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"enforce\" or \"dry_run\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Mode, E> {
+                match v {
+                    "enforce" => Ok(Mode::Enforce),
+                    "dry_run" => Ok(Mode::DryRun),
+                    _ => Err(E::custom(format!(
+                        "unknown mode {v:?}: expected \"enforce\" or \"dry_run\""
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_str(V)
+    }
+}
+
+/// The `hide` field: `"*"` (every tool) or a list of tool names and patterns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Hide {
     All,
-    Names(Vec<String>),
+    List(Vec<NameOrPattern>),
+}
+
+/// A tool name as written in `hide` or `tools`: exact, or a pattern with `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum NameOrPattern {
+    Name(String),
+    Pattern(Pattern),
+}
+
+impl NameOrPattern {
+    fn new(text: &str) -> NameOrPattern {
+        match Pattern::new(text) {
+            Some(pattern) => NameOrPattern::Pattern(pattern),
+            None => NameOrPattern::Name(text.to_owned()),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Hide {
@@ -72,36 +141,37 @@ impl<'de> Deserialize<'de> for Hide {
         impl<'de> Visitor<'de> for V {
             type Value = Hide;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"*\" or an array of tool names")
+                f.write_str("\"*\" or an array of tool names and patterns")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Hide, E> {
                 if v == "*" {
                     Ok(Hide::All)
                 } else {
                     Err(E::custom(format!(
-                        "hide must be \"*\" or an array of tool names, not the string {v:?}"
+                        "hide must be \"*\" or an array of tool names and patterns, not the string {v:?}"
                     )))
                 }
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Hide, A::Error> {
-                let mut names: Vec<String> = Vec::new();
+                let mut seen = HashSet::new();
+                let mut entries = Vec::new();
                 while let Some(name) = seq.next_element::<String>()? {
                     if name.is_empty() {
                         return Err(de::Error::custom("a hidden tool name must not be empty"));
                     }
-                    if name.contains('*') {
-                        return Err(de::Error::custom(format!(
-                            "{name:?}: patterns in \"hide\" are not supported yet; use \"hide\": \"*\" to hide every tool, or list names"
-                        )));
-                    }
-                    if names.contains(&name) {
+                    if !seen.insert(name.clone()) {
                         return Err(de::Error::custom(format!(
                             "tool {name:?} appears twice in \"hide\""
                         )));
                     }
-                    names.push(name);
+                    if entries.len() == MAX_HIDE_ENTRIES {
+                        return Err(de::Error::custom(format!(
+                            "\"hide\" lists more than {MAX_HIDE_ENTRIES} entries"
+                        )));
+                    }
+                    entries.push(NameOrPattern::new(&name));
                 }
-                Ok(Hide::Names(names))
+                Ok(Hide::List(entries))
             }
         }
         deserializer.deserialize_any(V)
@@ -164,7 +234,9 @@ impl<'de> Deserialize<'de> for DefaultAction {
 }
 
 /// The `tools` object, kept in file order. Unlike a `HashMap`, it rejects a
-/// tool name that appears twice instead of keeping the last one.
+/// tool name that appears twice instead of keeping the last one, and two
+/// patterns that could both decide one name with equal precedence (the same
+/// literal prefix length).
 #[derive(Debug, Default)]
 pub(super) struct ToolMap(pub Vec<(String, ToolRule)>);
 
@@ -178,6 +250,7 @@ impl<'de> Deserialize<'de> for ToolMap {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ToolMap, A::Error> {
                 let mut seen = HashSet::new();
+                let mut patterns: Vec<Pattern> = Vec::new();
                 let mut tools = Vec::new();
                 while let Some(name) = map.next_key::<String>()? {
                     // Checked before the value is read, so the error points
@@ -190,6 +263,19 @@ impl<'de> Deserialize<'de> for ToolMap {
                             "duplicate tool {name:?} in \"tools\""
                         )));
                     }
+                    if let Some(pattern) = Pattern::new(&name) {
+                        if let Some(other) = patterns.iter().find(|other| {
+                            other.prefix_len() == pattern.prefix_len() && other.overlaps(&pattern)
+                        }) {
+                            return Err(de::Error::custom(format!(
+                                "patterns {:?} and {name:?} tie: both can match one tool name and \
+                                 have literal prefixes of the same length, so neither wins; \
+                                 list that tool exactly, or lengthen one prefix",
+                                other.as_str()
+                            )));
+                        }
+                        patterns.push(pattern);
+                    }
                     let rule = map.next_value::<ToolRule>()?;
                     tools.push((name, rule));
                 }
@@ -201,12 +287,16 @@ impl<'de> Deserialize<'de> for ToolMap {
 }
 
 /// One entry of `tools`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct ToolRule {
     /// `None` when the file has no `action`: a listed tool is allowed.
     pub action: Option<ToolAction>,
     /// From `reason` or its alias `on_deny`.
     pub reason: Option<String>,
+    /// The JSON Schema the call's `arguments` must match.
+    pub arguments: Option<ArgSchema>,
+    pub deny_if: Vec<Condition>,
+    pub require: Vec<Condition>,
     pub limits: Vec<Object<LimitSpec>>,
 }
 
@@ -217,8 +307,21 @@ enum RuleField {
     Action,
     Reason,
     OnDeny,
+    Arguments,
+    DenyIf,
+    Require,
     Limits,
 }
+
+const RULE_FIELDS: &[&str] = &[
+    "action",
+    "reason",
+    "on_deny",
+    "arguments",
+    "deny_if",
+    "require",
+    "limits",
+];
 
 impl RuleField {
     fn name(&self) -> &'static str {
@@ -226,9 +329,25 @@ impl RuleField {
             RuleField::Action => "action",
             RuleField::Reason => "reason",
             RuleField::OnDeny => "on_deny",
+            RuleField::Arguments => "arguments",
+            RuleField::DenyIf => "deny_if",
+            RuleField::Require => "require",
             RuleField::Limits => "limits",
         }
     }
+}
+
+/// Reads a field's value once; a second occurrence is an error at that key.
+fn once<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    slot: &mut Option<T>,
+    key: &'static str,
+) -> Result<(), A::Error> {
+    if slot.is_some() {
+        return Err(de::Error::duplicate_field(key));
+    }
+    *slot = Some(map.next_value::<T>()?);
+    Ok(())
 }
 
 // Written by hand rather than derived so that `reason` and `on_deny` together
@@ -242,19 +361,18 @@ impl<'de> Deserialize<'de> for ToolRule {
                 f.write_str("a tool rule object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ToolRule, A::Error> {
-                let mut action = None;
+                let (mut action, mut arguments, mut deny_if, mut require, mut limits) =
+                    (None, None, None, None, None);
                 let mut reason: Option<(&'static str, String)> = None;
-                let mut limits = None;
                 while let Some(field) = map.next_key::<RuleField>()? {
+                    let key = field.name();
                     match field {
-                        RuleField::Action => {
-                            if action.is_some() {
-                                return Err(de::Error::duplicate_field("action"));
-                            }
-                            action = Some(map.next_value::<ToolAction>()?);
-                        }
+                        RuleField::Action => once(&mut map, &mut action, key)?,
+                        RuleField::Arguments => once(&mut map, &mut arguments, key)?,
+                        RuleField::DenyIf => once(&mut map, &mut deny_if, key)?,
+                        RuleField::Require => once(&mut map, &mut require, key)?,
+                        RuleField::Limits => once(&mut map, &mut limits, key)?,
                         RuleField::Reason | RuleField::OnDeny => {
-                            let key = field.name();
                             if let Some((first, _)) = &reason {
                                 return Err(if *first == key {
                                     de::Error::duplicate_field(key)
@@ -267,22 +385,19 @@ impl<'de> Deserialize<'de> for ToolRule {
                             }
                             reason = Some((key, map.next_value::<Reason>()?.0));
                         }
-                        RuleField::Limits => {
-                            if limits.is_some() {
-                                return Err(de::Error::duplicate_field("limits"));
-                            }
-                            limits = Some(map.next_value::<Vec<Object<LimitSpec>>>()?);
-                        }
                     }
                 }
                 Ok(ToolRule {
                     action,
                     reason: reason.map(|(_, text)| text),
+                    arguments,
+                    deny_if: deny_if.unwrap_or_default(),
+                    require: require.unwrap_or_default(),
                     limits: limits.unwrap_or_default(),
                 })
             }
         }
-        deserializer.deserialize_struct("ToolRule", &["action", "reason", "on_deny", "limits"], V)
+        deserializer.deserialize_struct("ToolRule", RULE_FIELDS, V)
     }
 }
 
@@ -291,6 +406,7 @@ impl<'de> Deserialize<'de> for ToolRule {
 pub(super) enum ToolAction {
     Allow,
     Deny,
+    RequireApproval,
 }
 
 impl<'de> Deserialize<'de> for ToolAction {
@@ -299,22 +415,62 @@ impl<'de> Deserialize<'de> for ToolAction {
         impl Visitor<'_> for V {
             type Value = ToolAction;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"allow\" or \"deny\"")
+                f.write_str("\"allow\", \"deny\" or \"require_approval\"")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ToolAction, E> {
                 match v {
                     "allow" => Ok(ToolAction::Allow),
                     "deny" => Ok(ToolAction::Deny),
-                    "require_approval" => Err(E::custom(
-                        "action \"require_approval\" is not supported yet",
-                    )),
+                    "require_approval" => Ok(ToolAction::RequireApproval),
                     _ => Err(E::custom(format!(
-                        "unknown action {v:?}: expected \"allow\" or \"deny\""
+                        "unknown action {v:?}: expected \"allow\", \"deny\" or \"require_approval\""
                     ))),
                 }
             }
         }
         deserializer.deserialize_str(V)
+    }
+}
+
+/// A tool's `arguments`: a JSON Schema (draft 2020-12 unless its `$schema` says otherwise),
+/// checked against the meta-schema and compiled while the file is read. References are
+/// resolved inside the schema only: nothing is fetched.
+#[derive(Clone)]
+pub(crate) struct ArgSchema(pub std::sync::Arc<jsonschema::Validator>);
+
+impl fmt::Debug for ArgSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ArgSchema(..)")
+    }
+}
+
+impl<'de> Deserialize<'de> for ArgSchema {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let schema = serde_json::Value::deserialize(deserializer)?;
+        if !(schema.is_object() || schema.is_boolean()) {
+            return Err(de::Error::custom(
+                "arguments must be a JSON Schema: an object (or true/false)",
+            ));
+        }
+        jsonschema::draft202012::options()
+            .build(&schema)
+            .map(|v| ArgSchema(std::sync::Arc::new(v)))
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "arguments is not a valid JSON Schema (draft 2020-12): {} (at schema {})",
+                    e.masked(),
+                    location_or_root(e.schema_path().as_str())
+                ))
+            })
+    }
+}
+
+/// A JSON Pointer as text, with the empty pointer (the root) spelt `/`.
+pub(crate) fn location_or_root(pointer: &str) -> &str {
+    if pointer.is_empty() {
+        "/"
+    } else {
+        pointer
     }
 }
 
@@ -349,16 +505,23 @@ pub(super) struct LimitSpec {
     pub counter: CounterName,
     pub window: Window,
     pub max: Max,
-    /// Checked to be "grant"; carries no data yet.
-    #[allow(dead_code)]
     pub scope: Scope,
-    /// Spend quotas are a later feature; present only to reject it clearly.
-    #[serde(
-        default,
-        rename = "increment_from",
-        deserialize_with = "reject_increment_from"
-    )]
-    _increment_from: (),
+    /// Adds this argument's value instead of 1 (spend quotas).
+    #[serde(default)]
+    pub increment_from: Option<IncrementFrom>,
+}
+
+/// `increment_from`: `args.<path>` of a number.
+#[derive(Debug)]
+pub(super) struct IncrementFrom(pub ArgPath);
+
+impl<'de> Deserialize<'de> for IncrementFrom {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        ArgPath::parse(&text)
+            .map(IncrementFrom)
+            .map_err(|e| de::Error::custom(format!("increment_from: {e}")))
+    }
 }
 
 /// A limit's `counter`: a non-empty name. Limits with the same name share one
@@ -464,9 +627,10 @@ impl<'de> Deserialize<'de> for Window {
     }
 }
 
-/// A limit's `max`: how many calls one window admits; 0 admits none.
+/// A limit's `max`: how much one window admits (calls, or the sum of `increment_from`
+/// values); 0 admits nothing that counts.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Max(pub u64);
+pub(super) struct Max(pub f64);
 
 impl<'de> Deserialize<'de> for Max {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -474,26 +638,56 @@ impl<'de> Deserialize<'de> for Max {
         impl Visitor<'_> for V {
             type Value = Max;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a non-negative integer")
+                f.write_str("a non-negative number")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Max, E> {
-                Ok(Max(v))
+                // Beyond 2^53 the sum of a window is no longer exact; nobody needs such a limit.
+                if v > (1 << 53) {
+                    return Err(E::custom(format!("max {v} is too large (at most 2^53)")));
+                }
+                #[allow(clippy::cast_precision_loss)] // exact below 2^53, checked above
+                Ok(Max(v as f64))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Max, E> {
-                u64::try_from(v)
-                    .map(Max)
-                    .map_err(|_| E::custom(format!("max must be a non-negative integer, not {v}")))
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("max must not be negative, not {v}"))),
+                }
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Max, E> {
+                if v.is_finite() && (0.0..=9_007_199_254_740_992.0).contains(&v) {
+                    Ok(Max(v))
+                } else {
+                    Err(E::custom(format!("max must be a non-negative number, not {v}")))
+                }
             }
         }
-        deserializer.deserialize_u64(V)
+        deserializer.deserialize_any(V)
     }
 }
 
-/// A limit's `scope`: whose calls share a log. Only `grant` (per calling
-/// workload) exists in this version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Scope {
+/// A limit's `scope`: whose calls share a counter's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Scope {
+    /// The calling workload: its pod when known, else its cgroup.
     Grant,
+    /// The calling process.
+    Process,
+    /// The MCP session (per connection when the revision has no sessions).
+    Session,
+    /// Every caller on this node.
+    Server,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Grant => "grant",
+            Scope::Process => "process",
+            Scope::Session => "session",
+            Scope::Server => "server",
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for Scope {
@@ -502,68 +696,24 @@ impl<'de> Deserialize<'de> for Scope {
         impl Visitor<'_> for V {
             type Value = Scope;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"grant\"")
+                f.write_str("\"grant\", \"process\", \"session\" or \"server\"")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Scope, E> {
-                if v == "grant" {
-                    Ok(Scope::Grant)
-                } else if LATER_SCOPES.contains(&v) {
-                    Err(E::custom(format!(
-                        "scope {v:?} is not supported yet: only \"grant\" is"
-                    )))
-                } else {
-                    Err(E::custom(format!(
-                        "unknown scope {v:?}: expected \"grant\""
-                    )))
+                match v {
+                    "grant" => Ok(Scope::Grant),
+                    "process" => Ok(Scope::Process),
+                    "session" => Ok(Scope::Session),
+                    "server" => Ok(Scope::Server),
+                    "cluster" => Err(E::custom(
+                        "scope \"cluster\" needs a counter store shared by every node (Redis), \
+                         which this version does not have; use \"server\" for a per-node limit",
+                    )),
+                    _ => Err(E::custom(format!(
+                        "unknown scope {v:?}: expected \"grant\", \"process\", \"session\" or \"server\""
+                    ))),
                 }
             }
         }
         deserializer.deserialize_str(V)
-    }
-}
-
-/// Fails on any value of `increment_from`. The error is raised by the visitor
-/// while serde_json is reading the value, so it carries that value's position.
-fn reject_increment_from<'de, D: Deserializer<'de>>(deserializer: D) -> Result<(), D::Error> {
-    deserializer.deserialize_any(NotSupportedYet("increment_from"))
-}
-
-/// A visitor that rejects whatever value it is given, naming the field.
-struct NotSupportedYet(&'static str);
-
-impl NotSupportedYet {
-    fn error<E: de::Error>(&self) -> E {
-        E::custom(format!("{:?} is not supported yet", self.0))
-    }
-}
-
-impl<'de> Visitor<'de> for NotSupportedYet {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "no {:?} field (not supported yet)", self.0)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Err(self.error())
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Err(self.error())
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Err(self.error())
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Err(self.error())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Err(self.error())
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Err(self.error())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(self.error())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(self.error())
     }
 }

@@ -1,0 +1,331 @@
+//! Loading the policy files, and reloading them and the config while the agent runs.
+//!
+//! Every policy file has one slot holding its current [`Engine`]; the [`Routing`] (each
+//! server's default file and the bindings) points at slots and is itself swapped whole when the
+//! config changes. Readers (the interceptor) never take a lock: they load an `Arc`.
+//!
+//! Reloads happen on a thread of their own, woken by file-system events in the directories of
+//! the watched files (editors and Kubernetes ConfigMaps replace files by renaming, so whole
+//! directories are watched, not inodes) and by SIGHUP. A file whose bytes did not change is not
+//! parsed again. A file that fails to load leaves the previous policy in force; the error is
+//! logged and audited with file, line and column. Counters survive when their name and scope
+//! do ([`Engine::reloaded`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+
+use crate::audit::{AuditLog, Event, PolicyRef, Record};
+use crate::config::{Config, Flags};
+use crate::policy::bindings::{Binding, EngineSlot, Routing};
+use crate::policy::{sha256_hex, Engine, Policy, PolicyError};
+
+/// Events closer together than this are handled as one reload (an editor's save is several).
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// The policies in force, and how to reload them.
+pub struct Policies {
+    routing: Arc<ArcSwap<Routing>>,
+    /// Every policy file loaded so far, by path as configured.
+    slots: Mutex<HashMap<PathBuf, Arc<EngineSlot>>>,
+    audit: Arc<AuditLog>,
+    /// What the running agent was started with: servers cannot change without a restart.
+    servers: Vec<(String, String)>,
+}
+
+impl Policies {
+    /// Loads every policy file the config names. Any error stops the start.
+    pub fn load(config: &Config, audit: Arc<AuditLog>) -> Result<Policies> {
+        let policies = Policies {
+            routing: Arc::new(ArcSwap::from_pointee(Routing {
+                defaults: Vec::new(),
+                bindings: Vec::new(),
+                identity_wait: config.identity_wait,
+            })),
+            slots: Mutex::default(),
+            audit,
+            servers: server_names(config),
+        };
+        let routing = policies.routing_for(config)?;
+        policies.routing.store(Arc::new(routing));
+        for slot in policies.slots().values() {
+            for warning in slot.load().policy().warnings() {
+                tracing::warn!(
+                    file = slot.load().policy().source().file,
+                    rule = warning.pointer,
+                    "{}",
+                    warning.message
+                );
+            }
+        }
+        Ok(policies)
+    }
+
+    /// What the interceptor reads.
+    pub fn routing(&self) -> Arc<ArcSwap<Routing>> {
+        self.routing.clone()
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Arc<EngineSlot>>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The slot of `path`, loading the file if it is new.
+    fn slot(&self, path: &Path) -> Result<Arc<EngineSlot>, PolicyError> {
+        if let Some(slot) = self.slots().get(path) {
+            return Ok(slot.clone());
+        }
+        let policy = Policy::load(path)?;
+        tracing::info!(file = %path.display(), sha256 = policy.source().sha256, "policy loaded");
+        let slot = Arc::new(ArcSwap::from_pointee(Engine::new(policy)));
+        self.slots().insert(path.to_owned(), slot.clone());
+        Ok(slot)
+    }
+
+    /// The routing a config describes, loading policy files not loaded yet.
+    fn routing_for(&self, config: &Config) -> Result<Routing, PolicyError> {
+        let defaults = config
+            .servers
+            .iter()
+            .map(|s| self.slot(&s.policy))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bindings = config
+            .bindings
+            .iter()
+            .map(|b| {
+                Ok(Binding {
+                    selector: b.selector.clone(),
+                    policy: b.policy.clone(),
+                    slot: self.slot(&b.policy)?,
+                })
+            })
+            .collect::<Result<Vec<_>, PolicyError>>()?;
+        Ok(Routing {
+            defaults,
+            bindings,
+            identity_wait: config.identity_wait,
+        })
+    }
+
+    /// Re-reads every policy file in use, and the config when there is one. Returns how many
+    /// files changed (including the config's routing).
+    pub fn reload(&self, flags: &Flags) -> usize {
+        let mut changed = 0;
+        if flags.config.is_some() {
+            match Config::assemble(flags.clone()) {
+                Ok(config) if server_names(&config) != self.servers => {
+                    self.failed(
+                        flags.config.as_deref(),
+                        "the config's servers changed: a running agent keeps its servers; restart it to apply",
+                    );
+                }
+                Ok(config) => match self.routing_for(&config) {
+                    Ok(routing) => {
+                        if !same_routing(&self.routing.load(), &routing) {
+                            self.routing.store(Arc::new(routing));
+                            changed += 1;
+                            tracing::info!("config reloaded: bindings and server policies updated");
+                            self.loaded_record(flags.config.as_deref(), None);
+                        }
+                    }
+                    Err(e) => self.failed(Some(Path::new(&e.file)), &e.to_string()),
+                },
+                Err(e) => self.failed(flags.config.as_deref(), &format!("{e:#}")),
+            }
+        }
+        // Files no longer referenced are forgotten; the others re-read.
+        let in_use: Vec<PathBuf> = {
+            let routing = self.routing.load();
+            let mut paths: Vec<PathBuf> = routing.bindings.iter().map(|b| b.policy.clone()).collect();
+            let slots = self.slots();
+            for (path, slot) in slots.iter() {
+                if routing.defaults.iter().any(|d| Arc::ptr_eq(d, slot)) {
+                    paths.push(path.clone());
+                }
+            }
+            paths
+        };
+        self.slots().retain(|path, _| in_use.contains(path));
+        let slots: Vec<(PathBuf, Arc<EngineSlot>)> = self
+            .slots()
+            .iter()
+            .map(|(p, s)| (p.clone(), s.clone()))
+            .collect();
+        for (path, slot) in slots {
+            changed += usize::from(self.reload_file(&path, &slot));
+        }
+        changed
+    }
+
+    /// Re-reads one policy file; true when a new policy took effect.
+    fn reload_file(&self, path: &Path, slot: &EngineSlot) -> bool {
+        let current = slot.load_full();
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                self.failed(
+                    Some(path),
+                    &format!("{}:0:0: cannot read policy file: {e}", path.display()),
+                );
+                return false;
+            }
+        };
+        if sha256_hex(&bytes) == current.policy().source().sha256 {
+            return false;
+        }
+        match Policy::parse_bytes(&bytes, &path.display().to_string()) {
+            Ok(policy) => {
+                for warning in policy.warnings() {
+                    tracing::warn!(file = %path.display(), rule = warning.pointer, "{}", warning.message);
+                }
+                let engine = Engine::reloaded(policy, &current);
+                tracing::info!(
+                    file = %path.display(),
+                    sha256 = engine.policy().source().sha256,
+                    "policy reloaded"
+                );
+                self.loaded_record(Some(path), Some(engine.policy()));
+                slot.store(Arc::new(engine));
+                true
+            }
+            Err(e) => {
+                self.failed(Some(path), &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn loaded_record(&self, file: Option<&Path>, policy: Option<&Policy>) {
+        let mut rec = Record::new(Event::PolicyReload);
+        rec.policy = match policy {
+            Some(p) => Some(PolicyRef {
+                file: p.source().file.clone(),
+                sha256: p.source().sha256.clone(),
+            }),
+            None => file.map(|f| PolicyRef {
+                file: f.display().to_string(),
+                sha256: std::fs::read(f)
+                    .map(|b| sha256_hex(&b))
+                    .unwrap_or_default(),
+            }),
+        };
+        rec.reason = Some("loaded: in force from now on".to_owned());
+        self.write(&rec);
+    }
+
+    /// A file that failed to load: the previous policy stays in force.
+    fn failed(&self, file: Option<&Path>, error: &str) {
+        tracing::error!(error, "reload failed: the previous policy and config stay in force");
+        let mut rec = Record::new(Event::PolicyReload);
+        rec.policy = file.map(|f| PolicyRef {
+            file: f.display().to_string(),
+            sha256: std::fs::read(f)
+                .map(|b| sha256_hex(&b))
+                .unwrap_or_default(),
+        });
+        rec.reason = Some(format!("{error} (not loaded: the previous version stays in force)"));
+        self.write(&rec);
+    }
+
+    fn write(&self, rec: &Record) {
+        if let Err(e) = self.audit.write(rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+
+    /// The files to watch: the config and every policy file.
+    fn watched(&self, flags: &Flags) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.slots().keys().cloned().collect();
+        files.extend(flags.config.clone());
+        files
+    }
+}
+
+/// What the reload thread is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Msg {
+    /// Re-read the files (a file changed, or SIGHUP).
+    Reload,
+    Stop,
+}
+
+/// Reloads on file changes and on each [`Msg::Reload`] sent to the returned channel (SIGHUP),
+/// until [`Msg::Stop`].
+///
+/// # Errors
+///
+/// The watcher could not be set up (inotify limits).
+pub fn spawn(
+    policies: Arc<Policies>,
+    flags: Flags,
+) -> Result<(mpsc::Sender<Msg>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let events = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = events.send(Msg::Reload);
+        }
+    })
+    .context("starting the policy file watcher")?;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let watch_dirs = |watcher: &mut notify::RecommendedWatcher, dirs: &mut Vec<PathBuf>, files: Vec<PathBuf>| {
+        for file in files {
+            let dir = match file.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if dirs.contains(&dir) {
+                continue;
+            }
+            use notify::Watcher as _;
+            match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => dirs.push(dir),
+                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch this directory: its files reload on SIGHUP only"),
+            }
+        }
+    };
+    watch_dirs(&mut watcher, &mut dirs, policies.watched(&flags));
+    let thread = std::thread::Builder::new()
+        .name("mcpwarden-reload".into())
+        .spawn(move || {
+            while rx.recv() == Ok(Msg::Reload) {
+                // Let a burst of events settle, then reload once.
+                loop {
+                    match rx.recv_timeout(SETTLE) {
+                        Ok(Msg::Reload) => {}
+                        Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    }
+                }
+                policies.reload(&flags);
+                // A reloaded config may name files in new directories.
+                watch_dirs(&mut watcher, &mut dirs, policies.watched(&flags));
+            }
+        })
+        .context("starting the reload thread")?;
+    Ok((tx, thread))
+}
+
+fn server_names(config: &Config) -> Vec<(String, String)> {
+    config
+        .servers
+        .iter()
+        .map(|s| (s.name.clone(), s.url.raw.clone()))
+        .collect()
+}
+
+/// Whether two routings point at the same slots with the same selectors.
+fn same_routing(a: &Routing, b: &Routing) -> bool {
+    a.identity_wait == b.identity_wait
+        && a.defaults.len() == b.defaults.len()
+        && a.defaults.iter().zip(&b.defaults).all(|(x, y)| Arc::ptr_eq(x, y))
+        && a.bindings.len() == b.bindings.len()
+        && a.bindings.iter().zip(&b.bindings).all(|(x, y)| {
+            Arc::ptr_eq(&x.slot, &y.slot) && x.selector == y.selector
+        })
+}
+
