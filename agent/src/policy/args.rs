@@ -30,12 +30,13 @@ impl ArgPath {
     /// A path that does not start with `args.` or has an empty segment.
     pub fn parse(text: &str) -> Result<ArgPath, String> {
         let Some(rest) = text.strip_prefix("args.") else {
-            return Err(if text == "args" {
-                format!("path {text:?} names the whole arguments object: name one argument, e.g. \"args.amount\"")
-            } else {
-                format!("path {text:?} must start with \"args.\", e.g. \"args.amount\"")
-            });
+            return Err(format!(
+                "path {text:?} must be \"args.\" and an argument name, e.g. \"args.amount\": rules test the call's arguments"
+            ));
         };
+        if text.chars().any(char::is_control) {
+            return Err(format!("path {text:?} contains a control character"));
+        }
         let mut segments = Vec::new();
         for key in rest.split('.') {
             if key.is_empty() {

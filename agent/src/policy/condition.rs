@@ -63,6 +63,8 @@
 //! the `regex` crate (linear-time matching) and a 1 MiB size limit.
 
 use std::cmp::Ordering;
+
+use super::args::ArgPath;
 use std::fmt::{self, Write as _};
 
 use regex::{Regex, RegexBuilder};
@@ -120,24 +122,8 @@ enum Node {
 /// A `{path, op, value}` condition.
 #[derive(Debug, Clone)]
 struct Test {
-    path: Path,
+    path: ArgPath,
     check: Check,
-}
-
-/// A path as written and its precompiled segments (after `args`).
-#[derive(Debug, Clone)]
-struct Path {
-    text: String,
-    segments: Vec<Segment>,
-}
-
-#[derive(Debug, Clone)]
-struct Segment {
-    /// The key, used when the value reached so far is an object.
-    key: String,
-    /// The index, used when the value reached so far is an array: `Some` when
-    /// the segment is all ASCII digits and fits a `usize`.
-    index: Option<usize>,
 }
 
 /// An op with its compiled value.
@@ -283,54 +269,6 @@ fn json_eq(a: &Value, b: &Value) -> bool {
                     .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
         }
         _ => false,
-    }
-}
-
-impl Path {
-    fn parse(text: &str) -> Result<Path, String> {
-        let rest = match text.strip_prefix("args") {
-            Some(rest) if rest.starts_with('.') => rest,
-            _ => {
-                return Err(format!(
-                    "path {text:?} must be \"args.\" and an argument name, e.g. \"args.amount\": conditions test the call's arguments"
-                ))
-            }
-        };
-        if text.chars().any(char::is_control) {
-            return Err(format!("path {text:?} contains a control character"));
-        }
-        let mut segments = Vec::new();
-        for key in rest.split('.').skip(1) {
-            if key.is_empty() {
-                return Err(format!("path {text:?} has an empty segment"));
-            }
-            let index = if key.bytes().all(|b| b.is_ascii_digit()) {
-                key.parse::<usize>().ok()
-            } else {
-                None
-            };
-            segments.push(Segment {
-                key: key.to_owned(),
-                index,
-            });
-        }
-        Ok(Path {
-            text: text.to_owned(),
-            segments,
-        })
-    }
-
-    /// The value at the path, or `None` when it is missing.
-    fn lookup<'a>(&self, args: &'a Value) -> Option<&'a Value> {
-        let mut here = args;
-        for segment in &self.segments {
-            here = match here {
-                Value::Object(map) => map.get(segment.key.as_str())?,
-                Value::Array(items) => items.get(segment.index?)?,
-                _ => return None,
-            };
-        }
-        Some(here)
     }
 }
 
@@ -560,7 +498,7 @@ impl Condition {
     /// on its first use and reuses it).
     pub fn holds(&self, args: &Value, wrong: WrongType) -> bool {
         match &self.node {
-            Node::Test(test) => resolve(test.verdict(test.path.lookup(args)), wrong),
+            Node::Test(test) => resolve(test.verdict(test.path.get(args)), wrong),
             Node::All(inner) => inner.iter().all(|c| c.holds(args, wrong)),
             Node::Any(inner) => inner.iter().any(|c| c.holds(args, wrong)),
         }
@@ -585,7 +523,7 @@ impl Condition {
     fn explain_into(&self, args: &Value, wrong: WrongType, out: &mut String) -> bool {
         let (name, inner, is_all) = match &self.node {
             Node::Test(test) => {
-                let found = test.path.lookup(args);
+                let found = test.path.get(args);
                 let verdict = test.verdict(found);
                 let holds = resolve(verdict, wrong);
                 let _ = write!(out, "{test}: ");
@@ -617,34 +555,11 @@ impl Condition {
         });
         holds
     }
-
-    /// Every `path` in the condition, nested ones too, as written, in order
-    /// and each once.
-    pub fn paths(&self) -> Vec<&str> {
-        let mut out = Vec::new();
-        self.collect_paths(&mut out);
-        out
-    }
-
-    fn collect_paths<'a>(&'a self, out: &mut Vec<&'a str>) {
-        match &self.node {
-            Node::Test(test) => {
-                if !out.contains(&test.path.text.as_str()) {
-                    out.push(&test.path.text);
-                }
-            }
-            Node::All(inner) | Node::Any(inner) => {
-                for condition in inner {
-                    condition.collect_paths(out);
-                }
-            }
-        }
-    }
 }
 
 impl fmt::Display for Test {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.path.text, self.check.op())?;
+        write!(f, "{} {}", self.path, self.check.op())?;
         match &self.check {
             Check::Eq(value) | Check::Neq(value) | Check::Contains(value) => write!(f, " {value}"),
             Check::In(list) | Check::NotIn(list) => {
@@ -723,7 +638,7 @@ impl<'de> Visitor<'de> for ConditionSeed {
                 "conditions nest more than {MAX_DEPTH} deep"
             )));
         }
-        let mut path: Option<Path> = None;
+        let mut path: Option<ArgPath> = None;
         let mut op: Option<Op> = None;
         let mut value: Option<Value> = None;
         let mut group: Option<(Key, Vec<Condition>)> = None;
@@ -759,7 +674,7 @@ impl<'de> Visitor<'de> for ConditionSeed {
                 }
             }
             match key {
-                Key::Path => path = Some(map.next_value::<Path>()?),
+                Key::Path => path = Some(map.next_value::<ArgPath>()?),
                 Key::Op => op = Some(map.next_value::<Op>()?),
                 Key::Value => value = Some(map.next_value_seed(ValueSeed { depth: 1 })?),
                 Key::All | Key::Any => {
@@ -787,7 +702,7 @@ impl<'de> Visitor<'de> for ConditionSeed {
                 let op = op.ok_or_else(|| {
                     de::Error::custom(format_args!(
                         "missing field `op` for path {:?}; the ops are {OPS}",
-                        path.text
+                        path.as_str()
                     ))
                 })?;
                 let check = Check::new(op, value).map_err(de::Error::custom)?;
@@ -893,16 +808,16 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
-impl<'de> Deserialize<'de> for Path {
+impl<'de> Deserialize<'de> for ArgPath {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
-            type Value = Path;
+            type Value = ArgPath;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a path such as \"args.amount\"")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Path, E> {
-                Path::parse(v).map_err(E::custom)
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ArgPath, E> {
+                ArgPath::parse(v).map_err(E::custom)
             }
         }
         deserializer.deserialize_str(V)
@@ -1845,18 +1760,6 @@ mod tests {
         assert_eq!(
             why,
             format!(r#"args.s contains "x": {shown} does not contain "x", does not hold"#)
-        );
-    }
-
-    #[test]
-    fn paths_are_listed_once_in_order() {
-        let condition = cond(
-            r#"{"any": [{"path": "args.b", "op": "exists"}, {"all": [{"path": "args.a.0", "op": "eq", "value": 1}, {"path": "args.b", "op": "gt", "value": 1}]}]}"#,
-        );
-        assert_eq!(condition.paths(), ["args.b", "args.a.0"]);
-        assert_eq!(
-            cond(r#"{"path": "args.x", "op": "exists"}"#).paths(),
-            ["args.x"]
         );
     }
 
