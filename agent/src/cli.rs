@@ -11,12 +11,12 @@ use crate::{
     audit::AuditLog,
     config::{Config, Flags, TlsMode},
     intercept::{upstream_roots, Interceptor, Leaves, Server, ServerTls, Terminator, TlsClient},
-    reload::{self, Policies},
     redirect::{
         cgroup,
         resolve::{EndpointResolver, Routes, Target},
         Redirector, Settings,
     },
+    reload::{self, Policies},
 };
 
 #[derive(Debug, Parser)]

@@ -31,7 +31,11 @@ pub fn check(files: &[PathBuf], format: Format) -> bool {
                         "{}: ok ({} warning{})",
                         file.display(),
                         policy.warnings().len(),
-                        if policy.warnings().len() == 1 { "" } else { "s" }
+                        if policy.warnings().len() == 1 {
+                            ""
+                        } else {
+                            "s"
+                        }
                     );
                 }
                 reports.push(json!({
@@ -95,7 +99,7 @@ fn hint(e: &PolicyError) -> &'static str {
 
 /// Decides one call against a policy file and says why.
 pub fn explain(
-    file: &PathBuf,
+    file: &std::path::Path,
     tool: &str,
     args: Option<&str>,
     caller: &[String],

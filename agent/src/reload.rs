@@ -140,7 +140,8 @@ impl Policies {
         // Files no longer referenced are forgotten; the others re-read.
         let in_use: Vec<PathBuf> = {
             let routing = self.routing.load();
-            let mut paths: Vec<PathBuf> = routing.bindings.iter().map(|b| b.policy.clone()).collect();
+            let mut paths: Vec<PathBuf> =
+                routing.bindings.iter().map(|b| b.policy.clone()).collect();
             let slots = self.slots();
             for (path, slot) in slots.iter() {
                 if routing.defaults.iter().any(|d| Arc::ptr_eq(d, slot)) {
@@ -208,9 +209,7 @@ impl Policies {
             }),
             None => file.map(|f| PolicyRef {
                 file: f.display().to_string(),
-                sha256: std::fs::read(f)
-                    .map(|b| sha256_hex(&b))
-                    .unwrap_or_default(),
+                sha256: std::fs::read(f).map(|b| sha256_hex(&b)).unwrap_or_default(),
             }),
         };
         rec.reason = Some("loaded: in force from now on".to_owned());
@@ -219,15 +218,18 @@ impl Policies {
 
     /// A file that failed to load: the previous policy stays in force.
     fn failed(&self, file: Option<&Path>, error: &str) {
-        tracing::error!(error, "reload failed: the previous policy and config stay in force");
+        tracing::error!(
+            error,
+            "reload failed: the previous policy and config stay in force"
+        );
         let mut rec = Record::new(Event::PolicyReload);
         rec.policy = file.map(|f| PolicyRef {
             file: f.display().to_string(),
-            sha256: std::fs::read(f)
-                .map(|b| sha256_hex(&b))
-                .unwrap_or_default(),
+            sha256: std::fs::read(f).map(|b| sha256_hex(&b)).unwrap_or_default(),
         });
-        rec.reason = Some(format!("{error} (not loaded: the previous version stays in force)"));
+        rec.reason = Some(format!(
+            "{error} (not loaded: the previous version stays in force)"
+        ));
         self.write(&rec);
     }
 
@@ -272,7 +274,9 @@ pub fn spawn(
     })
     .context("starting the policy file watcher")?;
     let mut dirs: Vec<PathBuf> = Vec::new();
-    let watch_dirs = |watcher: &mut notify::RecommendedWatcher, dirs: &mut Vec<PathBuf>, files: Vec<PathBuf>| {
+    let watch_dirs = |watcher: &mut notify::RecommendedWatcher,
+                      dirs: &mut Vec<PathBuf>,
+                      files: Vec<PathBuf>| {
         for file in files {
             let dir = match file.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -284,7 +288,9 @@ pub fn spawn(
             use notify::Watcher as _;
             match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
                 Ok(()) => dirs.push(dir),
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot watch this directory: its files reload on SIGHUP only"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch this directory: its files reload on SIGHUP only")
+                }
             }
         }
     };
@@ -322,10 +328,13 @@ fn server_names(config: &Config) -> Vec<(String, String)> {
 fn same_routing(a: &Routing, b: &Routing) -> bool {
     a.identity_wait == b.identity_wait
         && a.defaults.len() == b.defaults.len()
-        && a.defaults.iter().zip(&b.defaults).all(|(x, y)| Arc::ptr_eq(x, y))
+        && a.defaults
+            .iter()
+            .zip(&b.defaults)
+            .all(|(x, y)| Arc::ptr_eq(x, y))
         && a.bindings.len() == b.bindings.len()
-        && a.bindings.iter().zip(&b.bindings).all(|(x, y)| {
-            Arc::ptr_eq(&x.slot, &y.slot) && x.selector == y.selector
-        })
+        && a.bindings
+            .iter()
+            .zip(&b.bindings)
+            .all(|(x, y)| Arc::ptr_eq(&x.slot, &y.slot) && x.selector == y.selector)
 }
-

@@ -1002,14 +1002,7 @@ impl Conn {
         // A stream's listings are filtered with the caller's policy (everything hidden when
         // the caller could not be identified).
         let engine = self.choose_policy(server).await.engine;
-        let exchange = self.exchange(
-            server,
-            engine,
-            &parts,
-            base,
-            session.map(|s| s.1),
-            started,
-        );
+        let exchange = self.exchange(server, engine, &parts, base, session.map(|s| s.1), started);
         let exchange = Exchange {
             get_stream: true,
             ..exchange
@@ -1362,7 +1355,14 @@ impl Conn {
         let exchange = Exchange {
             calls,
             batch,
-            ..self.exchange(server, chosen.engine.clone(), &parts, base, session, started)
+            ..self.exchange(
+                server,
+                chosen.engine.clone(),
+                &parts,
+                base,
+                session,
+                started,
+            )
         };
         match self.send(parts, full(body)).await {
             Ok(resp) => respond::respond(resp, exchange).await,
@@ -1492,8 +1492,8 @@ impl Conn {
                 }
                 Choice::Unresolved { binding } => binding,
             };
-            let deadline =
-                *deadline.get_or_insert_with(|| tokio::time::Instant::now() + routing.identity_wait);
+            let deadline = *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + routing.identity_wait);
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 let pointer = format!("/bindings/{binding}");
                 tracing::warn!(

@@ -88,9 +88,8 @@ impl UpstreamError {
     pub fn not_sent(&self) -> bool {
         match self {
             UpstreamError::Uri { .. } => true,
-            UpstreamError::Http { source, .. } | UpstreamError::ClientCertRequired { source, .. } => {
-                source.is_connect()
-            }
+            UpstreamError::Http { source, .. }
+            | UpstreamError::ClientCertRequired { source, .. } => source.is_connect(),
         }
     }
 }

@@ -249,7 +249,9 @@ impl Routing {
                 binding: None,
             },
             // A server index out of range is a programming error; refuse rather than guess.
-            None => Choice::Unresolved { binding: usize::MAX },
+            None => Choice::Unresolved {
+                binding: usize::MAX,
+            },
         }
     }
 }
@@ -296,28 +298,54 @@ mod tests {
     fn plain_selectors() {
         let s = selector("{uid: 1000, comm: python3, cgroup: /agents/*.scope}");
         let cg = Some("/agents/a.scope");
-        assert_eq!(s.matches("x", &facts("python3", cg, PodFacts::NotAPod)), Match::Yes);
-        assert_eq!(s.matches("x", &facts("node", cg, PodFacts::NotAPod)), Match::No);
         assert_eq!(
-            s.matches("x", &facts("python3", Some("/agents/a/b.scope"), PodFacts::NotAPod)),
+            s.matches("x", &facts("python3", cg, PodFacts::NotAPod)),
+            Match::Yes
+        );
+        assert_eq!(
+            s.matches("x", &facts("node", cg, PodFacts::NotAPod)),
+            Match::No
+        );
+        assert_eq!(
+            s.matches(
+                "x",
+                &facts("python3", Some("/agents/a/b.scope"), PodFacts::NotAPod)
+            ),
             Match::No,
             "* stays within a segment"
         );
-        assert_eq!(s.matches("x", &facts("python3", None, PodFacts::NotAPod)), Match::No);
+        assert_eq!(
+            s.matches("x", &facts("python3", None, PodFacts::NotAPod)),
+            Match::No
+        );
         let deep = selector("{cgroup: /kubepods.slice/**}");
         assert_eq!(
-            deep.matches("x", &facts("a", Some("/kubepods.slice/p/c"), PodFacts::Pending)),
+            deep.matches(
+                "x",
+                &facts("a", Some("/kubepods.slice/p/c"), PodFacts::Pending)
+            ),
             Match::Yes
         );
         let server = selector("{server: tools}");
-        assert_eq!(server.matches("tools", &facts("a", None, PodFacts::NotAPod)), Match::Yes);
-        assert_eq!(server.matches("other", &facts("a", None, PodFacts::NotAPod)), Match::No);
-        assert_eq!(selector("{}").matches("x", &facts("a", None, PodFacts::Pending)), Match::Yes);
+        assert_eq!(
+            server.matches("tools", &facts("a", None, PodFacts::NotAPod)),
+            Match::Yes
+        );
+        assert_eq!(
+            server.matches("other", &facts("a", None, PodFacts::NotAPod)),
+            Match::No
+        );
+        assert_eq!(
+            selector("{}").matches("x", &facts("a", None, PodFacts::Pending)),
+            Match::Yes
+        );
     }
 
     #[test]
     fn pod_selectors() {
-        let s = selector("{namespace: pay, labels: {app: agent}, service_account: bot, container: main}");
+        let s = selector(
+            "{namespace: pay, labels: {app: agent}, service_account: bot, container: main}",
+        );
         let mut pod = PodMeta {
             namespace: "pay".into(),
             name: "p".into(),
@@ -326,14 +354,29 @@ mod tests {
             service_account: "bot".into(),
             container: Some("main".into()),
         };
-        assert_eq!(s.matches("x", &facts("a", None, PodFacts::Known(&pod))), Match::Yes);
-        assert_eq!(s.matches("x", &facts("a", None, PodFacts::Pending)), Match::Unresolved);
-        assert_eq!(s.matches("x", &facts("a", None, PodFacts::NotAPod)), Match::No);
+        assert_eq!(
+            s.matches("x", &facts("a", None, PodFacts::Known(&pod))),
+            Match::Yes
+        );
+        assert_eq!(
+            s.matches("x", &facts("a", None, PodFacts::Pending)),
+            Match::Unresolved
+        );
+        assert_eq!(
+            s.matches("x", &facts("a", None, PodFacts::NotAPod)),
+            Match::No
+        );
         pod.labels.remove("app");
-        assert_eq!(s.matches("x", &facts("a", None, PodFacts::Known(&pod))), Match::No);
+        assert_eq!(
+            s.matches("x", &facts("a", None, PodFacts::Known(&pod))),
+            Match::No
+        );
         // A plain selector that fails decides before pod metadata is needed.
         let s = selector("{comm: python3, namespace: pay}");
-        assert_eq!(s.matches("x", &facts("node", None, PodFacts::Pending)), Match::No);
+        assert_eq!(
+            s.matches("x", &facts("node", None, PodFacts::Pending)),
+            Match::No
+        );
     }
 
     #[test]

@@ -164,7 +164,10 @@ impl Engine {
             if rule.name == tool {
                 format!("rule {}: exact name", rule.pointer)
             } else {
-                format!("rule {}: pattern {:?} matches {tool}", rule.pointer, rule.name)
+                format!(
+                    "rule {}: pattern {:?} matches {tool}",
+                    rule.pointer, rule.name
+                )
             }
         });
         match rule.action {
@@ -253,22 +256,26 @@ impl Engine {
         for (checks, index, limit) in limits {
             let amount = match &limit.increment {
                 None => 1.0,
-                Some(path) => match path.get(args).and_then(Value::as_f64) {
-                    Some(v) if v >= 0.0 && v.is_finite() => v,
-                    found => {
-                        let what = match (path.get(args), found) {
-                            (None, _) => "is missing",
-                            (Some(_), None) => "is not a number",
-                            _ => "is negative",
-                        };
-                        trace.step(|| format!("limit {}/limits/{index}: {path} {what}", checks.pointer));
-                        return Err(refuse(
+                Some(path) => {
+                    match path.get(args).and_then(Value::as_f64) {
+                        Some(v) if v >= 0.0 && v.is_finite() => v,
+                        found => {
+                            let what = match (path.get(args), found) {
+                                (None, _) => "is missing",
+                                (Some(_), None) => "is not a number",
+                                _ => "is negative",
+                            };
+                            trace.step(|| {
+                                format!("limit {}/limits/{index}: {path} {what}", checks.pointer)
+                            });
+                            return Err(refuse(
                             Outcome::Deny,
                             format!("{}/limits/{index}/increment_from", checks.pointer),
                             format!("argument {path} {what}: it is what this call spends of quota {}", self.counter_name(limit.counter)),
                         ));
+                        }
                     }
-                },
+                }
             };
             let scope = self.policy.counters.get(limit.counter).map(|c| c.scope);
             wants.push(Want {
@@ -309,7 +316,11 @@ impl Engine {
             Ok(reservation) => Ok(reservation),
             Err(failed) => {
                 let Some((checks, index, limit)) = owners.get(failed) else {
-                    return Err(refuse(Outcome::Deny, "/".to_owned(), "quota exceeded".to_owned()));
+                    return Err(refuse(
+                        Outcome::Deny,
+                        "/".to_owned(),
+                        "quota exceeded".to_owned(),
+                    ));
                 };
                 let name = self.counter_name(limit.counter);
                 let reason = match &limit.increment {
@@ -347,7 +358,12 @@ impl Engine {
 
 /// The rule's `arguments` schema; a violation names the failing argument and keyword, never
 /// the value (the audit log must not hold argument values).
-fn check_schema<T: Trace>(rule: &ToolRule, tool: &str, args: &Value, trace: &mut T) -> Option<Decision> {
+fn check_schema<T: Trace>(
+    rule: &ToolRule,
+    tool: &str,
+    args: &Value,
+    trace: &mut T,
+) -> Option<Decision> {
     let schema = rule.arguments.as_ref()?;
     if schema.0.is_valid(args) {
         trace.step(|| "arguments: match the schema".to_owned());
@@ -391,7 +407,11 @@ fn check_conditions<T: Trace>(checks: &Checks, args: &Value, trace: &mut T) -> O
                 condition.holds(args, wrong)
             };
             if holds == denies_when {
-                let verdict = if denies_when { "holds" } else { "does not hold" };
+                let verdict = if denies_when {
+                    "holds"
+                } else {
+                    "does not hold"
+                };
                 return Some(refuse(
                     Outcome::Deny,
                     format!("{}/{field}/{index}", checks.pointer),
@@ -422,4 +442,3 @@ impl Decision {
         self
     }
 }
-

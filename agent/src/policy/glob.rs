@@ -77,7 +77,9 @@ fn matches(pattern: &[u8], name: &[u8]) -> bool {
             },
         }
     }
-    pattern.get(p..).is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
+    pattern
+        .get(p..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
 }
 
 /// Whether `a` and `b` have a common match: a dynamic programme over (position in a,
@@ -90,9 +92,7 @@ fn overlap(a: &[u8], b: &[u8]) -> bool {
         for j in (0..=lb).rev() {
             let value = match (a.get(i), b.get(j)) {
                 (None, None) => true,
-                (Some(b'*'), _) => {
-                    cell(&reach, i + 1, j) || (j < lb && cell(&reach, i, j + 1))
-                }
+                (Some(b'*'), _) => cell(&reach, i + 1, j) || (j < lb && cell(&reach, i, j + 1)),
                 (_, Some(b'*')) => (i < la && cell(&reach, i + 1, j)) || cell(&reach, i, j + 1),
                 (Some(x), Some(y)) => x == y && cell(&reach, i + 1, j + 1),
                 _ => false,
@@ -127,7 +127,11 @@ fn covers(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn cell(reach: &[Vec<bool>], i: usize, j: usize) -> bool {
-    reach.get(i).and_then(|row| row.get(j)).copied().unwrap_or(false)
+    reach
+        .get(i)
+        .and_then(|row| row.get(j))
+        .copied()
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-
 use super::args::ArgPath;
 use super::condition::Condition;
 use super::glob::Pattern;
@@ -193,8 +192,7 @@ impl Policy {
     /// visible, so the model can learn the reason when it calls them. A dry run changes nothing
     /// on the wire, so every tool stays visible.
     pub fn visible(&self, tool: &str) -> bool {
-        self.dry_run
-            || (!self.hides(tool) && (self.default_allow || self.rule_for(tool).is_some()))
+        self.dry_run || (!self.hides(tool) && (self.default_allow || self.rule_for(tool).is_some()))
     }
 
     /// Rules that are valid but can never apply, or apply less than they seem to.
@@ -399,9 +397,8 @@ fn warnings(policy: &Policy) -> Vec<Warning> {
         if hidden {
             warn(
                 &rule.pointer,
-                format!(
-                    "never applies: every tool it names is hidden by \"hide\", and hidden tools are refused as unknown first"
-                ),
+                "never applies: every tool it names is hidden by \"hide\", and hidden tools are refused as unknown first"
+                    .to_owned(),
             );
             continue;
         }
@@ -494,4 +491,3 @@ fn yaml_error(file: String, err: &serde_yaml_ng::Error) -> PolicyError {
         },
     }
 }
-

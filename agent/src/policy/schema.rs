@@ -658,7 +658,9 @@ impl<'de> Deserialize<'de> for Max {
                 if v.is_finite() && (0.0..=9_007_199_254_740_992.0).contains(&v) {
                     Ok(Max(v))
                 } else {
-                    Err(E::custom(format!("max must be a non-negative number, not {v}")))
+                    Err(E::custom(format!(
+                        "max must be a non-negative number, not {v}"
+                    )))
                 }
             }
         }
