@@ -1381,6 +1381,7 @@ impl Conn {
                     }
                     rec.ts = crate::audit::now();
                     rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                    rec.status = Some(resp.status().as_u16());
                     rec.reason = Some(format!(
                         "upstream failed (HTTP {} from mcpwarden): {reason}",
                         resp.status()
