@@ -385,7 +385,7 @@ mod tests {
             ("{cgroup: relative/x}", "must start with"),
             ("{cgroup: \"/a/[\"}", "cgroup pattern"),
             ("{colour: red}", "unknown field"),
-            ("{uid: -1}", "invalid value"),
+            ("{uid: -1}", "uid"),
         ] {
             let err = match serde_yaml_ng::from_str::<Selector>(yaml) {
                 Ok(_) => panic!("{yaml} loaded"),

@@ -34,6 +34,9 @@ pub struct Engine {
     /// All counters behind one lock, so that a call with several limits checks and records
     /// them as one step. Shared with the engines that replace this one on reload.
     counters: Arc<Mutex<CounterStore>>,
+    /// The store's generation when this engine fitted it; a later reload refits the shared
+    /// store, and this engine's counter indices must then be translated by name and scope.
+    generation: u64,
 }
 
 /// One `tools/call` as the policy sees it.
@@ -78,19 +81,26 @@ impl Engine {
     pub fn new(policy: Policy) -> Engine {
         let mut store = CounterStore::default();
         store.fit(&policy.counters);
+        let generation = store.generation();
         Engine {
             policy,
             counters: Arc::new(Mutex::new(store)),
+            generation,
         }
     }
 
     /// The engine for a reloaded `policy` that replaces `previous`: counters whose name and
     /// scope are unchanged keep their logs (and outstanding reservations); others start empty.
     pub fn reloaded(policy: Policy, previous: &Engine) -> Engine {
-        limits::lock(&previous.counters).fit(&policy.counters);
+        let generation = {
+            let mut store = limits::lock(&previous.counters);
+            store.fit(&policy.counters);
+            store.generation()
+        };
         Engine {
             policy,
             counters: previous.counters.clone(),
+            generation,
         }
     }
 
@@ -296,6 +306,26 @@ impl Engine {
             return Ok(None);
         }
         let mut store = limits::lock(&self.counters);
+        if store.generation() != self.generation {
+            // A reload refitted the store after this engine was taken: find each counter by
+            // name and scope; one the new policy dropped no longer limits anything.
+            let mut kept = Vec::with_capacity(wants.len());
+            let mut kept_owners = Vec::with_capacity(owners.len());
+            for (mut want, owner) in wants.into_iter().zip(owners) {
+                let found = self
+                    .policy
+                    .counters
+                    .get(want.counter)
+                    .and_then(|c| store.find(&c.name, c.scope));
+                if let Some(id) = found {
+                    want.counter = id;
+                    kept.push(want);
+                    kept_owners.push(owner);
+                }
+            }
+            wants = kept;
+            owners = kept_owners;
+        }
         if T::ON {
             for (want, (checks, index, limit)) in wants.iter().zip(&owners) {
                 let used = store.used(want.counter, want.key, want.window, now);

@@ -34,6 +34,12 @@ pub(super) struct CounterStore {
     since_sweep: u32,
     /// Names each admission, so that a reservation can take back exactly its own.
     next_serial: u64,
+    /// The latest instant any check used. A caller that read the clock before a later caller
+    /// took the lock is decided at this instant instead: admissions are then logged in order,
+    /// and pruning by the newest instant never drops what an older instant's window would need.
+    latest: Option<Instant>,
+    /// Bumped by each [`CounterStore::fit`]: counter indices of an older policy are stale.
+    generation: u64,
 }
 
 /// One counter's logs, by scope key.
@@ -76,6 +82,7 @@ pub(super) struct Want<'a> {
 pub struct Reservation {
     store: Arc<Mutex<CounterStore>>,
     entries: Vec<Reserved>,
+    at: Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +94,12 @@ struct Reserved {
 }
 
 impl Reservation {
+    /// The instant the call was admitted at (the decision's `now`, or later if another call
+    /// was decided at a later instant first).
+    pub fn at(&self) -> Instant {
+        self.at
+    }
+
     /// Takes the call's admissions back: the upstream did not run it (the connection failed,
     /// or it answered an error before any result). Idempotent; admissions already expired,
     /// merged, or dropped by a reload that changed the counter are left alone.
@@ -108,6 +121,7 @@ impl CounterStore {
     /// Fits the store to a (re)loaded policy's counters: logs of counters with the same name
     /// and scope are kept, the others dropped; retention and capacity follow the new limits.
     pub fn fit(&mut self, counters: &[Counter]) {
+        self.generation += 1;
         let mut old: Vec<CounterLogs> = std::mem::take(&mut self.counters);
         self.counters = counters
             .iter()
@@ -140,6 +154,8 @@ impl CounterStore {
         wants: &[Want<'_>],
         now: Instant,
     ) -> Result<Option<Reservation>, usize> {
+        let now = self.latest.map_or(now, |latest| latest.max(now));
+        self.latest = Some(now);
         self.sweep_now_and_then(now);
         for want in wants {
             if let Some(counter) = self.counters.get_mut(want.counter) {
@@ -186,7 +202,20 @@ impl CounterStore {
         Ok((!entries.is_empty()).then(|| Reservation {
             store: store.clone(),
             entries,
+            at: now,
         }))
+    }
+
+    /// Which [`CounterStore::fit`] the store is at.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The index of the counter `name` in `scope`, for an engine whose indices are stale.
+    pub fn find(&self, name: &str, scope: Scope) -> Option<usize> {
+        self.counters
+            .iter()
+            .position(|c| c.name == name && c.scope == scope)
     }
 
     /// What `key` has used of counter `id` within `window` at `now`, for `policy explain`.

@@ -30,6 +30,8 @@ mod schema;
 mod engine_tests;
 #[cfg(test)]
 mod load_tests;
+#[cfg(test)]
+mod window_props;
 
 pub use engine::{Call, Engine, Explanation};
 pub use limits::Reservation;
