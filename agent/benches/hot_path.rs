@@ -63,7 +63,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mcpwarden::audit::{AuditLog, Event, PolicyRef, Record, Verdict};
 use mcpwarden::mcp::{self, Parsed};
-use mcpwarden::policy::{CallerScope, Engine, Outcome, Policy};
+use mcpwarden::policy::{Call, CallerScope, Engine, Outcome, Policy};
 
 /// Number of tool rules in the generated policy.
 const RULES: usize = 1000;
@@ -121,7 +121,15 @@ fn policy_json() -> String {
 fn policy_benches(c: &mut Criterion) {
     let policy = Policy::parse(&policy_json(), "bench-policy.json").expect("generated policy");
     let engine = Engine::new(policy);
-    let caller = CallerScope { grant: "1234" };
+    let caller = CallerScope {
+        grant: "cgroup:1234",
+        process: "pid:1",
+        session: "connection:1",
+    };
+    let call = |tool| Call {
+        tool,
+        arguments: None,
+    };
     let now = Instant::now();
 
     // Each scenario must take the path it is named after.
@@ -131,7 +139,7 @@ fn policy_benches(c: &mut Criterion) {
         (DENIED_TOOL, Outcome::Deny),
     ] {
         assert_eq!(
-            engine.decide_call(tool, &caller, now).outcome,
+            engine.decide_call(&call(tool), &caller, now).outcome,
             expected,
             "{tool}"
         );
@@ -141,13 +149,13 @@ fn policy_benches(c: &mut Criterion) {
     let id = |case: &str| BenchmarkId::new("decide_1000_rules", case);
 
     group.bench_function(id("allow_listed"), |b| {
-        b.iter(|| engine.decide_call(black_box(ALLOWED_TOOL), &caller, now));
+        b.iter(|| engine.decide_call(&call(black_box(ALLOWED_TOOL)), &caller, now));
     });
     group.bench_function(id("unknown_tool"), |b| {
-        b.iter(|| engine.decide_call(black_box(UNKNOWN_TOOL), &caller, now));
+        b.iter(|| engine.decide_call(&call(black_box(UNKNOWN_TOOL)), &caller, now));
     });
     group.bench_function(id("denied"), |b| {
-        b.iter(|| engine.decide_call(black_box(DENIED_TOOL), &caller, now));
+        b.iter(|| engine.decide_call(&call(black_box(DENIED_TOOL)), &caller, now));
     });
 
     // The synthetic clock carries on across warm-up and samples, so the
@@ -158,7 +166,7 @@ fn policy_benches(c: &mut Criterion) {
     group.bench_function(id("limited"), |b| {
         b.iter(|| {
             clock += LIMITED_CALL_INTERVAL;
-            let decision = engine.decide_call(black_box(LIMITED_TOOL), &caller, clock);
+            let decision = engine.decide_call(&call(black_box(LIMITED_TOOL)), &caller, clock);
             calls += 1;
             refused += u64::from(decision.outcome != Outcome::Allow);
             decision
