@@ -2081,7 +2081,10 @@ fn a_late_call_is_decided_at_the_latest_instant_seen() {
     assert!(is_allowed(&engine, "t", &ONE, base + ms(1995)));
     let late = decide(&engine, "t", &ONE, base + ms(1990));
     assert_eq!(late.outcome, Outcome::Allow, "{late:?}");
-    assert_eq!(late.reservation.as_ref().map(|r| r.at()), Some(base + ms(1995)));
+    assert_eq!(
+        late.reservation.as_ref().map(|r| r.at()),
+        Some(base + ms(1995))
+    );
     // [995 ms, 1995 ms] now holds two admissions: the next call at that instant is refused.
     assert_decision(
         &decide(&engine, "t", &ONE, base + ms(1993)),
