@@ -68,6 +68,45 @@ use super::args::ArgPath;
 use std::fmt::{self, Write as _};
 
 use regex::{Regex, RegexBuilder};
+
+thread_local! {
+    /// Regexes compiled during the current policy load, by source: a policy that repeats one
+    /// pattern in many rules compiles (and holds) it once. Cleared by [`sharing_regexes`].
+    static REGEXES: std::cell::RefCell<Option<std::collections::HashMap<String, Regex>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `load` with regexes shared by source among the conditions it reads.
+pub(crate) fn sharing_regexes<R>(load: impl FnOnce() -> R) -> R {
+    REGEXES.with(|cache| *cache.borrow_mut() = Some(std::collections::HashMap::new()));
+    let result = load();
+    REGEXES.with(|cache| *cache.borrow_mut() = None);
+    result
+}
+
+/// Compiles a condition's regex (linear-time RE2 syntax, bounded size), or takes the one
+/// already compiled from the same source in this load. A `Regex` clone shares the program.
+fn compile_regex(pattern: &str) -> Result<Regex, String> {
+    let cached = REGEXES.with(|cache| {
+        cache
+            .borrow()
+            .as_ref()
+            .and_then(|c| c.get(pattern).cloned())
+    });
+    if let Some(regex) = cached {
+        return Ok(regex);
+    }
+    let regex = RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|err| format!("op regex: invalid regex {pattern:?}: {err}"))?;
+    REGEXES.with(|cache| {
+        if let Some(c) = cache.borrow_mut().as_mut() {
+            c.insert(pattern.to_owned(), regex.clone());
+        }
+    });
+    Ok(regex)
+}
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Number, Value};
@@ -333,11 +372,7 @@ impl Check {
             Op::Gt => cmp(Cmp::Gt, need(value)?),
             Op::Gte => cmp(Cmp::Gte, need(value)?),
             Op::Regex => match need(value)? {
-                Value::String(pattern) => RegexBuilder::new(&pattern)
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
-                    .map(Check::Regex)
-                    .map_err(|err| format!("op regex: invalid regex {pattern:?}: {err}")),
+                Value::String(pattern) => compile_regex(&pattern).map(Check::Regex),
                 other => Err(format!(
                     "op regex needs a string (a regular expression) as its value, not {}",
                     Kind::of(&other).a()

@@ -7,6 +7,8 @@
 //! overlap make the policy ambiguous, which is a load error). Tool names have no path
 //! separators, so `*` is the only wildcard; `?` and `[...]` are ordinary characters.
 
+use std::collections::HashMap;
+
 /// One pattern from `tools` or `hide`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Pattern {
@@ -49,6 +51,72 @@ impl Pattern {
     /// Whether every name `other` matches, this pattern matches too.
     pub fn covers(&self, other: &Pattern) -> bool {
         covers(self.text.as_bytes(), other.text.as_bytes())
+    }
+}
+
+/// Patterns indexed by literal prefix, for lookups that cost a hash per distinct prefix length
+/// rather than a match per pattern.
+#[derive(Debug, Clone)]
+pub(crate) struct PatternIndex<T> {
+    /// By prefix length, longest first: each maps a literal prefix to its patterns.
+    groups: Vec<(usize, HashMap<String, Vec<(Pattern, T)>>)>,
+    /// Every pattern, longest prefix first.
+    all: Vec<(Pattern, T)>,
+}
+
+impl<T: Clone> PatternIndex<T> {
+    pub fn new(mut patterns: Vec<(Pattern, T)>) -> PatternIndex<T> {
+        patterns.sort_by_key(|(p, _)| std::cmp::Reverse(p.prefix_len()));
+        let mut groups: Vec<(usize, HashMap<String, Vec<(Pattern, T)>>)> = Vec::new();
+        for (pattern, value) in &patterns {
+            let len = pattern.prefix_len();
+            if groups.last().is_none_or(|(l, _)| *l != len) {
+                groups.push((len, HashMap::new()));
+            }
+            if let Some((_, by_prefix)) = groups.last_mut() {
+                let prefix = pattern.text.get(..len).unwrap_or_default().to_owned();
+                by_prefix
+                    .entry(prefix)
+                    .or_default()
+                    .push((pattern.clone(), value.clone()));
+            }
+        }
+        PatternIndex {
+            groups,
+            all: patterns,
+        }
+    }
+}
+
+impl<T> PatternIndex<T> {
+    /// The value of the matching pattern with the longest literal prefix.
+    pub fn find(&self, name: &str) -> Option<&T> {
+        for (len, by_prefix) in &self.groups {
+            let Some(prefix) = name.get(..*len) else {
+                continue;
+            };
+            if let Some(candidates) = by_prefix.get(prefix) {
+                if let Some((_, value)) = candidates.iter().find(|(p, _)| p.matches(name)) {
+                    return Some(value);
+                }
+            }
+        }
+        None
+    }
+
+    /// Every pattern, longest literal prefix first.
+    pub fn iter(&self) -> impl Iterator<Item = &(Pattern, T)> {
+        self.all.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+}
+
+impl<T: Clone> Default for PatternIndex<T> {
+    fn default() -> Self {
+        PatternIndex::new(Vec::new())
     }
 }
 
@@ -192,6 +260,31 @@ mod tests {
             assert_eq!(p(a).overlaps(&p(b)), *want, "{a} ∩ {b}");
             assert_eq!(p(b).overlaps(&p(a)), *want, "{b} ∩ {a}");
         }
+    }
+
+    #[test]
+    fn the_index_finds_the_longest_prefix() {
+        let index = super::PatternIndex::new(vec![
+            (p("*"), 0),
+            (p("get_*"), 1),
+            (p("get_user_*"), 2),
+            (p("put_*_x"), 3),
+            (p("put_*_y"), 4),
+        ]);
+        assert_eq!(index.find("get_user_name"), Some(&2));
+        assert_eq!(
+            index.find("put_a_y"),
+            Some(&4),
+            "same prefix, the one that matches"
+        );
+        assert_eq!(index.find("get_"), Some(&1));
+        assert_eq!(index.find("put_a_x"), Some(&3));
+        assert_eq!(index.find("put_a_z"), Some(&0));
+        assert_eq!(index.find("delete"), Some(&0));
+        assert_eq!(index.find("é"), Some(&0));
+        let none: super::PatternIndex<u8> = super::PatternIndex::new(vec![(p("a*"), 1)]);
+        assert_eq!(none.find("b"), None);
+        assert_eq!(none.iter().count(), 1);
     }
 
     #[test]

@@ -118,17 +118,23 @@ pub(super) fn lock(store: &Mutex<CounterStore>) -> std::sync::MutexGuard<'_, Cou
 }
 
 impl CounterStore {
-    /// Fits the store to a (re)loaded policy's counters: logs of counters with the same name
-    /// and scope are kept, the others dropped; retention and capacity follow the new limits.
+    /// Fits the store to a (re)loaded policy's counters: logs of counters with the same name,
+    /// scope and kind (calls, or `increment_from` amounts) are kept, the others dropped; retention and capacity follow the new limits.
     pub fn fit(&mut self, counters: &[Counter]) {
         self.generation += 1;
         let mut old: Vec<CounterLogs> = std::mem::take(&mut self.counters);
         self.counters = counters
             .iter()
             .map(|c| {
+                // A counter that switches between counting calls and summing amounts starts
+                // afresh: its old entries mean something else.
                 let by_key = old
                     .iter_mut()
-                    .find(|o| o.name == c.name && o.scope == c.scope)
+                    .find(|o| {
+                        o.name == c.name
+                            && o.scope == c.scope
+                            && o.capacity.is_some() == c.capacity.is_some()
+                    })
                     .map(|o| std::mem::take(&mut o.by_key))
                     .unwrap_or_default();
                 CounterLogs {
@@ -300,19 +306,23 @@ impl CounterLogs {
         }
     }
 
-    /// The sum of `key`'s admissions at most `window` old at `now`. Admissions logged with a
-    /// later instant than `now` (a caller that read the clock earlier but got the lock later)
-    /// count as inside.
+    /// The sum of `key`'s admissions at most `window` old at `now` (never earlier than any
+    /// logged admission: the store decides at the latest instant it has seen).
     fn used_within(&self, key: &str, window: Duration, now: Instant) -> f64 {
         let Some(log) = self.by_key.get(key) else {
             return 0.0;
         };
-        let start = now.checked_sub(window);
-        log.iter()
-            .rev()
-            .take_while(|e| start.is_none_or(|s| e.at >= s))
-            .map(|e| e.amount)
-            .sum()
+        let Some(start) = now.checked_sub(window) else {
+            return log.iter().map(|e| e.amount).sum();
+        };
+        // The log is sorted by instant: the window is its tail.
+        let first = log.partition_point(|e| e.at < start);
+        if self.capacity.is_some() {
+            // Every entry of a unit counter adds 1: count, don't sum.
+            #[allow(clippy::cast_precision_loss)] // a log holds far fewer than 2^53 entries
+            return (log.len() - first) as f64;
+        }
+        log.range(first..).map(|e| e.amount).sum()
     }
 
     /// Logs an admission, keeping the log sorted by instant and within its bound.

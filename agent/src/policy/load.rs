@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::args::ArgPath;
 use super::condition::Condition;
-use super::glob::Pattern;
+use super::glob::{Pattern, PatternIndex};
 use super::schema::{
     self, ArgSchema, LimitSpec, Mode, NameOrPattern, Object, PolicyFile, Scope, ToolAction, Window,
 };
@@ -34,7 +34,7 @@ pub struct Policy {
     /// Exact names, to their rule.
     pub(super) exact: HashMap<String, usize>,
     /// Patterns and their rule, the longest literal prefix first.
-    pub(super) patterns: Vec<(Pattern, usize)>,
+    pub(super) patterns: PatternIndex<usize>,
     /// `all_tools`.
     pub(super) all_tools: Checks,
     /// `hide: "*"`, or `"*"` in the list.
@@ -42,7 +42,7 @@ pub struct Policy {
     /// `hide: [names]`.
     pub(super) hidden: HashSet<String>,
     /// `hide: [patterns]`.
-    pub(super) hidden_patterns: Vec<Pattern>,
+    pub(super) hidden_patterns: PatternIndex<()>,
     /// Every distinct counter (name and scope), indexed by [`Limit::counter`].
     pub(super) counters: Vec<Counter>,
     /// Rules that can never apply, found at load.
@@ -172,9 +172,7 @@ impl Policy {
 
     /// Whether `hide` names the tool (or is `"*"`).
     pub fn hides(&self, tool: &str) -> bool {
-        self.hide_all
-            || self.hidden.contains(tool)
-            || self.hidden_patterns.iter().any(|p| p.matches(tool))
+        self.hide_all || self.hidden.contains(tool) || self.hidden_patterns.find(tool).is_some()
     }
 
     /// Whether every tool is visible (nothing hidden, unlisted tools allowed, or a dry run):
@@ -210,16 +208,16 @@ impl Policy {
     pub(super) fn rule_for(&self, tool: &str) -> Option<&ToolRule> {
         let index = match self.exact.get(tool) {
             Some(&index) => index,
-            None => self
-                .patterns
-                .iter()
-                .find(|(pattern, _)| pattern.matches(tool))
-                .map(|&(_, index)| index)?,
+            None => *self.patterns.find(tool)?,
         };
         self.rules.get(index)
     }
 
     fn from_bytes(bytes: &[u8], file: String) -> Result<Policy, PolicyError> {
+        super::condition::sharing_regexes(|| Self::read(bytes, file))
+    }
+
+    fn read(bytes: &[u8], file: String) -> Result<Policy, PolicyError> {
         let parsed: PolicyFile = if is_yaml(&file) {
             match serde_yaml_ng::from_slice::<Object<PolicyFile>>(bytes) {
                 Ok(Object(parsed)) => parsed,
@@ -284,7 +282,7 @@ fn compile(parsed: PolicyFile, source: PolicySource) -> Policy {
     }
     // Longest literal prefix first; patterns that tie on length never overlap (checked at
     // load), so the order among them does not matter.
-    patterns.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.prefix_len()));
+    let patterns = PatternIndex::new(patterns);
 
     let (mut hide_all, mut hidden, mut hidden_patterns) = (false, HashSet::new(), Vec::new());
     match parsed.hide {
@@ -298,7 +296,7 @@ fn compile(parsed: PolicyFile, source: PolicySource) -> Policy {
                     NameOrPattern::Pattern(p) if p.as_str().bytes().all(|b| b == b'*') => {
                         hide_all = true;
                     }
-                    NameOrPattern::Pattern(p) => hidden_patterns.push(p),
+                    NameOrPattern::Pattern(p) => hidden_patterns.push((p, ())),
                 }
             }
         }
@@ -314,7 +312,7 @@ fn compile(parsed: PolicyFile, source: PolicySource) -> Policy {
         all_tools,
         hide_all,
         hidden,
-        hidden_patterns,
+        hidden_patterns: PatternIndex::new(hidden_patterns),
         counters: counters.list,
         warnings: Vec::new(),
     };
@@ -391,7 +389,11 @@ fn warnings(policy: &Policy) -> Vec<Warning> {
         let hidden = match Pattern::new(&rule.name) {
             None => policy.hides(&rule.name),
             Some(pattern) => {
-                policy.hide_all || policy.hidden_patterns.iter().any(|h| h.covers(&pattern))
+                policy.hide_all
+                    || policy
+                        .hidden_patterns
+                        .iter()
+                        .any(|(h, ())| h.covers(&pattern))
             }
         };
         if hidden {
@@ -417,7 +419,7 @@ fn warnings(policy: &Policy) -> Vec<Warning> {
             );
         }
         if Pattern::new(&rule.name).is_none() {
-            for (pattern, _) in &policy.patterns {
+            for (pattern, _) in policy.patterns.iter() {
                 if pattern.matches(&rule.name) {
                     warn(
                         &rule.pointer,
