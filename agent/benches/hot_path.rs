@@ -31,6 +31,19 @@
 //!   The other three paths ignore `now`; it is read once outside the loop so
 //!   that the figures are the engine's alone (the interceptor reads the
 //!   clock once per call on top of this).
+//! - `policy/decide_1000_rules_mixed/*`: the same against the 1,000-rule
+//!   policy of BENCHMARKS.md scenario 5b (`bench/src/policygen.rs`, included
+//!   here as source): 800 exact names (100 with an `arguments` JSON Schema
+//!   and conditions, 400 more with `deny_if`/`require`, 40 limited), 200
+//!   patterns, `hide` patterns and `all_tools`. One id per kind of call of
+//!   5b's mix, each cycling through that kind's calls (tool and parsed
+//!   arguments, built outside the loop), and `mix`, which cycles through the
+//!   whole mix (1,024 calls): its time per iteration is the mean of 5b. The
+//!   clock is synthetic again, 1 µs per decision (about 5b's rate), carried
+//!   across cases: in `limited_allowed` the 40 limited tools take every
+//!   decision, so each one's log (1-second window) holds about 25,000
+//!   admissions in steady state; in `mix`, about 1,500. Every decision is
+//!   checked to have its kind's outcome.
 //! - `audit/serialize_record`: `serde_json::to_vec` of one fully filled
 //!   decision [`Record`], the CPU part of an audit write.
 //! - `audit/write_record`: [`AuditLog::write`] of that record to a file in
@@ -64,6 +77,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use mcpwarden::audit::{AuditLog, Event, PolicyRef, Record, Verdict};
 use mcpwarden::mcp::{self, Parsed};
 use mcpwarden::policy::{Call, CallerScope, Engine, Outcome, Policy};
+
+/// Scenario 5b's policy and calls (the agent crate cannot depend on the bench crate).
+#[allow(dead_code)]
+#[path = "../../bench/src/policygen.rs"]
+mod policygen;
 
 /// Number of tool rules in the generated policy.
 const RULES: usize = 1000;
@@ -176,6 +194,81 @@ fn policy_benches(c: &mut Criterion) {
     assert_eq!(
         refused, 0,
         "the limited tool refused {refused} of {calls} calls"
+    );
+}
+
+/// `policy/decide_1000_rules_mixed/*`: scenario 5b's policy and call mix.
+fn mixed_policy_benches(c: &mut Criterion) {
+    use policygen::Expected;
+    let policy = Policy::parse(
+        &policygen::thousand_rule_policy(),
+        "bench-policy-mixed.json",
+    )
+    .expect("the generated 1,000-rule policy loads");
+    assert!(policy.warnings().is_empty(), "{:?}", policy.warnings());
+    let engine = Engine::new(policy);
+    let caller = CallerScope {
+        grant: "cgroup:1234",
+        process: "pid:1",
+        session: "connection:1",
+    };
+    let outcome = |e: Expected| match e {
+        Expected::Allow => Outcome::Allow,
+        Expected::UnknownTool => Outcome::UnknownTool,
+        Expected::Deny => Outcome::Deny,
+    };
+    // (kind, tool, arguments, outcome), in the mix's order.
+    let mix: Vec<(usize, String, Option<serde_json::Value>, Outcome)> = policygen::call_mix()
+        .into_iter()
+        .map(|m| {
+            let arguments = m
+                .arguments
+                .as_deref()
+                .map(|a| serde_json::from_str(a).expect("mix arguments"));
+            (m.kind, m.tool.clone(), arguments, outcome(m.expected()))
+        })
+        .collect();
+
+    let mut clock = Instant::now();
+    let mut wrong: u64 = 0;
+    let mut group = c.benchmark_group("policy");
+    let cases = [
+        ("schema_conditions_allowed", Some(0)),
+        ("conditions_allowed", Some(1)),
+        ("plain_allowed", Some(2)),
+        ("limited_allowed", Some(3)),
+        ("pattern_allowed", Some(4)),
+        ("schema_fails", Some(5)),
+        ("condition_denied", Some(6)),
+        ("unknown_tool", Some(7)),
+        ("hidden", Some(8)),
+        ("mix", None),
+    ];
+    for (case, kind) in cases {
+        let calls: Vec<_> = mix
+            .iter()
+            .filter(|(k, ..)| kind.is_none_or(|want| *k == want))
+            .collect();
+        let mut next = 0usize;
+        group.bench_function(BenchmarkId::new("decide_1000_rules_mixed", case), |b| {
+            b.iter(|| {
+                let (_, tool, arguments, expected) = calls[next % calls.len()];
+                next += 1;
+                clock += Duration::from_micros(1);
+                let call = Call {
+                    tool: black_box(tool),
+                    arguments: arguments.as_ref(),
+                };
+                let decision = engine.decide_call(&call, &caller, clock);
+                wrong += u64::from(decision.outcome != *expected);
+                decision
+            });
+        });
+    }
+    group.finish();
+    assert_eq!(
+        wrong, 0,
+        "{wrong} decisions had another outcome than their kind's"
     );
 }
 
@@ -350,6 +443,7 @@ fn tls_benches(c: &mut Criterion) {
 criterion_group!(
     benches,
     policy_benches,
+    mixed_policy_benches,
     audit_benches,
     mcp_benches,
     tls_benches

@@ -5,6 +5,8 @@
 
 mod load;
 mod nginx;
+mod policyresult;
+mod policyrun;
 mod probe;
 mod report;
 mod responder;

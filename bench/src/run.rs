@@ -10,7 +10,8 @@
 //! The agent path is checked, not assumed: the audit log must gain one `request` record per
 //! call, and the direct and nginx paths must add none.
 //!
-//! Scenario 7 (SSE, [`crate::sserun`]) runs after 1–4, on the same agent configuration.
+//! Scenario 5b (the policy decision, [`crate::policyrun`]) runs first, in a process of its own,
+//! before any of this starts. Scenario 7 (SSE, [`crate::sserun`]) runs after 1–4, on the same agent configuration.
 //! Scenario 6 (TLS, [`crate::tlsrun`]) runs last: it adds TLS responders and a TLS-terminating
 //! nginx, and restarts the agent with `https://` endpoints.
 
@@ -52,12 +53,16 @@ pub struct RunOpts {
     pub command: String,
     /// Run scenario 6 (TLS) alone: for working on the TLS harness; the report's other
     /// sections are empty.
-    #[arg(long, hide = true, conflicts_with = "sse_only")]
+    #[arg(long, hide = true, conflicts_with_all = ["sse_only", "policy_only"])]
     pub tls_only: bool,
     /// Run scenario 7 (SSE) alone: for working on the SSE harness; the report's other
     /// sections are empty.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, conflicts_with = "policy_only")]
     pub sse_only: bool,
+    /// Run scenario 5b (the policy decision, in process) alone: no agent, nginx or cgroups are
+    /// started; the report's other sections are empty.
+    #[arg(long, hide = true)]
+    pub policy_only: bool,
 }
 
 /// The bench policy: the tools the load calls are allowed (`echo`, and `progress`, answered
@@ -698,15 +703,40 @@ pub fn noisy_added(
 }
 
 pub fn run(opts: RunOpts) -> Result<()> {
-    let mut bench = Bench::start(&opts)?;
-    let quick = bench.quick;
+    let quick = opts.quick;
     let repeats = if quick { 1 } else { 5 };
     let attempts = if quick { 1 } else { 3 };
     let mut report = Report::new(&opts, repeats);
     report.rate = RATE;
 
+    // 5b. The policy decision, in process: first, while nothing else of the bench runs.
     if !opts.tls_only && !opts.sse_only {
-        plaintext(&mut bench, &mut report, repeats, attempts)?;
+        report.policy = Some(crate::policyrun::run(repeats, quick)?);
+    }
+    if !opts.policy_only {
+        network(&opts, &mut report, repeats, attempts)?;
+    }
+
+    if let Some(dir) = &opts.criterion {
+        report.criterion = report::read_criterion(dir)?;
+    }
+    let text = report.render();
+    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let existing = std::fs::read_to_string(&opts.out).unwrap_or_default();
+    std::fs::write(&opts.out, report::splice(&existing, &text))
+        .with_context(|| format!("writing {}", opts.out.display()))?;
+    println!("{text}");
+    eprintln!("mcpwarden-bench: report written to {}", opts.out.display());
+    Ok(())
+}
+
+/// Scenarios 1–4, 7 and 6: the agent, nginx and the responder on loopback.
+fn network(opts: &RunOpts, report: &mut Report, repeats: usize, attempts: usize) -> Result<()> {
+    let mut bench = Bench::start(opts)?;
+    if !opts.tls_only && !opts.sse_only {
+        plaintext(&mut bench, report, repeats, attempts)?;
     }
 
     // 7. SSE: responses as event streams, idle standalone streams. Before 6, which restarts
@@ -728,20 +758,6 @@ pub fn run(opts: RunOpts) -> Result<()> {
     let mut errors = std::mem::take(&mut bench.agent_log_errors);
     errors.extend(log_errors(&bench.agent));
     report.agent_log_errors = errors.into_iter().take(5).collect();
-    drop(bench);
-
-    if let Some(dir) = &opts.criterion {
-        report.criterion = report::read_criterion(dir)?;
-    }
-    let text = report.render();
-    if let Some(dir) = opts.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let existing = std::fs::read_to_string(&opts.out).unwrap_or_default();
-    std::fs::write(&opts.out, report::splice(&existing, &text))
-        .with_context(|| format!("writing {}", opts.out.display()))?;
-    println!("{text}");
-    eprintln!("mcpwarden-bench: report written to {}", opts.out.display());
     Ok(())
 }
 
