@@ -11,7 +11,8 @@
 //! logged and audited with file, line and column. Counters survive when their name and scope
 //! do ([`Engine::reloaded`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -267,16 +268,34 @@ pub fn spawn(
 ) -> Result<(mpsc::Sender<Msg>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<Msg>();
     let events = tx.clone();
+    // The names of the watched files: other files in their directories (an audit log kept
+    // beside the policy, say) change all the time and must not cause reloads.
+    let names: Arc<Mutex<HashSet<OsString>>> = Arc::default();
+    let wanted = names.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let wanted = wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        if event.paths.iter().any(|p| concerns(p, &wanted)) {
             let _ = events.send(Msg::Reload);
         }
     })
     .context("starting the policy file watcher")?;
     let mut dirs: Vec<PathBuf> = Vec::new();
-    let watch_dirs = |watcher: &mut notify::RecommendedWatcher,
-                      dirs: &mut Vec<PathBuf>,
-                      files: Vec<PathBuf>| {
+    let watch_dirs = move |watcher: &mut notify::RecommendedWatcher,
+                           dirs: &mut Vec<PathBuf>,
+                           files: Vec<PathBuf>| {
+        {
+            let mut names = names.lock().unwrap_or_else(PoisonError::into_inner);
+            names.clear();
+            names.extend(
+                files
+                    .iter()
+                    .filter_map(|f| f.file_name().map(OsString::from)),
+            );
+        }
         for file in files {
             let dir = match file.parent() {
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -316,6 +335,14 @@ pub fn spawn(
     Ok((tx, thread))
 }
 
+/// Whether an event on `path` may change a watched file: the file itself, or a Kubernetes
+/// ConfigMap's `..data` link and `..<timestamp>` directories, which are swapped to update
+/// every file of the volume at once.
+fn concerns(path: &Path, names: &HashSet<OsString>) -> bool {
+    path.file_name()
+        .is_some_and(|name| names.contains(name) || name.to_string_lossy().starts_with(".."))
+}
+
 fn server_names(config: &Config) -> Vec<(String, String)> {
     config
         .servers
@@ -337,4 +364,29 @@ fn same_routing(a: &Routing, b: &Routing) -> bool {
             .iter()
             .zip(&b.bindings)
             .all(|(x, y)| Arc::ptr_eq(&x.slot, &y.slot) && x.selector == y.selector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concerns;
+    use std::collections::HashSet;
+    use std::ffi::OsString;
+    use std::path::Path;
+
+    #[test]
+    fn only_watched_files_and_configmap_swaps_cause_reloads() {
+        let names: HashSet<OsString> = ["policy.json", "mcpwarden.yaml"]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        assert!(concerns(Path::new("/etc/mcpwarden/policy.json"), &names));
+        assert!(concerns(Path::new("policy.json"), &names));
+        assert!(concerns(Path::new("/etc/mcpwarden/..data"), &names));
+        assert!(concerns(
+            Path::new("/etc/mcpwarden/..2026_11_24_23_00_00.123"),
+            &names
+        ));
+        assert!(!concerns(Path::new("/etc/mcpwarden/audit.jsonl"), &names));
+        assert!(!concerns(Path::new("/etc/mcpwarden/.policy.json.swp"), &names));
+    }
 }
