@@ -150,39 +150,32 @@ fn matches(pattern: &[u8], name: &[u8]) -> bool {
         .is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
 }
 
-/// Whether `a` and `b` have a common match: a dynamic programme over (position in a,
-/// position in b), where a star may absorb a character or a star of the other side.
+/// Whether `a` and `b` have a common match.
 fn overlap(a: &[u8], b: &[u8]) -> bool {
-    let (la, lb) = (a.len(), b.len());
-    // reach[i][j]: the suffixes a[i..] and b[j..] have a common match.
-    let mut reach = vec![vec![false; lb + 1]; la + 1];
-    for i in (0..=la).rev() {
-        for j in (0..=lb).rev() {
-            let value = match (a.get(i), b.get(j)) {
-                (None, None) => true,
-                (Some(b'*'), _) => cell(&reach, i + 1, j) || (j < lb && cell(&reach, i, j + 1)),
-                (_, Some(b'*')) => (i < la && cell(&reach, i + 1, j)) || cell(&reach, i, j + 1),
-                (Some(x), Some(y)) => x == y && cell(&reach, i + 1, j + 1),
-                _ => false,
-            };
-            if let Some(slot) = reach.get_mut(i).and_then(|row| row.get_mut(j)) {
-                *slot = value;
-            }
-        }
-    }
-    cell(&reach, 0, 0)
+    relate(a, b, false)
 }
 
 /// Whether pattern `a` matches every name pattern `b` matches: `b`'s stars stand for arbitrary
 /// text, so each must be swallowed by a star of `a`.
 fn covers(a: &[u8], b: &[u8]) -> bool {
+    relate(a, b, true)
+}
+
+/// A dynamic programme over (position in a, position in b). A star of `a` may absorb a
+/// character or a star of `b`; when `covering`, `b`'s stars are text that only a star of `a`
+/// can absorb, else a star of `b` may absorb `a`'s characters too.
+fn relate(a: &[u8], b: &[u8], covering: bool) -> bool {
     let (la, lb) = (a.len(), b.len());
+    // reach[i][j]: the relation holds between the suffixes a[i..] and b[j..].
     let mut reach = vec![vec![false; lb + 1]; la + 1];
     for i in (0..=la).rev() {
         for j in (0..=lb).rev() {
             let value = match (a.get(i), b.get(j)) {
                 (None, None) => true,
                 (Some(b'*'), _) => cell(&reach, i + 1, j) || (j < lb && cell(&reach, i, j + 1)),
+                (_, Some(b'*')) if !covering => {
+                    (i < la && cell(&reach, i + 1, j)) || cell(&reach, i, j + 1)
+                }
                 (Some(x), Some(y)) => *y != b'*' && x == y && cell(&reach, i + 1, j + 1),
                 _ => false,
             };
