@@ -387,6 +387,9 @@ mod tests {
             &names
         ));
         assert!(!concerns(Path::new("/etc/mcpwarden/audit.jsonl"), &names));
-        assert!(!concerns(Path::new("/etc/mcpwarden/.policy.json.swp"), &names));
+        assert!(!concerns(
+            Path::new("/etc/mcpwarden/.policy.json.swp"),
+            &names
+        ));
     }
 }

@@ -9,6 +9,8 @@
 //! - `bench`: setup, Debian's nginx (unpacked under target/, never started as a service), the
 //!   criterion benches, release builds, then `mcpwarden-bench run`, which writes BENCHMARKS.md
 //!   (`--quick`: a one-minute smoke run written to target/bench/quick.md; `test` runs it).
+//! - `fuzz`: setup, cargo-fuzz (installed if missing), then libFuzzer on the policy loader
+//!   (`agent/fuzz/`, nightly) for `--seconds` (60); `cargo test` replays its seed corpus.
 
 use std::{
     env,
@@ -52,6 +54,12 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the policy loader (nightly, cargo-fuzz) and report any crash.
+    Fuzz {
+        /// How long libFuzzer runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -78,6 +86,11 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup()?;
             demo()
+        }
+        Cmd::Fuzz { seconds } => {
+            // The fuzz build compiles the agent, whose build.rs builds the eBPF programs.
+            setup()?;
+            fuzz(seconds)
         }
     }
 }
@@ -405,6 +418,71 @@ fn demo() -> Result<()> {
         "mcpwarden",
     ]))?;
     run(Command::new(workspace_root().join("target/debug/mcpwarden")).arg("demo"))
+}
+
+/// The fuzz target in agent/fuzz/; tests/tests/policy_corpus.rs replays its seed corpus.
+const FUZZ_TARGET: &str = "policy_load";
+
+fn fuzz(seconds: u64) -> Result<()> {
+    let cargo_fuzz_present = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !cargo_fuzz_present {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let root = workspace_root();
+    let fuzz_dir = root.join("agent/fuzz");
+    let seeds = fuzz_dir.join("corpus").join(FUZZ_TARGET);
+    // libFuzzer adds what it finds to the first corpus directory: a scratch one under target/,
+    // kept between runs, so that the seed corpus in git stays as written. Crashes go to
+    // agent/fuzz/artifacts/policy_load/ (git-ignored).
+    let work = root.join("target/fuzz/corpus").join(FUZZ_TARGET);
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let mut cmd = Command::new("cargo");
+    // `cargo run` gave xtask the variables cargo sets for a package (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_NAME, ...). Passed on, nightly cargo sees them as changed inputs of crates that
+    // read them (ring: "the env variable CARGO_MANIFEST_DIR changed") and rebuilds those and
+    // everything above them (~10 minutes here) each time the target is built once by
+    // `cargo fuzz` by hand and once by xtask.
+    for (key, _) in env::vars_os() {
+        if key.to_str().is_some_and(|k| {
+            k.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&k)
+        }) {
+            cmd.env_remove(key);
+        }
+    }
+    run(cmd
+        .current_dir(root.join("agent"))
+        .args(["+nightly", "fuzz", "run", "--fuzz-dir"])
+        .arg(&fuzz_dir)
+        .arg("--target-dir")
+        .arg(root.join("target/fuzz"))
+        .arg(FUZZ_TARGET)
+        .arg(&work)
+        .arg(&seeds)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}")))
+    .with_context(|| {
+        format!(
+            "the fuzzer failed; the crashing input is in {}: copy it into {} under a name \
+             saying what it is, so that `cargo test` (policy_corpus) replays it",
+            fuzz_dir.join("artifacts").join(FUZZ_TARGET).display(),
+            seeds.display()
+        )
+    })?;
+    println!("xtask: fuzzed {FUZZ_TARGET} for {seconds} s: no crash");
+    Ok(())
 }
 
 #[cfg(test)]

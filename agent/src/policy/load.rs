@@ -224,7 +224,10 @@ impl Policy {
                 Err(err) => return Err(yaml_error(file, &err)),
             }
         } else {
-            match serde_json::from_slice::<Object<PolicyFile>>(bytes) {
+            // A byte-order mark (editors on Windows write one) is not JSON, but it is not
+            // ambiguous either: it is skipped, and columns on line 1 count from after it.
+            let json = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+            match serde_json::from_slice::<Object<PolicyFile>>(json) {
                 Ok(Object(parsed)) => parsed,
                 Err(err) => return Err(json_error(file, &err)),
             }

@@ -1085,3 +1085,21 @@ fn no_warnings_for_rules_that_apply() {
         assert!(warnings.is_empty(), "{text}: {warnings:?}");
     }
 }
+
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let text = "\u{feff}{\"version\":\"1\",\"default\":\"deny\"}";
+    let policy = match Policy::parse(text, "bom.json") {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        policy.source().sha256,
+        crate::policy::sha256_hex(text.as_bytes())
+    );
+    let err = match Policy::parse("\u{feff}{\"version\":\"2\"}", "bom.json") {
+        Ok(_) => panic!("version 2 loaded"),
+        Err(e) => e,
+    };
+    assert_eq!((err.line, err.column), (1, 14), "{err}");
+}
