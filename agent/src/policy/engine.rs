@@ -216,7 +216,7 @@ impl Engine {
             trace,
             &rule.pointer,
         )
-        .with_reason_prefix(rule.reason.as_deref())
+        .with_reason_prefix(&rule.pointer, rule.reason.as_deref())
     }
 
     /// Conditions, then limits, of `all_tools` and the rule; allowed with `allow_rule` when
@@ -464,9 +464,14 @@ fn refuse(outcome: Outcome, rule: String, reason: String) -> Decision {
 }
 
 impl Decision {
-    /// Prefixes the reason of a refusal with the rule's own `reason`, when it has one.
-    fn with_reason_prefix(mut self, prefix: Option<&str>) -> Decision {
-        if let (Some(prefix), Some(reason)) = (prefix, &self.reason) {
+    /// Prefixes the reason of a refusal made by the tool's rule (`pointer` and below) with that
+    /// rule's own `reason`, when it has one; refusals by `all_tools` keep theirs.
+    fn with_reason_prefix(mut self, pointer: &str, prefix: Option<&str>) -> Decision {
+        let own = self
+            .rule
+            .strip_prefix(pointer)
+            .is_some_and(|rest| rest.starts_with('/'));
+        if let (true, Some(prefix), Some(reason)) = (own, prefix, &self.reason) {
             self.reason = Some(format!("{prefix} ({reason})"));
         }
         self
