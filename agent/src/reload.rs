@@ -208,10 +208,7 @@ impl Policies {
                 file: p.source().file.clone(),
                 sha256: p.source().sha256.clone(),
             }),
-            None => file.map(|f| PolicyRef {
-                file: f.display().to_string(),
-                sha256: std::fs::read(f).map(|b| sha256_hex(&b)).unwrap_or_default(),
-            }),
+            None => file.map(file_ref),
         };
         rec.reason = Some("loaded: in force from now on".to_owned());
         self.write(&rec);
@@ -224,10 +221,7 @@ impl Policies {
             "reload failed: the previous policy and config stay in force"
         );
         let mut rec = Record::new(Event::PolicyReload);
-        rec.policy = file.map(|f| PolicyRef {
-            file: f.display().to_string(),
-            sha256: std::fs::read(f).map(|b| sha256_hex(&b)).unwrap_or_default(),
-        });
+        rec.policy = file.map(file_ref);
         rec.reason = Some(format!(
             "{error} (not loaded: the previous version stays in force)"
         ));
@@ -333,6 +327,17 @@ pub fn spawn(
         })
         .context("starting the reload thread")?;
     Ok((tx, thread))
+}
+
+/// A file as the audit log names it: its path and the sha256 of what it holds now (empty when it
+/// cannot be read).
+fn file_ref(path: &Path) -> PolicyRef {
+    PolicyRef {
+        file: path.display().to_string(),
+        sha256: std::fs::read(path)
+            .map(|b| sha256_hex(&b))
+            .unwrap_or_default(),
+    }
 }
 
 /// Whether an event on `path` may change a watched file: the file itself, or a Kubernetes

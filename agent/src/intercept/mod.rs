@@ -1147,9 +1147,10 @@ impl Conn {
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default();
         let legacy = self.legacy_session(server, &target);
+        let header_session = self.header_session(server, &parts.headers);
         let session = match &legacy {
             Some(s) => Some(s.clone()),
-            None => self.header_session(server, &parts.headers).map(|(_, s)| s),
+            None => header_session.as_ref().map(|(_, s)| s.clone()),
         };
         let parsed = match mcp::parse_body(&bytes, &parts.headers) {
             Ok(p) => p,
@@ -1203,7 +1204,7 @@ impl Conn {
         };
         let process = format!("pid:{}", caller.pid);
         // Revisions without sessions count a `session` limit per connection.
-        let session_key = match self.header_session(server, &parts.headers) {
+        let session_key = match &header_session {
             Some((key, _)) => format!("session:{}", key.id),
             None => match &legacy {
                 Some(_) => format!("session:{target}"),
