@@ -71,10 +71,13 @@
 use std::fs::OpenOptions;
 use std::hint::black_box;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use mcpwarden::audit::{AuditLog, Event, PolicyRef, Record, Verdict};
+use mcpwarden::audit::{
+    AuditLog, CallerPart, Event, Head, MessagePart, PolicyRef, Record, RequestPart, Verdict,
+};
 use mcpwarden::mcp::{self, Parsed};
 use mcpwarden::policy::{Call, CallerScope, Engine, Outcome, Policy};
 
@@ -275,33 +278,41 @@ fn mixed_policy_benches(c: &mut Criterion) {
 /// A decision record as the interceptor writes it for an allowed call, with
 /// every field that such a record carries filled in.
 fn decision_record() -> Record {
-    let mut record = Record::new(Event::Request);
-    record.server = Some("security-scanner".into());
-    record.dst = Some("10.42.7.19:8443".into());
-    record.pid = Some(48_213);
-    record.comm = Some("claude".into());
-    record.uid = Some(1000);
-    record.cgroup =
-        Some("/user.slice/user-1000.slice/user@1000.service/app.slice/agent.scope".into());
-    record.cgroup_id = Some(12_884_902_541);
-    record.http_method = Some("POST".into());
-    record.path = Some("/mcp".into());
-    record.method = Some("tools/call".into());
-    record.id = Some(serde_json::json!(42));
-    record.tool = Some("start_security_scan".into());
+    let caller = Arc::new(CallerPart {
+        dst: Some("10.42.7.19:8443".into()),
+        pid: Some(48_213),
+        comm: Some("claude".into()),
+        uid: Some(1000),
+        cgroup: Some("/user.slice/user-1000.slice/user@1000.service/app.slice/agent.scope".into()),
+        cgroup_id: Some(12_884_902_541),
+        ..CallerPart::default()
+    });
+    let request = Arc::new(RequestPart {
+        server: Some("security-scanner".into()),
+        http_method: Some("POST".into()),
+        path: Some("/mcp".into()),
+        ..RequestPart::default()
+    });
+    let head = Head::request(&caller, &request).with_message(MessagePart {
+        method: Some("tools/call".into()),
+        id: Some(serde_json::json!(42)),
+        tool: Some("start_security_scan".into()),
+        arg_keys: Some(vec![
+            "depth".into(),
+            "include_subdomains".into(),
+            "target".into(),
+        ]),
+        args_sha256: Some(
+            "3b7e1f0c9a8d2e4f6b1c3a5d7e9f0b2c4d6e8f1a3b5c7d9e0f2a4b6c8d0e1f3a".into(),
+        ),
+    });
+    let mut record = Record::new(Event::Request, Arc::new(head));
     record.decision = Some(Verdict::Allow);
     record.rule = Some("/tools/start_security_scan/limits/0".into());
     record.policy = Some(PolicyRef {
         file: "/etc/mcpwarden/policies/security-scanner.json".into(),
         sha256: "9f2c4e1a7b3d5f60e8a1c2b4d6f8091a3c5e7b9d1f2a4c6e8b0d2f4a6c8e0b2d".into(),
     });
-    record.arg_keys = Some(vec![
-        "depth".into(),
-        "include_subdomains".into(),
-        "target".into(),
-    ]);
-    record.args_sha256 =
-        Some("3b7e1f0c9a8d2e4f6b1c3a5d7e9f0b2c4d6e8f1a3b5c7d9e0f2a4b6c8d0e1f3a".into());
     record
 }
 

@@ -450,8 +450,8 @@ impl Agent {
             .ok_or_else(|| anyhow::anyhow!("no interceptor address could be bound"))?;
         let netns_cookie = crate::redirect::netns_cookie(first)?;
 
+        let identity = Arc::new(crate::identity::Resolver::new(&mount)?);
         let redirector = Arc::new(Redirector::start(&Settings {
-            mount,
             attach,
             agent_cgroup_id,
             netns_cookie,
@@ -478,6 +478,7 @@ impl Agent {
             servers,
             routes: routes.clone(),
             orig_dst: redirector.clone(),
+            identity,
             audit,
             max_body: config.max_body_bytes,
             terminator,

@@ -202,7 +202,7 @@ impl Policies {
     }
 
     fn loaded_record(&self, file: Option<&Path>, policy: Option<&Policy>) {
-        let mut rec = Record::new(Event::PolicyReload);
+        let mut rec = Record::bare(Event::PolicyReload);
         rec.policy = match policy {
             Some(p) => Some(PolicyRef {
                 file: p.source().file.clone(),
@@ -220,7 +220,7 @@ impl Policies {
             error,
             "reload failed: the previous policy and config stay in force"
         );
-        let mut rec = Record::new(Event::PolicyReload);
+        let mut rec = Record::bare(Event::PolicyReload);
         rec.policy = file.map(file_ref);
         rec.reason = Some(format!(
             "{error} (not loaded: the previous version stays in force)"

@@ -12,28 +12,26 @@ use std::io::Read;
 use http::{header, HeaderMap};
 
 /// Why a body could not be decoded.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// A coding this agent cannot read (415).
+    #[error("Content-Encoding {0:?} cannot be inspected; send the body uncompressed or as gzip, deflate, br or zstd")]
     Unsupported(String),
     /// The body is not valid in its coding (400).
+    #[error("the compressed body could not be decoded: {0}")]
     Corrupt(String),
     /// Decoded, it exceeds the bound (413).
+    #[error("the decoded request body exceeds the {0} byte limit; it was not forwarded")]
     TooLarge(usize),
 }
 
-impl std::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl DecodeError {
+    /// The HTTP status a request refused for this gets.
+    pub fn status(&self) -> http::StatusCode {
         match self {
-            DecodeError::Unsupported(c) => write!(
-                f,
-                "Content-Encoding {c:?} cannot be inspected; send the body uncompressed or as gzip, deflate, br or zstd"
-            ),
-            DecodeError::Corrupt(e) => write!(f, "the compressed body could not be decoded: {e}"),
-            DecodeError::TooLarge(max) => write!(
-                f,
-                "the decoded request body exceeds the {max} byte limit; it was not forwarded"
-            ),
+            DecodeError::Unsupported(_) => http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            DecodeError::Corrupt(_) => http::StatusCode::BAD_REQUEST,
+            DecodeError::TooLarge(_) => http::StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }

@@ -31,12 +31,12 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
 
 use super::{
-    full,
+    reply::{full, json_response},
     session::{ParamTable, Pending, Session, SessionKey, Sessions},
     upstream::Body,
 };
 use crate::{
-    audit::{Event, Record, WorkerAudit},
+    audit::{Event, Head, MessagePart, Record, Transport, WorkerAudit},
     mcp::{self, Kind, ListingRule, ServerMessage, SseEvent, SseSplitter},
     policy::Policy,
 };
@@ -46,15 +46,10 @@ use crate::{
 /// whatever `max_body_bytes` is.
 pub const MIN_RESPONSE_BOUND: usize = 16 << 20;
 
-/// Transport names used in audit records.
-pub const HTTP_SSE: &str = "http+sse";
-pub const STREAMABLE: &str = "streamable_http";
-pub const STATELESS: &str = "stateless_http";
-
 /// What the response to one forwarded request is read against.
 pub struct Exchange {
-    /// Caller, server and HTTP fields shared by every record of this exchange.
-    pub base: Record,
+    /// Caller, server and HTTP part shared by every record of this exchange.
+    pub base: Arc<Head>,
     /// Requests forwarded in this exchange, waiting for their answers.
     pub calls: Vec<(Value, Pending)>,
     /// Refusals of batch elements, by position in the client's batch, and the ids of the
@@ -185,6 +180,19 @@ impl Exchange {
         }
     }
 
+    /// A record of `event` about the server's message `method`/`id` on this exchange.
+    fn server_record(&self, event: Event, method: Option<String>, id: Option<Value>) -> Record {
+        let head = match (method, id) {
+            (None, None) => self.base.clone(),
+            (method, id) => Arc::new(self.base.with_message(MessagePart {
+                method,
+                id,
+                ..MessagePart::default()
+            })),
+        };
+        Record::new(event, head)
+    }
+
     /// The record that closes the call `id` (of this exchange, else of its session), with the
     /// upstream's verdict.
     /// `None` when the call's record was closed already (by a cancellation, say).
@@ -200,24 +208,21 @@ impl Exchange {
             .position(|(i, _)| i == id)
             .map(|pos| self.calls.remove(pos).1);
         let in_session = self.session.as_ref().and_then(|s| s.take_pending(id));
-        let (mut rec, started) = match local.or(in_session) {
+        let mut rec = match local.or(in_session) {
             Some(p) if !p.claim() => return None,
             Some(p) => {
-                let mut rec = p.rec.clone();
+                let mut rec = p.response();
                 // A JSON-RPC error is the server saying it did not run the call.
                 if msg.is_some_and(|m| m.error_code.is_some()) {
                     p.release_quota(&mut rec);
                 }
-                (rec, p.started)
+                rec.answered(status, p.started)
             }
-            None => {
-                let mut r = self.base.clone();
-                r.id = Some(id.clone());
-                r.reason = Some("answer to no call this agent forwarded".into());
-                (r, self.started)
-            }
+            None => self
+                .server_record(Event::Response, None, Some(id.clone()))
+                .because("answer to no call this agent forwarded")
+                .answered(status, self.started),
         };
-        finish_record(&mut rec, started, status);
         if let Some(m) = msg {
             rec.is_error = Some(m.is_error);
             rec.error_code = m.error_code;
@@ -244,21 +249,15 @@ impl Exchange {
                     self.write(&rec);
                 }
                 _ => {
-                    let mut rec = self.base.clone();
-                    rec.event = Event::ServerMessage;
-                    rec.ts = crate::audit::now();
-                    rec.method = m.method.clone();
-                    rec.id = m.id.clone();
-                    rec.status = None;
+                    let rec =
+                        self.server_record(Event::ServerMessage, m.method.clone(), m.id.clone());
                     self.write(&rec);
                 }
             }
         }
         if let Some(why) = &inspected.unreadable {
-            let mut rec = self.base.clone();
-            rec.event = Event::ServerMessage;
-            rec.ts = crate::audit::now();
-            rec.reason = Some(format!("server message could not be read: {why}"));
+            let rec = Record::new(Event::ServerMessage, self.base.clone())
+                .because(format!("server message could not be read: {why}"));
             self.write(&rec);
         }
     }
@@ -288,12 +287,11 @@ impl Exchange {
             if !p.claim() {
                 continue;
             }
-            let mut rec = p.rec.clone();
+            let mut rec = p.response();
             if not_run {
                 p.release_quota(&mut rec);
             }
-            finish_record(&mut rec, p.started, status);
-            rec.reason = Some(reason.to_owned());
+            let rec = rec.answered(status, p.started).because(reason);
             if immediate {
                 if let Err(e) = self.audit.write(&rec) {
                     tracing::error!(error = %e, "writing an audit record failed");
@@ -314,11 +312,8 @@ impl Exchange {
                         continue;
                     }
                     if let Some(old) = s.add_pending(&id, p).filter(Pending::claim) {
-                        let mut rec = old.rec;
-                        rec.event = Event::Response;
-                        rec.reason = Some(
-                            "no answer before the session's pending-call bound pushed it out"
-                                .into(),
+                        let rec = old.response().because(
+                            "no answer before the session's pending-call bound pushed it out",
                         );
                         self.write(&rec);
                     }
@@ -340,24 +335,11 @@ pub fn close_session_calls(
         if !p.claim() {
             continue;
         }
-        let mut rec = p.rec;
-        finish_record(&mut rec, p.started, status);
-        rec.reason = Some(reason.to_owned());
+        let rec = p.response().answered(status, p.started).because(reason);
         if let Err(e) = audit.write(&rec) {
             tracing::error!(error = %e, "writing an audit record failed");
         }
     }
-}
-
-/// A pending call's record, turned into the record of its answer.
-fn finish_record(rec: &mut Record, started: Instant, status: Option<u16>) {
-    rec.event = Event::Response;
-    rec.ts = crate::audit::now();
-    rec.status = status;
-    rec.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
-    rec.decision = None;
-    rec.rule = None;
-    rec.reason = None;
 }
 
 /// Whether a response is `text/event-stream`.
@@ -409,7 +391,7 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
             false,
             false,
         );
-        return super::json_response(
+        return json_response(
             StatusCode::BAD_GATEWAY,
             mcp::error_response(
                 None,
@@ -433,7 +415,7 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
             let refusals = json_array(batch.refusals());
             ex.hand_over(Some(status.as_u16()), "answered 202 with no result");
             if any {
-                return super::json_response(StatusCode::OK, refusals);
+                return json_response(StatusCode::OK, refusals);
             }
             return resp;
         }
@@ -458,7 +440,7 @@ async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         Err(e) => {
             let reason = format!("the server's response could not be read whole: {e}");
             ex.close_all(Some(status), &reason, false, false);
-            return super::json_response(
+            return json_response(
                 StatusCode::BAD_GATEWAY,
                 mcp::error_response(None, mcp::INTERNAL_ERROR, &format!("mcpwarden: {reason}")),
             );
@@ -482,6 +464,17 @@ async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
         }
     }
     Response::from_parts(head, full(out))
+}
+
+/// Why an SSE stream is cut: what it carried cannot be let through.
+#[derive(Debug, thiserror::Error)]
+enum Cut {
+    #[error("a second endpoint event on an HTTP+SSE stream")]
+    SecondEndpoint,
+    #[error("the HTTP+SSE endpoint {uri:?} is on another origin ({authority}), which is not a configured MCP endpoint: refused")]
+    OtherOrigin { uri: String, authority: String },
+    #[error("the HTTP+SSE endpoint {0:?} names another origin: refused")]
+    NamesOtherOrigin(String),
 }
 
 /// HTTP+SSE state of a GET stream.
@@ -530,7 +523,7 @@ impl SseBody {
     }
 
     /// Read one whole event; push what the client gets. Err: the stream must stop here.
-    fn event(&mut self, ev: SseEvent) -> Result<(), String> {
+    fn event(&mut self, ev: SseEvent) -> Result<(), Cut> {
         if matches!(self.legacy, Legacy::Unknown) {
             if ev.event.as_deref() == Some("endpoint") {
                 self.endpoint(&ev)?;
@@ -547,7 +540,7 @@ impl SseBody {
             return Ok(());
         };
         if ev.event.as_deref() == Some("endpoint") {
-            return Err("a second endpoint event on an HTTP+SSE stream".into());
+            return Err(Cut::SecondEndpoint);
         }
         let inspected = self.ex.inspect(data);
         self.ex.record_messages(&inspected, self.status);
@@ -575,20 +568,19 @@ impl SseBody {
     }
 
     /// The first event of an HTTP+SSE stream: where to POST. Checked and registered.
-    fn endpoint(&mut self, ev: &SseEvent) -> Result<(), String> {
+    fn endpoint(&mut self, ev: &SseEvent) -> Result<(), Cut> {
         let uri = ev.data.as_deref().unwrap_or_default().trim();
         if let Some(rest) = uri.split_once("://").map(|(_, r)| r) {
             let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
             let authority = authority.to_ascii_lowercase();
             if !self.ex.origins.contains(&authority) {
-                return Err(format!(
-                    "the HTTP+SSE endpoint {uri:?} is on another origin ({authority}), which is not a configured MCP endpoint: refused"
-                ));
+                return Err(Cut::OtherOrigin {
+                    uri: uri.to_owned(),
+                    authority,
+                });
             }
         } else if uri.starts_with("//") {
-            return Err(format!(
-                "the HTTP+SSE endpoint {uri:?} names another origin: refused"
-            ));
+            return Err(Cut::NamesOtherOrigin(uri.to_owned()));
         }
         let key = SessionKey {
             server: self.ex.server,
@@ -596,23 +588,21 @@ impl SseBody {
         };
         let (session, rx) = self.ex.sessions.legacy(key.clone());
         self.ex.session = Some(session.clone());
-        self.ex.base.transport = Some(HTTP_SSE);
-        let mut rec = self.ex.base.clone();
-        rec.event = Event::ServerMessage;
-        rec.ts = crate::audit::now();
-        rec.method = Some("endpoint".into());
-        rec.reason = Some(format!("HTTP+SSE session announced: POST endpoint {uri}"));
+        self.ex.base = Arc::new(Head {
+            transport: Some(Transport::HttpSse),
+            ..(*self.ex.base).clone()
+        });
+        let rec = self
+            .ex
+            .server_record(Event::ServerMessage, Some("endpoint".into()), None)
+            .because(format!("HTTP+SSE session announced: POST endpoint {uri}"));
         self.ex.write(&rec);
         self.legacy = Legacy::Yes(key, session, rx);
         Ok(())
     }
 
     fn refuse_stream(&mut self, reason: String) {
-        let mut rec = self.ex.base.clone();
-        rec.event = Event::Refused;
-        rec.ts = crate::audit::now();
-        rec.decision = Some(crate::audit::Verdict::Deny);
-        rec.reason = Some(reason.clone());
+        let rec = Record::new(Event::Refused, self.ex.base.clone()).denied(&*reason);
         if let Err(e) = self.ex.audit.write(&rec) {
             tracing::error!(error = %e, "writing an audit record failed");
         }
@@ -626,10 +616,7 @@ impl SseBody {
         }
         self.done = true;
         if self.splitter.pending() > 0 {
-            let mut rec = self.ex.base.clone();
-            rec.event = Event::ServerMessage;
-            rec.ts = crate::audit::now();
-            rec.reason = Some(format!(
+            let rec = Record::new(Event::ServerMessage, self.ex.base.clone()).because(format!(
                 "the stream ended inside an event ({} bytes); clients discard it and so did mcpwarden",
                 self.splitter.pending()
             ));
@@ -719,7 +706,7 @@ impl http_body::Body for SseBody {
                     };
                     for ev in events {
                         if let Err(reason) = this.event(ev) {
-                            this.refuse_stream(reason);
+                            this.refuse_stream(reason.to_string());
                             this.done = true;
                             // Whatever was complete before the refused event still goes out.
                             break;
@@ -734,7 +721,7 @@ impl http_body::Body for SseBody {
                     // An event whose blank line was a lone CR ends with the stream.
                     if let Some(ev) = this.splitter.finish() {
                         if let Err(reason) = this.event(ev) {
-                            this.refuse_stream(reason);
+                            this.refuse_stream(reason.to_string());
                             this.done = true;
                             continue;
                         }
@@ -831,12 +818,19 @@ mod stream_tests {
         let calls = calls
             .iter()
             .map(|(id, method)| {
-                let mut rec = Record::new(Event::Response);
-                rec.id = Some(Value::from(*id));
-                rec.method = Some((*method).to_owned());
+                let head = Head::default().with_message(MessagePart {
+                    id: Some(Value::from(*id)),
+                    method: Some((*method).to_owned()),
+                    ..MessagePart::default()
+                });
                 (
                     Value::from(*id),
-                    Pending::new(rec, Instant::now(), *method == "tools/list", None),
+                    Pending::new(
+                        Arc::new(head),
+                        Instant::now(),
+                        *method == "tools/list",
+                        None,
+                    ),
                 )
             })
             .collect();
@@ -844,7 +838,7 @@ mod stream_tests {
         Rig {
             audit: audit.clone(),
             ex: Exchange {
-                base: Record::new(Event::Response),
+                base: Arc::default(),
                 calls,
                 batch: None,
                 engine: Arc::new(Engine::new(policy)),

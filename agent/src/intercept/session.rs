@@ -19,9 +19,10 @@ use std::{
 };
 
 use bytes::Bytes;
+use lru::LruCache;
 use serde_json::Value;
 
-use crate::audit::Record;
+use crate::audit::{Event, Head, Record};
 
 /// Sessions kept at most.
 pub const MAX_SESSIONS: usize = 16 * 1024;
@@ -36,12 +37,13 @@ pub struct SessionKey {
     pub id: String,
 }
 
-/// A call forwarded and not yet answered: the record its answer will complete. The exchange
-/// and the session may both hold it (a result, a cancellation or a disconnect can each come
-/// first); clones share `closed`, so its record is closed exactly once.
+/// A call forwarded and not yet answered: the head of the record its answer will write. The
+/// exchange and the session may both hold it (a result, a cancellation or a disconnect can each
+/// come first); clones share `closed`, so its record is closed exactly once.
 #[derive(Debug, Clone)]
 pub struct Pending {
-    pub rec: Record,
+    /// Shared with the call's decision record.
+    pub head: Arc<Head>,
     pub started: Instant,
     /// A `tools/list` request: its result is filtered whatever it looks like.
     pub listing: bool,
@@ -52,18 +54,23 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(
-        rec: Record,
+        head: Arc<Head>,
         started: Instant,
         listing: bool,
         quota: Option<crate::policy::Reservation>,
     ) -> Pending {
         Pending {
-            rec,
+            head,
             started,
             listing,
             quota,
             closed: Arc::default(),
         }
+    }
+
+    /// The record of the call's answer (or of why none came), stamped now.
+    pub fn response(&self) -> Record {
+        Record::new(Event::Response, self.head.clone())
     }
 
     /// Gives the call's quota back (the upstream did not run it) and notes it in `rec`.
@@ -89,10 +96,10 @@ pub fn id_key(id: &Value) -> String {
     id.to_string()
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Session {
-    pending: Mutex<HashMap<String, (u64, Pending)>>,
-    seq: std::sync::atomic::AtomicU64,
+    /// By id; the least recently added goes first when the bound is reached.
+    pending: Mutex<LruCache<String, Pending>>,
     revision: Mutex<Option<String>>,
     /// HTTP+SSE: events to write into the client's GET stream, between whole events.
     inject: Option<tokio::sync::mpsc::Sender<Bytes>>,
@@ -104,44 +111,54 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+impl Default for Session {
+    fn default() -> Self {
+        Session {
+            // Unbounded as a cache (it would allocate its bound up front for every session);
+            // `add_pending` keeps it within MAX_PENDING.
+            pending: Mutex::new(LruCache::unbounded()),
+            revision: Mutex::default(),
+            inject: None,
+        }
+    }
+}
+
 impl Session {
     /// Remember a forwarded call; returns a call pushed out to stay within [`MAX_PENDING`].
     pub fn add_pending(&self, id: &Value, p: Pending) -> Option<Pending> {
-        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut map = lock(&self.pending);
-        map.insert(id_key(id), (seq, p));
+        map.put(id_key(id), p);
         if map.len() <= MAX_PENDING {
             return None;
         }
-        let oldest = map
-            .iter()
-            .min_by_key(|(_, (s, _))| *s)
-            .map(|(k, _)| k.clone())?;
-        map.remove(&oldest).map(|(_, p)| p)
+        map.pop_lru().map(|(_, p)| p)
     }
 
     /// The call `id`, left in place (its late answer then finds it closed, not unknown).
     pub fn pending(&self, id: &Value) -> Option<Pending> {
-        lock(&self.pending).get(&id_key(id)).map(|(_, p)| p.clone())
+        lock(&self.pending).peek(&id_key(id)).cloned()
     }
 
     pub fn take_pending(&self, id: &Value) -> Option<Pending> {
-        lock(&self.pending).remove(&id_key(id)).map(|(_, p)| p)
+        lock(&self.pending).pop(&id_key(id))
     }
 
     /// Every unanswered call, oldest first (the session is ending).
     pub fn drain_pending(&self) -> Vec<Pending> {
-        let mut all: Vec<(u64, Pending)> = lock(&self.pending).drain().map(|(_, v)| v).collect();
-        all.sort_by_key(|(seq, _)| *seq);
-        all.into_iter().map(|(_, p)| p).collect()
+        let mut map = lock(&self.pending);
+        let mut all = Vec::with_capacity(map.len());
+        while let Some((_, p)) = map.pop_lru() {
+            all.push(p);
+        }
+        all
     }
 
     /// The ids of unanswered `tools/list` requests.
     pub fn listing_ids(&self) -> Vec<Value> {
         lock(&self.pending)
-            .values()
+            .iter()
             .filter(|(_, p)| p.listing && !p.is_closed())
-            .filter_map(|(_, p)| p.rec.id.clone())
+            .filter_map(|(_, p)| p.head.id().cloned())
             .collect()
     }
 
@@ -167,20 +184,27 @@ impl Session {
 }
 
 /// Every session, shared by the workers.
-#[derive(Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<SessionKey, (Instant, Arc<Session>)>>,
+    /// The least recently used goes first when the bound is reached.
+    map: Mutex<LruCache<SessionKey, Arc<Session>>>,
     /// HTTP+SSE sessions in `map`: while there are none, POSTs need not look (and take the lock
     /// the workers share) to find out.
     legacy: std::sync::atomic::AtomicUsize,
 }
 
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            // Grows as sessions come; `insert` keeps it within MAX_SESSIONS.
+            map: Mutex::new(LruCache::unbounded()),
+            legacy: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
 impl Sessions {
     pub fn get(&self, key: &SessionKey) -> Option<Arc<Session>> {
-        let mut map = lock(&self.map);
-        let entry = map.get_mut(key)?;
-        entry.0 = Instant::now();
-        Some(entry.1.clone())
+        lock(&self.map).get(key).cloned()
     }
 
     /// The session for a Streamable HTTP id, created if new.
@@ -211,19 +235,11 @@ impl Sessions {
 
     fn insert(&self, key: SessionKey, s: Arc<Session>) {
         let mut map = lock(&self.map);
-        let gone = map
-            .insert(key, (Instant::now(), s.clone()))
-            .map(|(_, old)| old);
+        let gone = map.put(key, s.clone());
         self.counted(Some(&s), gone.as_ref());
         if map.len() > MAX_SESSIONS {
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, (t, _))| *t)
-                .map(|(k, _)| k.clone())
-            {
-                let gone = map.remove(&oldest).map(|(_, old)| old);
-                self.counted(None, gone.as_ref());
-            }
+            let gone = map.pop_lru().map(|(_, old)| old);
+            self.counted(None, gone.as_ref());
         }
     }
 
@@ -242,13 +258,13 @@ impl Sessions {
     /// newer session that took over the key.
     pub fn remove(&self, key: &SessionKey, which: Option<&Arc<Session>>) {
         let mut map = lock(&self.map);
-        let same = match (map.get(key), which) {
-            (Some((_, s)), Some(w)) => Arc::ptr_eq(s, w),
+        let same = match (map.peek(key), which) {
+            (Some(s), Some(w)) => Arc::ptr_eq(s, w),
             (Some(_), None) => true,
             (None, _) => false,
         };
         if same {
-            let gone = map.remove(key).map(|(_, old)| old);
+            let gone = map.pop(key);
             self.counted(None, gone.as_ref());
         }
     }
@@ -292,12 +308,11 @@ impl ParamTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::Event;
 
     #[test]
     fn pending_is_bounded_oldest_first() {
         let s = Session::default();
-        let p = || Pending::new(Record::new(Event::Response), Instant::now(), false, None);
+        let p = || Pending::new(Arc::default(), Instant::now(), false, None);
         for i in 0..MAX_PENDING as u64 {
             assert!(s.add_pending(&Value::from(i), p()).is_none());
         }

@@ -290,35 +290,45 @@ async fn probe(
     }
 }
 
+/// Why a ClientHello could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error("reading the ClientHello: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("the client closed the connection before its ClientHello")]
+    Closed,
+    #[error("the ClientHello is larger than a TLS record")]
+    TooLarge,
+    #[error("not a TLS ClientHello: {0}")]
+    NotTls(#[source] std::io::Error),
+    #[error("not a TLS ClientHello: {0}")]
+    Rejected(#[source] rustls::Error),
+}
+
 /// Read the ClientHello without consuming it from the socket (so the connection can still be
 /// passed through untouched). Returns the parsed hello and how many bytes it took.
 pub async fn peek_client_hello(
     stream: &TcpStream,
-) -> Result<(rustls::server::Accepted, usize), String> {
+) -> Result<(rustls::server::Accepted, usize), HelloError> {
     let mut buf = vec![0u8; MAX_HELLO];
     let mut seen = 0usize;
     loop {
-        let n = stream
-            .peek(&mut buf)
-            .await
-            .map_err(|e| format!("reading the ClientHello: {e}"))?;
+        let n = stream.peek(&mut buf).await.map_err(HelloError::Read)?;
         if n == 0 {
-            return Err("the client closed the connection before its ClientHello".into());
+            return Err(HelloError::Closed);
         }
         if n > seen {
             seen = n;
             let mut acceptor = Acceptor::default();
             let mut rd: &[u8] = buf.get(..n).unwrap_or_default();
             while !rd.is_empty() {
-                acceptor
-                    .read_tls(&mut rd)
-                    .map_err(|e| format!("reading the ClientHello: {e}"))?;
+                acceptor.read_tls(&mut rd).map_err(HelloError::Read)?;
             }
             match acceptor.accept() {
                 Ok(Some(accepted)) => return Ok((accepted, n)),
                 Ok(None) if n < MAX_HELLO => {}
-                Ok(None) => return Err("the ClientHello is larger than a TLS record".into()),
-                Err((e, _)) => return Err(format!("not a TLS ClientHello: {e}")),
+                Ok(None) => return Err(HelloError::TooLarge),
+                Err((e, _)) => return Err(HelloError::Rejected(e)),
             }
         } else {
             // Peeking does not clear readiness: wait a little for the rest of the hello.
@@ -341,10 +351,10 @@ pub async fn resume_after_peek(
 
 /// Read the ClientHello, consuming it (the usual case: nothing at this destination is passed
 /// through).
-pub async fn read_client_hello(stream: TcpStream) -> Result<StartHandshake<TcpStream>, String> {
+pub async fn read_client_hello(stream: TcpStream) -> Result<StartHandshake<TcpStream>, HelloError> {
     tokio_rustls::LazyConfigAcceptor::new(Acceptor::default(), stream)
         .await
-        .map_err(|e| format!("not a TLS ClientHello: {e}"))
+        .map_err(HelloError::NotTls)
 }
 
 #[cfg(test)]

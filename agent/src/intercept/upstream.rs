@@ -3,7 +3,7 @@
 //! server name, server, protocol) for TLS.
 //!
 //! A request is sent to the address recovered from the redirect map, written in absolute form
-//! (`http://ADDR/path`) only so that the pool can key on it; the client writes origin form on the
+//! (`http://ADDR/path`, by `forward`) only so that the pool can key on it; the client writes origin form on the
 //! wire and leaves the Host header the client sent untouched (`set_host(false)`). Requests on one
 //! client connection are served one at a time (HTTP/1.1), so they reach the server in the
 //! client's order; idle client connections hold no upstream connection. The agent's cgroup is
@@ -60,14 +60,9 @@ const POOL_MAX_IDLE_PER_DST: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("bad request target for {dst}: {source}")]
-    Uri {
-        dst: SocketAddr,
-        source: http::Error,
-    },
     #[error("HTTP exchange with {dst}: {}", chain(source))]
     Http {
-        dst: SocketAddr,
+        dst: String,
         source: hyper_util::client::legacy::Error,
     },
     #[error(
@@ -76,18 +71,17 @@ pub enum UpstreamError {
         chain(source)
     )]
     ClientCertRequired {
-        dst: SocketAddr,
+        dst: String,
         source: hyper_util::client::legacy::Error,
     },
 }
 
 impl UpstreamError {
-    /// Whether the request certainly never reached the server: the target was unusable, or
-    /// the connection (TCP or TLS) could not be made. An error after a connection carried the
+    /// Whether the request certainly never reached the server: the connection (TCP or TLS)
+    /// could not be made. An error after a connection carried the
     /// request (a reset, a timeout) may have come after the server ran it.
     pub fn not_sent(&self) -> bool {
         match self {
-            UpstreamError::Uri { .. } => true,
             UpstreamError::Http { source, .. }
             | UpstreamError::ClientCertRequired { source, .. } => source.is_connect(),
         }
@@ -191,6 +185,7 @@ impl Upstream {
             (pool.client.clone(), pool.cert_requested.clone())
         };
         client.request(req).await.map_err(|source| {
+            let dst = dst.to_string();
             if cert_requested.load(Ordering::Relaxed) {
                 UpstreamError::ClientCertRequired { dst, source }
             } else {
@@ -199,29 +194,23 @@ impl Upstream {
         })
     }
 
-    /// Send `req` (origin-form target, headers already cleaned) to `dst` and return the response
-    /// head with its body streaming.
-    pub async fn send(
-        &self,
-        dst: SocketAddr,
-        mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(dst.to_string())
-            .path_and_query(pq)
-            .build()
-            .map_err(|source| UpstreamError::Uri { dst, source })?;
+    /// Send `req` (absolute `http://DST/path` target, headers already cleaned) to the
+    /// destination it names and return the response head with its body streaming.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        let dst = authority_of(&req);
         self.client
             .request(req)
             .await
             .map_err(|source| UpstreamError::Http { dst, source })
     }
+}
+
+/// The destination an absolute request URI names (for error messages).
+fn authority_of(req: &Request<Body>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default()
 }
 
 /// The name to verify the server as: the client's SNI, else the destination's address (and then

@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use super::Engine;
+use super::{Decision, Engine, Outcome};
 
 /// A policy file's current engine; reloading the file swaps it.
 pub type EngineSlot = ArcSwap<Engine>;
@@ -254,6 +254,32 @@ impl Routing {
             },
         }
     }
+}
+
+impl Routing {
+    /// The decision for every call of a caller whose pod metadata binding `binding` needs was
+    /// not known within `identity_wait`: refused, never decided by another policy.
+    pub fn unresolved(&self, binding: usize) -> Decision {
+        let pointer = format!("/bindings/{binding}");
+        Decision {
+            outcome: Outcome::Deny,
+            reason: Some(format!(
+                "caller identity unresolved: binding {binding} selects on pod metadata, \
+                 which was not known within {} ms",
+                self.identity_wait.as_millis()
+            )),
+            rule: pointer,
+            would: None,
+            reservation: None,
+        }
+    }
+}
+
+/// The policy applied to callers whose identity could not be resolved: every tool hidden.
+pub fn unresolved_engine() -> Arc<Engine> {
+    static UNRESOLVED: std::sync::LazyLock<Arc<Engine>> =
+        std::sync::LazyLock::new(|| Arc::new(Engine::new(super::Policy::hide_everything())));
+    UNRESOLVED.clone()
 }
 
 /// Whether a cgroup path is a Kubernetes pod's (kubelet's cgroupfs and systemd layouts).

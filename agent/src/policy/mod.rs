@@ -98,6 +98,27 @@ pub enum Outcome {
     ApprovalRequired,
 }
 
+impl Outcome {
+    /// How the audit log names this outcome.
+    pub fn verdict(self) -> Verdict {
+        match self {
+            Outcome::Allow => Verdict::Allow,
+            Outcome::Deny | Outcome::UnknownTool => Verdict::Deny,
+            Outcome::ApprovalRequired => Verdict::RequireApproval,
+        }
+    }
+}
+
+/// A decision as the audit log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// `action: require_approval`: refused, as no approval channel exists yet.
+    RequireApproval,
+}
+
 /// The outcome of one call, the rule that decided it, and why.
 #[derive(Debug, Clone)]
 pub struct Decision {

@@ -1,15 +1,13 @@
-//! cgroup v2 plumbing: where the unified hierarchy is mounted, which cgroup a path or an id names,
-//! and moving the agent into its own cgroup.
+//! cgroup v2 plumbing: where the unified hierarchy is mounted, which cgroup a path names, and
+//! moving the agent into its own cgroup. (Which cgroup an id names is `identity`'s.)
 //!
 //! The mount point is read from /proc/mounts (it is /sys/fs/cgroup on most hosts, but
 //! /sys/fs/cgroup/unified on hybrid hosts): never assume either.
 
 use std::{
-    collections::HashMap,
-    fs, io,
-    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::fs::MetadataExt},
+    fs,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
 use anyhow::{bail, Context, Result};
@@ -94,84 +92,6 @@ pub fn join(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
     fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
         .with_context(|| format!("moving the agent into cgroup {}", dir.display()))
-}
-
-/// Resolves cgroup ids to paths (relative to the mount, starting with '/'), with a bounded cache.
-///
-/// The id → path step uses `open_by_handle_at` with a kernfs file handle, the same way bpftool and
-/// systemd do it: it works after the connecting process has exited, unlike /proc/PID/cgroup.
-pub struct CgroupNames {
-    mount: PathBuf,
-    mount_dir: fs::File,
-    cache: Mutex<HashMap<u64, String>>,
-}
-
-/// FILEID_KERNFS: the file-handle type of cgroupfs (include/linux/exportfs.h).
-const FILEID_KERNFS: i32 = 0xfe;
-const CACHE_MAX: usize = 4096;
-
-impl CgroupNames {
-    pub fn new(mount: &Path) -> Result<Self> {
-        let mount_dir =
-            fs::File::open(mount).with_context(|| format!("opening {}", mount.display()))?;
-        Ok(CgroupNames {
-            mount: mount.to_path_buf(),
-            mount_dir,
-            cache: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// The path of cgroup `id` relative to the mount ("/" for the root), or None when the cgroup
-    /// no longer exists.
-    pub fn path_of(&self, id: u64) -> Option<String> {
-        if let Ok(cache) = self.cache.lock() {
-            if let Some(p) = cache.get(&id) {
-                return Some(p.clone());
-            }
-        }
-        let path = self.lookup(id).ok()?;
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(id, path.clone());
-        }
-        Some(path)
-    }
-
-    fn lookup(&self, id: u64) -> io::Result<String> {
-        #[repr(C)]
-        struct KernfsHandle {
-            handle_bytes: u32,
-            handle_type: i32,
-            id: u64,
-        }
-        let mut handle = KernfsHandle {
-            handle_bytes: 8,
-            handle_type: FILEID_KERNFS,
-            id,
-        };
-        // SAFETY: KernfsHandle has the layout of `struct file_handle` with 8 bytes of payload;
-        // the fd returned is owned below.
-        let fd = unsafe {
-            libc::open_by_handle_at(
-                self.mount_dir.as_raw_fd(),
-                (&mut handle as *mut KernfsHandle).cast::<libc::file_handle>(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let file = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let link = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-        let rel = link.strip_prefix(&self.mount).map_err(|_| {
-            io::Error::other(format!("{} is not below the cgroup2 mount", link.display()))
-        })?;
-        let rel = rel.as_os_str().as_bytes();
-        Ok(format!("/{}", String::from_utf8_lossy(rel)))
-    }
 }
 
 #[cfg(test)]

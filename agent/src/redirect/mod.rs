@@ -28,7 +28,7 @@ use mcpwarden_common::{
     PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
 };
 
-pub use cgroup::CgroupNames;
+use crate::identity::Kernel;
 
 /// The programs, built by agent/build.rs from the `mcpwarden-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcpwarden"));
@@ -36,30 +36,17 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// getpeername hooks arrived in 5.8, bpf_link for cgroups in 5.7, SO_NETNS_COOKIE in 5.14.
 pub const MIN_KERNEL: (u8, u8) = (5, 14);
 
-/// Who opened a redirected connection, as the kernel saw it at connect().
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub pid: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub comm: String,
-    pub cgroup_id: u64,
-    /// Path relative to the cgroup2 mount ("/a/b"), when the cgroup still exists.
-    pub cgroup: Option<String>,
-}
-
 /// A connection the interceptor accepted, with where it was going.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirected {
     pub orig_dst: SocketAddr,
-    pub caller: Caller,
+    /// Who connected, as the kernel saw it (`identity` resolves names from it).
+    pub kernel: Kernel,
 }
 
 /// Where the programs attach and where they send connections.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// cgroup2 mount point.
-    pub mount: PathBuf,
     /// cgroup whose subtree is redirected.
     pub attach: PathBuf,
     /// cgroup id whose connections are never redirected (the agent's own).
@@ -78,7 +65,6 @@ pub struct Redirector {
     _ebpf: Ebpf,
     endpoints: Mutex<HashMap<MapData, SockKey, EndpointValue>>,
     by_client: Mutex<HashMap<MapData, SockKey, ConnRecord>>,
-    names: CgroupNames,
     attach: PathBuf,
 }
 
@@ -140,7 +126,6 @@ impl Redirector {
             _ebpf: ebpf,
             endpoints: Mutex::new(endpoints),
             by_client: Mutex::new(by_client),
-            names: CgroupNames::new(&settings.mount)?,
             attach: settings.attach.clone(),
         })
     }
@@ -168,7 +153,8 @@ impl Redirector {
 
     /// The record of the connection whose client side is `peer`, removed from the map (each
     /// accepted connection consumes its record). None when the connection was not redirected —
-    /// someone dialled the interceptor directly.
+    /// someone dialled the interceptor directly. A map look-up only: names are resolved later,
+    /// off the accept thread (`identity`).
     pub fn take(&self, peer: SocketAddr) -> Option<Redirected> {
         let key = SockKey::from_socket_addr(peer);
         let rec = {
@@ -180,24 +166,15 @@ impl Redirector {
         };
         Some(Redirected {
             orig_dst: rec.orig.to_socket_addr(),
-            caller: Caller {
+            kernel: Kernel {
                 pid: rec.tgid,
                 uid: rec.uid,
                 gid: rec.gid,
-                comm: process_comm(rec.tgid).unwrap_or_else(|| comm_str(&rec.comm)),
                 cgroup_id: rec.cgroup_id,
-                cgroup: self.names.path_of(rec.cgroup_id),
+                comm: comm_str(&rec.comm),
             },
         })
     }
-}
-
-/// The process's name (its main thread's comm). The kernel records the comm of the thread that
-/// called connect(), which for threaded runtimes is a worker's name ("tokio-rt-worker"); the
-/// process name is what an operator recognises. Falls back to the thread's when the process is gone.
-fn process_comm(tgid: u32) -> Option<String> {
-    let comm = std::fs::read_to_string(format!("/proc/{tgid}/comm")).ok()?;
-    Some(comm.trim_end_matches('\n').to_owned())
 }
 
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`), the value

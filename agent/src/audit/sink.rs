@@ -1,4 +1,4 @@
-//! The last step of the flow: one JSON object per line for every MCP message the interceptor sees.
+//! Where records go: one JSON object per line, written before anything they gate is forwarded.
 //!
 //! A record is serialised into a per-thread buffer and written with a single `write(2)` to a file
 //! opened `O_APPEND`: the kernel appends each write whole (the file's inode lock serialises them),
@@ -8,8 +8,6 @@
 //! the bytes: the interceptor writes a call's decision record before it forwards the call, so a
 //! crash of the agent never leaves a forwarded call unaudited. Records that gate nothing
 //! (`response`) go through a [`WorkerAudit`], which defers them to the worker's next write.
-//! Argument values are never written; their top-level keys and a sha256 of their canonical JSON
-//! are.
 
 use std::{
     cell::RefCell,
@@ -21,154 +19,10 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
-use serde::Serialize;
-
-/// Version of the record schema (`v`).
-pub const SCHEMA_VERSION: u32 = 1;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Event {
-    /// An MCP message the interceptor forwarded (after deciding it).
-    Request,
-    /// The upstream's answer to a forwarded MCP request.
-    Response,
-    /// A message or connection the interceptor refused; nothing was forwarded.
-    Refused,
-    /// An HTTP request that is not MCP (OAuth metadata, health checks, the SSE GET stream).
-    NonMcp,
-    /// A TLS connection forwarded untouched (`tls: passthrough`): nothing in it was inspected.
-    Passthrough,
-    /// A request or notification the server sent the client (on an SSE stream): sampling,
-    /// elicitation, roots, ping, progress, list changes, cancellations.
-    ServerMessage,
-    /// A policy or config file was (re)loaded, or failed to load and the previous one stays in
-    /// force (`reason` then holds `file:line:col: message`).
-    PolicyReload,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    Allow,
-    Deny,
-    /// `action: require_approval`: refused, as no approval channel exists yet.
-    RequireApproval,
-}
-
-/// Which policy made a decision: a JSON Pointer only means something next to the file it points
-/// into, and that file can change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PolicyRef {
-    pub file: String,
-    pub sha256: String,
-}
-
-/// One audit line. Fields that do not apply are written as null so every line has the same shape.
-#[derive(Debug, Clone, Serialize)]
-pub struct Record {
-    pub v: u32,
-    pub ts: String,
-    pub event: Event,
-    pub server: Option<String>,
-    pub dst: Option<String>,
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub uid: Option<u32>,
-    pub cgroup: Option<String>,
-    pub cgroup_id: Option<u64>,
-    /// The TLS server name the client asked for (terminated and passed-through connections).
-    pub sni: Option<String>,
-    /// `terminated` or `passthrough` for TLS connections; null for plaintext.
-    pub tls: Option<&'static str>,
-    /// `HTTP/1.1` or `HTTP/2`.
-    pub http_version: Option<&'static str>,
-    pub http_method: Option<String>,
-    pub path: Option<String>,
-    /// `http+sse` (2024-11-05), `streamable_http` (2025-03-26 to 2025-11-25) or `stateless_http`
-    /// (2026-07-28).
-    pub transport: Option<&'static str>,
-    /// The MCP revision the message was sent under, as far as it is known.
-    pub revision: Option<String>,
-    pub method: Option<String>,
-    pub id: Option<serde_json::Value>,
-    pub tool: Option<String>,
-    pub decision: Option<Verdict>,
-    pub rule: Option<String>,
-    pub reason: Option<String>,
-    pub policy: Option<PolicyRef>,
-    /// `mode: dry_run`: what enforcing would have decided, when it would have refused
-    /// (`decision` is then `allow`).
-    pub would: Option<Verdict>,
-    /// The config's binding that chose the policy (`/bindings/0`); null for a server's default.
-    pub binding: Option<String>,
-    /// Responses: the call's quota was given back, because the upstream certainly did not run
-    /// it (connection failed, HTTP or JSON-RPC error before any result).
-    pub quota_released: Option<bool>,
-    pub status: Option<u16>,
-    pub latency_ms: Option<f64>,
-    /// Responses: a result with `isError: true`, or a JSON-RPC error.
-    pub is_error: Option<bool>,
-    /// Responses: the upstream's JSON-RPC error code.
-    pub error_code: Option<i64>,
-    /// Responses (2026-07-28): `complete` or `input_required`.
-    pub result_type: Option<String>,
-    /// Responses to `tools/list`: the tools removed for this caller by the visibility rule.
-    pub hidden_tools: Option<Vec<String>>,
-    pub arg_keys: Option<Vec<String>>,
-    pub args_sha256: Option<String>,
-}
-
-impl Record {
-    /// An empty record of `event`, stamped now.
-    pub fn new(event: Event) -> Self {
-        Record {
-            v: SCHEMA_VERSION,
-            ts: now(),
-            event,
-            server: None,
-            dst: None,
-            pid: None,
-            comm: None,
-            uid: None,
-            cgroup: None,
-            cgroup_id: None,
-            sni: None,
-            tls: None,
-            http_version: None,
-            http_method: None,
-            path: None,
-            transport: None,
-            revision: None,
-            method: None,
-            id: None,
-            tool: None,
-            decision: None,
-            rule: None,
-            reason: None,
-            policy: None,
-            would: None,
-            binding: None,
-            quota_released: None,
-            status: None,
-            latency_ms: None,
-            is_error: None,
-            error_code: None,
-            result_type: None,
-            hidden_tools: None,
-            arg_keys: None,
-            args_sha256: None,
-        }
-    }
-}
-
-/// RFC 3339 UTC timestamp with milliseconds.
-pub fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
+use super::record::Record;
 
 enum Sink {
     File(File),
@@ -342,18 +196,22 @@ impl Drop for WorkerAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::{Event, Head, MessagePart, Verdict};
 
     #[test]
-    fn lines_are_complete_json_objects_with_every_field() -> io::Result<()> {
+    fn lines_are_complete_json_objects_without_null_fields() -> io::Result<()> {
         let dir = std::env::temp_dir().join(format!("mcpwarden-audit-test-{}", std::process::id()));
         let path = dir.join("audit.jsonl");
         let log = AuditLog::open(&path)?;
-        let mut rec = Record::new(Event::Refused);
-        rec.tool = Some("drop_cluster".into());
+        let head = Head::default().with_message(MessagePart {
+            tool: Some("drop_cluster".into()),
+            ..MessagePart::default()
+        });
+        let mut rec = Record::new(Event::Refused, Arc::new(head));
         rec.decision = Some(Verdict::Deny);
         rec.rule = Some("/tools/drop_cluster/action".into());
         log.write(&rec)?;
-        log.write(&Record::new(Event::NonMcp))?;
+        log.write(&Record::bare(Event::NonMcp))?;
         let text = std::fs::read_to_string(&path)?;
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -366,10 +224,15 @@ mod tests {
         assert_eq!(lines[0]["rule"], "/tools/drop_cluster/action");
         assert_eq!(lines[1]["event"], "non_mcp");
         assert!(lines[1]["pid"].is_null());
+        // Fields that do not apply are left out, not written as null.
         assert_eq!(
-            lines[1].as_object().map(|o| o.len()),
-            lines[0].as_object().map(|o| o.len())
+            lines[1].as_object().map(|o| o
+                .keys()
+                .map(String::as_str)
+                .collect::<std::collections::BTreeSet<_>>()),
+            Some(["event", "ts", "v"].into_iter().collect())
         );
+        assert_eq!(lines[0]["tool"], "drop_cluster");
         let mode =
             std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path)?.permissions());
         assert_eq!(mode & 0o777, 0o600);
@@ -399,18 +262,18 @@ mod tests {
             .build()?;
         runtime.block_on(async {
             // A deferred record is not in the file until a write carries it, then comes first.
-            worker.write_deferred(&Record::new(Event::Response))?;
+            worker.write_deferred(&Record::bare(Event::Response))?;
             assert_eq!(read_events(&path)?, Vec::<String>::new());
-            worker.write(&Record::new(Event::Request))?;
+            worker.write(&Record::bare(Event::Request))?;
             assert_eq!(read_events(&path)?, ["response", "request"]);
 
             // With no write to carry it, the timer writes it within DEFER_AT_MOST.
-            worker.write_deferred(&Record::new(Event::Response))?;
+            worker.write_deferred(&Record::bare(Event::Response))?;
             tokio::time::sleep(DEFER_AT_MOST + Duration::from_millis(1)).await;
             assert_eq!(read_events(&path)?, ["response", "request", "response"]);
 
             // Deferred again: its timer task now holds the writer too.
-            worker.write_deferred(&Record::new(Event::Refused))?;
+            worker.write_deferred(&Record::bare(Event::Refused))?;
             Ok::<_, io::Error>(())
         })?;
         // The worker stopping: its runtime drops the timer task and the last reference goes with

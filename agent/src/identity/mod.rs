@@ -1,0 +1,103 @@
+//! Who is calling: from what the kernel recorded at connect() (process, user, cgroup id) to the
+//! caller the policy and the audit name — the process name, the cgroup path, the pod — and the
+//! scope keys its quotas count under.
+//!
+//! Resolution reads `/proc` and the cgroup filesystem, so it runs on the worker that serves the
+//! connection, never on the accept thread. [`pods`] holds what is known of callers' pods.
+
+mod cgroup;
+mod pods;
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Result;
+
+pub use cgroup::CgroupNames;
+pub use pods::Pods;
+
+use crate::policy::bindings::PodMeta;
+
+/// What the kernel recorded of a connection's caller at connect().
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    /// The thread group (process) id.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// The comm of the thread that called connect().
+    pub comm: String,
+}
+
+/// Who opened a redirected connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The process's name.
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// Path relative to the cgroup2 mount ("/a/b"), when the cgroup still exists.
+    pub cgroup: Option<Arc<str>>,
+}
+
+impl Caller {
+    /// The `grant` scope key: the caller's pod when it is known, else its cgroup.
+    pub fn grant_key(&self, pod: Option<&PodMeta>) -> String {
+        match pod {
+            Some(pod) => format!("pod:{}", pod.uid),
+            None => format!("cgroup:{}", self.cgroup_id),
+        }
+    }
+
+    /// The `process` scope key.
+    pub fn process_key(&self) -> String {
+        format!("pid:{}", self.pid)
+    }
+}
+
+/// The `session` scope key of a Streamable HTTP or HTTP+SSE session.
+pub fn session_key(id: &str) -> String {
+    format!("session:{id}")
+}
+
+/// The `session` scope key of revisions without sessions: the connection.
+pub fn connection_key(connection: u64) -> String {
+    format!("connection:{connection}")
+}
+
+/// Turns kernel records into callers.
+pub struct Resolver {
+    names: CgroupNames,
+}
+
+impl Resolver {
+    /// Cgroup ids are resolved below `mount`, the cgroup2 mount.
+    pub fn new(mount: &Path) -> Result<Resolver> {
+        Ok(Resolver {
+            names: CgroupNames::new(mount)?,
+        })
+    }
+
+    /// The caller behind `kernel`: its process name (falling back to the thread's when the
+    /// process is gone) and its cgroup's path.
+    pub fn caller(&self, kernel: &Kernel) -> Caller {
+        Caller {
+            pid: kernel.pid,
+            uid: kernel.uid,
+            gid: kernel.gid,
+            comm: process_comm(kernel.pid).unwrap_or_else(|| kernel.comm.clone()),
+            cgroup_id: kernel.cgroup_id,
+            cgroup: self.names.path_of(kernel.cgroup_id),
+        }
+    }
+}
+
+/// The process's name (its main thread's comm). The kernel records the comm of the thread that
+/// called connect(), which for threaded runtimes is a worker's name ("tokio-rt-worker"); the
+/// process name is what an operator recognises.
+fn process_comm(pid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end_matches('\n').to_owned())
+}

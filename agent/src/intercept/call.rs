@@ -1,0 +1,507 @@
+//! One MCP request body (a message or a batch), in named steps: parse it strictly, check its
+//! `Mcp-Param-*` headers, decide every message against the caller's policy, audit each decision
+//! before anything is forwarded, answer the refused messages, and forward the rest — the
+//! answers are read on the way back ([`super::respond`]).
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{header, request::Parts, Method, Response, StatusCode};
+use serde_json::Value;
+
+use super::{
+    choose::Chosen,
+    conn::Conn,
+    context::{RequestCtx, Routed},
+    forward::identity_encoding,
+    reply::{accepted, full, json_response},
+    respond::{self, Batch, BatchElement, Exchange},
+    session::{Pending, Session, SessionKey},
+    upstream::Body,
+};
+use crate::{
+    audit::{Event, Head, MessagePart, PolicyRef, Record, Transport, Verdict},
+    identity,
+    mcp::{self, Kind, Message, Parsed},
+    policy::{Call, CallerScope, Decision, Engine, Outcome},
+};
+
+/// What the policy said about one message.
+struct Judged {
+    msg: Message,
+    decision: Option<Decision>,
+    /// The head of every record about this message.
+    head: Arc<Head>,
+}
+
+impl Judged {
+    fn refused(&self) -> bool {
+        self.decision
+            .as_ref()
+            .is_some_and(|d| d.outcome != Outcome::Allow)
+    }
+}
+
+/// The messages of one body, sorted after their decisions were audited.
+struct Plan {
+    /// Per message, in the client's order: refused (with mcpwarden's answer) or forwarded.
+    elements: Vec<BatchElement>,
+    /// Positions of the forwarded messages.
+    forwarded: Vec<usize>,
+    /// Forwarded requests, waiting for their answers.
+    calls: Vec<(Value, Pending)>,
+}
+
+impl Plan {
+    fn refused_any(&self) -> bool {
+        self.forwarded.len() < self.elements.len()
+    }
+}
+
+/// The sessions a request belongs to.
+struct Sessions {
+    /// HTTP+SSE: answers go on its GET stream.
+    legacy: Option<Arc<Session>>,
+    /// The `Mcp-Session-Id` session, when the server confirmed it.
+    header: Option<(SessionKey, Arc<Session>)>,
+}
+
+impl Sessions {
+    fn any(&self) -> Option<&Arc<Session>> {
+        self.legacy
+            .as_ref()
+            .or(self.header.as_ref().map(|(_, s)| s))
+    }
+}
+
+impl Conn {
+    pub(super) async fn handle_mcp(
+        &self,
+        ctx: &RequestCtx<'_>,
+        routed: Routed<'_>,
+        mut parts: Parts,
+        bytes: Bytes,
+    ) -> Response<Body> {
+        let sessions = Sessions {
+            legacy: ctx.legacy.clone(),
+            header: self.header_session(routed.id, &parts.headers),
+        };
+        let (batch, msgs) = match self.parse(ctx, routed, &parts, &bytes, &sessions) {
+            Ok(parsed) => parsed,
+            Err(refusal) => return *refusal,
+        };
+        let transport = if sessions.legacy.is_some() {
+            Transport::HttpSse
+        } else if msgs.iter().any(|m| m.stateless_2026) {
+            Transport::StatelessHttp
+        } else {
+            Transport::StreamableHttp
+        };
+        let session_revision = sessions.any().and_then(|s| s.revision());
+        let chosen = self.choose_policy(routed).await;
+        let judged = self.decide(ctx, &chosen, &sessions, msgs, transport, &session_revision);
+        let plan = match self.audit_decisions(&chosen, judged, &sessions, ctx.started) {
+            Ok(plan) => plan,
+            Err(refusal) => return *refusal,
+        };
+        if let Some(answer) = self.answer_alone(&plan, batch, &sessions) {
+            return answer;
+        }
+
+        // What goes on: the body as it came, or the batch without its refused elements.
+        let body = if plan.refused_any() {
+            match mcp::batch_subset(&bytes, &plan.forwarded) {
+                Some(b) => {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    Bytes::from(b)
+                }
+                None => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        mcp::error_response(
+                            None,
+                            mcp::INVALID_REQUEST,
+                            "Invalid Request: the batch could not be split",
+                        ),
+                    )
+                }
+            }
+        } else {
+            bytes
+        };
+        identity_encoding(&mut parts.headers);
+        let base = Arc::new(Head {
+            transport: Some(transport),
+            revision: session_revision,
+            ..(*ctx.head).clone()
+        });
+        let refused_any = plan.refused_any();
+        let Plan {
+            elements, calls, ..
+        } = plan;
+        let batch =
+            (batch && sessions.legacy.is_none() && refused_any).then_some(Batch { elements });
+        let session = sessions.any().cloned();
+        // The session holds the calls too: HTTP+SSE answers come on the GET stream (possibly
+        // before the POST's 202), Streamable HTTP ones may come on a resumed stream, and a
+        // cancellation arrives in another POST.
+        if let Some(s) = &session {
+            for (id, p) in &calls {
+                s.add_pending(id, p.clone());
+            }
+        }
+        let exchange = Exchange {
+            calls,
+            batch,
+            ..self.exchange(ctx, routed, &parts, chosen.engine.clone(), base, session)
+        };
+        match self.send(parts, full(body)).await {
+            Ok(resp) => respond::respond(resp, exchange).await,
+            Err(failed) => {
+                let reason = failed.audit_reason();
+                let status = failed.response.status().as_u16();
+                for (id, p) in exchange.calls {
+                    if let Some(s) = &exchange.session {
+                        s.take_pending(&id);
+                    }
+                    if !p.claim() {
+                        continue;
+                    }
+                    let mut rec = Record::new(Event::Response, p.head.clone());
+                    // The request never reached the server: the calls did not run.
+                    if failed.not_sent {
+                        p.release_quota(&mut rec);
+                    }
+                    let rec = rec.answered(Some(status), ctx.started).because(&*reason);
+                    self.write_audit_deferred(&rec);
+                }
+                failed.response
+            }
+        }
+    }
+
+    /// Step 1: the body, strictly parsed, and its `Mcp-Param-*` headers checked. Err: the
+    /// refusal, audited (and on HTTP+SSE, answered on the stream).
+    fn parse(
+        &self,
+        ctx: &RequestCtx<'_>,
+        routed: Routed<'_>,
+        parts: &Parts,
+        bytes: &[u8],
+        sessions: &Sessions,
+    ) -> Result<(bool, Vec<Message>), Box<Response<Body>>> {
+        let parsed = match mcp::parse_body(bytes, &parts.headers) {
+            Ok(p) => p,
+            Err(e) => {
+                let head = Head {
+                    transport: Some(if sessions.legacy.is_some() {
+                        Transport::HttpSse
+                    } else {
+                        Transport::StreamableHttp
+                    }),
+                    ..(*ctx.head).clone()
+                }
+                .with_message(MessagePart {
+                    id: e.id.clone(),
+                    ..MessagePart::default()
+                });
+                self.write_audit(
+                    &Record::new(Event::Refused, Arc::new(head)).denied(e.message.clone()),
+                );
+                if let (Some(s), Some(_)) = (&sessions.legacy, &e.id) {
+                    // An HTTP+SSE client reads answers on its stream only.
+                    if s.inject(mcp::message_event(&e.response_body())) {
+                        return Err(Box::new(accepted()));
+                    }
+                }
+                return Err(Box::new(json_response(e.status, e.response_body())));
+            }
+        };
+        Ok(match parsed {
+            Parsed::Single(m) => {
+                if let Err(e) = check_param_headers(routed, &m, &parts.headers) {
+                    let head = ctx.head.with_message(message_part(&m));
+                    self.write_audit(
+                        &Record::new(Event::Refused, Arc::new(head)).denied(e.message.clone()),
+                    );
+                    return Err(Box::new(json_response(e.status, e.response_body())));
+                }
+                (false, vec![m])
+            }
+            Parsed::Batch(ms) => (true, ms),
+        })
+    }
+
+    /// Step 2: every tool call decided against the chosen policy, at one instant, under the
+    /// caller's scope keys; each message gets the head of its records.
+    fn decide(
+        &self,
+        ctx: &RequestCtx<'_>,
+        chosen: &Chosen,
+        sessions: &Sessions,
+        msgs: Vec<Message>,
+        transport: Transport,
+        session_revision: &Option<String>,
+    ) -> Vec<Judged> {
+        let caller = &self.caller;
+        let grant = caller.grant_key(self.shared.pods.get(caller.cgroup_id).as_deref());
+        let process = caller.process_key();
+        // Revisions without sessions count a `session` limit per connection.
+        let session_key = match (&sessions.header, &sessions.legacy) {
+            (Some((key, _)), _) => identity::session_key(&key.id),
+            (None, Some(_)) => identity::session_key(&ctx.target),
+            (None, None) => identity::connection_key(self.id),
+        };
+        let scope = CallerScope {
+            grant: &grant,
+            process: &process,
+            session: &session_key,
+        };
+        let now = Instant::now();
+        msgs.into_iter()
+            .map(|msg| {
+                let decision = match (msg.is_tool_call(), &msg.tool, &chosen.unresolved) {
+                    (true, Some(_), Some(refusal)) => Some(refusal.clone()),
+                    (true, Some(tool), None) => Some(chosen.engine.decide_call(
+                        &Call {
+                            tool,
+                            arguments: msg.arguments.as_ref(),
+                        },
+                        &scope,
+                        now,
+                    )),
+                    _ => None,
+                };
+                let revision = msg
+                    .revision
+                    .clone()
+                    .or_else(|| session_revision.clone())
+                    .or_else(|| {
+                        (transport == Transport::StreamableHttp).then(|| "2025-03-26".to_owned())
+                    });
+                let head = Head {
+                    transport: Some(transport),
+                    revision,
+                    ..(*ctx.head).clone()
+                }
+                .with_message(message_part(&msg));
+                Judged {
+                    msg,
+                    decision,
+                    head: Arc::new(head),
+                }
+            })
+            .collect()
+    }
+
+    /// Step 3: every decision audited — refusals at once, forwarded messages before they go
+    /// (a failed write refuses the request) — and the messages sorted into what mcpwarden
+    /// answers and what it forwards.
+    fn audit_decisions(
+        &self,
+        chosen: &Chosen,
+        judged: Vec<Judged>,
+        sessions: &Sessions,
+        started: Instant,
+    ) -> Result<Plan, Box<Response<Body>>> {
+        let mut plan = Plan {
+            elements: Vec::with_capacity(judged.len()),
+            forwarded: Vec::new(),
+            calls: Vec::new(),
+        };
+        for (index, j) in judged.into_iter().enumerate() {
+            if j.refused() {
+                self.write_audit(&decision_record(Event::Refused, chosen, &j));
+                plan.elements.push(BatchElement::Refused(refusal(&j)));
+                continue;
+            }
+            // Every decision record reaches the kernel before the request is forwarded.
+            self.audit_before_forwarding(
+                &decision_record(Event::Request, chosen, &j),
+                j.msg.id.as_ref(),
+            )?;
+            if let (Some(cancelled), Some(s)) = (&j.msg.cancels, sessions.any()) {
+                self.close_cancelled(s, cancelled);
+            }
+            plan.elements.push(BatchElement::Forwarded(
+                j.msg.id.clone().filter(|_| j.msg.kind == Kind::Request),
+            ));
+            plan.forwarded.push(index);
+            if let (Kind::Request, Some(id)) = (j.msg.kind, &j.msg.id) {
+                let listing = j
+                    .msg
+                    .method
+                    .as_deref()
+                    .is_some_and(|m| mcp::is_method(m, "tools/list"));
+                let quota = j.decision.as_ref().and_then(|d| d.reservation.clone());
+                plan.calls.push((
+                    id.clone(),
+                    Pending::new(j.head.clone(), started, listing, quota),
+                ));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Step 4: when nothing is forwarded (or on HTTP+SSE, whatever is refused), mcpwarden
+    /// answers: in the POST's response, or on the HTTP+SSE stream, where the client reads its
+    /// answers. None: the rest goes to the server.
+    fn answer_alone(
+        &self,
+        plan: &Plan,
+        batch: bool,
+        sessions: &Sessions,
+    ) -> Option<Response<Body>> {
+        if let Some(s) = &sessions.legacy {
+            // HTTP+SSE: every answer goes on the stream; the POST itself only gets 202.
+            for e in &plan.elements {
+                if let BatchElement::Refused(Some(answer)) = e {
+                    if !s.inject(mcp::message_event(answer)) {
+                        tracing::warn!("the HTTP+SSE stream of this session is gone or full: refusal answered in the POST body");
+                        return Some(json_response(StatusCode::OK, answer.clone()));
+                    }
+                }
+            }
+            return plan.forwarded.is_empty().then(accepted);
+        }
+        if !plan.forwarded.is_empty() {
+            return None;
+        }
+        // Nothing forwarded: mcpwarden answers alone, with the bytes it wrote.
+        let mut refusals = plan
+            .elements
+            .iter()
+            .filter_map(|e| match e {
+                BatchElement::Refused(v) => v.as_deref(),
+                BatchElement::Forwarded(_) => None,
+            })
+            .peekable();
+        if refusals.peek().is_none() {
+            return Some(accepted());
+        }
+        let body = if batch {
+            respond::json_array(refusals)
+        } else {
+            refusals.next().map(<[u8]>::to_vec).unwrap_or_default()
+        };
+        Some(json_response(StatusCode::OK, body))
+    }
+
+    /// The client cancelled a call: its record is closed now (its answer, if any still
+    /// comes, is no longer awaited).
+    fn close_cancelled(&self, session: &Session, id: &Value) {
+        if let Some(p) = session.pending(id).filter(Pending::claim) {
+            let rec = Record::new(Event::Response, p.head.clone())
+                .answered(None, p.started)
+                .because("cancelled by the client (notifications/cancelled)");
+            self.write_audit_deferred(&rec);
+        }
+    }
+
+    /// What the answer to a forwarded request is read against.
+    pub(super) fn exchange(
+        &self,
+        ctx: &RequestCtx<'_>,
+        routed: Routed<'_>,
+        parts: &Parts,
+        engine: Arc<Engine>,
+        base: Arc<Head>,
+        session: Option<Arc<Session>>,
+    ) -> Exchange {
+        // Only a GET's stream can announce an HTTP+SSE endpoint, whose origin is checked.
+        let origins = if parts.method == Method::GET {
+            self.origins(parts)
+        } else {
+            Vec::new()
+        };
+        Exchange {
+            base,
+            calls: Vec::new(),
+            batch: None,
+            engine,
+            params: routed.server.params.clone(),
+            session,
+            sessions: self.shared.sessions.clone(),
+            server: routed.id,
+            origins,
+            started: ctx.started,
+            max: self.shared.max_body.max(respond::MIN_RESPONSE_BOUND),
+            audit: self.audit.clone(),
+            get_stream: false,
+        }
+    }
+}
+
+/// `Mcp-Param-*` headers of a call must mirror its arguments as the tool's listing
+/// designated. A call whose tool was never seen in a listing cannot be checked: it passes
+/// (the server still checks; the policy decides on the body either way).
+fn check_param_headers(
+    routed: Routed<'_>,
+    m: &Message,
+    headers: &http::HeaderMap,
+) -> Result<(), mcp::ParseError> {
+    let Some(tool) = m.tool.as_deref().filter(|_| m.is_tool_call()) else {
+        return Ok(());
+    };
+    match routed.server.params.get(tool) {
+        Some(d) => mcp::check_param_headers(&d, m, headers),
+        None if mcp::has_param_headers(headers) => {
+            tracing::debug!(
+                tool,
+                "Mcp-Param-* headers on a call whose tool's listing was not seen: not checked"
+            );
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// The message part of a record: what it is, never its argument values.
+fn message_part(msg: &Message) -> MessagePart {
+    let tool = msg.tool.is_some();
+    MessagePart {
+        method: msg.method.clone(),
+        id: msg.id.clone(),
+        tool: msg.tool.clone(),
+        arg_keys: tool.then(|| msg.arg_keys.clone()),
+        args_sha256: msg.args_sha256.clone().filter(|_| tool),
+    }
+}
+
+/// The record of a message's decision (allowed messages that are not tool calls: `allow`).
+fn decision_record(event: Event, chosen: &Chosen, j: &Judged) -> Record {
+    let mut rec = Record::new(event, j.head.clone());
+    rec.decision = Some(Verdict::Allow);
+    if let Some(d) = &j.decision {
+        rec.decision = Some(d.outcome.verdict());
+        rec.would = d.would.map(Outcome::verdict);
+        rec.rule = Some(d.rule.clone());
+        rec.reason = d.reason.clone();
+        rec.binding = chosen.binding.clone();
+        if chosen.unresolved.is_none() {
+            let src = chosen.engine.policy().source();
+            rec.policy = Some(PolicyRef {
+                file: src.file.clone(),
+                sha256: src.sha256.clone(),
+            });
+        }
+    }
+    rec
+}
+
+/// mcpwarden's answer to a refused message (`None` for a notification: nothing to answer).
+fn refusal(j: &Judged) -> Option<Vec<u8>> {
+    let id = j.msg.id.as_ref()?;
+    let body = match &j.decision {
+        Some(d) if d.outcome == Outcome::UnknownTool => {
+            mcp::unknown_tool_response(id, j.msg.tool.as_deref().unwrap_or(""))
+        }
+        Some(d) => mcp::denied_response(
+            id,
+            d.reason.as_deref().unwrap_or("denied"),
+            j.msg.stateless_2026,
+        ),
+        None => return None,
+    };
+    Some(body)
+}

@@ -1,0 +1,151 @@
+//! One accepted connection: where it was going, who made it, the servers it may be for, and the
+//! caller part of every audit record it produces (built once, shared by all of them).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use super::{
+    server::{Interceptor, Server},
+    upstream::{TlsClient, Upstream},
+};
+use crate::{
+    audit::{CallerPart, Event, Head, Record, Tls, WorkerAudit},
+    identity::Caller,
+};
+
+/// Per accepted connection.
+pub(super) struct Conn {
+    /// Unique within this agent's run: the `session` limit key of revisions without sessions.
+    pub id: u64,
+    pub shared: Arc<Interceptor>,
+    /// The original destination.
+    pub dst: SocketAddr,
+    pub caller: Caller,
+    /// Ids (indices into `shared.servers`) of the servers configured at the destination (for
+    /// TLS: those whose name the SNI is).
+    pub servers: Vec<usize>,
+    /// The upstream pool of the worker serving this connection.
+    pub upstream: Arc<Upstream>,
+    /// The audit writer of that worker.
+    pub audit: Arc<WorkerAudit>,
+    /// Set on TLS-terminated connections.
+    pub tls: Option<TlsSession>,
+    /// The caller part of this connection's records.
+    pub who: Arc<CallerPart>,
+}
+
+/// A terminated TLS connection.
+pub(super) struct TlsSession {
+    pub sni: Option<String>,
+    pub h2: bool,
+    /// The id of the server whose trust roots verify the upstream.
+    pub server: usize,
+    pub client: Arc<TlsClient>,
+}
+
+impl Conn {
+    pub fn new(
+        id: u64,
+        shared: Arc<Interceptor>,
+        dst: SocketAddr,
+        caller: Caller,
+        servers: Vec<usize>,
+        upstream: Arc<Upstream>,
+        audit: Arc<WorkerAudit>,
+    ) -> Conn {
+        let who = Arc::new(caller_part(dst, &caller, None, None));
+        Conn {
+            id,
+            shared,
+            dst,
+            caller,
+            servers,
+            upstream,
+            audit,
+            tls: None,
+            who,
+        }
+    }
+
+    pub fn server_at(&self, id: usize) -> Option<&Server> {
+        self.shared.servers.get(id)
+    }
+
+    /// The servers configured at the destination, with their ids.
+    pub fn servers_here(&self) -> impl Iterator<Item = (usize, &Server)> + '_ {
+        self.servers
+            .iter()
+            .filter_map(|&i| self.server_at(i).map(|s| (i, s)))
+    }
+
+    /// (any plaintext server, any https server) at this destination.
+    pub fn schemes(&self) -> (bool, bool) {
+        (
+            self.servers_here().any(|(_, s)| s.tls.is_none()),
+            self.servers_here().any(|(_, s)| s.tls.is_some()),
+        )
+    }
+
+    /// The connection is TLS-terminated from now on: its records say so, with the SNI.
+    pub fn terminated(&mut self, session: TlsSession) {
+        self.who = Arc::new(caller_part(
+            self.dst,
+            &self.caller,
+            session.sni.clone(),
+            Some(Tls::Terminated),
+        ));
+        self.tls = Some(session);
+    }
+
+    /// A record about this connection as a whole.
+    pub fn record(&self, event: Event) -> Record {
+        Record::new(event, Arc::new(Head::caller(&self.who)))
+    }
+
+    /// A record about this connection with another SNI and TLS mode (the handshake's).
+    pub fn tls_record(&self, event: Event, sni: Option<String>, tls: Tls) -> Record {
+        let who = Arc::new(caller_part(self.dst, &self.caller, sni, Some(tls)));
+        Record::new(event, Arc::new(Head::caller(&who)))
+    }
+
+    /// Audit a connection refused before any HTTP was read (it is then closed).
+    pub fn refuse_connection(&self, sni: Option<String>, reason: String) {
+        self.write_audit(
+            &self
+                .tls_record(Event::Refused, sni, Tls::Terminated)
+                .denied(reason),
+        );
+    }
+
+    /// Best-effort immediate write for records that gate nothing but should not wait (refusals).
+    pub fn write_audit(&self, rec: &Record) {
+        if let Err(e) = self.audit.write(rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+
+    /// `response` records: carried by the worker's next write, at most a few ms later.
+    pub fn write_audit_deferred(&self, rec: &Record) {
+        if let Err(e) = self.audit.write_deferred(rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
+}
+
+/// The caller part of a record: who, going where, over what.
+pub(super) fn caller_part(
+    dst: SocketAddr,
+    caller: &Caller,
+    sni: Option<String>,
+    tls: Option<Tls>,
+) -> CallerPart {
+    CallerPart {
+        dst: Some(dst.to_string()),
+        pid: Some(caller.pid),
+        comm: Some(caller.comm.clone()),
+        uid: Some(caller.uid),
+        cgroup: caller.cgroup.as_deref().map(str::to_owned),
+        cgroup_id: Some(caller.cgroup_id),
+        sni,
+        tls,
+    }
+}

@@ -1,0 +1,266 @@
+//! One HTTP request: the checks every request passes (the TLS name, transfer codings, tunnels),
+//! its body read whole and decoded, and the classification — MCP (to [`super::call`]), a request
+//! with no body (GET streams, DELETE), or another request, forwarded after its audit record.
+//!
+//! What is MCP: a POST to a configured endpoint path (query ignored, path normalised), or to the
+//! POST endpoint an HTTP+SSE stream announced, must parse as JSON-RPC or it is refused; any other
+//! request whose body is JSON-RPC is MCP too. Every request body is buffered (up to `max_body`),
+//! decoded if compressed ([`super::encoding`]: forwarded decoded) and inspected before anything
+//! is forwarded. Upgrade and CONNECT are refused: they would open tunnels past the parser.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{header, request::Parts, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::{
+    conn::Conn,
+    context::{authority, mcp_header, RequestCtx},
+    encoding,
+    forward::identity_encoding,
+    reply::{full, json_response, refused_plain},
+    respond::{self, Exchange},
+    upstream::Body,
+};
+use crate::{
+    audit::{Event, Head, Record, Transport},
+    mcp,
+};
+
+impl Conn {
+    /// Serve one request.
+    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let ctx = self.context(&parts, started);
+        if let Some(refusal) = self.check(&ctx, &parts) {
+            return refusal;
+        }
+        if parts.method != Method::POST && body.is_end_stream() {
+            // No body to inspect: the SSE GET stream, DELETE, OAuth metadata, health checks.
+            return self.forward_bodiless(&ctx, parts, body.boxed()).await;
+        }
+        // Every body is inspected, whatever the method: none reaches the server unread.
+        let bytes = match self.read_body(&ctx, &mut parts, body).await {
+            Ok(b) => b,
+            Err(refusal) => return *refusal,
+        };
+        let must_be_mcp = parts.method == Method::POST && ctx.at_endpoint;
+        if !must_be_mcp && !mcp::looks_like_jsonrpc(&bytes) {
+            return self.forward_non_mcp(&ctx, parts, full(bytes)).await;
+        }
+        match ctx.routed {
+            Some(routed) => self.handle_mcp(&ctx, routed, parts, bytes).await,
+            None => {
+                let msg = "this address serves several MCP endpoints and the request path names none of them: \
+                           no policy applies, so it was not forwarded";
+                self.write_audit(&Record::new(Event::Refused, ctx.head.clone()).denied(msg));
+                json_response(
+                    StatusCode::BAD_REQUEST,
+                    mcp::error_response(None, -32600, msg),
+                )
+            }
+        }
+    }
+
+    /// What every request must pass before its body is read: the TLS name it came under, no
+    /// transfer coding but chunked, no tunnel.
+    fn check(&self, ctx: &RequestCtx<'_>, parts: &Parts) -> Option<Response<Body>> {
+        if let Some(refusal) = self.misdirected(ctx, parts) {
+            return Some(refusal);
+        }
+        let transfer_codings = parts
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| !t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if transfer_codings {
+            return Some(self.refuse_plain(
+                ctx,
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not accepted: the body could not be inspected",
+            ));
+        }
+        if parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE) {
+            return Some(self.refuse_plain(
+                ctx,
+                StatusCode::FORBIDDEN,
+                "Upgrade and CONNECT requests to an MCP endpoint are refused: they would open a tunnel past the policy",
+            ));
+        }
+        None
+    }
+
+    /// On a terminated connection, a request must be for the server the TLS name was: Host (or
+    /// :authority) naming another server is domain fronting, answered 421.
+    fn misdirected(&self, ctx: &RequestCtx<'_>, parts: &Parts) -> Option<Response<Body>> {
+        let tls = self.tls.as_ref()?;
+        let host = authority(parts).map(|a| {
+            a.host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase()
+        });
+        let expected = match &tls.sni {
+            Some(n) => n.clone(),
+            None => self.dst.ip().to_string(),
+        };
+        if host.as_deref() == Some(expected.as_str()) {
+            return None;
+        }
+        Some(self.refuse_plain(
+            ctx,
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!(
+                "this connection is for {expected} but the request names {}: send it on a connection to that server",
+                host.as_deref().unwrap_or("no host")
+            ),
+        ))
+    }
+
+    /// The whole body, bounded, decoded if compressed (and then forwarded decoded: the server
+    /// reads exactly what the policy read). Err: the refusal, audited.
+    async fn read_body(
+        &self,
+        ctx: &RequestCtx<'_>,
+        parts: &mut Parts,
+        body: Incoming,
+    ) -> Result<Bytes, Box<Response<Body>>> {
+        let max = self.shared.max_body;
+        let bytes = match Limited::new(body, max).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                let too_large = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                let (status, msg) = if too_large {
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("request body exceeds the {max} byte limit; it was not forwarded"),
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("reading the request body failed: {e}"),
+                    )
+                };
+                self.write_audit(&Record::new(Event::Refused, ctx.head.clone()).denied(&*msg));
+                return Err(Box::new(json_response(
+                    status,
+                    mcp::error_response(None, -32600, &msg),
+                )));
+            }
+        };
+        let codings = encoding::codings(&parts.headers);
+        if codings.is_empty() {
+            return Ok(bytes);
+        }
+        match encoding::decode(&bytes, &codings, max) {
+            Ok(decoded) => {
+                parts.headers.remove(header::CONTENT_ENCODING);
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Ok(Bytes::from(decoded))
+            }
+            Err(e) => Err(Box::new(self.refuse_plain(ctx, e.status(), &e.to_string()))),
+        }
+    }
+
+    /// Refuse a request before it is read as MCP, with a text answer and its audit record.
+    pub(super) fn refuse_plain(
+        &self,
+        ctx: &RequestCtx<'_>,
+        status: StatusCode,
+        reason: &str,
+    ) -> Response<Body> {
+        let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(reason);
+        rec.status = Some(status.as_u16());
+        self.write_audit(&rec);
+        refused_plain(status, reason)
+    }
+
+    /// Forward a request that carries no MCP message, audited before it goes.
+    async fn forward_non_mcp(
+        &self,
+        ctx: &RequestCtx<'_>,
+        parts: Parts,
+        body: Body,
+    ) -> Response<Body> {
+        let head = ctx.head.clone();
+        if let Err(refusal) = self.audit_before_forwarding(&Record::new(Event::NonMcp, head), None)
+        {
+            return *refusal;
+        }
+        let rec = Record::new(Event::Response, ctx.head.clone());
+        self.forward(rec, parts, body, ctx.started).await
+    }
+
+    /// A request without a body. GET streams are read like any server message (a 2024-11-05
+    /// HTTP+SSE stream, a Streamable HTTP standalone or resumed stream); DELETE ends a session.
+    async fn forward_bodiless(
+        &self,
+        ctx: &RequestCtx<'_>,
+        mut parts: Parts,
+        body: Body,
+    ) -> Response<Body> {
+        let session = ctx
+            .routed
+            .and_then(|r| self.header_session(r.id, &parts.headers));
+        let head = match &session {
+            Some((_, s)) => Arc::new(Head {
+                transport: Some(Transport::StreamableHttp),
+                revision: s.revision().or_else(|| mcp_header(&parts.headers)),
+                ..(*ctx.head).clone()
+            }),
+            None => ctx.head.clone(),
+        };
+        if let Err(refusal) =
+            self.audit_before_forwarding(&Record::new(Event::NonMcp, head.clone()), None)
+        {
+            return *refusal;
+        }
+        let (Some(routed), true) = (ctx.routed, parts.method == Method::GET) else {
+            if let (Some((key, s)), true) = (&session, parts.method == Method::DELETE) {
+                self.shared.sessions.remove(key, Some(s));
+                respond::close_session_calls(
+                    s,
+                    &self.audit,
+                    None,
+                    "the client ended the session (DELETE) before the result",
+                );
+            }
+            let rec = Record::new(Event::Response, ctx.head.clone());
+            return self.forward(rec, parts, body, ctx.started).await;
+        };
+        identity_encoding(&mut parts.headers);
+        // A stream's listings are filtered with the caller's policy (everything hidden when
+        // the caller could not be identified).
+        let engine = self.choose_policy(routed).await.engine;
+        let exchange = Exchange {
+            get_stream: true,
+            ..self.exchange(ctx, routed, &parts, engine, head, session.map(|s| s.1))
+        };
+        match self.send(parts, body).await {
+            // MCP answers a GET with an event stream (or 405); anything else (OAuth metadata, a
+            // health check) carries no MCP message and is passed on as it is.
+            Ok(resp) if respond::is_event_stream(resp.headers()) => {
+                respond::respond(resp, exchange).await
+            }
+            Ok(resp) => {
+                let rec = Record::new(Event::Response, exchange.base.clone())
+                    .answered(Some(resp.status().as_u16()), ctx.started);
+                self.write_audit_deferred(&rec);
+                resp
+            }
+            Err(failed) => {
+                let rec = Record::new(Event::Response, exchange.base.clone())
+                    .because(format!("upstream failed: {}", failed.reason));
+                self.write_audit_deferred(&rec);
+                failed.response
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Serving one connection: plaintext HTTP, TLS terminated then HTTP, or passed through
+//! untouched; HTTP/1.1 or h2 with hyper, each request handed to [`super::request`].
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+
+use super::{
+    conn::Conn,
+    terminate::{Next, HANDSHAKE_TIMEOUT},
+};
+use crate::audit::Event;
+
+/// Every branch's future is boxed: the task is allocated at the size of its largest possible
+/// state, and a TLS handshake or an HTTP/2 connection is several KiB that a plaintext
+/// connection (or an idle SSE stream on one) should not carry.
+pub(super) async fn serve_connection(conn: Conn, stream: std::net::TcpStream, peer: SocketAddr) {
+    let stream = match TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "registering an accepted connection failed");
+            return;
+        }
+    };
+    let (plain, tls) = conn.schemes();
+    if !tls {
+        return Box::pin(serve_http(Arc::new(conn), stream, false, peer)).await;
+    }
+    if plain {
+        // Names of both kinds share this address: the first byte tells TLS (a handshake
+        // record, 0x16) from HTTP.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] != 0x16 => {
+                return Box::pin(serve_http(Arc::new(conn), stream, false, peer)).await
+            }
+            Ok(Ok(1)) => {}
+            _ => return,
+        }
+    }
+    match Box::pin(conn.terminate_or_pass(stream)).await {
+        Next::Serve(conn, tls, h2) => Box::pin(serve_http(Arc::new(conn), tls, h2, peer)).await,
+        Next::Pass(conn, stream, sni) => Box::pin(conn.pass_through(stream, sni)).await,
+        Next::Done => {}
+    }
+}
+
+/// Serve HTTP/1.1 (or h2, when ALPN chose it) on a client connection until it closes.
+async fn serve_http<IO>(conn: Arc<Conn>, io: IO, h2: bool, peer: SocketAddr)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let audit_conn = conn.clone();
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let result = if h2 {
+        Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), service),
+        )
+        .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .serve_connection(TokioIo::new(io), service)
+            .await
+    };
+    if let Err(e) = result {
+        if e.is_parse() || e.is_parse_too_large() {
+            // Bytes hyper could not read as HTTP (an h2c preface on HTTP/1.1, a malformed
+            // head): nothing reached the service, nothing was forwarded; the caller is audited.
+            let reason = if e.is_parse_version_h2() {
+                "plaintext HTTP/2 (h2c prior knowledge) is refused: it would not be inspected"
+                    .to_owned()
+            } else {
+                format!("malformed HTTP request: {e}")
+            };
+            audit_conn.write_audit(&audit_conn.record(Event::Refused).denied(reason));
+        }
+        tracing::debug!(%peer, error = %e, "client connection ended");
+    }
+}
