@@ -63,6 +63,13 @@ pub struct RunOpts {
     /// started; the report's other sections are empty.
     #[arg(long, hide = true)]
     pub policy_only: bool,
+    /// Run scenarios 2a and 3 alone (for A/B runs of two agent builds): the report's other
+    /// sections are empty.
+    #[arg(long, hide = true, conflicts_with_all = ["tls_only", "sse_only", "policy_only"])]
+    pub cpu_only: bool,
+    /// Repeats of each scenario instead of the mode's default (5, quick: 1).
+    #[arg(long, hide = true)]
+    pub repeats: Option<usize>,
 }
 
 /// The bench policy: the tools the load calls are allowed (`echo`, and `progress`, answered
@@ -704,13 +711,13 @@ pub fn noisy_added(
 
 pub fn run(opts: RunOpts) -> Result<()> {
     let quick = opts.quick;
-    let repeats = if quick { 1 } else { 5 };
+    let repeats = opts.repeats.unwrap_or(if quick { 1 } else { 5 }).max(1);
     let attempts = if quick { 1 } else { 3 };
     let mut report = Report::new(&opts, repeats);
     report.rate = RATE;
 
     // 5b. The policy decision, in process: first, while nothing else of the bench runs.
-    if !opts.tls_only && !opts.sse_only {
+    if !opts.tls_only && !opts.sse_only && !opts.cpu_only {
         report.policy = Some(crate::policyrun::run(repeats, quick)?);
     }
     if !opts.policy_only {
@@ -735,6 +742,11 @@ pub fn run(opts: RunOpts) -> Result<()> {
 /// Scenarios 1–4, 7 and 6: the agent, nginx and the responder on loopback.
 fn network(opts: &RunOpts, report: &mut Report, repeats: usize, attempts: usize) -> Result<()> {
     let mut bench = Bench::start(opts)?;
+    if opts.cpu_only {
+        cpu_per_call(&mut bench, report, repeats, attempts)?;
+        bench.agent.assert_running();
+        return Ok(());
+    }
     if !opts.tls_only && !opts.sse_only {
         plaintext(&mut bench, report, repeats, attempts)?;
     }
@@ -811,22 +823,7 @@ fn plaintext(
     report.connect = runs;
     report.note_attempts("connect", n, why);
 
-    // 2a. Latency on one keep-alive connection, closed loop.
-    let calls = if quick { 2_000 } else { 30_000 };
-    eprintln!("mcpwarden-bench: one connection, {calls} calls × {repeats} × 3 routes");
-    let plan = Plan {
-        repeats,
-        attempts,
-        conns: 1,
-        shape: Shape::Closed,
-        max_calls: calls,
-        secs: 60.0,
-    };
-    let (runs, n, why) = plan.run(bench, "one connection", |runs| {
-        noisy_added(runs, |l| l.p50_us)
-    })?;
-    report.one_conn = runs;
-    report.note_attempts("one connection", n, why);
+    one_connection(bench, report, repeats, attempts)?;
 
     // 2b. Fixed moderate rate over 32 connections, open loop.
     let secs = if quick { 2.0 } else { 10.0 };
@@ -846,7 +843,65 @@ fn plaintext(
     report.fixed_rate = runs;
     report.note_attempts("fixed rate", n, why);
 
-    // 3. Saturation throughput, closed loop on 32 connections.
+    saturation(bench, report, repeats, attempts)?;
+
+    // 4. Memory, idle and with 1,000 open keep-alive connections.
+    let conns = 1_000;
+    eprintln!("mcpwarden-bench: memory with {conns} connections × {repeats}");
+    let mut memory = Vec::new();
+    for _ in 0..repeats {
+        memory.push(bench.memory(conns)?);
+    }
+    report.memory = memory;
+    Ok(())
+}
+
+/// Scenarios 2a and 3 alone: what an A/B run of two agent builds compares (agent CPU per call).
+fn cpu_per_call(
+    bench: &mut Bench,
+    report: &mut Report,
+    repeats: usize,
+    attempts: usize,
+) -> Result<()> {
+    one_connection(bench, report, repeats, attempts)?;
+    saturation(bench, report, repeats, attempts)
+}
+
+/// 2a. Latency on one keep-alive connection, closed loop.
+fn one_connection(
+    bench: &mut Bench,
+    report: &mut Report,
+    repeats: usize,
+    attempts: usize,
+) -> Result<()> {
+    let quick = bench.quick;
+    let calls = if quick { 2_000 } else { 30_000 };
+    eprintln!("mcpwarden-bench: one connection, {calls} calls × {repeats} × 3 routes");
+    let plan = Plan {
+        repeats,
+        attempts,
+        conns: 1,
+        shape: Shape::Closed,
+        max_calls: calls,
+        secs: 60.0,
+    };
+    let (runs, n, why) = plan.run(bench, "one connection", |runs| {
+        noisy_added(runs, |l| l.p50_us)
+    })?;
+    report.one_conn = runs;
+    report.note_attempts("one connection", n, why);
+
+    Ok(())
+}
+
+/// 3. Saturation throughput, closed loop on 32 connections.
+fn saturation(
+    bench: &mut Bench,
+    report: &mut Report,
+    repeats: usize,
+    attempts: usize,
+) -> Result<()> {
+    let quick = bench.quick;
     let secs = if quick { 2.0 } else { 8.0 };
     eprintln!("mcpwarden-bench: saturation, 32 connections for {secs} s × {repeats} × 3 routes");
     let plan = Plan {
@@ -869,14 +924,6 @@ fn plaintext(
     report.saturation = runs;
     report.note_attempts("saturation", n, why);
 
-    // 4. Memory, idle and with 1,000 open keep-alive connections.
-    let conns = 1_000;
-    eprintln!("mcpwarden-bench: memory with {conns} connections × {repeats}");
-    let mut memory = Vec::new();
-    for _ in 0..repeats {
-        memory.push(bench.memory(conns)?);
-    }
-    report.memory = memory;
     Ok(())
 }
 
