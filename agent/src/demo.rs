@@ -31,7 +31,7 @@ use rmcp::{
 use tokio::net::TcpListener;
 
 use crate::{
-    cli::Agent,
+    app::Agent,
     config::{Config, EndpointUrl, Server},
     redirect::cgroup,
 };

@@ -6,8 +6,10 @@
 //! `mcp` (understand the HTTP request as MCP/JSON-RPC; no sockets) →
 //! `policy` (decide; no I/O) →
 //! `audit` (record every message and decision).
-//! `config` and `cli` assemble the pieces; `demo` runs the embedded default.
+//! `config` reads the settings, `app` assembles the pieces and runs them, `cli` is the command
+//! line; `demo` runs the embedded default.
 
+pub mod app;
 pub mod audit;
 pub mod ca;
 pub mod cli;
