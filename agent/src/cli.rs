@@ -1,7 +1,7 @@
 //! The command line: clap types and dispatch. The pipeline is assembled in `app`; the `run`
 //! flags are `config::Flags`.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -22,7 +22,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node agent.
-    Run(RunArgs),
+    Run {
+        #[command(flatten)]
+        flags: Flags,
+    },
     /// Run the embedded demo: a sample MCP server, the agent with a sample policy, and an
     /// unmodified MCP client making an allowed, a denied and a rate-limited call. Needs root.
     Demo,
@@ -88,47 +91,6 @@ struct CaArgs {
     state_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// YAML configuration file (see config docs); flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// MCP endpoint to protect, e.g. http://10.0.0.5:8080/mcp. Repeatable; pairs with --policy.
-    #[arg(long = "endpoint", value_name = "URL")]
-    endpoints: Vec<String>,
-    /// Policy file (PolicyLayer policy.json) for the --endpoint at the same position.
-    #[arg(long = "policy", value_name = "FILE")]
-    policies: Vec<PathBuf>,
-    /// Interceptor address; at most one IPv4 and one IPv6 [default: 127.0.0.1:15001, [::1]:15001].
-    #[arg(long = "listen", value_name = "ADDR")]
-    listen: Vec<SocketAddr>,
-    /// Audit log path, or - for standard output [default: -].
-    #[arg(long = "audit-log", value_name = "PATH|-")]
-    audit_log: Option<PathBuf>,
-    /// cgroup to attach to: absolute, or relative to the cgroup2 mount [default: the mount root].
-    #[arg(long)]
-    cgroup: Option<PathBuf>,
-    /// The agent's own cgroup (created if missing; never redirected) [default: mcpwarden].
-    #[arg(long = "agent-cgroup")]
-    agent_cgroup: Option<PathBuf>,
-    /// Largest request body inspected; larger ones are refused [default: 4194304].
-    #[arg(long = "max-body-bytes")]
-    max_body_bytes: Option<usize>,
-    /// Interceptor worker threads [default: one per CPU].
-    #[arg(long)]
-    workers: Option<usize>,
-    /// State directory; the generated CA lives here [default: /var/lib/mcpwarden].
-    #[arg(long = "state-dir")]
-    state_dir: Option<PathBuf>,
-    /// PEM roots trusted for every https:// --endpoint, besides the system's.
-    #[arg(long = "upstream-ca", value_name = "FILE")]
-    upstream_ca: Option<PathBuf>,
-    /// Do not probe https servers and mint their leaves at start: each origin's first client
-    /// connection then waits for both (measuring that cold path is what this is for).
-    #[arg(long = "no-tls-prewarm")]
-    no_tls_prewarm: bool,
-}
-
 /// Entry point of the `mcpwarden` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -150,7 +112,7 @@ pub fn main() -> ExitCode {
     // interceptor's worker threads have runtimes of their own. The demo also hosts its sample
     // server here, so it gets a multi-threaded runtime.
     let runtime = match &cli.command {
-        Command::Run(_) => tokio::runtime::Builder::new_current_thread()
+        Command::Run { .. } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         _ => tokio::runtime::Builder::new_multi_thread()
@@ -166,7 +128,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => crate::app::run(Config::assemble(args.into_flags())?).await,
+            Command::Run { flags } => crate::app::run(Config::assemble(flags)?).await,
             Command::Demo => crate::demo::run().await,
             Command::DemoClient { url } => crate::demo::client(&url).await,
             Command::Ca(cmd) => ca_command(cmd),
@@ -204,25 +166,6 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-    }
-}
-
-impl RunArgs {
-    fn into_flags(self) -> Flags {
-        Flags {
-            config: self.config,
-            endpoints: self.endpoints,
-            policies: self.policies,
-            listen: self.listen,
-            audit: self.audit_log,
-            cgroup: self.cgroup,
-            agent_cgroup: self.agent_cgroup,
-            max_body_bytes: self.max_body_bytes,
-            workers: self.workers,
-            state_dir: self.state_dir,
-            upstream_ca: self.upstream_ca,
-            tls_prewarm: self.no_tls_prewarm.then_some(false),
-        }
     }
 }
 
@@ -281,4 +224,66 @@ fn ca_command(cmd: CaCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_run_flag_lands_in_its_config_flag() {
+        let cli = Cli::try_parse_from([
+            "mcpwarden",
+            "run",
+            "--config=c.yaml",
+            "--endpoint=http://a:1/mcp",
+            "--policy=a.json",
+            "--endpoint=https://b/mcp",
+            "--policy=b.json",
+            "--listen=127.0.0.1:9",
+            "--audit-log=-",
+            "--cgroup=kubepods.slice",
+            "--agent-cgroup=warden",
+            "--max-body-bytes=10",
+            "--workers=2",
+            "--state-dir=/s",
+            "--upstream-ca=ca.pem",
+            "--no-tls-prewarm",
+        ]);
+        let Ok(Cli {
+            command: Command::Run { flags: f },
+        }) = cli
+        else {
+            panic!("not parsed as run: {cli:?}");
+        };
+        assert_eq!(f.config.as_deref(), Some("c.yaml".as_ref()));
+        assert_eq!(f.endpoints, ["http://a:1/mcp", "https://b/mcp"]);
+        assert_eq!(
+            f.policies,
+            ["a.json", "b.json"].map(std::path::PathBuf::from)
+        );
+        assert_eq!(f.listen, ["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(f.audit.as_deref(), Some("-".as_ref()));
+        assert_eq!(f.cgroup.as_deref(), Some("kubepods.slice".as_ref()));
+        assert_eq!(f.agent_cgroup.as_deref(), Some("warden".as_ref()));
+        assert_eq!((f.max_body_bytes, f.workers), (Some(10), Some(2)));
+        assert_eq!(f.state_dir.as_deref(), Some("/s".as_ref()));
+        assert_eq!(f.upstream_ca.as_deref(), Some("ca.pem".as_ref()));
+        assert!(f.no_tls_prewarm);
+
+        let Ok(Cli {
+            command: Command::Run { flags: f },
+        }) = Cli::try_parse_from(["mcpwarden", "run"])
+        else {
+            panic!("run without flags");
+        };
+        assert!(!f.no_tls_prewarm && f.endpoints.is_empty() && f.config.is_none());
+    }
 }
