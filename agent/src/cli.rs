@@ -26,12 +26,6 @@ enum Command {
         #[command(flatten)]
         flags: Flags,
     },
-    /// Run the embedded demo: a sample MCP server, the agent with a sample policy, and an
-    /// unmodified MCP client making an allowed, a denied and a rate-limited call. Needs root.
-    Demo,
-    /// The demo's MCP client (started by `demo` inside the redirected cgroup).
-    #[command(hide = true)]
-    DemoClient { url: String },
     /// The CA that signs the certificates presented to workloads for https:// servers.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -98,27 +92,18 @@ pub fn main() -> ExitCode {
     if let Command::Policy(cmd) = &cli.command {
         return policy_command(cmd);
     }
-    // One crypto provider for the process: the agent's own TLS configs name ring explicitly,
-    // but rmcp's HTTP client (the demo's) uses reqwest built without a provider of its own.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     // The control plane (accept loop, endpoint resolution, signals) runs on this thread; the
-    // interceptor's worker threads have runtimes of their own. The demo also hosts its sample
-    // server here, so it gets a multi-threaded runtime.
-    let runtime = match &cli.command {
-        Command::Run { .. } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-    };
+    // interceptor's worker threads have runtimes of their own. The `ca` commands are synchronous.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
@@ -129,8 +114,6 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run { flags } => crate::app::run(Config::assemble(flags)?).await,
-            Command::Demo => crate::demo::run().await,
-            Command::DemoClient { url } => crate::demo::client(&url).await,
             Command::Ca(cmd) => ca_command(cmd),
             Command::Policy(_) => Ok(()),
         }

@@ -7,14 +7,13 @@
 //! `policy` (decide; no I/O) →
 //! `audit` (record every message and decision).
 //! `config` reads the settings, `app` assembles the pieces and runs them, `cli` is the command
-//! line; `demo` runs the embedded default.
+//! line. The demo is `mcpwarden-demo`, in the `tests/` crate.
 
 pub mod app;
 pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod identity;
 pub mod intercept;
 pub mod mcp;
