@@ -172,22 +172,47 @@ pub struct BindingConfig {
 /// The default `identity_wait_ms`.
 pub const DEFAULT_IDENTITY_WAIT_MS: u64 = 500;
 
-/// What the command line contributes; `Some`/non-empty values override the file.
-#[derive(Debug, Clone, Default)]
+/// What the command line contributes (the `run` flags, `#[command(flatten)]`-ed there);
+/// `Some`/non-empty/`true` values override the file.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Flags {
+    /// YAML configuration file (see config docs); flags override it.
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// MCP endpoint to protect, e.g. http://10.0.0.5:8080/mcp. Repeatable; pairs with --policy.
+    #[arg(long = "endpoint", value_name = "URL")]
     pub endpoints: Vec<String>,
+    /// Policy file (PolicyLayer policy.json) for the --endpoint at the same position.
+    #[arg(long = "policy", value_name = "FILE")]
     pub policies: Vec<PathBuf>,
+    /// Interceptor address; at most one IPv4 and one IPv6 [default: 127.0.0.1:15001, [::1]:15001].
+    #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
+    /// Audit log path, or - for standard output [default: -].
+    #[arg(long = "audit-log", value_name = "PATH|-")]
     pub audit: Option<PathBuf>,
+    /// cgroup to attach to: absolute, or relative to the cgroup2 mount [default: the mount root].
+    #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// The agent's own cgroup (created if missing; never redirected) [default: mcpwarden].
+    #[arg(long = "agent-cgroup")]
     pub agent_cgroup: Option<PathBuf>,
+    /// Largest request body inspected; larger ones are refused [default: 4194304].
+    #[arg(long = "max-body-bytes")]
     pub max_body_bytes: Option<usize>,
+    /// Interceptor worker threads [default: one per CPU].
+    #[arg(long)]
     pub workers: Option<usize>,
+    /// State directory; the generated CA lives here [default: /var/lib/mcpwarden].
+    #[arg(long = "state-dir")]
     pub state_dir: Option<PathBuf>,
-    /// Trusted for every `https://` `--endpoint`, besides the system roots.
+    /// PEM roots trusted for every https:// --endpoint, besides the system's.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
-    pub tls_prewarm: Option<bool>,
+    /// Do not probe https servers and mint their leaves at start: each origin's first client
+    /// connection then waits for both (measuring that cold path is what this is for).
+    #[arg(long = "no-tls-prewarm")]
+    pub no_tls_prewarm: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -387,7 +412,7 @@ impl Config {
                 &servers,
             )?,
             servers,
-            tls_prewarm: flags.tls_prewarm.or(tls_prewarm).unwrap_or(true),
+            tls_prewarm: !flags.no_tls_prewarm && tls_prewarm.unwrap_or(true),
             bindings,
             identity_wait: std::time::Duration::from_millis(
                 identity_wait_ms.unwrap_or(DEFAULT_IDENTITY_WAIT_MS),
@@ -650,6 +675,32 @@ mod tests {
         });
         let err = zero.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("workers must be between 1 and 1024"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn no_tls_prewarm_overrides_the_file() -> Result<()> {
+        let dir =
+            std::env::temp_dir().join(format!("mcpwarden-cfg-prewarm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let servers =
+            "servers:\n  - name: one\n    url: http://127.0.0.1:1/mcp\n    policy: p.json\n";
+        let prewarm = |file_says: &str, flag: bool| -> Result<bool> {
+            let file = dir.join("c.yaml");
+            std::fs::write(&file, format!("{file_says}{servers}"))?;
+            Ok(Config::assemble(Flags {
+                config: Some(file),
+                no_tls_prewarm: flag,
+                ..Flags::default()
+            })?
+            .tls_prewarm)
+        };
+        assert!(prewarm("", false)?);
+        assert!(prewarm("tls_prewarm: true\n", false)?);
+        assert!(!prewarm("tls_prewarm: true\n", true)?);
+        assert!(!prewarm("tls_prewarm: false\n", false)?);
+        assert!(!prewarm("", true)?);
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

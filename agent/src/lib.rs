@@ -6,13 +6,14 @@
 //! `mcp` (understand the HTTP request as MCP/JSON-RPC; no sockets) →
 //! `policy` (decide; no I/O) →
 //! `audit` (record every message and decision).
-//! `config` and `cli` assemble the pieces; `demo` runs the embedded default.
+//! `config` reads the settings, `app` assembles the pieces and runs them, `cli` is the command
+//! line. The demo is `mcpwarden-demo`, in the `tests/` crate.
 
+pub mod app;
 pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod identity;
 pub mod intercept;
 pub mod mcp;

@@ -1,21 +1,20 @@
-//! `cargo xtask demo` (the README's first command) end to end: the real binary's `demo`, with
+//! `cargo xtask demo` (the README's first command) end to end: the `mcpwarden-demo` binary, with
 //! its sample server, agent and unmodified rmcp client. Guards the parts no other test runs:
-//! the demo client (rmcp's reqwest transport inside the agent binary) and the demo's clean-up.
-
-mod common;
+//! the demo client (rmcp's reqwest transport, started by the demo in its cgroup) and the demo's
+//! clean-up.
 
 use std::process::Command;
 
-use common::AGENT_BIN;
 use mcpwarden_tests::require_root;
+
+const DEMO_BIN: &str = env!("CARGO_BIN_EXE_mcpwarden-demo");
 
 #[test]
 fn the_demo_runs_its_calls_and_cleans_up() {
     require_root();
-    let out = Command::new(AGENT_BIN)
-        .arg("demo")
+    let out = Command::new(DEMO_BIN)
         .output()
-        .unwrap_or_else(|e| panic!("run {AGENT_BIN} demo: {e}"));
+        .unwrap_or_else(|e| panic!("run {DEMO_BIN}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let all = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");

@@ -5,7 +5,7 @@
 //!   nightly's LLVM major, and `bpf-linker` built against that LLVM.
 //! - `build-ebpf`: build only the kernel programs (the agent's build.rs does this too).
 //! - `test`: setup, then every test (unit and privileged integration), with a total at the end.
-//! - `demo`: setup, build, and run `mcpwarden demo`.
+//! - `demo`: setup, build, and run `mcpwarden-demo` (a binary of the `tests/` crate).
 //! - `bench`: setup, Debian's nginx (unpacked under target/, never started as a service), the
 //!   criterion benches, release builds, then `mcpwarden-bench run`, which writes BENCHMARKS.md
 //!   (`--quick`: a one-minute smoke run written to target/bench/quick.md; `test` runs it).
@@ -45,7 +45,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build and run `mcpwarden demo` (needs root).
+    /// Build and run `mcpwarden-demo` (needs root).
     Demo,
     /// Run the benchmarks (needs root) and write BENCHMARKS.md.
     Bench {
@@ -412,12 +412,25 @@ fn demo() -> Result<()> {
     if !is_root() {
         bail!("the demo loads eBPF programs and creates cgroups: run cargo xtask demo as root");
     }
+    // The demo lives in the tests crate so that rmcp (its sample server and client) stays out
+    // of the agent binary.
     run(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--package",
-        "mcpwarden",
+        "mcpwarden-tests",
+        "--bin",
+        "mcpwarden-demo",
     ]))?;
-    run(Command::new(workspace_root().join("target/debug/mcpwarden")).arg("demo"))
+    run(&mut Command::new(target_dir().join("debug/mcpwarden-demo")))
+}
+
+/// Cargo's target directory for builds run from the workspace root: `CARGO_TARGET_DIR` if set
+/// (a relative one is relative to where cargo runs), else `target/`.
+fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
 }
 
 /// The fuzz target in agent/fuzz/; tests/tests/policy_corpus.rs replays its seed corpus.

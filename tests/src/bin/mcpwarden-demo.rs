@@ -1,20 +1,33 @@
-//! `mcpwarden demo`: the whole chain on loopback, with nothing to configure.
+//! `mcpwarden-demo` (what `cargo xtask demo` runs): the whole chain on loopback, with nothing to
+//! configure.
 //!
 //! Starts a sample MCP server (rmcp, Streamable HTTP) on 127.0.0.1, writes a sample policy, runs
-//! the agent attached to a fresh cgroup, and starts an unmodified MCP client (rmcp) inside that
-//! cgroup. The client makes an allowed, a denied, an unlisted and two rate-limited calls; the
-//! audit lines print as they happen. Everything the demo creates is removed when it ends.
+//! the agent (`mcpwarden::app::Agent`) attached to a fresh cgroup, and starts an unmodified MCP
+//! client (rmcp) inside that cgroup. The client makes an allowed, a denied, an unlisted and two
+//! rate-limited calls; the audit lines print as they happen. Everything the demo creates is
+//! removed when it ends. It lives here, not in the agent, so that rmcp and reqwest stay out of
+//! the production binary.
+//!
+//! ```text
+//! mcpwarden-demo              the demo (needs root)
+//! mcpwarden-demo client URL   its MCP client: started by the demo, in the redirected cgroup
+//! ```
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{ExitCode, Stdio},
     time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
+use mcpwarden::{
+    app::Agent,
+    config::{Config, EndpointUrl, Server},
+    redirect::cgroup,
+};
 use rmcp::{
     handler::server::{router::tool::ToolRouter, wrapper::Parameters},
     model::{CallToolRequestParams, ClientConfig, ServerCapabilities, ServerConfig},
@@ -30,14 +43,54 @@ use rmcp::{
 };
 use tokio::net::TcpListener;
 
-use crate::{
-    cli::Agent,
-    config::{Config, EndpointUrl, Server},
-    redirect::cgroup,
-};
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let client_url = match args.as_slice() {
+        [] => None,
+        [cmd, url] if cmd == "client" => Some(url.clone()),
+        _ => {
+            eprintln!("usage: mcpwarden-demo            run the demo (needs root)\n       mcpwarden-demo client URL  the demo's MCP client");
+            return ExitCode::from(2);
+        }
+    };
+    // rmcp's HTTP client uses reqwest built without a crypto provider of its own; the agent's
+    // TLS configs name ring explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn")),
+        )
+        .init();
+    // The sample server and the agent's control plane share this runtime.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mcpwarden-demo: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match client_url {
+            None => run().await,
+            Some(url) => client(&url).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcpwarden-demo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// The sample policy: PolicyLayer's format, as a user would write it.
-pub const DEMO_POLICY: &str = r#"{
+const DEMO_POLICY: &str = r#"{
   "version": "1",
   "default": "deny",
   "tools": {
@@ -170,7 +223,7 @@ fn current_cgroup(mount: &Path) -> Option<PathBuf> {
     Some(mount.join(rel.trim_start_matches('/')))
 }
 
-pub async fn run() -> Result<()> {
+async fn run() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo loads eBPF programs and creates cgroups: run it as root (cargo xtask demo does)");
     }
@@ -199,7 +252,7 @@ pub async fn run() -> Result<()> {
         audit: PathBuf::from("-"),
         cgroup: clients.clone(),
         agent_cgroup: agent_cg.clone(),
-        max_body_bytes: crate::mcp::DEFAULT_MAX_BODY,
+        max_body_bytes: mcpwarden::mcp::DEFAULT_MAX_BODY,
         workers: 1,
         servers: vec![Server {
             name: "demo".into(),
@@ -209,15 +262,17 @@ pub async fn run() -> Result<()> {
             upstream_ca: None,
         }],
         // A plaintext demo needs no CA; the state dir would only be used for https servers.
-        ca: crate::ca::CaSettings {
+        ca: mcpwarden::ca::CaSettings {
             state_dir: dir.join("state"),
             ..Default::default()
         },
         tls_prewarm: true,
         bindings: Vec::new(),
-        identity_wait: std::time::Duration::from_millis(crate::config::DEFAULT_IDENTITY_WAIT_MS),
+        identity_wait: std::time::Duration::from_millis(
+            mcpwarden::config::DEFAULT_IDENTITY_WAIT_MS,
+        ),
         // No config file: a reload re-reads the policy file only.
-        flags: crate::config::Flags::default(),
+        flags: mcpwarden::config::Flags::default(),
     };
     println!("mcpwarden demo");
     println!("  sample MCP server : {url}");
@@ -235,10 +290,10 @@ pub async fn run() -> Result<()> {
     );
     println!("audit log (one JSON line per MCP message, as it happens):");
 
-    let exe = std::env::current_exe().context("finding the mcpwarden binary")?;
+    let exe = std::env::current_exe().context("finding the mcpwarden-demo binary")?;
     let procs = clients.join("cgroup.procs");
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("demo-client")
+    cmd.arg("client")
         .arg(&url)
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -259,7 +314,7 @@ pub async fn run() -> Result<()> {
 }
 
 /// The demo's client: plain rmcp, no knowledge of mcpwarden.
-pub async fn client(url: &str) -> Result<()> {
+async fn client(url: &str) -> Result<()> {
     let transport = StreamableHttpClientTransport::from_config(
         StreamableHttpClientTransportConfig::with_uri(url.to_owned()),
     );
