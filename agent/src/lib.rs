@@ -7,6 +7,10 @@
 //! `policy` (decide; no I/O) →
 //! `audit` (record every message and decision).
 //! `config` and `cli` assemble the pieces; `demo` runs the embedded default.
+//!
+//! `mcp` and `policy` are crates of their own (`mcpwarden-mcp`, `mcpwarden-policy`), re-exported
+//! here under their old module names: the compiler keeps them free of sockets, of async and of
+//! each other.
 
 pub mod audit;
 pub mod ca;
@@ -15,8 +19,8 @@ pub mod config;
 pub mod demo;
 pub mod identity;
 pub mod intercept;
-pub mod mcp;
-pub mod policy;
+pub use mcpwarden_mcp as mcp;
+pub use mcpwarden_policy as policy;
 pub mod policy_cli;
 pub mod redirect;
 pub mod reload;

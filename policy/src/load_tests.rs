@@ -1095,7 +1095,7 @@ fn a_byte_order_mark_is_skipped() {
     };
     assert_eq!(
         policy.source().sha256,
-        crate::policy::sha256_hex(text.as_bytes())
+        crate::sha256_hex(text.as_bytes())
     );
     let err = match Policy::parse("\u{feff}{\"version\":\"2\"}", "bom.json") {
         Ok(_) => panic!("version 2 loaded"),
