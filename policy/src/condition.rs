@@ -109,7 +109,7 @@ fn compile_regex(pattern: &str) -> Result<Regex, String> {
 }
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
 
 /// How many condition objects deep `all` and `any` may nest (the outermost
 /// condition counts as 1).
@@ -117,6 +117,14 @@ const MAX_DEPTH: usize = 32;
 
 /// How deep a `value` may nest arrays and objects.
 const MAX_VALUE_DEPTH: usize = 64;
+
+/// A `value` is read strictly: duplicate object keys, non-finite floats (YAML `.nan`, `.inf`)
+/// and integers beyond 64 bits are errors instead of being dropped or turned into null, and
+/// nesting is capped at [`MAX_VALUE_DEPTH`].
+const VALUE_OPTIONS: mcpwarden_json::Options = mcpwarden_json::Options {
+    on_clash: mcpwarden_json::OnClash::RejectDuplicates,
+    max_depth: Some(MAX_VALUE_DEPTH),
+};
 
 /// The most memory one compiled regex may take.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -711,7 +719,10 @@ impl<'de> Visitor<'de> for ConditionSeed {
             match key {
                 Key::Path => path = Some(map.next_value::<ArgPath>()?),
                 Key::Op => op = Some(map.next_value::<Op>()?),
-                Key::Value => value = Some(map.next_value_seed(ValueSeed { depth: 1 })?),
+                Key::Value => {
+                    let reader = mcpwarden_json::Reader::new(VALUE_OPTIONS);
+                    value = Some(map.next_value_seed(reader.seed())?);
+                }
                 Key::All | Key::Any => {
                     let inner = map.next_value_seed(ListSeed {
                         depth: self.depth + 1,
@@ -923,131 +934,6 @@ impl<'de> Deserialize<'de> for Op {
             }
         }
         deserializer.deserialize_str(V)
-    }
-}
-
-/// Reads a `value` as a `serde_json::Value`, strictly: duplicate object keys,
-/// non-finite floats (YAML `.nan`, `.inf`) and integers beyond 64 bits are
-/// errors instead of being dropped or turned into null, and nesting is capped
-/// at [`MAX_VALUE_DEPTH`].
-struct ValueSeed {
-    depth: usize,
-}
-
-impl ValueSeed {
-    fn check_depth<E: de::Error>(&self) -> Result<(), E> {
-        if self.depth > MAX_VALUE_DEPTH {
-            return Err(E::custom(format_args!(
-                "value nests arrays and objects more than {MAX_VALUE_DEPTH} deep"
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for ValueSeed {
-    type Value = Value;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ValueSeed {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
-        if let Ok(i) = i64::try_from(v) {
-            Ok(Value::from(i))
-        } else if let Ok(u) = u64::try_from(v) {
-            Ok(Value::from(u))
-        } else {
-            Err(E::custom(format_args!(
-                "integer {v} is out of range: integers must fit 64 bits"
-            )))
-        }
-    }
-
-    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
-        match u64::try_from(v) {
-            Ok(u) => Ok(Value::from(u)),
-            Err(_) => Err(E::custom(format_args!(
-                "integer {v} is out of range: integers must fit 64 bits"
-            ))),
-        }
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        match Number::from_f64(v) {
-            Some(n) => Ok(Value::Number(n)),
-            None => Err(E::custom(format_args!(
-                "{v} is not a JSON number: numbers must be finite"
-            ))),
-        }
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        self.deserialize(deserializer)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        self.check_depth()?;
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(ValueSeed {
-            depth: self.depth + 1,
-        })? {
-            items.push(item);
-        }
-        Ok(Value::Array(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        self.check_depth()?;
-        let mut object = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                return Err(de::Error::custom(format_args!(
-                    "duplicate key {key:?} in value"
-                )));
-            }
-            let item = map.next_value_seed(ValueSeed {
-                depth: self.depth + 1,
-            })?;
-            object.insert(key, item);
-        }
-        Ok(Value::Object(object))
     }
 }
 
