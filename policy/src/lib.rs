@@ -1,6 +1,6 @@
 //! Policy decisions for MCP tool calls.
 //!
-//! This module reads PolicyLayer's `policy.json` format (JSON, or YAML with
+//! This crate reads PolicyLayer's `policy.json` format (JSON, or YAML with
 //! the same structure) and decides, call by call, whether a workload may run a
 //! tool. It does no I/O apart from reading the policy file in
 //! [`Policy::load`]; callers pass the current time in, so decisions are
