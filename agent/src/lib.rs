@@ -8,6 +8,10 @@
 //! `audit` (record every message and decision).
 //! `config` reads the settings, `app` assembles the pieces and runs them, `cli` is the command
 //! line. The demo is `mcpwarden-demo`, in the `tests/` crate.
+//!
+//! `mcp` and `policy` are crates of their own (`mcpwarden-mcp`, `mcpwarden-policy`), re-exported
+//! here under their old module names: the compiler keeps them free of sockets, of async and of
+//! each other.
 
 pub mod app;
 pub mod audit;
@@ -16,8 +20,8 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod intercept;
-pub mod mcp;
-pub mod policy;
+pub use mcpwarden_mcp as mcp;
+pub use mcpwarden_policy as policy;
 pub mod policy_cli;
 pub mod redirect;
 pub mod reload;

@@ -9,8 +9,9 @@
 //! - `bench`: setup, Debian's nginx (unpacked under target/, never started as a service), the
 //!   criterion benches, release builds, then `mcpwarden-bench run`, which writes BENCHMARKS.md
 //!   (`--quick`: a one-minute smoke run written to target/bench/quick.md; `test` runs it).
-//! - `fuzz`: setup, cargo-fuzz (installed if missing), then libFuzzer on the policy loader
-//!   (`agent/fuzz/`, nightly) for `--seconds` (60); `cargo test` replays its seed corpus.
+//! - `fuzz`: cargo-fuzz (installed if missing), then libFuzzer on the policy loader
+//!   (`agent/fuzz/`, nightly, mcpwarden-policy only) for `--seconds` (60); `cargo test` replays
+//!   its seed corpus.
 
 use std::{
     env,
@@ -88,8 +89,7 @@ fn main() -> Result<()> {
             demo()
         }
         Cmd::Fuzz { seconds } => {
-            // The fuzz build compiles the agent, whose build.rs builds the eBPF programs.
-            setup()?;
+            // The fuzz target depends on mcpwarden-policy only: no eBPF, so no setup.
             fuzz(seconds)
         }
     }

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mcpwarden::policy::Policy;
+use mcpwarden_policy::Policy;
 
 fuzz_target!(|data: &[u8]| {
     // `Policy::parse` takes text; bytes that are not UTF-8 never reach it.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mcpwarden::policy::{Call, CallerScope, Engine, Outcome, Policy};
+use mcpwarden_policy::{Call, CallerScope, Engine, Outcome, Policy};
 use serde_json::Value;
 
 use policygen::{Expected, KINDS};

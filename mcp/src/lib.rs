@@ -22,7 +22,6 @@
 //! endpoint however its path is spelt, and [`looks_like_jsonrpc`] spots
 //! JSON-RPC sent elsewhere on the same origin.
 
-mod canonical;
 mod headers;
 mod params;
 mod path;
@@ -30,20 +29,20 @@ mod probe;
 mod response;
 mod server;
 mod sse;
-mod strict;
 
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
 
+use mcpwarden_json as strict;
 use serde_json::{Map, Value};
 
-pub use canonical::{canonical_json, canonical_sha256, sha256_hex};
 pub use headers::{
     is_stateless_revision, META_PROTOCOL_VERSION, METHOD_HEADER, NAME_HEADER,
     PROTOCOL_VERSION_HEADER, STATELESS_REVISION,
 };
+pub use mcpwarden_json::{canonical_json, canonical_sha256, sha256_hex};
 pub use params::{designations, has_param_headers, Designation};
 pub use path::{is_endpoint_path, normalize_path};
 pub use probe::looks_like_jsonrpc;
@@ -607,7 +606,7 @@ fn refuse_routing_headers_on_batch(headers: &http::HeaderMap) -> Result<(), Pars
 /// A JSON string literal, for quoting untrusted text in error messages.
 fn quoted(text: &str) -> String {
     let mut out = String::new();
-    canonical::write_string(text, &mut out);
+    mcpwarden_json::write_string(text, &mut out);
     out
 }
 

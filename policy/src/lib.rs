@@ -1,6 +1,6 @@
 //! Policy decisions for MCP tool calls.
 //!
-//! This module reads PolicyLayer's `policy.json` format (JSON, or YAML with
+//! This crate reads PolicyLayer's `policy.json` format (JSON, or YAML with
 //! the same structure) and decides, call by call, whether a workload may run a
 //! tool. It does no I/O apart from reading the policy file in
 //! [`Policy::load`]; callers pass the current time in, so decisions are
@@ -38,13 +38,7 @@ pub use limits::Reservation;
 pub use load::{Policy, PolicySource, Warning};
 
 /// SHA-256 of `bytes` as lowercase hex: how the audit log names a file's version.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
+pub use mcpwarden_json::sha256_hex;
 
 /// A policy file that could not be read or is not valid.
 ///

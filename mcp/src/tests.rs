@@ -261,26 +261,26 @@ fn check_capture(capture: &str, endpoint: &str, expected: &[Expected], stateless
 
 #[test]
 fn capture_2024_11_05_sse() {
-    let capture = include_str!("../../../../shared/fixtures/mcp-wire/py-2024-11-05-sse.txt");
+    let capture = include_str!("../../../shared/fixtures/mcp-wire/py-2024-11-05-sse.txt");
     check_capture(capture, "/messages/", STATEFUL_SESSION, false);
 }
 
 #[test]
 fn capture_2025_11_25_streamable_json() {
     let capture =
-        include_str!("../../../../shared/fixtures/mcp-wire/py-2025-11-25-streamable-json.txt");
+        include_str!("../../../shared/fixtures/mcp-wire/py-2025-11-25-streamable-json.txt");
     check_capture(capture, "/mcp", STATEFUL_SESSION, false);
 }
 
 #[test]
 fn capture_2025_11_25_streamable_sse() {
-    let capture = include_str!("../../../../shared/fixtures/mcp-wire/py-2025-11-25-streamable.txt");
+    let capture = include_str!("../../../shared/fixtures/mcp-wire/py-2025-11-25-streamable.txt");
     check_capture(capture, "/mcp", STATEFUL_SESSION, false);
 }
 
 #[test]
 fn capture_2026_07_28_is_stateless_and_its_routing_headers_match() {
-    let capture = include_str!("../../../../shared/fixtures/mcp-wire/py-2026-07-28.txt");
+    let capture = include_str!("../../../shared/fixtures/mcp-wire/py-2026-07-28.txt");
     check_capture(capture, "/mcp", STATELESS_SESSION, true);
     // The capture carries Mcp-Method on every POST and Mcp-Name on calls,
     // so the header checks above ran against real client output.
@@ -297,7 +297,7 @@ fn capture_2026_07_28_is_stateless_and_its_routing_headers_match() {
 
 #[test]
 fn capture_2026_07_28_stateless_from_meta_alone() {
-    let capture = include_str!("../../../../shared/fixtures/mcp-wire/py-2026-07-28.txt");
+    let capture = include_str!("../../../shared/fixtures/mcp-wire/py-2026-07-28.txt");
     for post in captured_requests(capture) {
         let message = single(std::str::from_utf8(&post.body).expect("UTF-8"));
         assert!(message.stateless_2026, "{message:?}");

@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::strict::fold_key;
+use mcpwarden_json::fold_key;
 
 /// Whether a POST body looks like a JSON-RPC message or batch.
 ///

@@ -54,12 +54,15 @@ impl Pattern {
     }
 }
 
+/// One prefix length and, for each literal prefix of that length, its patterns.
+type Group<T> = (usize, HashMap<String, Vec<(Pattern, T)>>);
+
 /// Patterns indexed by literal prefix, for lookups that cost a hash per distinct prefix length
 /// rather than a match per pattern.
 #[derive(Debug, Clone)]
 pub(crate) struct PatternIndex<T> {
     /// By prefix length, longest first: each maps a literal prefix to its patterns.
-    groups: Vec<(usize, HashMap<String, Vec<(Pattern, T)>>)>,
+    groups: Vec<Group<T>>,
     /// Every pattern, longest prefix first.
     all: Vec<(Pattern, T)>,
 }
@@ -67,7 +70,7 @@ pub(crate) struct PatternIndex<T> {
 impl<T: Clone> PatternIndex<T> {
     pub fn new(mut patterns: Vec<(Pattern, T)>) -> PatternIndex<T> {
         patterns.sort_by_key(|(p, _)| std::cmp::Reverse(p.prefix_len()));
-        let mut groups: Vec<(usize, HashMap<String, Vec<(Pattern, T)>>)> = Vec::new();
+        let mut groups: Vec<Group<T>> = Vec::new();
         for (pattern, value) in &patterns {
             let len = pattern.prefix_len();
             if groups.last().is_none_or(|(l, _)| *l != len) {

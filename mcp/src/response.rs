@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde_json::Value;
 
-use super::canonical::{write_string, write_value};
+use mcpwarden_json::{write_string, write_value};
 
 /// JSON-RPC "Parse error": the body is not JSON.
 pub const PARSE_ERROR: i64 = -32700;

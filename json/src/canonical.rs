@@ -40,8 +40,8 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// Appends the canonical text of `value` to `out`.
 ///
 /// Recursion depth is that of the value; values parsed by this module are at
-/// most 128 levels deep (`serde_json`'s limit).
-pub(crate) fn write_value(value: &Value, out: &mut String) {
+/// most 128 levels deep (`serde_json`'s limit) when read as JSON text.
+pub fn write_value(value: &Value, out: &mut String) {
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(true) => out.push_str("true"),
@@ -82,7 +82,7 @@ fn write_entries(mut entries: Vec<(&String, &Value)>, out: &mut String) {
 }
 
 /// Appends `text` as a JSON string literal, escaped as `serde_json` does.
-pub(crate) fn write_string(text: &str, out: &mut String) {
+pub fn write_string(text: &str, out: &mut String) {
     out.push('"');
     for c in text.chars() {
         match c {

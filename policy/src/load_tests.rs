@@ -1093,10 +1093,7 @@ fn a_byte_order_mark_is_skipped() {
         Ok(p) => p,
         Err(e) => panic!("{e}"),
     };
-    assert_eq!(
-        policy.source().sha256,
-        crate::policy::sha256_hex(text.as_bytes())
-    );
+    assert_eq!(policy.source().sha256, crate::sha256_hex(text.as_bytes()));
     let err = match Policy::parse("\u{feff}{\"version\":\"2\"}", "bom.json") {
         Ok(_) => panic!("version 2 loaded"),
         Err(e) => e,

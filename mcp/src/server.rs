@@ -8,7 +8,9 @@
 
 use serde_json::{Map, Value};
 
-use super::{canonical::write_value, error_response, strict, Kind, INTERNAL_ERROR};
+use mcpwarden_json::{self as strict, write_value};
+
+use super::{error_response, Kind, INTERNAL_ERROR};
 
 /// What one server message is.
 #[derive(Debug, Clone, PartialEq)]
