@@ -151,21 +151,30 @@ impl Report {
             self.repeats
         )?;
         self.render_goals(o)?;
-        // Scenarios 1–4 run together, or not at all (`--tls-only`, `--sse-only`).
+        // Scenarios 1–4 run together, or not at all (`--tls-only`, `--sse-only`); `--cpu-only`
+        // runs 2a and 3 alone.
         if !self.connect.is_empty() {
             self.render_connect(o)?;
+        }
+        if !self.one_conn.is_empty() {
             self.render_latency(
                 o,
                 "2a. tools/call on one keep-alive connection (closed loop)",
                 &self.one_conn,
                 false,
             )?;
+        }
+        if !self.fixed_rate.is_empty() {
             let title = format!(
                 "2b. tools/call at a fixed {:.0} calls/s over 32 keep-alive connections (open loop)",
                 self.rate
             );
             self.render_latency(o, &title, &self.fixed_rate, true)?;
+        }
+        if !self.saturation.is_empty() {
             self.render_saturation(o)?;
+        }
+        if !self.memory.is_empty() {
             self.render_memory(o)?;
         }
         self.render_criterion(o)?;

@@ -282,9 +282,9 @@ impl Conn {
                 let head = Head {
                     transport: Some(transport),
                     revision,
+                    message: Some(message_part(&msg)),
                     ..(*ctx.head).clone()
-                }
-                .with_message(message_part(&msg));
+                };
                 Judged {
                     msg,
                     decision,
