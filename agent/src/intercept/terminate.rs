@@ -7,12 +7,12 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpStream;
 
 use super::{
-    conn::{Conn, TlsSession},
+    conn::{caller_part, Conn, TlsSession},
     tls::{self, HelloError, Offer},
     upstream::TlsClient,
 };
 use crate::{
-    audit::{Event, Head, RequestPart, Tls, Verdict},
+    audit::{Event, Head, Record, RequestPart, Tls, Verdict},
     ca::LeafName,
 };
 
@@ -214,15 +214,21 @@ impl Conn {
     /// `tls: passthrough`: audit the connection, then copy bytes both ways, uninspected.
     pub(super) async fn pass_through(&self, mut stream: TcpStream, sni: Option<String>) {
         let dst = self.dst;
-        let mut rec = self.tls_record(Event::Passthrough, sni, Tls::Passthrough);
         let server = self.servers_here().next().map(|(_, s)| s.name.clone());
-        rec.head = Arc::new(Head {
+        let head = Head {
+            caller: Some(Arc::new(caller_part(
+                dst,
+                &self.caller,
+                sni,
+                Some(Tls::Passthrough),
+            ))),
             request: Some(Arc::new(RequestPart {
                 server,
                 ..RequestPart::default()
             })),
-            ..(*rec.head).clone()
-        });
+            ..Head::default()
+        };
+        let mut rec = Record::new(Event::Passthrough, Arc::new(head));
         rec.decision = Some(Verdict::Allow);
         rec.reason = Some("tls: passthrough — forwarded untouched, not inspected".into());
         if self.audit.write(&rec).is_err() {
