@@ -283,3 +283,81 @@ impl Record {
 pub fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn keys(rec: &Record) -> Vec<String> {
+        let v = serde_json::to_value(rec).expect("a record serialises");
+        let object = v.as_object().expect("an object");
+        assert!(object.values().all(|v| !v.is_null()), "no null field: {v}");
+        object.keys().cloned().collect()
+    }
+
+    #[test]
+    fn parts_flatten_into_one_line_and_absent_fields_are_left_out() {
+        let caller = Arc::new(CallerPart {
+            dst: Some("10.0.0.5:8080".into()),
+            pid: Some(1),
+            tls: Some(Tls::Terminated),
+            ..CallerPart::default()
+        });
+        let request = Arc::new(RequestPart {
+            server: Some("tools".into()),
+            http_version: Some(HttpVersion::Http2),
+            ..RequestPart::default()
+        });
+        let head = Head {
+            transport: Some(Transport::HttpSse),
+            ..Head::request(&caller, &request)
+        }
+        .with_message(MessagePart {
+            tool: Some("echo".into()),
+            ..MessagePart::default()
+        });
+        let rec = Record::new(Event::Refused, Arc::new(head)).denied("no");
+        let mut want = [
+            "v",
+            "ts",
+            "event",
+            "dst",
+            "pid",
+            "tls",
+            "server",
+            "http_version",
+            "transport",
+            "tool",
+            "decision",
+            "reason",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        want.sort();
+        assert_eq!(keys(&rec), want);
+        let v = serde_json::to_value(&rec).expect("a record serialises");
+        assert_eq!(v["tls"], "terminated");
+        assert_eq!(v["http_version"], "HTTP/2");
+        assert_eq!(v["transport"], "http+sse");
+        assert_eq!(v["decision"], "deny");
+        assert_eq!(
+            keys(&Record::bare(Event::PolicyReload)),
+            ["event", "ts", "v"]
+        );
+    }
+
+    #[test]
+    fn a_message_head_shares_the_caller_and_request_parts() {
+        let caller = Arc::new(CallerPart::default());
+        let request = Arc::new(RequestPart::default());
+        let base = Head::request(&caller, &request);
+        let head = base.with_message(MessagePart::default());
+        assert!(Arc::ptr_eq(head.caller.as_ref().expect("caller"), &caller));
+        assert!(Arc::ptr_eq(
+            head.request.as_ref().expect("request"),
+            &request
+        ));
+    }
+}

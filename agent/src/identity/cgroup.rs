@@ -94,3 +94,24 @@ impl CgroupNames {
         Ok(format!("/{}", String::from_utf8_lossy(rel)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redirect::cgroup::{cgroup2_mount, id_of};
+
+    #[test]
+    fn ids_resolve_to_paths_below_the_mount_and_stay_cached() -> Result<()> {
+        let mount = cgroup2_mount()?;
+        let names = CgroupNames::new(&mount)?;
+        let root = id_of(&mount)?;
+        assert_eq!(names.path_of(root).as_deref(), Some("/"));
+        assert!(
+            names.cache().peek(&root).is_some(),
+            "cached after the first look-up"
+        );
+        // No cgroup has this id (kernfs numbers its nodes from 1 upwards).
+        assert_eq!(names.path_of(u64::MAX), None);
+        Ok(())
+    }
+}

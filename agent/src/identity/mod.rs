@@ -101,3 +101,54 @@ fn process_comm(pid: u32) -> Option<String> {
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     Some(comm.trim_end_matches('\n').to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_keys_name_the_pod_when_known_else_the_cgroup() {
+        let caller = Caller {
+            pid: 12,
+            uid: 0,
+            gid: 0,
+            comm: "agent".into(),
+            cgroup_id: 99,
+            cgroup: None,
+        };
+        assert_eq!(caller.grant_key(None), "cgroup:99");
+        let pod = PodMeta {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: "0b9e".into(),
+            labels: Default::default(),
+            service_account: "sa".into(),
+            container: None,
+        };
+        assert_eq!(caller.grant_key(Some(&pod)), "pod:0b9e");
+        assert_eq!(caller.process_key(), "pid:12");
+        assert_eq!(session_key("abc"), "session:abc");
+        assert_eq!(connection_key(7), "connection:7");
+    }
+
+    #[test]
+    fn a_live_process_is_named_by_its_process_and_a_gone_one_by_its_thread() -> Result<()> {
+        let resolver = Resolver::new(Path::new("/"))?;
+        let own = std::fs::read_to_string("/proc/self/comm")?;
+        let kernel = Kernel {
+            pid: std::process::id(),
+            uid: 0,
+            gid: 0,
+            cgroup_id: 0,
+            comm: "some-thread".into(),
+        };
+        assert_eq!(resolver.caller(&kernel).comm, own.trim_end());
+        // pid_max is at most 2^22: this pid cannot exist.
+        let gone = Kernel {
+            pid: u32::MAX,
+            ..kernel
+        };
+        assert_eq!(resolver.caller(&gone).comm, "some-thread");
+        Ok(())
+    }
+}

@@ -149,3 +149,77 @@ pub(super) fn caller_part(
         tls,
     }
 }
+
+/// A connection to `dst` from this test process, with `servers` configured there, for the unit
+/// tests of the stages (no socket, no eBPF).
+#[cfg(test)]
+pub(super) mod rig {
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+
+    use super::{Conn, Server};
+    use crate::{
+        audit::{AuditLog, WorkerAudit},
+        identity::{Caller, Resolver},
+        intercept::{server::Interceptor, upstream::Upstream, OrigDst},
+        policy::bindings::Routing,
+        redirect::Redirected,
+    };
+
+    struct NoRecords;
+
+    impl OrigDst for NoRecords {
+        fn take(&self, _: std::net::SocketAddr) -> Option<Redirected> {
+            None
+        }
+    }
+
+    pub fn server(name: &str, path: &str) -> Server {
+        Server {
+            name: name.into(),
+            path: path.into(),
+            tls: None,
+            origin: format!("{name}:80"),
+            params: Arc::default(),
+        }
+    }
+
+    pub fn conn(dst: &str, servers: Vec<Server>) -> Conn {
+        let log = Arc::new(AuditLog::open(std::path::Path::new("-")).expect("stdout sink"));
+        let ids = (0..servers.len()).collect();
+        let shared = Arc::new(Interceptor {
+            servers,
+            routes: Arc::default(),
+            orig_dst: Arc::new(NoRecords),
+            identity: Arc::new(Resolver::new(std::path::Path::new("/")).expect("open /")),
+            audit: log.clone(),
+            max_body: 1 << 20,
+            terminator: None,
+            sessions: Arc::default(),
+            routing: Arc::new(ArcSwap::from_pointee(Routing {
+                defaults: Vec::new(),
+                bindings: Vec::new(),
+                identity_wait: std::time::Duration::ZERO,
+            })),
+            pods: Arc::default(),
+        });
+        let caller = Caller {
+            pid: 4242,
+            uid: 1000,
+            gid: 1000,
+            comm: "agent".into(),
+            cgroup_id: 7,
+            cgroup: Some("/apps/agent".into()),
+        };
+        Conn::new(
+            1,
+            shared,
+            dst.parse().expect("a socket address"),
+            caller,
+            ids,
+            Arc::new(Upstream::new()),
+            WorkerAudit::new(log),
+        )
+    }
+}

@@ -173,3 +173,82 @@ pub(super) fn mcp_header(headers: &http::HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use http::Request;
+
+    use super::super::{
+        conn::rig::{conn, server},
+        session::SessionKey,
+    };
+
+    fn parts(target: &str) -> http::request::Parts {
+        Request::post(target)
+            .body(())
+            .expect("a request")
+            .into_parts()
+            .0
+    }
+
+    /// (server name, at the endpoint) for a POST to `target`.
+    fn routed(c: &super::Conn, target: &str) -> (Option<String>, bool) {
+        let ctx = c.context(&parts(target), Instant::now());
+        (ctx.routed.map(|r| r.server.name.clone()), ctx.at_endpoint)
+    }
+
+    #[test]
+    fn the_path_names_the_server_else_the_only_one_else_none() {
+        let one = conn("127.0.0.1:8080", vec![server("a", "/mcp")]);
+        assert_eq!(routed(&one, "/mcp?x=1"), (Some("a".into()), true));
+        assert_eq!(
+            routed(&one, "/.well-known/oauth"),
+            (Some("a".into()), false)
+        );
+
+        let two = conn(
+            "127.0.0.1:8080",
+            vec![server("a", "/a/mcp"), server("b", "/b/mcp")],
+        );
+        assert_eq!(routed(&two, "/b/mcp"), (Some("b".into()), true));
+        assert_eq!(routed(&two, "/a/./mcp"), (Some("a".into()), true));
+        assert_eq!(routed(&two, "/other"), (None, false));
+    }
+
+    #[test]
+    fn an_announced_http_sse_endpoint_routes_to_the_server_that_announced_it() {
+        let two = conn(
+            "127.0.0.1:8080",
+            vec![server("a", "/a/sse"), server("b", "/b/sse")],
+        );
+        let target = "/messages/?session_id=s1";
+        assert_eq!(routed(&two, target), (None, false), "not announced yet");
+        let (_session, _rx) = two.shared.sessions.legacy(SessionKey {
+            server: 1,
+            id: "s1".into(),
+        });
+        let ctx = two.context(&parts(target), Instant::now());
+        assert_eq!(ctx.routed.map(|r| r.id), Some(1));
+        assert!(ctx.at_endpoint && ctx.legacy.is_some());
+    }
+
+    #[test]
+    fn the_request_part_is_built_once_and_shared() {
+        let c = conn("127.0.0.1:8080", vec![server("a", "/mcp")]);
+        let ctx = c.context(&parts("/mcp?q"), Instant::now());
+        let request = ctx.head.request.as_ref().expect("request part");
+        assert_eq!(request.server.as_deref(), Some("a"));
+        assert_eq!(
+            request.path.as_deref(),
+            Some("/mcp"),
+            "path without the query"
+        );
+        assert!(std::sync::Arc::ptr_eq(
+            ctx.head.caller.as_ref().expect("caller part"),
+            &c.who
+        ));
+        assert_eq!(ctx.target, "/mcp?q");
+    }
+}

@@ -179,3 +179,67 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::Request;
+
+    use super::super::{
+        conn::{rig, TlsSession},
+        upstream::{upstream_roots, TlsClient},
+    };
+
+    fn uri(c: &super::Conn, target: &str, host: Option<&str>) -> String {
+        let mut req = Request::get(target);
+        if let Some(h) = host {
+            req = req.header(http::header::HOST, h);
+        }
+        let parts = req.body(()).expect("a request").into_parts().0;
+        c.upstream_uri(&parts).expect("a URI").to_string()
+    }
+
+    #[test]
+    fn plaintext_goes_to_the_original_destination_whatever_the_target_names() {
+        let c = rig::conn("10.0.0.5:8080", vec![rig::server("a", "/mcp")]);
+        assert_eq!(
+            uri(&c, "/mcp?x=1", Some("evil")),
+            "http://10.0.0.5:8080/mcp?x=1"
+        );
+        assert_eq!(
+            uri(&c, "http://evil.example/mcp", None),
+            "http://10.0.0.5:8080/mcp",
+            "absolute form: only its path and query are kept"
+        );
+    }
+
+    #[test]
+    fn tls_keeps_the_clients_authority_else_its_sni_else_the_address() {
+        let mut c = rig::conn("10.0.0.5:443", vec![rig::server("a", "/mcp")]);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(upstream_roots(&[], None).expect("system roots"));
+        let client = Arc::new(TlsClient::new(provider, roots).expect("a TLS client"));
+        c.terminated(TlsSession {
+            sni: Some("tools.example".into()),
+            h2: false,
+            server: 0,
+            client: client.clone(),
+        });
+        assert_eq!(
+            uri(&c, "/mcp", Some("tools.example")),
+            "https://tools.example/mcp"
+        );
+        assert_eq!(
+            uri(&c, "https://tools.example:8443/mcp", None),
+            "https://tools.example:8443/mcp"
+        );
+        c.terminated(TlsSession {
+            sni: None,
+            h2: false,
+            server: 0,
+            client,
+        });
+        assert_eq!(uri(&c, "/mcp", None), "https://10.0.0.5:443/mcp");
+    }
+}

@@ -253,3 +253,33 @@ impl Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::HandshakeError;
+
+    fn io(e: rustls::Error) -> HandshakeError {
+        HandshakeError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    #[test]
+    fn a_client_that_rejects_our_leaf_is_told_apart_by_its_alert() {
+        use rustls::AlertDescription::{
+            BadCertificate, CertificateUnknown, HandshakeFailure, UnknownCA,
+        };
+        for alert in [UnknownCA, BadCertificate, CertificateUnknown] {
+            assert!(
+                io(rustls::Error::AlertReceived(alert)).untrusted(),
+                "{alert:?}"
+            );
+        }
+        assert!(!io(rustls::Error::AlertReceived(HandshakeFailure)).untrusted());
+        assert!(!io(rustls::Error::HandshakeNotComplete).untrusted());
+        assert!(!HandshakeError::Timeout.untrusted());
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "UnknownCA");
+        assert!(
+            !HandshakeError::Io(plain).untrusted(),
+            "the word in a message is not the alert"
+        );
+    }
+}
