@@ -58,15 +58,15 @@ impl Plan {
     }
 }
 
-/// The sessions a request belongs to.
-struct Sessions {
+/// The sessions one request belongs to (not the shared table, `session::Sessions`).
+struct RequestSessions {
     /// HTTP+SSE: answers go on its GET stream.
     legacy: Option<Arc<Session>>,
     /// The `Mcp-Session-Id` session, when the server confirmed it.
     header: Option<(SessionKey, Arc<Session>)>,
 }
 
-impl Sessions {
+impl RequestSessions {
     fn any(&self) -> Option<&Arc<Session>> {
         self.legacy
             .as_ref()
@@ -82,7 +82,7 @@ impl Conn {
         mut parts: Parts,
         bytes: Bytes,
     ) -> Response<Body> {
-        let sessions = Sessions {
+        let sessions = RequestSessions {
             legacy: ctx.legacy.clone(),
             header: self.header_session(routed.id, &parts.headers),
         };
@@ -188,7 +188,7 @@ impl Conn {
         routed: Routed<'_>,
         parts: &Parts,
         bytes: &[u8],
-        sessions: &Sessions,
+        sessions: &RequestSessions,
     ) -> Result<(bool, Vec<Message>), Box<Response<Body>>> {
         let parsed = match mcp::parse_body(bytes, &parts.headers) {
             Ok(p) => p,
@@ -199,12 +199,12 @@ impl Conn {
                     } else {
                         Transport::StreamableHttp
                     }),
+                    message: Some(MessagePart {
+                        id: e.id.clone(),
+                        ..MessagePart::default()
+                    }),
                     ..(*ctx.head).clone()
-                }
-                .with_message(MessagePart {
-                    id: e.id.clone(),
-                    ..MessagePart::default()
-                });
+                };
                 self.write_audit(
                     &Record::new(Event::Refused, Arc::new(head)).denied(e.message.clone()),
                 );
@@ -238,7 +238,7 @@ impl Conn {
         &self,
         ctx: &RequestCtx<'_>,
         chosen: &Chosen,
-        sessions: &Sessions,
+        sessions: &RequestSessions,
         msgs: Vec<Message>,
         transport: Transport,
         session_revision: &Option<String>,
@@ -301,7 +301,7 @@ impl Conn {
         &self,
         chosen: &Chosen,
         judged: Vec<Judged>,
-        sessions: &Sessions,
+        sessions: &RequestSessions,
         started: Instant,
     ) -> Result<Plan, Box<Response<Body>>> {
         let mut plan = Plan {
@@ -350,7 +350,7 @@ impl Conn {
         &self,
         plan: &Plan,
         batch: bool,
-        sessions: &Sessions,
+        sessions: &RequestSessions,
     ) -> Option<Response<Body>> {
         if let Some(s) = &sessions.legacy {
             // HTTP+SSE: every answer goes on the stream; the POST itself only gets 202.
