@@ -22,6 +22,7 @@
 //! endpoint however its path is spelt, and [`looks_like_jsonrpc`] spots
 //! JSON-RPC sent elsewhere on the same origin.
 
+mod charset;
 mod headers;
 mod params;
 mod path;
@@ -38,6 +39,7 @@ use std::fmt;
 use mcpwarden_json as strict;
 use serde_json::{Map, Value};
 
+pub use charset::check_encoding;
 pub use headers::{
     is_stateless_revision, META_PROTOCOL_VERSION, METHOD_HEADER, NAME_HEADER,
     PROTOCOL_VERSION_HEADER, STATELESS_REVISION,
@@ -204,6 +206,31 @@ impl Parsed {
 /// In a batch, every element is checked and the first error refuses the
 /// whole body; its message names the element's index.
 pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, ParseError> {
+    let (text, parsed) = parse_messages(body, headers)?;
+    // Checked last, so that a message's own errors (an id too large) are named first.
+    if let Some(at) = strict::first_inexact_number(text) {
+        let id = match parsed.messages() {
+            [one] => one.id.clone(),
+            _ => None,
+        };
+        return Err(ParseError::new(
+            INVALID_REQUEST,
+            format!(
+                "Invalid Request: the number at byte {at} of the body is not held exactly by a \
+                 64-bit integer or float (too large, too precise, or out of range), so a server \
+                 could read another value than the policy compared; it was not forwarded"
+            ),
+            id,
+        ));
+    }
+    Ok(parsed)
+}
+
+/// [`parse_body`] but for its check of numbers; with the body as text.
+fn parse_messages<'b>(
+    body: &'b [u8],
+    headers: &http::HeaderMap,
+) -> Result<(&'b str, Parsed), ParseError> {
     let text = std::str::from_utf8(body).map_err(|err| {
         ParseError::new(
             PARSE_ERROR,
@@ -216,7 +243,6 @@ pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, Pars
     if let Some(clash) = &document.clash {
         return Err(clash_error(&document.value, clash));
     }
-
     let header_stateless = headers::header_is_stateless(headers);
     let header_revision = headers::protocol_version(headers);
     let with_revision = |mut m: Message| {
@@ -230,7 +256,7 @@ pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, Pars
             let message = read_message(object, header_stateless, None)?;
             check_routing_headers(object, &message, headers)?;
             check_version_header(object, &message, header_revision.as_deref())?;
-            Ok(Parsed::Single(with_revision(message)))
+            Ok((text, Parsed::Single(with_revision(message))))
         }
         Value::Array(elements) if elements.is_empty() => Err(ParseError::new(
             INVALID_REQUEST,
@@ -257,7 +283,7 @@ pub fn parse_body(body: &[u8], headers: &http::HeaderMap) -> Result<Parsed, Pars
                 )?));
             }
             refuse_routing_headers_on_batch(headers)?;
-            Ok(Parsed::Batch(messages))
+            Ok((text, Parsed::Batch(messages)))
         }
         other => Err(ParseError::new(
             INVALID_REQUEST,
@@ -351,6 +377,42 @@ fn read_message(
             id.clone(),
         )
     };
+    let params = object.get("params");
+    let near_misses = [
+        ("", Some(object), &MESSAGE_FIELDS[..]),
+        ("params.", params.and_then(Value::as_object), PARAMS_FIELDS),
+        (
+            "params._meta.",
+            params
+                .and_then(|p| p.get("_meta"))
+                .and_then(Value::as_object),
+            PARAMS_FIELDS,
+        ),
+        (
+            "error.",
+            object.get("error").and_then(Value::as_object),
+            &ERROR_FIELDS[..],
+        ),
+    ];
+    for (prefix, members, fields) in near_misses {
+        if let Some((key, field)) = members.and_then(|m| near_miss(m, fields)) {
+            // The id is left out when it is the key in doubt.
+            let id = if prefix.is_empty() && field == "id" {
+                None
+            } else {
+                id.clone()
+            };
+            return Err(ParseError::new(
+                INVALID_REQUEST,
+                format!(
+                    "Invalid Request: {at}key {} is not {prefix}{field} but a server that matches \
+                     keys ignoring letter case reads it as that; it was not forwarded",
+                    quoted(&format!("{prefix}{key}")),
+                ),
+                id,
+            ));
+        }
+    }
 
     match object.get("jsonrpc") {
         Some(Value::String(version)) if version == "2.0" => {}
@@ -380,7 +442,6 @@ fn read_message(
         }
     };
 
-    let params = object.get("params");
     let kind = if id.is_some() {
         Kind::Request
     } else {
@@ -412,6 +473,55 @@ fn read_message(
     }
     message.method = Some(method);
     Ok(message)
+}
+
+/// The members of a JSON-RPC message object.
+const MESSAGE_FIELDS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+
+/// The members of a JSON-RPC error object.
+const ERROR_FIELDS: [&str; 3] = ["code", "message", "data"];
+
+/// Members of `params` (and of `params._meta`) that say what a request does, in any MCP
+/// revision: a key that is one of these but for letter case is refused (see [`near_miss`]).
+const PARAMS_FIELDS: &[&str] = &[
+    "name",
+    "arguments",
+    "_meta",
+    "uri",
+    "requestId",
+    "protocolVersion",
+    "capabilities",
+    "clientInfo",
+    "cursor",
+    "progressToken",
+    "reason",
+    "level",
+    "ref",
+    "argument",
+    "task",
+    META_PROTOCOL_VERSION,
+];
+
+/// The first key of `members` that is not one of `fields` but equals one when case-folded
+/// ([`strict::fold_key`]: `METHOD`, `ſession` and the Kelvin sign count), with that field.
+///
+/// Go's `encoding/json` binds such a key to the field, so a server reads `{"Method":…}` as a
+/// request where the policy saw a response, or `{"NAME":…}` as the tool's name. Two keys that
+/// clash are refused by the strict reader already; this refuses the key that appears alone.
+fn near_miss<'k>(
+    members: &'k Map<String, Value>,
+    fields: &[&'static str],
+) -> Option<(&'k str, &'static str)> {
+    members.keys().find_map(|key| {
+        if fields.contains(&key.as_str()) {
+            return None;
+        }
+        let folded = strict::fold_key(key);
+        fields
+            .iter()
+            .find(|field| folded.eq_ignore_ascii_case(field))
+            .map(|field| (key.as_str(), *field))
+    })
 }
 
 /// Checks a `tools/call` request and fills in its tool and arguments. `at`
@@ -496,12 +606,10 @@ fn check_routing_headers(
     if let Some(header) = headers::routing_header(headers, METHOD_HEADER).map_err(&mismatch)? {
         match &message.method {
             Some(method) if *method == header => {}
-            Some(method) => {
-                return Err(mismatch(format!(
-                    "Mcp-Method is {} but the body's method is {}",
-                    quoted(&header),
-                    quoted(method)
-                )))
+            Some(_) => {
+                return Err(mismatch(
+                    "Mcp-Method differs from the body's method".to_owned(),
+                ))
             }
             None => {
                 return Err(mismatch(
@@ -522,12 +630,15 @@ fn check_routing_headers(
                 .get("params")
                 .and_then(|params| params.get(field))
                 .and_then(Value::as_str);
-            if body != Some(header.as_str()) {
-                return Err(mismatch(format!(
-                    "Mcp-Name is {} but params.{field} is {}",
-                    quoted(&header),
-                    body.map_or_else(|| "missing".to_owned(), quoted)
-                )));
+            // Values are not quoted: a name can be a resource URI holding a token.
+            match body {
+                Some(body) if body == header => {}
+                Some(_) => return Err(mismatch(format!("Mcp-Name differs from params.{field}"))),
+                None => {
+                    return Err(mismatch(format!(
+                        "Mcp-Name is set but params.{field} is missing"
+                    )))
+                }
             }
         }
     }

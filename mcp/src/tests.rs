@@ -709,29 +709,33 @@ fn routing_headers_must_match_the_body() {
         assert_eq!(err.id, Some(json!(6)));
         assert!(err.message.contains(part), "{err}");
     };
+    mismatch(&[("Mcp-Method", "tools/list")], "Mcp-Method differs");
+    mismatch(&[("Mcp-Name", "add")], "Mcp-Name differs from params.name");
+    mismatch(&[("Mcp-Name", "=?base64?YWRk?=")], "Mcp-Name differs");
     mismatch(
-        &[("Mcp-Method", "tools/list")],
-        r#"Mcp-Method is "tools/list""#,
+        &[("Mcp-Name", "=?base64?ZHJvcF9jbHVzdGVy?")],
+        "Mcp-Name differs",
     );
-    mismatch(
-        &[("Mcp-Name", "add")],
-        r#"Mcp-Name is "add" but params.name is "drop_cluster""#,
-    );
-    mismatch(&[("Mcp-Name", "=?base64?YWRk?=")], r#"Mcp-Name is "add""#);
-    mismatch(&[("Mcp-Name", "=?base64?ZHJvcF9jbHVzdGVy?")], "Mcp-Name is");
     mismatch(&[("Mcp-Name", "=?base64?ZHJvcF9jbHVzdGVy=?=")], "not valid");
     mismatch(
         &[("Mcp-Name", "=?base64?ZHJvcF9jbHVzdGVz?=")],
-        "Mcp-Name is",
+        "Mcp-Name differs",
     );
     mismatch(
         &[("Mcp-Name", "=?base64?ZHJvcF9jbHVzdGVy?=x")],
-        "Mcp-Name is",
+        "Mcp-Name differs",
     );
     mismatch(
         &[("Mcp-Name", "=?BASE64?ZHJvcF9jbHVzdGVy?=")],
-        "Mcp-Name is",
+        "Mcp-Name differs",
     );
+    // No value of the header or the body is quoted in the error.
+    for pairs in [[("Mcp-Name", "add")], [("Mcp-Method", "tools/list")]] {
+        let err = refused_with(call.as_bytes(), &headers(&pairs));
+        for value in ["add", "drop_cluster", "tools/list"] {
+            assert!(!err.message.contains(value), "{err}");
+        }
+    }
 
     // Base64 must be canonical: "YR==" carries non-zero unused bits, though
     // a lenient decoder reads it as "a".
@@ -1102,4 +1106,58 @@ fn tools_call_spelt_another_way_is_still_a_call() {
         &headers(&[]),
     );
     assert_eq!(err.code, INVALID_REQUEST, "{err}");
+}
+
+#[test]
+fn a_key_that_is_a_member_only_when_case_folded_is_refused_even_alone() {
+    // Go's encoding/json binds each of these to the member it folds to.
+    for (body, key) in [
+        (r#"{"jsonrpc":"2.0","id":1,"result":{},"Method":"tools/call","params":{"name":"x"}}"#, "\"Method\""),
+        (r#"{"jsonrpc":"2.0","ID":1,"method":"tools/call","params":{"name":"x"}}"#, "\"ID\""),
+        (r#"{"JSONRPC":"2.0","id":1,"method":"ping"}"#, "\"JSONRPC\""),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","Params":{"name":"x"}}"#, "\"Params\""),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"x"}}"#, "\"params.NAME\""),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","Arguments":{}}}"#, "\"params.Arguments\""),
+        // Long s (U+017F) folds to s, the Kelvin sign (U+212A) to k.
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{"progre\u017fsToken":1}}}"#, "params._meta."),
+        ("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"x\",\"_meta\":{\"progressto\u{212A}en\":1}}}", "params._meta."),
+        (r#"{"jsonrpc":"2.0","id":1,"error":{"Code":1,"message":"m"}}"#, "\"error.Code\""),
+    ] {
+        let err = refused(body.as_bytes());
+        assert_eq!(err.code, INVALID_REQUEST, "{body}: {err}");
+        assert!(err.message.contains(key), "{body}: {err}");
+        assert!(err.message.contains("ignoring letter case"), "{err}");
+    }
+    // The id is kept unless it is the key in doubt.
+    let err = refused(br#"{"jsonrpc":"2.0","id":3,"method":"x","Params":{}}"#);
+    assert_eq!(err.id, Some(json!(3)));
+    let err = refused(br#"{"jsonrpc":"2.0","iD":3,"method":"x"}"#);
+    assert_eq!(err.id, None);
+    // Keys that fold to nothing we read are the message's own business.
+    single(
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"Name":1,"ID":2}},"extra":1}"#,
+    );
+}
+
+#[test]
+fn a_number_no_64_bit_value_holds_exactly_is_refused() {
+    // serde_json itself refuses a float beyond f64.
+    let err = refused(br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"amount":1e400}}}"#);
+    assert_eq!(err.code, PARSE_ERROR, "{err}");
+    for body in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"amount":100.0000000000000001}}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"n":18446744073709551616}}}"#,
+    ] {
+        let err = refused(body.as_bytes());
+        assert_eq!(err.code, INVALID_REQUEST, "{body}: {err}");
+        assert_eq!(err.id, Some(json!(1)), "{err}");
+        assert!(err.message.contains("not held exactly"), "{err}");
+        assert!(
+            !err.message.contains("1e400") && !err.message.contains("100.0"),
+            "{err}"
+        );
+    }
+    single(
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"a":0.1,"b":-2.5e-3,"c":18446744073709551615}}}"#,
+    );
 }
