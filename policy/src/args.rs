@@ -71,6 +71,11 @@ impl ArgPath {
         Some(here)
     }
 
+    /// The keys the path names, in order (index segments included, as text).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().map(|s| s.key.as_str())
+    }
+
     /// The path as written.
     pub fn as_str(&self) -> &str {
         &self.text

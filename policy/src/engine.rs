@@ -168,6 +168,9 @@ impl Engine {
                 );
             }
             trace.step(|| format!("no rule names {tool}; default is allow"));
+            if let Some(refusal) = near_miss(policy, args, "/default", trace) {
+                return refusal;
+            }
             return self.check(&[&policy.all_tools], args, caller, now, trace, "/default");
         };
         trace.step(|| {
@@ -204,6 +207,9 @@ impl Engine {
                 );
             }
             ToolAction::Allow => {}
+        }
+        if let Some(refusal) = near_miss(policy, args, &rule.pointer, trace) {
+            return refusal;
         }
         if let Some(refusal) = check_schema(rule, tool, args, trace) {
             return refusal;
@@ -384,6 +390,35 @@ impl Engine {
     pub(super) fn with_counters<T>(&self, f: impl FnOnce(&CounterStore) -> T) -> T {
         f(&limits::lock(&self.counters))
     }
+}
+
+/// Refuses a call with an argument key that only folds to a name the policy checks (see
+/// [`super::folded`]); `rule` is the rule that would have decided it.
+fn near_miss<T: Trace>(
+    policy: &Policy,
+    args: &Value,
+    rule: &str,
+    trace: &mut T,
+) -> Option<Decision> {
+    let (key, name) = policy.checked.near_miss(args)?;
+    trace.step(|| format!("argument key {key:?} folds to {name:?}, which this policy checks"));
+    Some(refuse(
+        Outcome::Deny,
+        rule.to_owned(),
+        format!(
+            "argument key {} differs only in letter case from {}, which this policy checks: a \
+             server that matches keys ignoring case would read it as that",
+            quote(key),
+            quote(name)
+        ),
+    ))
+}
+
+/// A JSON string literal of `text`, for keys in reasons.
+fn quote(text: &str) -> String {
+    let mut out = String::new();
+    mcpwarden_json::write_string(text, &mut out);
+    out
 }
 
 /// The rule's `arguments` schema; a violation names the failing argument and keyword, never

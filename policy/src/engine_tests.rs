@@ -2606,3 +2606,71 @@ fn yaml_and_json_policies_decide_identically() {
         assert!(rules.contains(&rule), "{rule} not decided: {outcomes:?}");
     }
 }
+
+#[test]
+fn an_argument_key_that_only_folds_to_a_checked_name_is_refused() {
+    let policy = json!({"version": "1", "default": "allow",
+    "all_tools": {"deny_if": [{"path": "args.target.host", "op": "eq", "value": "prod"}]},
+    "tools": {
+        "pay": {"arguments": {"type": "object", "properties": {"amount": {"type": "number", "maximum": 100}}},
+                "limits": [{"counter": "spend", "window": "day", "max": 1000, "scope": "grant", "increment_from": "args.cost"}]}
+    }});
+    let e = engine_json(&policy);
+    let now = Instant::now();
+    let go = |tool: &str, args: Value| decide_args(&e, tool, &args, &ONE, now);
+    assert_eq!(
+        go("pay", json!({"amount": 5, "cost": 1})).outcome,
+        Outcome::Allow
+    );
+    for (tool, args, key, rule) in [
+        // A schema property: Go binds "Amount" to `amount` and pays 5000.
+        (
+            "pay",
+            json!({"Amount": 5000, "cost": 1}),
+            "\"Amount\"",
+            "/tools/pay",
+        ),
+        // An increment_from path, spelt with the long s (U+017F).
+        (
+            "pay",
+            json!({"amount": 1, "co\u{17f}t": 900}),
+            "\"co\u{17f}t\"",
+            "/tools/pay",
+        ),
+        // A nested condition path, under a default-allow tool.
+        (
+            "other",
+            json!({"target": {"HOST": "prod"}}),
+            "\"HOST\"",
+            "/default",
+        ),
+        (
+            "other",
+            json!({"list": [{"Target": {}}]}),
+            "\"Target\"",
+            "/default",
+        ),
+    ] {
+        let d = go(tool, args.clone());
+        assert_eq!(d.outcome, Outcome::Deny, "{args}: {d:?}");
+        assert_eq!(d.rule, rule, "{args}: {d:?}");
+        let reason = d.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains(key) && reason.contains("letter case"),
+            "{reason}"
+        );
+        assert!(
+            !reason.contains("5000") && !reason.contains("prod"),
+            "no values: {reason}"
+        );
+    }
+    // Keys that fold to nothing the policy checks are the tool's business.
+    assert_eq!(
+        go("other", json!({"Anything": 1, "HOSTS": 2})).outcome,
+        Outcome::Allow
+    );
+    // A policy that checks no argument refuses no key.
+    let plain = engine_json(&deny_with(json!({"pay": {}})));
+    let d = decide_args(&plain, "pay", &json!({"Amount": 1}), &ONE, now);
+    assert_eq!(d.outcome, Outcome::Allow);
+}

@@ -21,6 +21,7 @@ mod args;
 pub mod bindings;
 mod condition;
 mod engine;
+mod folded;
 mod glob;
 mod limits;
 mod load;

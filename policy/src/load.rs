@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::args::ArgPath;
 use super::condition::Condition;
+use super::folded::CheckedNames;
 use super::glob::{Pattern, PatternIndex};
 use super::schema::{
     self, ArgSchema, LimitSpec, Mode, NameOrPattern, Object, PolicyFile, Scope, ToolAction, Window,
@@ -47,6 +48,8 @@ pub struct Policy {
     pub(super) counters: Vec<Counter>,
     /// Rules that can never apply, found at load.
     pub(super) warnings: Vec<Warning>,
+    /// Every argument name the policy checks, for refusing keys that only fold to one.
+    pub(super) checked: CheckedNames,
 }
 
 /// Something in a policy that is valid but cannot do what it seems to.
@@ -305,7 +308,9 @@ fn compile(parsed: PolicyFile, source: PolicySource) -> Policy {
         }
         None => {}
     }
+    let checked = CheckedNames::new(&all_tools, &rules);
     let mut policy = Policy {
+        checked,
         source,
         default_allow: parsed.default == schema::DefaultAction::Allow,
         dry_run: parsed.mode == Mode::DryRun,

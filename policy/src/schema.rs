@@ -436,7 +436,11 @@ impl<'de> Deserialize<'de> for ToolAction {
 /// checked against the meta-schema and compiled while the file is read. References are
 /// resolved inside the schema only: nothing is fetched.
 #[derive(Clone)]
-pub(crate) struct ArgSchema(pub std::sync::Arc<jsonschema::Validator>);
+pub(crate) struct ArgSchema(
+    pub std::sync::Arc<jsonschema::Validator>,
+    /// Every property name the schema mentions (see [`property_names`]).
+    pub Vec<String>,
+);
 
 impl fmt::Debug for ArgSchema {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -452,9 +456,11 @@ impl<'de> Deserialize<'de> for ArgSchema {
                 "arguments must be a JSON Schema: an object (or true/false)",
             ));
         }
+        let mut names = Vec::new();
+        property_names(&schema, &mut names);
         jsonschema::draft202012::options()
             .build(&schema)
-            .map(|v| ArgSchema(std::sync::Arc::new(v)))
+            .map(|v| ArgSchema(std::sync::Arc::new(v), names))
             .map_err(|e| {
                 de::Error::custom(format!(
                     "arguments is not a valid JSON Schema (draft 2020-12): {} (at schema {})",
@@ -462,6 +468,39 @@ impl<'de> Deserialize<'de> for ArgSchema {
                     location_or_root(e.schema_path().as_str())
                 ))
             })
+    }
+}
+
+/// The property names a schema mentions, at any depth: keys of `properties`,
+/// `dependentRequired`, `dependentSchemas` and `dependencies`, and the names listed in
+/// `required` and `dependentRequired`. Generous on purpose (a `properties` key inside an `enum`
+/// value counts too): the names only ever make the engine refuse more.
+fn property_names(schema: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    let strings = |items: &Vec<Value>, out: &mut Vec<String>| {
+        out.extend(items.iter().filter_map(Value::as_str).map(str::to_owned));
+    };
+    match schema {
+        Value::Object(map) => {
+            for (keyword, value) in map {
+                match (keyword.as_str(), value) {
+                    ("properties" | "dependentSchemas", Value::Object(props)) => {
+                        out.extend(props.keys().cloned());
+                    }
+                    ("dependentRequired" | "dependencies", Value::Object(props)) => {
+                        out.extend(props.keys().cloned());
+                        for listed in props.values().filter_map(Value::as_array) {
+                            strings(listed, out);
+                        }
+                    }
+                    ("required", Value::Array(items)) => strings(items, out),
+                    _ => {}
+                }
+                property_names(value, out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| property_names(v, out)),
+        _ => {}
     }
 }
 

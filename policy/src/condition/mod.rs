@@ -287,13 +287,39 @@ fn integer(n: &Number) -> Option<i128> {
     }
 }
 
-/// Compares two numbers: exactly when both are integers, else as `f64`.
+/// Compares two numbers exactly: integers as integers, an integer and a float without
+/// rounding the integer to `f64` (2^53 + 1 is more than 2^53 as a float), floats as `f64`.
 /// `None` only if a number has no `f64` form (not possible for parsed JSON).
 fn num_cmp(a: &Number, b: &Number) -> Option<Ordering> {
     match (integer(a), integer(b)) {
         (Some(x), Some(y)) => Some(x.cmp(&y)),
-        _ => a.as_f64()?.partial_cmp(&b.as_f64()?),
+        (Some(x), None) => int_float_cmp(x, b.as_f64()?),
+        (None, Some(y)) => int_float_cmp(y, a.as_f64()?).map(Ordering::reverse),
+        (None, None) => a.as_f64()?.partial_cmp(&b.as_f64()?),
     }
+}
+
+/// An integer against a float, exactly.
+fn int_float_cmp(x: i128, f: f64) -> Option<Ordering> {
+    if f.is_nan() {
+        return None;
+    }
+    // Every i128 that JSON gives (64 bits) lies well inside ±2^100.
+    const BOUND: f64 = 1e30;
+    if f >= BOUND {
+        return Some(Ordering::Less);
+    }
+    if f <= -BOUND {
+        return Some(Ordering::Greater);
+    }
+    let floor = f.floor();
+    // |floor| < 1e30 < 2^127, so the cast is exact.
+    #[allow(clippy::cast_possible_truncation)]
+    let whole = floor as i128;
+    Some(match x.cmp(&whole) {
+        Ordering::Equal if f > floor => Ordering::Less,
+        other => other,
+    })
 }
 
 /// JSON equality with numbers compared by [`num_cmp`]; values of different
@@ -562,6 +588,14 @@ fn resolve(verdict: Verdict, wrong: WrongType) -> bool {
 }
 
 impl Condition {
+    /// Every argument path this condition reads, inner conditions included.
+    pub fn paths<'a>(&'a self, out: &mut Vec<&'a ArgPath>) {
+        match &self.node {
+            Node::Test(test) => out.push(&test.path),
+            Node::All(inner) | Node::Any(inner) => inner.iter().for_each(|c| c.paths(out)),
+        }
+    }
+
     /// Whether the condition holds for `args`, the call's `arguments` object
     /// (an absent `arguments` is passed as an empty object).
     ///

@@ -118,12 +118,47 @@ fn eq() {
 }
 
 #[test]
-fn mixed_integer_and_float_compare_as_f64() {
-    // 2^53 + 1 has no f64 form: next to a float it rounds to 2^53.
+fn mixed_integer_and_float_compare_exactly() {
+    // 2^53 + 1 has no f64 form; it is still more than the float 2^53, as a server holding
+    // integers exactly reads it.
     let big = r#"{"path": "args.n", "op": "eq", "value": 9007199254740993}"#;
+    let at_most = r#"{"path": "args.n", "op": "lte", "value": 9007199254740992.0}"#;
+    let over = r#"{"path": "args.n", "op": "gt", "value": 9007199254740992.0}"#;
+    let half = r#"{"path": "args.n", "op": "lt", "value": 2.5}"#;
     check(&[
-        (big, r#"{"n": 9007199254740992.0}"#, F, true),
+        (big, r#"{"n": 9007199254740992.0}"#, F, false),
         (big, r#"{"n": 9007199254740992}"#, H, false),
+        (big, r#"{"n": 9007199254740993}"#, F, true),
+        (at_most, r#"{"n": 9007199254740993}"#, F, false),
+        (at_most, r#"{"n": 9007199254740992}"#, F, true),
+        (over, r#"{"n": 9007199254740993}"#, F, true),
+        (half, r#"{"n": 2}"#, F, true),
+        (half, r#"{"n": 3}"#, F, false),
+        (half, r#"{"n": -3}"#, F, true),
+        (
+            r#"{"path": "args.n", "op": "gt", "value": -2.5}"#,
+            r#"{"n": -2}"#,
+            F,
+            true,
+        ),
+        (
+            r#"{"path": "args.n", "op": "gt", "value": -2.5}"#,
+            r#"{"n": -3}"#,
+            F,
+            false,
+        ),
+        (
+            r#"{"path": "args.n", "op": "lt", "value": 1e300}"#,
+            r#"{"n": 18446744073709551615}"#,
+            F,
+            true,
+        ),
+        (
+            r#"{"path": "args.n", "op": "gt", "value": -1e300}"#,
+            r#"{"n": -9223372036854775808}"#,
+            F,
+            true,
+        ),
     ]);
 }
 
