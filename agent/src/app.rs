@@ -69,6 +69,14 @@ impl Agent {
                 path: s.url.path.clone(),
                 tls: None,
                 origin: format!("{}:{}", s.url.host, s.url.port).to_ascii_lowercase(),
+                host: s
+                    .url
+                    .host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase(),
+                port: s.url.port,
+                passthrough_paths: s.passthrough_paths.clone(),
                 params: Arc::default(),
             });
         }
@@ -151,6 +159,7 @@ impl Agent {
             identity,
             audit,
             max_body: config.max_body_bytes,
+            audit_path_bytes: config.limits.audit_path_bytes,
             terminator,
             sessions: Arc::default(),
             routing: policies.routing(),

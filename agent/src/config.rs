@@ -27,7 +27,10 @@
 //!     policy: policy.json
 //!     upstream_ca: internal-ca.pem             # trusted for this server, besides system roots
 //!     tls: terminate                           # or passthrough: forwarded untouched, not inspected
+//!     passthrough_paths: [/oauth/token, /healthz]  # non-JSON-RPC bodies forwarded here only
 //! identity_wait_ms: 500                        # how long a call waits for its pod's metadata
+//! limits:                                      # see the README's table; all optional
+//!   audit_path_bytes: 256
 //! bindings:                                    # first match wins; else the server's `policy`
 //!   - match: {namespace: payments, labels: {app: agent}, server: tools}
 //!     policy: payments.json
@@ -134,6 +137,9 @@ pub struct Server {
     pub tls: TlsMode,
     /// Extra roots (PEM) trusted for this server's certificate, besides the system's.
     pub upstream_ca: Option<PathBuf>,
+    /// Paths (normalised; a trailing `*` matches any rest) where a request body that is not
+    /// JSON-RPC is forwarded: OAuth endpoints, health checks. Elsewhere such a body is refused.
+    pub passthrough_paths: Vec<String>,
 }
 
 /// The assembled configuration.
@@ -157,6 +163,7 @@ pub struct Config {
     pub bindings: Vec<BindingConfig>,
     /// How long a call waits for its caller's pod metadata when a binding needs it.
     pub identity_wait: std::time::Duration,
+    pub limits: Limits,
     /// What the config was assembled from: a reload assembles it again from the same.
     pub flags: Flags,
 }
@@ -171,6 +178,23 @@ pub struct BindingConfig {
 
 /// The default `identity_wait_ms`.
 pub const DEFAULT_IDENTITY_WAIT_MS: u64 = 500;
+
+/// `limits:`: bounds on what one client can make the agent hold or write. Every field has a
+/// default (README, "Limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Bytes of a request's path kept in its audit records (query values are always masked).
+    pub audit_path_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            audit_path_bytes: 256,
+        }
+    }
+}
 
 /// What the command line contributes (the `run` flags, `#[command(flatten)]`-ed there);
 /// `Some`/non-empty/`true` values override the file.
@@ -233,6 +257,8 @@ struct FileConfig {
     #[serde(default)]
     bindings: Vec<FileBinding>,
     identity_wait_ms: Option<u64>,
+    #[serde(default)]
+    limits: Limits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,6 +305,8 @@ struct FileServer {
     policy: PathBuf,
     tls: Option<TlsMode>,
     upstream_ca: Option<PathBuf>,
+    #[serde(default)]
+    passthrough_paths: Vec<String>,
 }
 
 /// Parse a config file's text; errors name `file:line:column`.
@@ -317,6 +345,7 @@ impl Config {
             (None, None, None, None, None);
         let (mut state_dir, mut file_ca, mut tls_prewarm) = (None, None, None);
         let (mut bindings, mut identity_wait_ms) = (Vec::new(), None);
+        let mut limits = Limits::default();
         if let Some(f) = file {
             bindings = f
                 .bindings
@@ -327,6 +356,7 @@ impl Config {
                 })
                 .collect();
             identity_wait_ms = f.identity_wait_ms;
+            limits = f.limits;
             for s in f.servers {
                 let name = s
                     .name
@@ -337,12 +367,30 @@ impl Config {
                         s.url.raw
                     );
                 }
+                let mut passthrough_paths = Vec::new();
+                for path in &s.passthrough_paths {
+                    if !path.starts_with('/') {
+                        bail!(
+                            "server {name}: passthrough_paths entry {path:?} must be a path starting with /"
+                        );
+                    }
+                    let (stem, any_rest) = match path.strip_suffix('*') {
+                        Some(stem) => (stem, "*"),
+                        None => (path.as_str(), ""),
+                    };
+                    let mut normalised = crate::mcp::normalize_path(stem);
+                    if stem.ends_with('/') && normalised != "/" {
+                        normalised.push('/');
+                    }
+                    passthrough_paths.push(format!("{normalised}{any_rest}"));
+                }
                 servers.push(Server {
                     name,
                     policy: base.join(s.policy),
                     url: s.url,
                     tls: s.tls.unwrap_or_default(),
                     upstream_ca: s.upstream_ca.map(|p| base.join(p)),
+                    passthrough_paths,
                 });
             }
             state_dir = f.state_dir;
@@ -372,6 +420,7 @@ impl Config {
                 url,
                 policy: policy.clone(),
                 tls: TlsMode::default(),
+                passthrough_paths: Vec::new(),
             });
         }
         if servers.is_empty() {
@@ -417,6 +466,7 @@ impl Config {
             identity_wait: std::time::Duration::from_millis(
                 identity_wait_ms.unwrap_or(DEFAULT_IDENTITY_WAIT_MS),
             ),
+            limits,
             flags: flags_again,
         };
         config.validate()?;

@@ -114,6 +114,9 @@ pub struct RequestPart {
     pub http_method: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The query's keys, each value written `*`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// One JSON-RPC message. Argument values are never written: their top-level keys and a sha256

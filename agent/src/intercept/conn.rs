@@ -181,6 +181,9 @@ pub(super) mod rig {
             path: path.into(),
             tls: None,
             origin: format!("{name}:80"),
+            host: name.into(),
+            port: 80,
+            passthrough_paths: Vec::new(),
             params: Arc::default(),
         }
     }
@@ -195,6 +198,7 @@ pub(super) mod rig {
             identity: Arc::new(Resolver::new(std::path::Path::new("/")).expect("open /")),
             audit: log.clone(),
             max_body: 1 << 20,
+            audit_path_bytes: 64,
             terminator: None,
             sessions: Arc::default(),
             routing: Arc::new(ArcSwap::from_pointee(Routing {

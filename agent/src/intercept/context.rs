@@ -34,6 +34,11 @@ pub(super) struct RequestCtx<'a> {
     pub legacy: Option<Arc<Session>>,
     /// The target is the server's endpoint path (or its HTTP+SSE POST endpoint).
     pub at_endpoint: bool,
+    /// The one authority the request names (URI or `:authority`, and Host, which must agree),
+    /// or why it names none that can be trusted.
+    pub authority: Result<Option<http::uri::Authority>, String>,
+    /// On plaintext: the authority names none of the servers at this address.
+    pub unknown_host: bool,
     pub started: Instant,
     /// Caller, server and HTTP part of every record of this request.
     pub head: Arc<Head>,
@@ -48,7 +53,9 @@ impl Conn {
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_owned();
-        let (routed, legacy, at_endpoint) = self.route(&target);
+        let authority = request_authority(parts);
+        let named = authority.as_ref().ok().and_then(Option::as_ref);
+        let (routed, legacy, at_endpoint, unknown_host) = self.route(&target, named);
         let request = Arc::new(RequestPart {
             server: routed.map(|r| r.server.name.clone()),
             http_version: Some(if parts.version == http::Version::HTTP_2 {
@@ -57,13 +64,19 @@ impl Conn {
                 HttpVersion::Http11
             }),
             http_method: Some(parts.method.to_string()),
-            path: Some(parts.uri.path().to_owned()),
+            path: Some(clip(parts.uri.path(), self.shared.audit_path_bytes)),
+            query: parts
+                .uri
+                .query()
+                .map(|q| clip(&masked_query(q), self.shared.audit_path_bytes)),
         });
         RequestCtx {
             routed,
             target,
             legacy,
             at_endpoint,
+            authority,
+            unknown_host,
             started,
             head: Arc::new(Head::request(&self.who, &request)),
         }
@@ -73,31 +86,50 @@ impl Conn {
     /// only server at this destination, else the one that announced the HTTP+SSE session the
     /// target is the POST endpoint of. With it, that session and whether the target is the
     /// server's endpoint.
-    fn route(&self, target: &str) -> (Option<Routed<'_>>, Option<Arc<Session>>, bool) {
-        let mut here = self
-            .servers_here()
-            .map(|(id, server)| Routed { id, server });
+    ///
+    /// On plaintext the servers considered are those the authority names (by host and port),
+    /// or all of them when it names this address itself or there is none; the last value is
+    /// true when it names none of them. On TLS the SNI has already narrowed them.
+    fn route(
+        &self,
+        target: &str,
+        authority: Option<&http::uri::Authority>,
+    ) -> (Option<Routed<'_>>, Option<Arc<Session>>, bool, bool) {
+        let named_by_host = |s: &Server| match authority {
+            Some(a) if self.tls.is_none() => names_server(a, s, self.dst),
+            _ => true,
+        };
+        let candidates = || {
+            self.servers_here()
+                .filter(|(_, s)| named_by_host(s))
+                .map(|(id, server)| Routed { id, server })
+        };
+        let mut here = candidates();
         let only = match (here.next(), here.next()) {
             (Some(one), None) => Some(one),
+            (None, _) => return (None, None, false, true),
             _ => None,
         };
-        let named = self
-            .servers_here()
-            .find(|(_, s)| mcp::is_endpoint_path(target, &s.path))
-            .map(|(id, server)| Routed { id, server });
+        // Two servers with this endpoint path (told apart by Host only) and no Host naming one:
+        // neither.
+        let mut by_path = candidates().filter(|r| mcp::is_endpoint_path(target, &r.server.path));
+        let named = match (by_path.next(), by_path.next()) {
+            (Some(one), None) => Some(one),
+            (Some(_), Some(_)) => return (None, None, false, false),
+            _ => None,
+        };
         match named.or(only) {
             Some(r) => {
                 let legacy = self.legacy_session(r.id, target);
                 let at = legacy.is_some() || mcp::is_endpoint_path(target, &r.server.path);
-                (Some(r), legacy, at)
+                (Some(r), legacy, at, false)
             }
-            None => self
-                .servers_here()
-                .find_map(|(id, server)| {
-                    let s = self.legacy_session(id, target)?;
-                    Some((Some(Routed { id, server }), Some(s), true))
+            None => candidates()
+                .find_map(|r| {
+                    let s = self.legacy_session(r.id, target)?;
+                    Some((Some(r), Some(s), true, false))
                 })
-                .unwrap_or((None, None, false)),
+                .unwrap_or((None, None, false, false)),
         }
     }
 
@@ -155,6 +187,79 @@ impl Conn {
     }
 }
 
+/// The one authority a request names. It can be written in the request target (absolute
+/// form), in h2's `:authority` (both end up in the URI) and in Host headers (h2 may carry one
+/// too); servers differ in which they read, so they must all agree:
+/// - more than one Host header is refused (RFC 9112 §3.2);
+/// - a Host that is not a plain `host[:port]` (no user info) is refused;
+/// - a URI authority and a Host that name different hosts or ports (the scheme's default
+///   port filled in) are refused (RFC 9113 §8.3.1 makes such an h2 request malformed).
+///
+/// `Ok(None)`: the request names no authority (HTTP/1.0 without Host).
+pub(super) fn request_authority(parts: &Parts) -> Result<Option<http::uri::Authority>, String> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header".to_owned());
+    }
+    let host = match host {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|h| !h.contains('@') && !h.is_empty())
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .ok_or_else(|| "the Host header is not a valid host[:port]".to_owned())?,
+        ),
+    };
+    let target = parts.uri.authority().cloned();
+    if target.as_ref().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("the request target carries user info".to_owned());
+    }
+    let default_port = match parts.uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match (target, host) {
+        (Some(t), Some(h)) => {
+            let same = t.host().eq_ignore_ascii_case(h.host())
+                && t.port_u16().unwrap_or(default_port) == h.port_u16().unwrap_or(default_port);
+            if same {
+                Ok(Some(t))
+            } else {
+                Err(
+                    "the request target (or :authority) and the Host header name different \
+                     authorities"
+                        .to_owned(),
+                )
+            }
+        }
+        (t, h) => Ok(t.or(h)),
+    }
+}
+
+/// Whether a plaintext request's authority names `server` at `dst`: its host (or the address
+/// itself, which names every server there) and, when given, its port.
+fn names_server(
+    authority: &http::uri::Authority,
+    server: &Server,
+    dst: std::net::SocketAddr,
+) -> bool {
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port_ok = |port: u16| authority.port_u16().is_none_or(|p| p == port);
+    if host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip == dst.ip())
+    {
+        return port_ok(dst.port());
+    }
+    host.eq_ignore_ascii_case(&server.host) && port_ok(server.port)
+}
+
 /// The authority the client addressed: the URI's (h2 `:authority`, absolute form), else Host.
 pub(super) fn authority(parts: &Parts) -> Option<http::uri::Authority> {
     parts.uri.authority().cloned().or_else(|| {
@@ -164,6 +269,30 @@ pub(super) fn authority(parts: &Parts) -> Option<http::uri::Authority> {
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.parse::<http::uri::Authority>().ok())
     })
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), `…` marking a cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// A query with every value replaced by `*`: values can be tokens or session ids.
+fn masked_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) => format!("{key}=*"),
+            None => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// The `MCP-Protocol-Version` header.
@@ -232,6 +361,92 @@ mod tests {
         let ctx = two.context(&parts(target), Instant::now());
         assert_eq!(ctx.routed.map(|r| r.id), Some(1));
         assert!(ctx.at_endpoint && ctx.legacy.is_some());
+    }
+
+    fn with_headers(target: &str, version: http::Version, hosts: &[&str]) -> http::request::Parts {
+        let mut req = Request::post(target).version(version);
+        for h in hosts {
+            req = req.header(http::header::HOST, *h);
+        }
+        req.body(()).expect("a request").into_parts().0
+    }
+
+    #[test]
+    fn the_authority_must_be_written_once_and_agree_everywhere() {
+        use http::Version;
+        let one = |target: &str, hosts: &[&str]| {
+            super::request_authority(&with_headers(target, Version::HTTP_11, hosts))
+                .map(|a| a.map(|a| a.to_string()))
+        };
+        assert_eq!(one("/mcp", &["tools:8080"]), Ok(Some("tools:8080".into())));
+        assert_eq!(one("/mcp", &[]), Ok(None));
+        assert_eq!(
+            one("http://Tools:80/mcp", &["tools"]),
+            Ok(Some("Tools:80".into())),
+            "case and the default port aside, the same authority"
+        );
+        for (target, hosts, why) in [
+            ("/mcp", &["a", "b"][..], "more than one Host"),
+            ("/mcp", &["a", "a"][..], "more than one Host"),
+            ("/mcp", &["user@a"][..], "not a valid host"),
+            ("/mcp", &["a b"][..], "not a valid host"),
+            ("http://a/mcp", &["b"][..], "different authorities"),
+            ("http://a:81/mcp", &["a"][..], "different authorities"),
+            ("http://u@a/mcp", &["a"][..], "user info"),
+        ] {
+            let err = one(target, hosts).expect_err(target);
+            assert!(err.contains(why), "{target} {hosts:?}: {err}");
+        }
+        // h2: `:authority` is the URI's; a `host` header beside it must name the same.
+        let h2 = with_headers(
+            "https://tools.example/mcp",
+            Version::HTTP_2,
+            &["evil.example"],
+        );
+        assert!(super::request_authority(&h2).is_err());
+    }
+
+    #[test]
+    fn on_plaintext_the_host_chooses_among_servers_and_must_name_one() {
+        let mut a = server("a", "/mcp");
+        a.host = "tools.internal".into();
+        a.port = 8080;
+        let mut b = server("b", "/mcp");
+        b.host = "other.internal".into();
+        b.port = 8080;
+        let c = conn("10.0.0.5:8080", vec![a, b]);
+        let route = |hosts: &[&str]| {
+            let ctx = c.context(
+                &with_headers("/mcp", http::Version::HTTP_11, hosts),
+                Instant::now(),
+            );
+            (ctx.routed.map(|r| r.server.name.clone()), ctx.unknown_host)
+        };
+        assert_eq!(route(&["tools.internal:8080"]), (Some("a".into()), false));
+        assert_eq!(route(&["OTHER.internal"]), (Some("b".into()), false));
+        assert_eq!(route(&["evil.example"]), (None, true));
+        assert_eq!(
+            route(&["tools.internal:9999"]),
+            (None, true),
+            "another port"
+        );
+        // The address itself names every server there: the path must then tell.
+        assert_eq!(route(&["10.0.0.5:8080"]), (None, false));
+    }
+
+    #[test]
+    fn audited_paths_are_clipped_and_query_values_masked() {
+        let c = conn("127.0.0.1:8080", vec![server("a", "/mcp")]);
+        let long = format!("/mcp/{}", "é".repeat(40));
+        let target = format!("{long}?session_id=s3cr3t&flag&token=abc");
+        let ctx = c.context(&parts(&target), Instant::now());
+        let request = ctx.head.request.as_ref().expect("request part");
+        let path = request.path.as_deref().unwrap_or_default();
+        assert!(
+            path.len() <= 64 + "…".len() && path.ends_with('…'),
+            "{path}"
+        );
+        assert_eq!(request.query.as_deref(), Some("session_id=*&flag&token=*"));
     }
 
     #[test]

@@ -39,6 +39,9 @@ impl Conn {
         if let Some(refusal) = self.check(&ctx, &parts) {
             return refusal;
         }
+        if let Ok(Some(authority)) = &ctx.authority {
+            self.forward_authority(&mut parts, authority);
+        }
         if parts.method != Method::POST && body.is_end_stream() {
             // No body to inspect: the SSE GET stream, DELETE, OAuth metadata, health checks.
             return self.forward_bodiless(&ctx, parts, body.boxed()).await;
@@ -48,8 +51,22 @@ impl Conn {
             Ok(b) => b,
             Err(refusal) => return *refusal,
         };
-        let must_be_mcp = parts.method == Method::POST && ctx.at_endpoint;
-        if !must_be_mcp && !mcp::looks_like_jsonrpc(&bytes) {
+        if let Err(e) = mcp::check_encoding(&parts.headers, &bytes) {
+            let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(&*e.message);
+            rec.status = Some(e.status.as_u16());
+            self.write_audit(&rec);
+            return json_response(e.status, e.response_body());
+        }
+        // A body to the endpoint must be MCP, whatever the method; elsewhere, a body that any
+        // lenient reading could take for JSON-RPC is decided like one, and any other body is
+        // forwarded only to a path the operator listed in `passthrough_paths`.
+        if !ctx.at_endpoint && !mcp::looks_like_jsonrpc(&bytes) {
+            if !self.passthrough(&ctx) {
+                let msg = "this request carries a body that is not JSON-RPC to a path that is \
+                           neither the MCP endpoint nor one of the server's passthrough_paths: \
+                           it was not forwarded";
+                return self.refuse_plain(&ctx, StatusCode::FORBIDDEN, msg);
+            }
             return self.forward_non_mcp(&ctx, parts, full(bytes)).await;
         }
         match ctx.routed {
@@ -66,9 +83,21 @@ impl Conn {
         }
     }
 
-    /// What every request must pass before its body is read: the TLS name it came under, no
-    /// transfer coding but chunked, no tunnel.
+    /// What every request must pass before its body is read: one authority, naming a server
+    /// here (and the TLS name it came under), no transfer coding but chunked, no tunnel.
     fn check(&self, ctx: &RequestCtx<'_>, parts: &Parts) -> Option<Response<Body>> {
+        if let Err(why) = &ctx.authority {
+            let msg = format!("{why}: servers differ in which they read, so it was not forwarded");
+            return Some(self.refuse_plain(ctx, StatusCode::BAD_REQUEST, &msg));
+        }
+        if ctx.unknown_host {
+            return Some(self.refuse_plain(
+                ctx,
+                StatusCode::MISDIRECTED_REQUEST,
+                "the Host header names none of the MCP servers configured at this address: no \
+                 policy applies, so it was not forwarded",
+            ));
+        }
         if let Some(refusal) = self.misdirected(ctx, parts) {
             return Some(refusal);
         }
@@ -93,6 +122,37 @@ impl Conn {
             ));
         }
         None
+    }
+
+    /// The request goes on with exactly the authority that was checked: one Host header
+    /// carrying it (HTTP/1.1 upstreams), or none beside `:authority` (h2 upstreams).
+    fn forward_authority(&self, parts: &mut Parts, authority: &http::uri::Authority) {
+        parts.headers.remove(header::HOST);
+        let h2_upstream = self.tls.as_ref().is_some_and(|t| t.h2);
+        if !h2_upstream {
+            if let Ok(value) = http::HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+    }
+
+    /// Whether the target is one of the server's `passthrough_paths` (of any server here when
+    /// the request names none of them).
+    fn passthrough(&self, ctx: &RequestCtx<'_>) -> bool {
+        let path = mcp::normalize_path(&ctx.target);
+        let listed = |server: &super::server::Server| {
+            server
+                .passthrough_paths
+                .iter()
+                .any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix),
+                    None => path == *p,
+                })
+        };
+        match ctx.routed {
+            Some(r) => listed(r.server),
+            None => self.servers_here().any(|(_, s)| listed(s)),
+        }
     }
 
     /// On a terminated connection, a request must be for the server the TLS name was: Host (or

@@ -39,6 +39,11 @@ pub struct Server {
     pub tls: Option<ServerTls>,
     /// `host:port` as configured, lower case: an origin an HTTP+SSE endpoint may name.
     pub origin: String,
+    /// The configured host, lower case, without brackets: what Host must name on plaintext.
+    pub host: String,
+    pub port: u16,
+    /// `passthrough_paths`, normalised: where a body that is not JSON-RPC may be forwarded.
+    pub passthrough_paths: Vec<String>,
     /// `Mcp-Param-*` designations learnt from this server's listings.
     pub params: Arc<ParamTable>,
 }
@@ -103,6 +108,8 @@ pub struct Interceptor {
     pub identity: Arc<identity::Resolver>,
     pub audit: Arc<AuditLog>,
     pub max_body: usize,
+    /// Bytes of a path kept in audit records.
+    pub audit_path_bytes: usize,
     /// Present when some server is `https://` and terminated.
     pub terminator: Option<Arc<Terminator>>,
     /// MCP sessions, shared by every worker.

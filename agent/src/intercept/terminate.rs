@@ -134,6 +134,24 @@ impl Conn {
             return Next::Done;
         };
         let (passthrough, client) = (server_tls.passthrough, server_tls.client.clone());
+        // Passed through only when every server the hello may be for is: a hello that does not
+        // settle between a passthrough server and an inspected one is refused, never passed.
+        let mixed = candidates.iter().any(|&i| {
+            self.server_at(i)
+                .and_then(|s| s.tls.as_ref())
+                .is_some_and(|t| t.passthrough != passthrough)
+        });
+        if mixed {
+            let name = sni.as_deref().unwrap_or("(none)");
+            self.refuse_connection(
+                sni.clone(),
+                format!(
+                    "TLS server name {name} does not settle whether this connection is for a \
+                     passthrough server or an inspected one at {dst}: refused, not passed through"
+                ),
+            );
+            return Next::Done;
+        }
         self.servers = candidates;
         match hello {
             Hello::Peeked(_, _, stream) if passthrough => Next::Pass(self, stream, sni),
