@@ -91,11 +91,20 @@ pub fn method_request_bytes(
     extra_headers: &[(String, String)],
     close: bool,
 ) -> Vec<u8> {
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\ncontent-type: application/json\r\n\
-         accept: application/json, text/event-stream\r\ncontent-length: {}\r\n",
-        body.len()
-    );
+    let given = |name: &str| {
+        extra_headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(name))
+    };
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    // Defaults, unless the caller sets them (a request has one of each).
+    if !given("content-type") {
+        req.push_str("content-type: application/json\r\n");
+    }
+    if !given("accept") {
+        req.push_str("accept: application/json, text/event-stream\r\n");
+    }
+    req.push_str(&format!("content-length: {}\r\n", body.len()));
     if close {
         req.push_str("connection: close\r\n");
     }

@@ -1207,7 +1207,7 @@ fn bypass_cases(rig: &PeerRig) -> Vec<Case> {
         case(
             "case/\"NAME\" in params (Go reads it)",
             vec![p(&with_params(r#"{"NAME":"secret_dump","arguments":{}}"#))],
-            Malformed(400, -32602),
+            Malformed(400, -32600),
         ),
         // 3. Response-shaped requests: decided as the request a server sees.
         case(
@@ -1408,9 +1408,9 @@ fn bypass_cases(rig: &PeerRig) -> Vec<Case> {
             Check(transfer_coding),
         ),
         case(
-            "encoding/UTF-16 body (Python's json.loads reads it) → -32700",
+            "encoding/UTF-16 body (Python's json.loads reads it) → 415",
             vec![post_bytes(json_url(), &[], &utf16)],
-            Malformed(400, -32700),
+            Malformed(415, -32700),
         ),
         case(
             "encoding/UTF-8 BOM → -32700",

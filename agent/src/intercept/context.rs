@@ -253,7 +253,7 @@ fn names_server(
     let port_ok = |port: u16| authority.port_u16().is_none_or(|p| p == port);
     if host
         .parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip == dst.ip())
+        .is_ok_and(|ip| ip.to_canonical() == dst.ip().to_canonical())
     {
         return port_ok(dst.port());
     }

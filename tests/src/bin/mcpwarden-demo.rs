@@ -260,6 +260,7 @@ async fn run() -> Result<()> {
             policy: policy.clone(),
             tls: Default::default(),
             upstream_ca: None,
+            passthrough_paths: Vec::new(),
         }],
         // A plaintext demo needs no CA; the state dir would only be used for https servers.
         ca: mcpwarden::ca::CaSettings {
@@ -271,6 +272,7 @@ async fn run() -> Result<()> {
         identity_wait: std::time::Duration::from_millis(
             mcpwarden::config::DEFAULT_IDENTITY_WAIT_MS,
         ),
+        limits: Default::default(),
         // No config file: a reload re-reads the policy file only.
         flags: mcpwarden::config::Flags::default(),
     };
