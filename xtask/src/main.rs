@@ -2,7 +2,9 @@
 //!
 //! - `setup`: install what building the eBPF programs needs, idempotently (quick when present):
 //!   rust-src for the nightly toolchain, Debian's `llvm-N-dev` and `libpolly-N-dev` for N = the
-//!   nightly's LLVM major, and `bpf-linker` built against that LLVM.
+//!   nightly's LLVM major, and `bpf-linker` built against that LLVM; for the tests' lenient MCP
+//!   servers (tests/lenient/), Go, Node with npm and Python 3 (Debian's, each only when
+//!   missing), and `npm ci` in tests/lenient/node when its node_modules is missing or stale.
 //! - `build-ebpf`: build only the kernel programs (the agent's build.rs does this too).
 //! - `test`: setup, then every test (unit and privileged integration), with a total at the end.
 //! - `demo`: setup, build, and run `mcpwarden-demo` (a binary of the `tests/` crate).
@@ -36,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the eBPF toolchain (idempotent).
+    /// Install the eBPF toolchain and what the lenient test servers run on (idempotent).
     Setup,
     /// Build the eBPF programs alone.
     BuildEbpf,
@@ -236,9 +238,48 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", &llvm)
             .env("PATH", path))?;
     }
+    lenient_servers()?;
     eprintln!(
-        "xtask: setup complete (nightly rust-src, LLVM {major}, bpf-linker {BPF_LINKER_VERSION})"
+        "xtask: setup complete (nightly rust-src, LLVM {major}, bpf-linker {BPF_LINKER_VERSION}, \
+         Go, Node and Python for tests/lenient)"
     );
+    Ok(())
+}
+
+fn on_path(cmd: &str) -> bool {
+    Command::new("which")
+        .arg(cmd)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// What the lenient MCP servers of the tests (tests/lenient/) run on: Go, Node, npm, Python 3
+/// (a command already on PATH counts: NodeSource's nodejs brings npm outside dpkg), and the
+/// Node server's packages, installed from its package-lock.json when node_modules is missing
+/// or older than the lock file.
+fn lenient_servers() -> Result<()> {
+    let missing: Vec<String> = [
+        ("go", "golang-go"),
+        ("node", "nodejs"),
+        ("npm", "npm"),
+        ("python3", "python3"),
+    ]
+    .into_iter()
+    .filter(|(cmd, _)| !on_path(cmd))
+    .map(|(_, pkg)| pkg.to_string())
+    .collect();
+    apt_install(&missing)?;
+    let node = workspace_root().join("tests/lenient/node");
+    let modified = |p: PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // npm ci rewrites node_modules/.package-lock.json on every install.
+    let installed = modified(node.join("node_modules/.package-lock.json"));
+    let locked = modified(node.join("package-lock.json"));
+    if installed.is_none() || installed < locked {
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&node))?;
+    }
     Ok(())
 }
 

@@ -1,0 +1,3 @@
+module lenient
+
+go 1.19
