@@ -44,7 +44,7 @@ pub use headers::{
     is_stateless_revision, META_PROTOCOL_VERSION, METHOD_HEADER, NAME_HEADER,
     PROTOCOL_VERSION_HEADER, STATELESS_REVISION,
 };
-pub use mcpwarden_json::{canonical_json, canonical_sha256, sha256_hex};
+pub use mcpwarden_json::{canonical_json, canonical_sha256, fold_key, sha256_hex};
 pub use params::{designations, has_param_headers, Designation};
 pub use path::{is_endpoint_path, normalize_path};
 pub use probe::looks_like_jsonrpc;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::peer_rig::*;
 use common::AUDIT_WAIT;
-use mcpwarden_tests::{wait_for, PeerOpts, PeerRequest};
+use mcpwarden_tests::{base64_encode as base64, wait_for, PeerOpts, PeerRequest};
 use serde_json::{json, Value};
 
 const SECRET: &str = "secret_dump";
@@ -480,26 +480,6 @@ fn http1(authority: &str, target: &str, body: &str) -> String {
 /// A raw write of `bytes` to the peer's address, reading `responses` responses.
 fn raw(rig: &PeerRig, bytes: String, responses: u64) -> Value {
     json!({"op": "raw", "addr": rig.peer.addr().to_string(), "bytes": bytes, "responses": responses})
-}
-
-/// Standard, padded Base64.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for group in data.chunks(3) {
-        let mut n = 0u32;
-        for (i, &b) in group.iter().enumerate() {
-            n |= u32::from(b) << (16 - 8 * i);
-        }
-        for i in 0..4 {
-            if i <= group.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Bits written least significant first, as DEFLATE packs them.
