@@ -237,9 +237,10 @@ fn cases(rig: &Rig) -> Vec<Case> {
         case("arguments", "amount beyond 64 bits", request(mcp(), "POST", &[],
             r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":18446744073709551616}}}"#), Refused(400)),
         // Encodings: only UTF-8, on every path.
-        case("encoding", "UTF-7 charset, response-shaped", request(mcp(), "POST",
+        // Read as UTF-8 this is a response (no "method" key); Node decodes +AG0- to "m".
+        case("encoding", "UTF-7 charset, a response to UTF-8", request(mcp(), "POST",
             &[("Content-Type", "application/json; charset=utf-7")],
-            &utf7(r#"{"jsonrpc":"2.0","id":7,"result":{},"method":"tools/call","params":{"name":"secret_dump","arguments":{}}}"#)), Refused(415)),
+            r#"{"jsonrpc":"2.0","id":7,"result":{},"+AG0-ethod":"tools/call","params":{"name":"secret_dump","arguments":{}}}"#), Refused(415)),
         case("encoding", "UTF-7 charset on another path", request(rig.url("/other"), "POST",
             &[("Content-Type", "application/json;charset=\"UTF-7\"")],
             &utf7(&secret)), Refused(415)),
