@@ -30,7 +30,9 @@
 //!     passthrough_paths: [/oauth/token, /healthz]  # non-JSON-RPC bodies forwarded here only
 //! identity_wait_ms: 500                        # how long a call waits for its pod's metadata
 //! limits:                                      # see the README's table; all optional
-//!   audit_path_bytes: 256
+//!   header_read_timeout_ms: 30000
+//!   idle_timeout_ms: 600000                    # 0: off
+//!   max_connections_per_caller: 1000
 //! bindings:                                    # first match wins; else the server's `policy`
 //!   - match: {namespace: payments, labels: {app: agent}, server: tools}
 //!     policy: payments.json
@@ -184,6 +186,25 @@ pub const DEFAULT_IDENTITY_WAIT_MS: u64 = 500;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// A request head (HTTP/1.1 request line and headers) must arrive within this many
+    /// milliseconds of its first byte, else the connection is closed. An idle keep-alive
+    /// connection is not reading a head: see `idle_timeout_ms`.
+    pub header_read_timeout_ms: u64,
+    /// A request body must arrive whole within this many milliseconds of its head (408).
+    pub body_read_timeout_ms: u64,
+    /// A connection with no request in flight and nothing from the client for this long is
+    /// closed; 0 turns it off. A streaming response (an SSE stream) is a request in flight.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once, all callers together; more are refused (503).
+    pub max_connections: usize,
+    /// Connections served at once for one caller (one cgroup); more are refused (503).
+    pub max_connections_per_caller: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// Request body bytes one connection may hold buffered at once, over all its streams (503).
+    pub max_buffered_bytes_per_connection: usize,
+    /// Messages in one JSON-RPC batch (413).
+    pub max_batch: usize,
     /// Bytes of a request's path kept in its audit records (query values are always masked).
     pub audit_path_bytes: usize,
 }
@@ -191,8 +212,50 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
+            header_read_timeout_ms: 30_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 600_000,
+            max_connections: 10_000,
+            max_connections_per_caller: 1_000,
+            h2_max_concurrent_streams: 100,
+            max_buffered_bytes_per_connection: 16 * 1024 * 1024,
+            max_batch: 100,
             audit_path_bytes: 256,
         }
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            (
+                "header_read_timeout_ms",
+                usize::from(self.header_read_timeout_ms != 0),
+            ),
+            (
+                "body_read_timeout_ms",
+                usize::from(self.body_read_timeout_ms != 0),
+            ),
+            ("max_connections", self.max_connections),
+            (
+                "max_connections_per_caller",
+                self.max_connections_per_caller,
+            ),
+            (
+                "h2_max_concurrent_streams",
+                usize::from(self.h2_max_concurrent_streams != 0),
+            ),
+            (
+                "max_buffered_bytes_per_connection",
+                self.max_buffered_bytes_per_connection,
+            ),
+            ("max_batch", self.max_batch),
+            ("audit_path_bytes", self.audit_path_bytes),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("limits.{name} must be more than 0");
+        }
+        Ok(())
     }
 }
 
@@ -481,6 +544,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
+        self.limits.validate()?;
         let v4 = self.listen.iter().filter(|a| a.is_ipv4()).count();
         let v6 = self.listen.iter().filter(|a| a.is_ipv6()).count();
         if v4 > 1 || v6 > 1 {

@@ -230,6 +230,10 @@ pub struct Record {
     /// Responses to `tools/list`: the tools removed for this caller by the visibility rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hidden_tools: Option<Vec<String>>,
+    /// Refusals a flood repeats (connection limits, timeouts) are written once a second per
+    /// caller: how many like this one went unwritten since the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<u64>,
 }
 
 impl Record {
@@ -253,6 +257,7 @@ impl Record {
             error_code: None,
             result_type: None,
             hidden_tools: None,
+            repeats: None,
         }
     }
 

@@ -14,7 +14,9 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{conn::Conn, serve::serve_connection, server::Interceptor, upstream::Upstream};
+use super::{
+    conn::Conn, limits::Over, serve::serve_connection, server::Interceptor, upstream::Upstream,
+};
 use crate::{
     audit::{Event, Record, WorkerAudit},
     redirect::Redirected,
@@ -121,7 +123,43 @@ async fn worker(
             );
             continue;
         }
-        tokio::spawn(serve_connection(conn, a.stream, a.peer));
+        let limits = &shared.limits;
+        let slot = shared.connections.admit(
+            conn.caller.cgroup_id,
+            limits.max_connections,
+            limits.max_connections_per_caller,
+        );
+        match slot {
+            Ok(slot) => {
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    serve_connection(conn, a.stream, a.peer).await;
+                });
+            }
+            Err(over) => refuse_over_limit(&conn, &a.stream, over),
+        }
+    }
+}
+
+/// A connection over a connection limit: audited (once a second per caller), answered 503 on
+/// plaintext (best effort: the socket is not waited on), closed.
+fn refuse_over_limit(conn: &Conn, stream: &std::net::TcpStream, over: Over) {
+    let reason = over.reason();
+    tracing::warn!(dst = %conn.dst, pid = conn.caller.pid, "{reason}");
+    conn.audit_repeated(
+        "connection_limit",
+        conn.record(Event::Refused).denied(reason.clone()),
+    );
+    if conn.schemes() == (true, false) {
+        let body = crate::mcp::error_response(None, -32603, &reason);
+        let mut answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&body);
+        let _ = std::io::Write::write(&mut &*stream, &answer);
     }
 }
 

@@ -228,6 +228,21 @@ impl Conn {
                 }
                 (false, vec![m])
             }
+            Parsed::Batch(ms) if ms.len() > self.shared.limits.max_batch => {
+                let msg = format!(
+                    "Invalid Request: the batch has {} messages, more than the {} accepted \
+                     (limits.max_batch); it was not forwarded",
+                    ms.len(),
+                    self.shared.limits.max_batch
+                );
+                let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(&*msg);
+                rec.status = Some(StatusCode::PAYLOAD_TOO_LARGE.as_u16());
+                self.write_audit(&rec);
+                return Err(Box::new(json_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    mcp::error_response(None, mcp::INVALID_REQUEST, &msg),
+                )));
+            }
             Parsed::Batch(ms) => (true, ms),
         })
     }

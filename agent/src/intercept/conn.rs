@@ -31,6 +31,8 @@ pub(super) struct Conn {
     pub tls: Option<TlsSession>,
     /// The caller part of this connection's records.
     pub who: Arc<CallerPart>,
+    /// Request body bytes buffered now, over all of this connection's requests.
+    pub buffered: std::sync::atomic::AtomicUsize,
 }
 
 /// A terminated TLS connection.
@@ -63,6 +65,7 @@ impl Conn {
             audit,
             tls: None,
             who,
+            buffered: Default::default(),
         }
     }
 
@@ -114,6 +117,16 @@ impl Conn {
                 .tls_record(Event::Refused, sni, Tls::Terminated)
                 .denied(reason),
         );
+    }
+
+    /// A refusal a flood repeats (`kind`): written at most once a second for this caller,
+    /// carrying how many went unwritten since.
+    pub fn audit_repeated(&self, kind: &'static str, mut rec: Record) {
+        let now = std::time::Instant::now();
+        if let Some(skipped) = self.shared.repeats.admit(kind, self.caller.cgroup_id, now) {
+            rec.repeats = (skipped > 0).then_some(skipped);
+            self.write_audit(&rec);
+        }
     }
 
     /// Best-effort immediate write for records that gate nothing but should not wait (refusals).
@@ -198,7 +211,12 @@ pub(super) mod rig {
             identity: Arc::new(Resolver::new(std::path::Path::new("/")).expect("open /")),
             audit: log.clone(),
             max_body: 1 << 20,
-            audit_path_bytes: 64,
+            limits: crate::config::Limits {
+                audit_path_bytes: 64,
+                ..crate::config::Limits::default()
+            },
+            connections: Default::default(),
+            repeats: Default::default(),
             terminator: None,
             sessions: Arc::default(),
             routing: Arc::new(ArcSwap::from_pointee(Routing {

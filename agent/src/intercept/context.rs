@@ -64,11 +64,11 @@ impl Conn {
                 HttpVersion::Http11
             }),
             http_method: Some(parts.method.to_string()),
-            path: Some(clip(parts.uri.path(), self.shared.audit_path_bytes)),
+            path: Some(clip(parts.uri.path(), self.shared.limits.audit_path_bytes)),
             query: parts
                 .uri
                 .query()
-                .map(|q| clip(&masked_query(q), self.shared.audit_path_bytes)),
+                .map(|q| clip(&masked_query(q), self.shared.limits.audit_path_bytes)),
         });
         RequestCtx {
             routed,

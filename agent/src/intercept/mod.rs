@@ -32,6 +32,7 @@ mod conn;
 mod context;
 mod encoding;
 mod forward;
+mod limits;
 mod reply;
 mod request;
 mod respond;

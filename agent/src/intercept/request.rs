@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Instant};
 use bytes::Bytes;
 use http::{header, request::Parts, Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{
@@ -21,6 +21,7 @@ use super::{
     context::{authority, mcp_header, RequestCtx},
     encoding,
     forward::identity_encoding,
+    limits::Charge,
     reply::{full, json_response, refused_plain},
     respond::{self, Exchange},
     upstream::Body,
@@ -29,6 +30,14 @@ use crate::{
     audit::{Event, Head, Record, Transport},
     mcp,
 };
+
+/// Why a request body could not be read whole.
+enum BodyError {
+    Read(hyper::Error),
+    TooLarge,
+    ConnectionFull,
+    TimedOut,
+}
 
 impl Conn {
     /// Serve one request.
@@ -46,8 +55,9 @@ impl Conn {
             // No body to inspect: the SSE GET stream, DELETE, OAuth metadata, health checks.
             return self.forward_bodiless(&ctx, parts, body.boxed()).await;
         }
-        // Every body is inspected, whatever the method: none reaches the server unread.
-        let bytes = match self.read_body(&ctx, &mut parts, body).await {
+        // Every body is inspected, whatever the method: none reaches the server unread. The
+        // charge holds its bytes against the connection's budget until the request is done.
+        let (bytes, _charge) = match self.read_body(&ctx, &mut parts, body).await {
             Ok(b) => b,
             Err(refusal) => return *refusal,
         };
@@ -182,33 +192,72 @@ impl Conn {
         ))
     }
 
-    /// The whole body, bounded, decoded if compressed (and then forwarded decoded: the server
-    /// reads exactly what the policy read). Err: the refusal, audited.
+    /// The whole body, bounded (its own size, the connection's buffered bytes, the body read
+    /// timeout), decoded if compressed (and then forwarded decoded: the server reads exactly
+    /// what the policy read). Err: the refusal, audited.
     async fn read_body(
         &self,
         ctx: &RequestCtx<'_>,
         parts: &mut Parts,
         body: Incoming,
-    ) -> Result<Bytes, Box<Response<Body>>> {
+    ) -> Result<(Bytes, Charge<'_>), Box<Response<Body>>> {
         let max = self.shared.max_body;
-        let bytes = match Limited::new(body, max).collect().await {
-            Ok(collected) => collected.to_bytes(),
+        let limits = &self.shared.limits;
+        let mut charge = Charge::new(&self.buffered);
+        let collect = async {
+            let mut body = body;
+            let mut buf = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+                    continue;
+                };
+                if buf.len() + data.len() > max {
+                    return Err(BodyError::TooLarge);
+                }
+                if !charge.take(data.len(), limits.max_buffered_bytes_per_connection) {
+                    return Err(BodyError::ConnectionFull);
+                }
+                buf.extend_from_slice(&data);
+            }
+            Ok(Bytes::from(buf))
+        };
+        let timeout = std::time::Duration::from_millis(limits.body_read_timeout_ms);
+        let read = match tokio::time::timeout(timeout, collect).await {
+            Ok(read) => read,
+            Err(_) => Err(BodyError::TimedOut),
+        };
+        let bytes = match read {
+            Ok(bytes) => bytes,
             Err(e) => {
-                let too_large = e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                let (status, msg) = if too_large {
-                    (
+                let (status, msg) = match e {
+                    BodyError::TooLarge => (
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!("request body exceeds the {max} byte limit; it was not forwarded"),
-                    )
-                } else {
-                    (
+                    ),
+                    BodyError::ConnectionFull => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "this connection already buffers {} bytes of request bodies \
+                             (limits.max_buffered_bytes_per_connection); it was not forwarded",
+                            limits.max_buffered_bytes_per_connection
+                        ),
+                    ),
+                    BodyError::TimedOut => (
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the request body did not arrive within {} ms \
+                             (limits.body_read_timeout_ms); it was not forwarded",
+                            limits.body_read_timeout_ms
+                        ),
+                    ),
+                    BodyError::Read(e) => (
                         StatusCode::BAD_REQUEST,
                         format!("reading the request body failed: {e}"),
-                    )
+                    ),
                 };
-                self.write_audit(&Record::new(Event::Refused, ctx.head.clone()).denied(&*msg));
+                let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(&*msg);
+                rec.status = Some(status.as_u16());
+                self.write_audit(&rec);
                 return Err(Box::new(json_response(
                     status,
                     mcp::error_response(None, -32600, &msg),
@@ -217,13 +266,13 @@ impl Conn {
         };
         let codings = encoding::codings(&parts.headers);
         if codings.is_empty() {
-            return Ok(bytes);
+            return Ok((bytes, charge));
         }
         match encoding::decode(&bytes, &codings, max) {
             Ok(decoded) => {
                 parts.headers.remove(header::CONTENT_ENCODING);
                 parts.headers.remove(header::CONTENT_LENGTH);
-                Ok(Bytes::from(decoded))
+                Ok((Bytes::from(decoded), charge))
             }
             Err(e) => Err(Box::new(self.refuse_plain(ctx, e.status(), &e.to_string()))),
         }

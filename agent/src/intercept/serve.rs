@@ -1,7 +1,9 @@
 //! Serving one connection: plaintext HTTP, TLS terminated then HTTP, or passed through
 //! untouched; HTTP/1.1 or h2 with hyper, each request handed to [`super::request`].
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::Response;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -12,6 +14,7 @@ use tokio::{
 
 use super::{
     conn::Conn,
+    limits::{Activity, Cut, Timed, Tracked},
     terminate::{Next, HANDSHAKE_TIMEOUT},
 };
 use crate::audit::Event;
@@ -50,19 +53,38 @@ pub(super) async fn serve_connection(conn: Conn, stream: std::net::TcpStream, pe
     }
 }
 
-/// Serve HTTP/1.1 (or h2, when ALPN chose it) on a client connection until it closes.
+/// Serve HTTP/1.1 (or h2, when ALPN chose it) on a client connection until it closes, under
+/// the head and idle deadlines ([`limits::Timed`]; the head deadline is HTTP/1.1's only).
 async fn serve_http<IO>(conn: Arc<Conn>, io: IO, h2: bool, peer: SocketAddr)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let audit_conn = conn.clone();
+    let limits = conn.shared.limits;
+    let activity = Arc::new(Activity::default());
+    let io = Timed::new(
+        io,
+        activity.clone(),
+        (!h2).then(|| Duration::from_millis(limits.header_read_timeout_ms)),
+        (limits.idle_timeout_ms > 0).then(|| Duration::from_millis(limits.idle_timeout_ms)),
+    );
+    let requests = activity.clone();
     let service = service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+        let in_flight = requests.request();
+        async move {
+            let (head, body) = conn.handle(req).await.into_parts();
+            let body = Tracked {
+                inner: body,
+                _in_flight: in_flight,
+            };
+            Ok::<_, Infallible>(Response::from_parts(head, body))
+        }
     });
     let result = if h2 {
         Box::pin(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
                 .serve_connection(TokioIo::new(io), service),
         )
         .await
@@ -72,6 +94,18 @@ where
             .serve_connection(TokioIo::new(io), service)
             .await
     };
+    if activity.cut() == Some(Cut::HeaderTimeout) {
+        let reason = format!(
+            "the request head did not arrive within {} ms of its first byte \
+             (limits.header_read_timeout_ms): the connection was closed",
+            limits.header_read_timeout_ms
+        );
+        audit_conn.audit_repeated(
+            "header_timeout",
+            audit_conn.record(Event::Refused).denied(reason),
+        );
+        return;
+    }
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() {
             // Bytes hyper could not read as HTTP (an h2c preface on HTTP/1.1, a malformed

@@ -108,8 +108,12 @@ pub struct Interceptor {
     pub identity: Arc<identity::Resolver>,
     pub audit: Arc<AuditLog>,
     pub max_body: usize,
-    /// Bytes of a path kept in audit records.
-    pub audit_path_bytes: usize,
+    /// `limits:` of the config.
+    pub limits: crate::config::Limits,
+    /// Connections being served, in total and per caller (cgroup id).
+    pub connections: Arc<super::limits::Connections>,
+    /// Refusals a flood repeats, written once a second per caller.
+    pub repeats: super::limits::Repeats,
     /// Present when some server is `https://` and terminated.
     pub terminator: Option<Arc<Terminator>>,
     /// MCP sessions, shared by every worker.

@@ -35,6 +35,9 @@ use tokio_rustls::StartHandshake;
 
 use crate::ca::{Ca, LeafName};
 
+mod hello;
+use hello::{Peeked, MAX_HELLO};
+
 /// Names whose leaves are kept.
 const LEAF_CACHE: usize = 1024;
 /// Re-mint when a leaf has less than this left.
@@ -45,8 +48,6 @@ const ALPN_TTL: Duration = Duration::from_secs(600);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a failed probe's answer (HTTP/1.1 only) is kept.
 const PROBE_RETRY: Duration = Duration::from_secs(5);
-/// The largest ClientHello read while peeking (TLS records are at most 16 KiB + header).
-const MAX_HELLO: usize = 16 * 1024 + 5;
 
 pub const H2: &[u8] = b"h2";
 pub const HTTP11: &[u8] = b"http/1.1";
@@ -319,16 +320,12 @@ pub async fn peek_client_hello(
         }
         if n > seen {
             seen = n;
-            let mut acceptor = Acceptor::default();
-            let mut rd: &[u8] = buf.get(..n).unwrap_or_default();
-            while !rd.is_empty() {
-                acceptor.read_tls(&mut rd).map_err(HelloError::Read)?;
-            }
-            match acceptor.accept() {
-                Ok(Some(accepted)) => return Ok((accepted, n)),
-                Ok(None) if n < MAX_HELLO => {}
-                Ok(None) => return Err(HelloError::TooLarge),
-                Err((e, _)) => return Err(HelloError::Rejected(e)),
+            match hello::peeked(buf.get(..n).unwrap_or_default()) {
+                Peeked::Hello(accepted) => return Ok((accepted, n)),
+                Peeked::Partial => {}
+                Peeked::TooLarge => return Err(HelloError::TooLarge),
+                Peeked::Unreadable(e) => return Err(HelloError::Read(e)),
+                Peeked::Rejected(e) => return Err(HelloError::Rejected(e)),
             }
         } else {
             // Peeking does not clear readiness: wait a little for the rest of the hello.

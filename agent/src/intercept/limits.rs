@@ -1,0 +1,518 @@
+//! What one client can make the agent hold: connections (in total and per caller), time to
+//! send a request head, idle time, and request bytes buffered per connection. The numbers are
+//! `limits:` of the config (README, "Limits").
+//!
+//! The header and idle timeouts are written here rather than taken from hyper: hyper's
+//! `header_read_timeout` starts whenever it waits for a head, so it also cuts an idle
+//! keep-alive connection, and MCP clients keep idle connections for minutes. Here the head
+//! deadline starts at the first byte of a head and ends when the request reaches the service;
+//! a connection waiting between requests is only subject to the (separate, longer) idle
+//! timeout, and one with a request in flight (an SSE stream) to neither.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Connections being served: in total, and per caller (cgroup id).
+#[derive(Default)]
+pub struct Connections {
+    total: AtomicUsize,
+    per_caller: Mutex<HashMap<u64, usize>>,
+}
+
+/// Which connection limit a connection would exceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Over {
+    Total(usize),
+    Caller(usize),
+}
+
+impl Over {
+    pub fn reason(self) -> String {
+        match self {
+            Over::Total(max) => format!(
+                "the agent already serves {max} connections (limits.max_connections): refused"
+            ),
+            Over::Caller(max) => format!(
+                "this caller already has {max} connections open (limits.max_connections_per_caller): refused"
+            ),
+        }
+    }
+}
+
+impl Connections {
+    /// A slot for one more connection of `caller`, or which limit it would exceed.
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        caller: u64,
+        max_total: usize,
+        max_per_caller: usize,
+    ) -> Result<ConnSlot, Over> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Over::Total(max_total));
+        }
+        let mut per = self.per_caller.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per.entry(caller).or_insert(0);
+        if *n >= max_per_caller {
+            drop(per);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Over::Caller(max_per_caller));
+        }
+        *n += 1;
+        Ok(ConnSlot {
+            connections: self.clone(),
+            caller,
+        })
+    }
+
+    /// Connections being served now.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// One admitted connection; dropping it frees its slot.
+pub(super) struct ConnSlot {
+    connections: Arc<Connections>,
+    caller: u64,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut per = self
+            .connections
+            .per_caller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.caller);
+            }
+        }
+        drop(per);
+        self.connections.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why [`Timed`] closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cut {
+    HeaderTimeout,
+    IdleTimeout,
+}
+
+/// What the service tells the connection's reader: requests started, and requests whose
+/// response has not been sent (or dropped) yet.
+#[derive(Default)]
+pub(super) struct Activity {
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+    /// 0: not cut; 1: header timeout; 2: idle timeout.
+    cut: AtomicU8,
+    /// The reader waiting while requests were in flight: woken when the last ends, so that it
+    /// starts the idle clock.
+    reader: Mutex<Option<std::task::Waker>>,
+}
+
+impl Activity {
+    /// A request reached the service; the guard marks it done when dropped.
+    pub fn request(self: &Arc<Self>) -> InFlight {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Why the connection was cut, if it was.
+    pub fn cut(&self) -> Option<Cut> {
+        match self.cut.load(Ordering::Acquire) {
+            1 => Some(Cut::HeaderTimeout),
+            2 => Some(Cut::IdleTimeout),
+            _ => None,
+        }
+    }
+}
+
+/// A request in flight; dropped with its response body.
+pub(super) struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let reader = self
+                .0
+                .reader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(waker) = reader {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// A response body that keeps its request in flight until it has been sent or dropped.
+pub(super) struct Tracked<B> {
+    pub inner: B,
+    pub _in_flight: InFlight,
+}
+
+impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client connection's reader with the head and idle deadlines.
+pub(super) struct Timed<IO> {
+    inner: IO,
+    activity: Arc<Activity>,
+    /// `None`: no head deadline (HTTP/2, where frames are not heads).
+    header: Option<Duration>,
+    idle: Option<Duration>,
+    /// The head being read: the request count when its first byte came, and its deadline.
+    head: Option<(u64, Pin<Box<Sleep>>)>,
+    idle_sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl<IO> Timed<IO> {
+    pub fn new(
+        inner: IO,
+        activity: Arc<Activity>,
+        header: Option<Duration>,
+        idle: Option<Duration>,
+    ) -> Timed<IO> {
+        Timed {
+            inner,
+            activity,
+            header,
+            idle,
+            head: None,
+            idle_sleep: None,
+        }
+    }
+
+    fn cut(&self, why: Cut) -> io::Error {
+        self.activity.cut.store(
+            match why {
+                Cut::HeaderTimeout => 1,
+                Cut::IdleTimeout => 2,
+            },
+            Ordering::Release,
+        );
+        let what = match why {
+            Cut::HeaderTimeout => "the request head did not arrive in time",
+            Cut::IdleTimeout => "the connection was idle too long",
+        };
+        io::Error::new(io::ErrorKind::TimedOut, what)
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Timed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let started = this.activity.started.load(Ordering::Acquire);
+        let idle_now = this.activity.in_flight.load(Ordering::Acquire) == 0;
+        // The head being timed reached the service: its deadline is over.
+        if this.head.as_ref().is_some_and(|(at, _)| *at != started) {
+            this.head = None;
+        }
+        // Late is late, whether or not more of the head has come.
+        if let Some((_, deadline)) = this.head.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(this.cut(Cut::HeaderTimeout)));
+            }
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.idle_sleep = None;
+                    // The first byte of a head: between requests, none being timed.
+                    if let (Some(limit), true, None) = (this.header, idle_now, &this.head) {
+                        this.head = Some((started, Box::pin(tokio::time::sleep(limit))));
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                // A head being timed: its deadline (polled above) wakes this task.
+                if this.head.is_some() {
+                    return Poll::Pending;
+                }
+                match this.idle {
+                    Some(limit) if idle_now => {
+                        let sleep = this
+                            .idle_sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Err(this.cut(Cut::IdleTimeout)));
+                        }
+                    }
+                    Some(_) => {
+                        // Requests in flight: no idle clock until the last one ends.
+                        this.idle_sleep = None;
+                        *this
+                            .activity
+                            .reader
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+                        // The last may have ended between the check and the store.
+                        if this.activity.in_flight.load(Ordering::Acquire) == 0 {
+                            cx.waker().wake_by_ref();
+                        }
+                    }
+                    None => {}
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Timed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Refusals that a flood would repeat, audited at most once per [`REPEAT_WINDOW`] per (kind,
+/// caller): the record written carries how many were left unwritten since the last one.
+#[derive(Default)]
+pub struct Repeats {
+    seen: Mutex<HashMap<(&'static str, u64), (Instant, u64)>>,
+}
+
+/// How often one kind of repeated refusal of one caller is written.
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Callers tracked at most; beyond it the oldest are forgotten (a record is then written).
+const REPEAT_CALLERS: usize = 4096;
+
+impl Repeats {
+    /// Whether to write this refusal now, and with it how many like it went unwritten.
+    pub fn admit(&self, kind: &'static str, caller: u64, now: Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= REPEAT_CALLERS {
+            seen.retain(|_, (at, _)| now.duration_since(*at) < REPEAT_WINDOW);
+        }
+        match seen.get_mut(&(kind, caller)) {
+            Some((at, skipped)) if now.duration_since(*at) < REPEAT_WINDOW => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                let n = *skipped;
+                *at = now;
+                *skipped = 0;
+                Some(n)
+            }
+            None => {
+                seen.insert((kind, caller), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Request body bytes one connection holds; dropping the charge returns them.
+pub(super) struct Charge<'a> {
+    held: &'a AtomicUsize,
+    n: usize,
+}
+
+impl<'a> Charge<'a> {
+    pub fn new(held: &'a AtomicUsize) -> Charge<'a> {
+        Charge { held, n: 0 }
+    }
+
+    /// Take `n` more bytes; `false` (nothing taken) when the connection would then hold more
+    /// than `max`.
+    pub fn take(&mut self, n: usize, max: usize) -> bool {
+        let before = self.held.fetch_add(n, Ordering::AcqRel);
+        if before + n > max {
+            self.held.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        self.n += n;
+        true
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_count_in_total_and_per_caller() {
+        let c = Arc::new(Connections::default());
+        let a1 = c.admit(1, 3, 2).expect("first of caller 1");
+        let a2 = c.admit(1, 3, 2).expect("second of caller 1");
+        assert_eq!(c.admit(1, 3, 2).err(), Some(Over::Caller(2)));
+        let b1 = c.admit(2, 3, 2).expect("first of caller 2");
+        assert_eq!(c.admit(3, 3, 2).err(), Some(Over::Total(3)));
+        assert_eq!(c.open(), 3);
+        drop(a1);
+        let a3 = c.admit(1, 3, 2).expect("a slot came free");
+        drop((a2, a3, b1));
+        assert_eq!(c.open(), 0);
+        assert!(c.per_caller.lock().map(|m| m.is_empty()).unwrap_or(false));
+    }
+
+    #[test]
+    fn repeated_refusals_are_written_once_per_window_with_a_count() {
+        let r = Repeats::default();
+        let t0 = Instant::now();
+        assert_eq!(r.admit("k", 1, t0), Some(0));
+        assert_eq!(r.admit("k", 1, t0 + Duration::from_millis(10)), None);
+        assert_eq!(r.admit("k", 1, t0 + Duration::from_millis(20)), None);
+        assert_eq!(r.admit("k", 2, t0), Some(0), "another caller");
+        assert_eq!(r.admit("other", 1, t0), Some(0), "another kind");
+        assert_eq!(r.admit("k", 1, t0 + REPEAT_WINDOW), Some(2));
+    }
+
+    #[test]
+    fn a_charge_is_bounded_and_returned() {
+        let held = AtomicUsize::new(0);
+        {
+            let mut a = Charge::new(&held);
+            assert!(a.take(60, 100));
+            let mut b = Charge::new(&held);
+            assert!(!b.take(50, 100), "110 > 100");
+            assert!(b.take(40, 100));
+            assert_eq!(held.load(Ordering::Acquire), 100);
+        }
+        assert_eq!(held.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_deadline_runs_from_its_first_byte_and_idle_is_another_clock() {
+        use tokio::io::AsyncReadExt;
+        let (client, server) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let mut timed = Timed::new(
+            server,
+            activity.clone(),
+            Some(Duration::from_secs(30)),
+            Some(Duration::from_secs(600)),
+        );
+        let mut client = client;
+        let mut buf = [0u8; 16];
+        // Idle for longer than the head deadline: not cut.
+        let read = tokio::time::timeout(Duration::from_secs(100), timed.read(&mut buf)).await;
+        assert!(read.is_err(), "still waiting, not cut");
+        // A head starts; a byte every 10 s does not extend its 30 s.
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"P")
+            .await
+            .expect("write");
+        assert_eq!(timed.read(&mut buf).await.expect("read"), 1);
+        let mut cut = None;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut client, b"O").await;
+            if let Err(e) = timed.read(&mut buf).await {
+                cut = Some(e);
+                break;
+            }
+        }
+        assert_eq!(cut.map(|e| e.kind()), Some(io::ErrorKind::TimedOut));
+        assert_eq!(activity.cut(), Some(Cut::HeaderTimeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_is_never_idle_and_a_finished_head_is_not_timed() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let mut timed = Timed::new(
+            server,
+            activity.clone(),
+            Some(Duration::from_secs(30)),
+            Some(Duration::from_secs(60)),
+        );
+        let mut buf = [0u8; 16];
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET")
+            .await
+            .expect("write");
+        assert_eq!(timed.read(&mut buf).await.expect("read"), 3);
+        // The head reached the service: a streaming response is in flight for 10 minutes.
+        let in_flight = activity.request();
+        let read = tokio::time::timeout(Duration::from_secs(600), timed.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "neither deadline cut a connection with a request in flight"
+        );
+        // The stream ends; the connection is idle and is cut after the idle timeout only.
+        drop(in_flight);
+        let started = tokio::time::Instant::now();
+        let err = timed.read(&mut buf).await.expect_err("cut when idle");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(activity.cut(), Some(Cut::IdleTimeout));
+        assert!(started.elapsed() >= Duration::from_secs(60));
+    }
+}
