@@ -57,7 +57,7 @@ impl Agent {
     /// Every failure here is an error naming what to fix; nothing stays attached after one.
     pub async fn start(config: &Config) -> Result<Agent> {
         let audit = Arc::new(
-            AuditLog::open(&config.audit)
+            AuditLog::open_with(&config.audit, config.audit_stall)
                 .with_context(|| format!("opening the audit log {}", config.audit.display()))?,
         );
         // Policies first: a bad file stops the agent before it touches the host.

@@ -2,7 +2,9 @@
 //!
 //! ```yaml
 //! listen: ["127.0.0.1:15001", "[::1]:15001"]   # the interceptor; at most one IPv4 and one IPv6
-//! audit: /var/log/mcpwarden/audit.jsonl        # or "-" for standard output (the default)
+//! audit: /var/log/mcpwarden/audit.jsonl        # or "-" for standard output (the default); or
+//!                                              # {path: ..., stall_ms: 1000}: how long a record
+//!                                              # waits for a pipe/FIFO sink before its call gets 503
 //! cgroup: kubepods.slice                       # where to attach: relative to the cgroup2 mount,
 //!                                              # or absolute below it (default: the mount root)
 //! agent_cgroup: mcpwarden                      # the agent's own cgroup, never redirected
@@ -149,6 +151,8 @@ pub struct Server {
 pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub audit: PathBuf,
+    /// How long a record may wait for a pipe sink (`audit.stall_ms`).
+    pub audit_stall: std::time::Duration,
     /// As given: absolute, or relative to the cgroup2 mount.
     pub cgroup: PathBuf,
     pub agent_cgroup: PathBuf,
@@ -307,7 +311,7 @@ pub struct Flags {
 struct FileConfig {
     #[serde(default)]
     listen: Vec<SocketAddr>,
-    audit: Option<PathBuf>,
+    audit: Option<FileAudit>,
     cgroup: Option<PathBuf>,
     agent_cgroup: Option<PathBuf>,
     max_body_bytes: Option<usize>,
@@ -322,6 +326,22 @@ struct FileConfig {
     identity_wait_ms: Option<u64>,
     #[serde(default)]
     limits: Limits,
+}
+
+/// `audit: PATH`, or `audit: {path: PATH, stall_ms: N}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileAudit {
+    Path(PathBuf),
+    Settings(FileAuditSettings),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuditSettings {
+    path: Option<PathBuf>,
+    /// How long a record may wait for a pipe sink before its request is refused (503).
+    stall_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -409,6 +429,7 @@ impl Config {
         let (mut state_dir, mut file_ca, mut tls_prewarm) = (None, None, None);
         let (mut bindings, mut identity_wait_ms) = (Vec::new(), None);
         let mut limits = Limits::default();
+        let mut audit_stall_ms = None;
         if let Some(f) = file {
             bindings = f
                 .bindings
@@ -462,7 +483,14 @@ impl Config {
             if listen.is_empty() {
                 listen = f.listen;
             }
-            audit = f.audit;
+            match f.audit {
+                Some(FileAudit::Path(p)) => audit = Some(p),
+                Some(FileAudit::Settings(a)) => {
+                    audit = a.path;
+                    audit_stall_ms = a.stall_ms;
+                }
+                None => {}
+            }
             cgroup = f.cgroup;
             agent_cgroup = f.agent_cgroup;
             max_body = f.max_body_bytes;
@@ -501,6 +529,10 @@ impl Config {
         let config = Config {
             listen,
             audit: flags.audit.or(audit).unwrap_or_else(|| PathBuf::from("-")),
+            audit_stall: audit_stall_ms.map_or(
+                crate::audit::DEFAULT_STALL,
+                std::time::Duration::from_millis,
+            ),
             cgroup: flags.cgroup.or(cgroup).unwrap_or_else(|| PathBuf::from("")),
             agent_cgroup: flags
                 .agent_cgroup

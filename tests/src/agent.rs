@@ -68,8 +68,11 @@ impl Agent {
             args.push("--listen".into());
             args.push(l.to_string());
         }
-        args.push("--audit-log".into());
-        args.push(audit_path.display().to_string());
+        // An `--audit-log` of the caller's (a FIFO) wins; `audit_lines` then reads nothing.
+        if !extra.iter().any(|a| a == "--audit-log") {
+            args.push("--audit-log".into());
+            args.push(audit_path.display().to_string());
+        }
         args.push("--cgroup".into());
         args.push(opts.cgroup.display().to_string());
         args.push("--agent-cgroup".into());

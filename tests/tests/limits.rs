@@ -31,6 +31,11 @@ struct Rig {
 
 impl Rig {
     fn start(name: &str, index: u8, limits: &str) -> Rig {
+        Self::start_with(name, index, &format!("limits:\n{limits}"), &[])
+    }
+
+    /// With a whole config file and more agent arguments.
+    fn start_with(name: &str, index: u8, config_text: &str, extra: &[String]) -> Rig {
         require_root();
         let cg = TestCgroup::new(name);
         let app = cg.child("app");
@@ -38,7 +43,9 @@ impl Rig {
         let peer = McpPeer::start_with(SocketAddr::new(IpAddr::V4(ip), 0), PeerOpts::default());
         let dir = TempDir::new(name);
         let config = dir.path().join("limits.yaml");
-        std::fs::write(&config, format!("limits:\n{limits}")).expect("writing the config");
+        std::fs::write(&config, config_text).expect("writing the config");
+        let mut args = vec!["--config".to_string(), config.display().to_string()];
+        args.extend(extra.iter().cloned());
         let agent = Agent::start_with(
             AGENT_BIN,
             AgentOpts {
@@ -48,7 +55,7 @@ impl Rig {
                 cgroup: app.clone(),
                 agent_cgroup: cg.path().join("agent"),
             },
-            &["--config".into(), config.display().to_string()],
+            &args,
         );
         Rig {
             agent,
@@ -295,4 +302,92 @@ fn sorted(out: &Value) -> Vec<u64> {
         .unwrap_or_default();
     v.sort_unstable();
     v
+}
+
+#[test]
+fn a_stalled_audit_pipe_refuses_calls_within_the_stall_and_recovers() {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("audit-fifo");
+    let fifo = dir.path().join("audit.fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).expect("a path");
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    // A reader that has stopped reading: a log shipper that hangs.
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("opening the FIFO");
+    let rig = Rig::start_with(
+        "limits-stall",
+        126,
+        "audit:\n  stall_ms: 300\n",
+        &["--audit-log".into(), fifo.display().to_string()],
+    );
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"text": "x".repeat(500)}}})
+    .to_string();
+    let step = json!({"op": "request", "conn": "a", "url": rig.peer.url("/mcp"), "body": call});
+    let steps: Vec<Value> = (0..300).map(|_| step.clone()).collect();
+    let started = Instant::now();
+    let run = run_script(
+        CLIENT_BIN,
+        Some(&rig.app),
+        &json!({"steps": steps}),
+        CLIENT_TIMEOUT,
+    );
+    let statuses: Vec<u64> = run
+        .steps
+        .iter()
+        .map(|s| s["status"].as_u64().unwrap_or(0))
+        .collect();
+    let first_503 = statuses
+        .iter()
+        .position(|&s| s == 503)
+        .unwrap_or_else(|| panic!("the pipe never filled: {statuses:?}"));
+    assert!(
+        first_503 > 0,
+        "calls went through while the pipe had room: {statuses:?}"
+    );
+    assert!(
+        statuses[..first_503].iter().all(|&s| s == 200),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[first_503..].iter().all(|&s| s == 503),
+        "{statuses:?}"
+    );
+    let refused = &run.steps[first_503];
+    assert!(
+        refused["json"]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("audit")),
+        "{refused}"
+    );
+    // Waiting at most the stall once, then refused at once: 300 calls take seconds, not 300 × 0.3.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let forwarded = rig.peer.tool_calls().len();
+    assert_eq!(forwarded, first_503, "no refused call was forwarded");
+    // Another client is refused as quickly: no worker is frozen.
+    let other = Instant::now();
+    assert_eq!(rig.echo(), 503);
+    assert!(
+        other.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        other.elapsed()
+    );
+    // The reader catches up: calls go through again.
+    let mut buf = vec![0u8; 1 << 20];
+    while let Ok(n) = reader.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(rig.echo(), 200, "after the pipe drained");
 }

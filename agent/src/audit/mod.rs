@@ -13,4 +13,4 @@ pub use record::{
     now, CallerPart, Event, Head, HttpVersion, MessagePart, PolicyRef, Record, RequestPart, Tls,
     Transport, Verdict, SCHEMA_VERSION,
 };
-pub use sink::{AuditLog, WorkerAudit, DEFER_AT_MOST};
+pub use sink::{AuditLog, WorkerAudit, DEFAULT_STALL, DEFER_AT_MOST};

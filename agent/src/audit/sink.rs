@@ -13,7 +13,8 @@ use std::{
     cell::RefCell,
     fs::{File, OpenOptions},
     io::{self, Write},
-    os::unix::fs::OpenOptionsExt,
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    os::unix::io::{AsFd, AsRawFd},
     path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -27,9 +28,31 @@ use super::record::Record;
 enum Sink {
     File(File),
     Stdout,
+    /// A FIFO, pipe or socket (standard output into a pipe, a named pipe to a log shipper):
+    /// written without blocking, so that a reader that stops cannot freeze the writers.
+    Pipe(Pipe),
 }
 
-/// The audit sink: a file opened for append (created 0600), or standard output.
+/// A non-blocking pipe sink. Writers take turns (lines must not interleave); each waits at most
+/// `stall` for room. Once a record has waited that long the pipe counts as stalled, and later
+/// records are tried once and refused at once until one goes through.
+struct Pipe {
+    file: File,
+    stall: Duration,
+    state: Mutex<PipeState>,
+}
+
+#[derive(Default)]
+struct PipeState {
+    stalled: bool,
+    /// A line was cut by the stall: the next write first ends it.
+    cut_line: bool,
+}
+
+/// How long a record may wait for a pipe sink to take it, unless configured (`audit.stall_ms`).
+pub const DEFAULT_STALL: Duration = Duration::from_millis(1000);
+
+/// The audit sink: a file opened for append (created 0600), standard output, or a pipe.
 pub struct AuditLog {
     sink: Sink,
 }
@@ -40,23 +63,45 @@ thread_local! {
 }
 
 impl AuditLog {
-    /// `-` means standard output.
+    /// `-` means standard output. Records wait at most [`DEFAULT_STALL`] for a pipe sink.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let sink = if path == Path::new("-") {
-            Sink::Stdout
+        Self::open_with(path, DEFAULT_STALL)
+    }
+
+    /// [`AuditLog::open`] with how long a record may wait for a pipe sink (standard output
+    /// into a pipe, a named pipe, a socket) before it is refused. Regular files and terminals
+    /// are written as they are.
+    pub fn open_with(path: &Path, stall: Duration) -> io::Result<Self> {
+        let file = if path == Path::new("-") {
+            let stdout = io::stdout().as_fd().try_clone_to_owned()?;
+            if !is_pipe(&stdout)? {
+                return Ok(AuditLog { sink: Sink::Stdout });
+            }
+            File::from(stdout)
         } else {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            Sink::File(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(path)?,
-            )
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)?;
+            if !is_pipe(&file)? {
+                return Ok(AuditLog {
+                    sink: Sink::File(file),
+                });
+            }
+            file
         };
-        Ok(AuditLog { sink })
+        set_nonblocking(&file)?;
+        Ok(AuditLog {
+            sink: Sink::Pipe(Pipe {
+                file,
+                stall,
+                state: Mutex::default(),
+            }),
+        })
     }
 
     /// Serialise and write one line; returns once the kernel has it.
@@ -96,8 +141,91 @@ impl AuditLog {
                 out.write_all(lines)?;
                 out.flush()
             }
+            Sink::Pipe(pipe) => pipe.write(lines),
         }
     }
+}
+
+impl Pipe {
+    fn write(&self, lines: &[u8]) -> io::Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let ended;
+        let out = if state.cut_line {
+            ended = [b"\n", lines].concat();
+            &ended[..]
+        } else {
+            lines
+        };
+        let started = std::time::Instant::now();
+        let mut written = 0;
+        while written < out.len() {
+            match (&self.file).write(&out[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Stalled already: a record not yet begun is not waited for.
+                    let budget = if state.stalled && written == 0 {
+                        Duration::ZERO
+                    } else {
+                        self.stall
+                    };
+                    let waited = started.elapsed();
+                    if waited >= budget {
+                        state.stalled = true;
+                        state.cut_line |= written > 0;
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "the audit sink has not taken a record for {} ms",
+                                self.stall.as_millis()
+                            ),
+                        ));
+                    }
+                    wait_writable(&self.file, budget - waited)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        state.stalled = false;
+        state.cut_line = false;
+        Ok(())
+    }
+}
+
+/// Whether `fd` is a FIFO or a socket.
+fn is_pipe(fd: &impl AsFd) -> io::Result<bool> {
+    let kind = File::from(fd.as_fd().try_clone_to_owned()?)
+        .metadata()?
+        .file_type();
+    Ok(kind.is_fifo() || kind.is_socket())
+}
+
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function borrows; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Wait up to `timeout` for room to write on `file`.
+fn wait_writable(file: &File, timeout: Duration) -> io::Result<()> {
+    let mut fds = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd, valid for the call.
+    if unsafe { libc::poll(&mut fds, 1, ms) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn append_line(buf: &mut Vec<u8>, record: &Record) -> io::Result<()> {
@@ -236,6 +364,72 @@ mod tests {
         let mode =
             std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path)?.permissions());
         assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir)
+    }
+
+    #[test]
+    fn a_stalled_pipe_refuses_records_after_the_stall_then_at_once_until_it_drains(
+    ) -> io::Result<()> {
+        use std::io::Read;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::time::Instant;
+        let dir = std::env::temp_dir().join(format!("mcpwarden-audit-pipe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let fifo = dir.join("audit.fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: a NUL-terminated path.
+        if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The reader is there (opening for write needs one) but reads nothing yet.
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)?;
+        let stall = Duration::from_millis(150);
+        let log = AuditLog::open_with(&fifo, stall)?;
+        let rec = Record::bare(Event::Request).because("x".repeat(200));
+        let mut written = 0;
+        let started = Instant::now();
+        let first_err = loop {
+            match log.write(&rec) {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written < 100_000, "a pipe never filled");
+        };
+        assert_eq!(first_err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            started.elapsed() >= stall,
+            "the first refusal waited the stall"
+        );
+        // Stalled: the next record is refused without waiting.
+        let again = Instant::now();
+        assert!(log.write(&rec).is_err());
+        assert!(again.elapsed() < stall / 2, "{:?}", again.elapsed());
+        // The reader catches up: records are taken again, and every line is whole.
+        let mut text = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        log.write(&rec)?;
+        let n = reader.read(&mut buf)?;
+        text.extend_from_slice(&buf[..n]);
+        let lines: Vec<&[u8]> = text
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len(), written + 1);
+        for line in lines {
+            serde_json::from_slice::<serde_json::Value>(line).map_err(io::Error::other)?;
+        }
         std::fs::remove_dir_all(&dir)
     }
 

@@ -250,6 +250,7 @@ async fn run() -> Result<()> {
     let config = Config {
         listen: vec![SocketAddr::from(([127, 0, 0, 1], 0)), "[::1]:0".parse()?],
         audit: PathBuf::from("-"),
+        audit_stall: mcpwarden::audit::DEFAULT_STALL,
         cgroup: clients.clone(),
         agent_cgroup: agent_cg.clone(),
         max_body_bytes: mcpwarden::mcp::DEFAULT_MAX_BODY,
