@@ -187,6 +187,24 @@ impl Head {
     }
 }
 
+/// `text` cut to at most `max` bytes (on a character boundary), `…` marking a cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// A record whose line would be longer than this is written [`Record::clipped`].
+pub const MAX_RECORD_BYTES: usize = 16 * 1024;
+/// What [`Record::clipped`] keeps of each string field and of each list.
+const CLIP_FIELD: usize = 512;
+const CLIP_LIST: usize = 64;
+
 /// One audit line.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
@@ -234,6 +252,10 @@ pub struct Record {
     /// caller: how many like this one went unwritten since the last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repeats: Option<u64>,
+    /// Set when string fields were cut (to 512 bytes) and lists (to 64 entries) because the
+    /// whole line would have exceeded [`MAX_RECORD_BYTES`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clipped: Option<bool>,
 }
 
 impl Record {
@@ -258,6 +280,67 @@ impl Record {
             result_type: None,
             hidden_tools: None,
             repeats: None,
+            clipped: None,
+        }
+    }
+
+    /// This record with every string a client or server chose cut to [`CLIP_FIELD`] bytes and
+    /// every list to [`CLIP_LIST`] entries: a line of bounded size, whatever was sent.
+    pub fn clipped(&self) -> Record {
+        let text = |s: &Option<String>| s.as_deref().map(|t| clip(t, CLIP_FIELD));
+        let list = |l: &Option<Vec<String>>| {
+            l.as_ref().map(|items| {
+                items
+                    .iter()
+                    .take(CLIP_LIST)
+                    .map(|t| clip(t, CLIP_FIELD))
+                    .collect()
+            })
+        };
+        let head = &*self.head;
+        let request = head.request.as_ref().map(|r| {
+            Arc::new(RequestPart {
+                server: text(&r.server),
+                http_version: r.http_version,
+                http_method: text(&r.http_method),
+                path: text(&r.path),
+                query: text(&r.query),
+            })
+        });
+        let caller = head.caller.as_ref().map(|c| {
+            Arc::new(CallerPart {
+                comm: text(&c.comm),
+                cgroup: text(&c.cgroup),
+                sni: text(&c.sni),
+                dst: text(&c.dst),
+                ..(**c).clone()
+            })
+        });
+        let message = head.message.as_ref().map(|m| MessagePart {
+            method: text(&m.method),
+            id: m.id.as_ref().map(|id| match id {
+                serde_json::Value::String(s) => serde_json::Value::String(clip(s, CLIP_FIELD)),
+                other => other.clone(),
+            }),
+            tool: text(&m.tool),
+            arg_keys: list(&m.arg_keys),
+            args_sha256: m.args_sha256.clone(),
+        });
+        Record {
+            head: Arc::new(Head {
+                caller,
+                request,
+                transport: head.transport,
+                revision: text(&head.revision),
+                message,
+            }),
+            rule: text(&self.rule),
+            reason: text(&self.reason),
+            binding: text(&self.binding),
+            result_type: text(&self.result_type),
+            hidden_tools: list(&self.hidden_tools),
+            clipped: Some(true),
+            ..self.clone()
         }
     }
 

@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use super::record::Record;
+use super::record::{Record, MAX_RECORD_BYTES};
 
 enum Sink {
     File(File),
@@ -228,8 +228,15 @@ fn wait_writable(file: &File, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// Serialise `record` as one line onto `buf`; a line longer than [`MAX_RECORD_BYTES`] is
+/// written [`Record::clipped`] instead, so one record is bounded whatever a client sent.
 fn append_line(buf: &mut Vec<u8>, record: &Record) -> io::Result<()> {
+    let start = buf.len();
     serde_json::to_writer(&mut *buf, record).map_err(io::Error::other)?;
+    if buf.len() - start > MAX_RECORD_BYTES {
+        buf.truncate(start);
+        serde_json::to_writer(&mut *buf, &record.clipped()).map_err(io::Error::other)?;
+    }
     buf.push(b'\n');
     Ok(())
 }
@@ -431,6 +438,35 @@ mod tests {
             serde_json::from_slice::<serde_json::Value>(line).map_err(io::Error::other)?;
         }
         std::fs::remove_dir_all(&dir)
+    }
+
+    #[test]
+    fn a_record_is_bounded_whatever_the_client_sent() -> io::Result<()> {
+        let huge = "t".repeat(1 << 20);
+        let head = Head::default().with_message(MessagePart {
+            tool: Some(huge.clone()),
+            method: Some("tools/call".into()),
+            arg_keys: Some((0..10_000).map(|i| format!("key{i}")).collect()),
+            id: Some(serde_json::Value::String(huge.clone())),
+            ..MessagePart::default()
+        });
+        let rec =
+            Record::new(Event::Refused, Arc::new(head)).denied(format!("tool {huge} is denied"));
+        let mut line = Vec::new();
+        append_line(&mut line, &rec)?;
+        assert!(line.len() <= MAX_RECORD_BYTES, "{} bytes", line.len());
+        let v: serde_json::Value = serde_json::from_slice(&line).map_err(io::Error::other)?;
+        assert_eq!(v["clipped"], true);
+        assert_eq!(v["method"], "tools/call", "short fields are kept");
+        assert_eq!(v["arg_keys"].as_array().map(Vec::len), Some(64));
+        assert!(v["tool"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('…') && t.len() < 600));
+        // A record of ordinary size is written as it is.
+        let mut small = Vec::new();
+        append_line(&mut small, &Record::bare(Event::Request).because("fine"))?;
+        assert!(!String::from_utf8_lossy(&small).contains("clipped"));
+        Ok(())
     }
 
     fn read_events(path: &Path) -> io::Result<Vec<String>> {

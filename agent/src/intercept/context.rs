@@ -12,7 +12,7 @@ use super::{
     session::{Session, SessionKey},
 };
 use crate::{
-    audit::{Head, HttpVersion, RequestPart},
+    audit::{clip, Head, HttpVersion, RequestPart},
     mcp,
 };
 
@@ -269,18 +269,6 @@ pub(super) fn authority(parts: &Parts) -> Option<http::uri::Authority> {
             .and_then(|h| h.to_str().ok())
             .and_then(|h| h.parse::<http::uri::Authority>().ok())
     })
-}
-
-/// `text` cut to at most `max` bytes (on a character boundary), `…` marking a cut.
-fn clip(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
 }
 
 /// A query with every value replaced by `*`: values can be tokens or session ids.

@@ -106,11 +106,19 @@ pub fn check(data: &[u8]) -> String {
     // Peeked: each time more bytes are there, the whole prefix read afresh.
     let mut peek = Outcome::Undecided;
     let mut decided_at = None;
+    let mut why = String::new();
     for &n in &cuts {
         let outcome = match peeked(&peekable[..n]) {
             Peeked::Partial | Peeked::TooLarge => continue,
             Peeked::Hello(accepted) => Outcome::of(&accepted),
-            Peeked::Unreadable(_) | Peeked::Rejected(_) => Outcome::Refused,
+            Peeked::Unreadable(e) => {
+                why = e.to_string();
+                Outcome::Refused
+            }
+            Peeked::Rejected(e) => {
+                why = e.to_string();
+                Outcome::Refused
+            }
         };
         peek = outcome;
         decided_at = Some(n);
@@ -170,7 +178,7 @@ pub fn check(data: &[u8]) -> String {
                 .collect();
             format!("ClientHello: SNI {sni:?}, ALPN {alpn:?}")
         }
-        (Outcome::Refused, _) | (_, Outcome::Refused) => "refused".to_owned(),
+        (Outcome::Refused, _) | (_, Outcome::Refused) => format!("refused ({why})"),
         _ => "undecided".to_owned(),
     }
 }
@@ -257,7 +265,7 @@ mod tests {
                 assert!(summary.starts_with("ClientHello"), "{name}: {summary}");
             }
             if name.starts_with("refused_") {
-                assert_eq!(summary, "refused", "{name}");
+                assert!(summary.starts_with("refused"), "{name}: {summary}");
             }
         }
         println!(
