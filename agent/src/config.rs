@@ -209,6 +209,9 @@ pub struct Limits {
     pub max_buffered_bytes_per_connection: usize,
     /// Messages in one JSON-RPC batch (413).
     pub max_batch: usize,
+    /// Answer bytes one worker thread may hold buffered at once (JSON answers are read whole
+    /// before they are passed on), over all its connections (503).
+    pub max_buffered_answer_bytes_per_worker: usize,
     /// Bytes of a request's path kept in its audit records (query values are always masked).
     pub audit_path_bytes: usize,
 }
@@ -224,6 +227,7 @@ impl Default for Limits {
             h2_max_concurrent_streams: 100,
             max_buffered_bytes_per_connection: 16 * 1024 * 1024,
             max_batch: 100,
+            max_buffered_answer_bytes_per_worker: 256 * 1024 * 1024,
             audit_path_bytes: 256,
         }
     }
@@ -254,6 +258,10 @@ impl Limits {
                 self.max_buffered_bytes_per_connection,
             ),
             ("max_batch", self.max_batch),
+            (
+                "max_buffered_answer_bytes_per_worker",
+                self.max_buffered_answer_bytes_per_worker,
+            ),
             ("audit_path_bytes", self.audit_path_bytes),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -153,7 +153,7 @@ fn time_and_size_limits() {
         "limits-time",
         124,
         "  header_read_timeout_ms: 1000\n  idle_timeout_ms: 3000\n  body_read_timeout_ms: 1000\n  \
-         max_connections_per_caller: 400\n  max_batch: 3\n  max_buffered_bytes_per_connection: 2048\n",
+         max_connections_per_caller: 400\n  max_batch: 3\n  max_buffered_bytes_per_connection: 2048\n  max_buffered_answer_bytes_per_worker: 1000\n",
     );
     let addr = rig.addr();
 
@@ -243,8 +243,45 @@ fn time_and_size_limits() {
     assert_eq!(resp["status"], 413, "{resp}");
     assert_eq!(resp["json"]["error"]["code"], -32600, "{resp}");
     rig.wait_refusal(pid, "limits.max_batch");
+    assert_eq!(
+        rig.peer.requests().len(),
+        before,
+        "the long batch was not forwarded"
+    );
+
+    // Within max_batch: the notifications share one record, the request has its own.
+    let batch = json!([
+        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}},
+        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 2}},
+        {"jsonrpc": "2.0", "id": 9, "method": "ping"}
+    ]);
+    let (resp, pid) =
+        rig.one(json!({"op": "request", "url": rig.peer.url("/mcp"), "body": batch.to_string()}));
+    assert_eq!(resp["status"], 200, "{resp}");
+    let mine = |pred: &dyn Fn(&Value) -> bool| {
+        rig.agent
+            .audit_lines()
+            .into_iter()
+            .filter(|r| r["pid"] == pid && pred(r))
+            .count()
+    };
+    assert_eq!(
+        mine(&|r| r["aggregated"]
+            == json!({"notifications": 2, "responses": 0, "methods": ["notifications/progress"]})),
+        1,
+        "one record for both notifications"
+    );
+    assert_eq!(
+        mine(&|r| r["event"] == "request" && r["method"] == "ping"),
+        1
+    );
+    assert_eq!(
+        mine(&|r| r["event"] == "request" && r["method"] == "notifications/progress"),
+        0
+    );
 
     // A body beyond what one connection may buffer: 503, nothing forwarded.
+    let before = rig.peer.requests().len();
     let big = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                      "params": {"name": "echo", "arguments": {"text": "x".repeat(3000)}}});
     let (resp, pid) =
@@ -256,6 +293,19 @@ fn time_and_size_limits() {
         rig.peer.requests().len(),
         before,
         "nothing over a limit was forwarded"
+    );
+
+    // A JSON answer beyond what a worker may hold buffered: 503 to that client.
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"text": "y".repeat(1500)}}});
+    let (resp, _) = rig
+        .one(json!({"op": "request", "url": rig.peer.url("/mcp-json"), "body": call.to_string()}));
+    assert_eq!(resp["status"], 503, "{resp}");
+    assert!(
+        resp["json"]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_buffered_answer_bytes_per_worker")),
+        "{resp}"
     );
     assert_eq!(rig.echo(), 200, "other calls are unaffected");
 }

@@ -10,7 +10,7 @@ mod record;
 mod sink;
 
 pub use record::{
-    clip, now, CallerPart, Event, Head, HttpVersion, MessagePart, PolicyRef, Record, RequestPart,
-    Tls, Transport, Verdict, SCHEMA_VERSION,
+    clip, now, Aggregated, CallerPart, Event, Head, HttpVersion, MessagePart, PolicyRef, Record,
+    RequestPart, Tls, Transport, Verdict, SCHEMA_VERSION,
 };
 pub use sink::{AuditLog, WorkerAudit, DEFAULT_STALL, DEFER_AT_MOST};

@@ -205,6 +205,34 @@ pub const MAX_RECORD_BYTES: usize = 16 * 1024;
 const CLIP_FIELD: usize = 512;
 const CLIP_LIST: usize = 64;
 
+/// The notifications and responses of one batch, counted in one record instead of one each.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Aggregated {
+    pub notifications: u64,
+    pub responses: u64,
+    /// The notifications' distinct methods, in order, at most [`AGGREGATED_METHODS`] (cut to
+    /// 128 bytes each).
+    pub methods: Vec<String>,
+}
+
+/// Methods an [`Aggregated`] record names at most.
+pub const AGGREGATED_METHODS: usize = 16;
+
+impl Aggregated {
+    pub fn add(&mut self, notification: bool, method: Option<&str>) {
+        if !notification {
+            self.responses += 1;
+            return;
+        }
+        self.notifications += 1;
+        if let Some(m) = method {
+            if self.methods.len() < AGGREGATED_METHODS && !self.methods.iter().any(|k| k == m) {
+                self.methods.push(clip(m, 128));
+            }
+        }
+    }
+}
+
 /// One audit line.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
@@ -252,6 +280,9 @@ pub struct Record {
     /// caller: how many like this one went unwritten since the last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repeats: Option<u64>,
+    /// A batch's notifications and responses, audited in one record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregated: Option<Aggregated>,
     /// Set when string fields were cut (to 512 bytes) and lists (to 64 entries) because the
     /// whole line would have exceeded [`MAX_RECORD_BYTES`].
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -280,6 +311,7 @@ impl Record {
             result_type: None,
             hidden_tools: None,
             repeats: None,
+            aggregated: None,
             clipped: None,
         }
     }

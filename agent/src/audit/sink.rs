@@ -285,6 +285,17 @@ impl WorkerAudit {
         result
     }
 
+    /// [`WorkerAudit::write`] for several records, in one write.
+    pub fn write_all(&self, records: &[Record]) -> io::Result<()> {
+        let mut pending = self.pending();
+        let result = records
+            .iter()
+            .try_for_each(|r| append_line(&mut pending, r))
+            .and_then(|()| self.log.write_lines(&pending));
+        pending.clear();
+        result
+    }
+
     /// Defer `record` (must be called on the worker's runtime, which runs the flush timer).
     pub fn write_deferred(self: &Arc<Self>, record: &Record) -> io::Result<()> {
         let mut pending = self.pending();

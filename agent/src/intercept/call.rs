@@ -20,7 +20,7 @@ use super::{
     upstream::Body,
 };
 use crate::{
-    audit::{Event, Head, MessagePart, PolicyRef, Record, Transport, Verdict},
+    audit::{Aggregated, Event, Head, MessagePart, PolicyRef, Record, Transport, Verdict},
     identity,
     mcp::{self, Kind, Message, Parsed},
     policy::{Call, CallerScope, Decision, Engine, Outcome},
@@ -324,17 +324,30 @@ impl Conn {
             forwarded: Vec::new(),
             calls: Vec::new(),
         };
+        let batch = judged.len() > 1;
+        // Every decision record reaches the kernel before the request is forwarded: a batch's
+        // in one write. A batch's notifications and responses share one record.
+        let mut records = Vec::new();
+        let mut shared: Option<(Arc<Head>, Aggregated)> = None;
+        let first_id = judged.iter().find_map(|j| j.msg.id.clone());
         for (index, j) in judged.into_iter().enumerate() {
             if j.refused() {
                 self.write_audit(&decision_record(Event::Refused, chosen, &j));
                 plan.elements.push(BatchElement::Refused(refusal(&j)));
                 continue;
             }
-            // Every decision record reaches the kernel before the request is forwarded.
-            self.audit_before_forwarding(
-                &decision_record(Event::Request, chosen, &j),
-                j.msg.id.as_ref(),
-            )?;
+            if batch && j.msg.kind != Kind::Request {
+                let (_, agg) = shared.get_or_insert_with(|| {
+                    let head = Arc::new(Head {
+                        message: None,
+                        ..(*j.head).clone()
+                    });
+                    (head, Aggregated::default())
+                });
+                agg.add(j.msg.kind == Kind::Notification, j.msg.method.as_deref());
+            } else {
+                records.push(decision_record(Event::Request, chosen, &j));
+            }
             if let (Some(cancelled), Some(s)) = (&j.msg.cancels, sessions.any()) {
                 self.close_cancelled(s, cancelled);
             }
@@ -355,6 +368,13 @@ impl Conn {
                 ));
             }
         }
+        if let Some((head, agg)) = shared {
+            let mut rec = Record::new(Event::Request, head);
+            rec.decision = Some(Verdict::Allow);
+            rec.aggregated = Some(agg);
+            records.push(rec);
+        }
+        self.audit_all_before_forwarding(&records, first_id.as_ref())?;
         Ok(plan)
     }
 
@@ -441,6 +461,8 @@ impl Conn {
             origins,
             started: ctx.started,
             max: self.shared.max_body.max(respond::MIN_RESPONSE_BOUND),
+            answers: self.upstream.answers.clone(),
+            answers_max: self.shared.limits.max_buffered_answer_bytes_per_worker,
             audit: self.audit.clone(),
             get_stream: false,
         }

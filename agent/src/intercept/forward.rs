@@ -43,6 +43,18 @@ pub(super) fn identity_encoding(headers: &mut http::HeaderMap) {
     );
 }
 
+/// The 503 for a request whose records could not be written.
+fn audit_unavailable(id: Option<&serde_json::Value>) -> Response<Body> {
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        mcp::error_response(
+            id,
+            -32603,
+            "mcpwarden cannot write its audit log; the request was not forwarded",
+        ),
+    )
+}
+
 impl Conn {
     /// Write a record that must reach the kernel before its request is forwarded; on failure the
     /// request is not forwarded and the client gets a 503 carrying a JSON-RPC error for `id`.
@@ -53,15 +65,24 @@ impl Conn {
     ) -> Result<(), Box<Response<Body>>> {
         self.audit.write(rec).map_err(|e| {
             tracing::error!(error = %e, "audit write failed: refusing to forward");
-            Box::new(json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                mcp::error_response(
-                    id,
-                    -32603,
-                    "mcpwarden cannot write its audit log; the request was not forwarded",
-                ),
-            ))
+            Box::new(audit_unavailable(id))
         })
+    }
+
+    /// [`Conn::audit_before_forwarding`] for several records, in one write.
+    pub(super) fn audit_all_before_forwarding(
+        &self,
+        recs: &[Record],
+        id: Option<&serde_json::Value>,
+    ) -> Result<(), Box<Response<Body>>> {
+        match recs {
+            [] => Ok(()),
+            [one] => self.audit_before_forwarding(one, id),
+            many => self.audit.write_all(many).map_err(|e| {
+                tracing::error!(error = %e, "audit write failed: refusing to forward");
+                Box::new(audit_unavailable(id))
+            }),
+        }
     }
 
     /// Forward and write `rec` (with status and latency) once the response head arrives.

@@ -27,10 +27,11 @@ use std::{
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::{
+    limits::Charge,
     reply::{full, json_response},
     session::{ParamTable, Pending, Session, SessionKey, Sessions},
     upstream::Body,
@@ -68,6 +69,9 @@ pub struct Exchange {
     pub started: Instant,
     /// Bound on a JSON body or one SSE event.
     pub max: usize,
+    /// The worker's buffered answer bytes, and their bound.
+    pub answers: Arc<std::sync::atomic::AtomicUsize>,
+    pub answers_max: usize,
     pub audit: Arc<WorkerAudit>,
     /// A GET: its stream may be a 2024-11-05 HTTP+SSE stream.
     pub get_stream: bool,
@@ -431,17 +435,70 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
     resp
 }
 
+/// Why an answer could not be read whole.
+enum AnswerError {
+    Read(hyper::Error),
+    TooLarge,
+    WorkerFull,
+}
+
+/// A JSON answer read whole: at most `max` bytes, each charged to the worker's budget.
+async fn read_answer(
+    mut body: Body,
+    max: usize,
+    charge: &mut Charge<'_>,
+    worker_max: usize,
+) -> Result<Bytes, AnswerError> {
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(AnswerError::Read)?.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > max {
+            return Err(AnswerError::TooLarge);
+        }
+        if !charge.take(data.len(), worker_max) {
+            return Err(AnswerError::WorkerFull);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
+}
+
 /// A JSON body: read whole, audited, listings filtered, batch refusals merged.
 async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
     let status = resp.status().as_u16();
     let (mut head, body) = resp.into_parts();
-    let bytes = match Limited::new(body, ex.max).collect().await {
-        Ok(c) => c.to_bytes(),
+    let held = ex.answers.clone();
+    let mut charge = Charge::new(&held);
+    let read = read_answer(body, ex.max, &mut charge, ex.answers_max).await;
+    let bytes = match read {
+        Ok(b) => b,
         Err(e) => {
-            let reason = format!("the server's response could not be read whole: {e}");
+            let (code, reason) = match e {
+                AnswerError::WorkerFull => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "this worker already holds {} bytes of answers \
+                         (limits.max_buffered_answer_bytes_per_worker): the answer was dropped",
+                        ex.answers_max
+                    ),
+                ),
+                AnswerError::TooLarge => (
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "the server's response could not be read whole: it exceeds {} bytes",
+                        ex.max
+                    ),
+                ),
+                AnswerError::Read(e) => (
+                    StatusCode::BAD_GATEWAY,
+                    format!("the server's response could not be read whole: {e}"),
+                ),
+            };
             ex.close_all(Some(status), &reason, false, false);
             return json_response(
-                StatusCode::BAD_GATEWAY,
+                code,
                 mcp::error_response(None, mcp::INTERNAL_ERROR, &format!("mcpwarden: {reason}")),
             );
         }
@@ -849,6 +906,8 @@ mod stream_tests {
                 origins: vec!["127.0.0.1:9".into()],
                 started: Instant::now(),
                 max: 1 << 16,
+                answers: Arc::default(),
+                answers_max: 1 << 20,
                 audit,
                 get_stream,
             },

@@ -123,6 +123,9 @@ struct TlsPool {
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
     tls: Mutex<HashMap<TlsKey, TlsPool>>,
+    /// Answer bytes this worker holds buffered now (JSON answers read whole), over all its
+    /// connections: bounded by `limits.max_buffered_answer_bytes_per_worker`.
+    pub answers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for Upstream {
@@ -146,6 +149,7 @@ impl Upstream {
         Upstream {
             client,
             tls: Mutex::new(HashMap::new()),
+            answers: Arc::default(),
         }
     }
 
