@@ -31,6 +31,10 @@ mod response;
 mod server;
 mod sse;
 
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
+pub mod fuzz_checks;
+
 #[cfg(test)]
 mod tests;
 

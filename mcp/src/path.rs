@@ -14,10 +14,29 @@
 ///    decoded; other escapes are kept, with their hex digits in upper case;
 /// 4. repeated `/` are collapsed and `.` and `..` segments resolved (`..`
 ///    never climbs above the root);
-/// 5. a trailing `/` is dropped, except for the root itself.
+/// 5. a trailing `/` is dropped, except for the root itself;
+/// 6. steps 3 and 4 are repeated until nothing changes: a malformed escape next to a decoded
+///    character can spell a new escape (`/%%36d` → `/%6d` → `/m`), and a normalised path must
+///    be its own normalisation, since endpoints are stored normalised and normalised again
+///    when compared (found by the `request_read` fuzz target).
 ///
 /// The result always starts with `/`. Used for both sides of the comparison.
 pub fn normalize_path(path_and_query: &str) -> String {
+    let mut normal = normalize_once(path_and_query);
+    // Each pass that changes something decodes an escape or drops a segment (shorter), or
+    // upper-cases escapes (once): this ends.
+    loop {
+        let again = normalize_once(&normal);
+        if again == normal {
+            return normal;
+        }
+        normal = again;
+    }
+}
+
+/// Steps 1 to 5 of [`normalize_path`], once. On its own output (which starts with `/` and has
+/// no `?` or `#`) only steps 3 and 4 can change anything.
+fn normalize_once(path_and_query: &str) -> String {
     let target = strip_origin(path_and_query);
     let path = match target.find(['?', '#']) {
         Some(end) => &target[..end],

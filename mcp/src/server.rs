@@ -183,10 +183,20 @@ fn filter_listing(object: &mut Map<String, Value>, rule: &ListingRule<'_>) -> Op
         });
         changed = !filtered.removed.is_empty();
     }
-    let revision_2026 = result.contains_key("resultType")
-        || result.contains_key("cacheScope")
-        || result.contains_key("ttlMs");
+    // Keys are compared as a case-insensitive client (Go's encoding/json) compares them.
+    let is = |key: &str, field: &str| strict::fold_key(key) == strict::fold_key(field);
+    let revision_2026 = result.keys().any(|k| {
+        ["resultType", "cacheScope", "ttlMs"]
+            .iter()
+            .any(|f| is(k, f))
+    });
     if rule.per_caller && revision_2026 {
+        // A key such a client reads as one of the hints (`cacheSCope`, `ttlMſ`) goes, so that
+        // the hints written here are the only ones it can read (found by the server_message
+        // fuzz target: the written `cacheScope` sat beside a `cacheSCope`).
+        let before = result.len();
+        result.retain(|k, _| !["cacheScope", "ttlMs"].iter().any(|f| k != f && is(k, f)));
+        changed |= result.len() != before;
         if result.get("cacheScope").and_then(Value::as_str) != Some("private") {
             result.insert("cacheScope".into(), Value::from("private"));
             changed = true;
@@ -307,6 +317,18 @@ mod tests {
         assert_eq!(out["result"]["ttlMs"], FILTERED_TTL_CAP_MS);
         // A policy that hides nothing leaves the hints alone.
         assert!(inspect(text, &rule(&ids, false)).rewritten.is_none());
+    }
+
+    #[test]
+    fn cache_hints_spelt_in_another_case_are_replaced_not_doubled() {
+        let text = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[],"resultTYPE":"complete","cacheSCope":"public","ttlM\u017f":300000}}"#;
+        let ids = [json!(1)];
+        let got = inspect(text, &rule(&ids, true));
+        let out: Value = serde_json::from_slice(got.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            out["result"],
+            json!({"tools":[],"resultTYPE":"complete","cacheScope":"private","ttlMs":0}),
+        );
     }
 
     #[test]

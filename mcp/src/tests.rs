@@ -863,9 +863,20 @@ fn normalize_path_cases() {
         ("HTTP://host", "/"),
         ("/a://b", "/a:/b"),
         ("/messages/?session_id=c66df448", "/messages"),
+        // A malformed escape and a decoded character that spell a new escape: normalised
+        // until nothing changes (request_read fuzz target, corpus/request_read/
+        // accept_path_escape_spelt_by_decoding).
+        ("/%6d%%3670", "/mg0"),
+        ("/%%36d%%36%33p", "/mcp"),
+        ("/x/%2%45%2%45/mcp", "/mcp"),
     ];
     for (input, expected) in cases {
         assert_eq!(normalize_path(input), expected, "normalize_path({input:?})");
+        assert_eq!(
+            normalize_path(expected),
+            expected,
+            "normalize_path({expected:?})"
+        );
     }
 }
 

@@ -11,9 +11,13 @@
 //! - `bench`: setup, Debian's nginx (unpacked under target/, never started as a service), the
 //!   criterion benches, release builds, then `mcpwarden-bench run`, which writes BENCHMARKS.md
 //!   (`--quick`: a one-minute smoke run written to target/bench/quick.md; `test` runs it).
-//! - `fuzz`: cargo-fuzz (installed if missing), then libFuzzer on the policy loader
-//!   (`agent/fuzz/`, nightly, mcpwarden-policy only) for `--seconds` (60); `cargo test` replays
-//!   its seed corpus.
+//! - `fuzz`: cargo-fuzz (installed if missing), one instrumented build of the fuzz targets
+//!   (`agent/fuzz/`, nightly; the library crates and the agent's `tls/hello.rs`, never the agent
+//!   itself), then libFuzzer on each target for `--seconds` (60): `--all` runs every target in
+//!   [`FUZZ_TARGETS`] one after another, `--target NAME` one, and neither flag the policy
+//!   loader alone, as before. Each run prints its executions and whether it found anything; a crash
+//!   fails the command and names the input. `cargo test` replays every seed corpus; `test`
+//!   fuzzes each target for 30 s when `CI=true`.
 
 use std::{
     env,
@@ -57,11 +61,18 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// Fuzz the policy loader (nightly, cargo-fuzz) and report any crash.
+    /// Fuzz (nightly, cargo-fuzz) and report any crash: the policy loader, one target
+    /// (`--target`), or every target (`--all`), each for `--seconds`.
     Fuzz {
-        /// How long libFuzzer runs, in seconds.
+        /// How long libFuzzer runs each target, in seconds.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Every target, one after another, on one instrumented build.
+        #[arg(long, conflicts_with = "target")]
+        all: bool,
+        /// One target (see agent/fuzz/Cargo.toml); without it and `--all`, policy_load.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(FUZZ_TARGETS))]
+        target: Option<String>,
     },
 }
 
@@ -79,6 +90,11 @@ fn main() -> Result<()> {
                 // The bench harness is code too: CI runs its smoke mode with every test.
                 bench(true)?;
                 println!("xtask: bench --quick ran every scenario");
+                // CI fuzzes every target for 30 s (`cargo test` has replayed their corpora
+                // already); on a developer's machine `cargo xtask fuzz --all` does it.
+                if env::var("CI").is_ok_and(|v| v == "true") {
+                    fuzz(FUZZ_TARGETS, 30)?;
+                }
             }
             Ok(())
         }
@@ -90,9 +106,14 @@ fn main() -> Result<()> {
             setup()?;
             demo()
         }
-        Cmd::Fuzz { seconds } => {
-            // The fuzz target depends on mcpwarden-policy only: no eBPF, so no setup.
-            fuzz(seconds)
+        Cmd::Fuzz {
+            seconds,
+            all,
+            target,
+        } => {
+            // The fuzz crate builds no agent: no eBPF, so no setup.
+            let one = [target.as_deref().unwrap_or(FUZZ_TARGET)];
+            fuzz(if all { FUZZ_TARGETS } else { &one }, seconds)
         }
     }
 }
@@ -474,10 +495,78 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// The fuzz target in agent/fuzz/; tests/tests/policy_corpus.rs replays its seed corpus.
+/// The fuzz target `cargo xtask fuzz` runs without `--all` or `--target`.
 const FUZZ_TARGET: &str = "policy_load";
 
-fn fuzz(seconds: u64) -> Result<()> {
+/// Every fuzz target in agent/fuzz/ (its Cargo.toml), in the order `--all` runs them, and the
+/// test that replays its seed corpus (`agent/fuzz/corpus/<target>/`) in every `cargo test`.
+const FUZZ_TARGETS: &[&str] = &[
+    "policy_load",
+    "request_read",
+    "server_message",
+    "sse_split",
+    "client_hello",
+];
+
+/// The `cargo test` that replays a target's corpus through the same checks.
+fn corpus_test(target: &str) -> &'static str {
+    match target {
+        "policy_load" => "cargo test -p mcpwarden-tests --test policy_corpus",
+        "client_hello" => "cargo test -p mcpwarden --lib intercept::tls::hello",
+        _ => "cargo test -p mcpwarden-mcp --lib fuzz_checks",
+    }
+}
+
+/// What one libFuzzer run printed that the summary needs.
+#[derive(Debug, Default)]
+struct FuzzRun {
+    /// `stat::number_of_executed_units`, else the `Done N runs` line.
+    executions: Option<u64>,
+    /// Where libFuzzer wrote the input that failed (`Test unit written to PATH`).
+    artifact: Option<String>,
+    /// What went wrong: a panic (where, and its message on the next line), or libFuzzer's or
+    /// the sanitizer's `ERROR:` line (a deadly signal, a timeout, a leak).
+    failure: Option<String>,
+    /// The panic's location was the last line read: the next one is its message.
+    panic_message_next: bool,
+}
+
+impl FuzzRun {
+    /// Takes in one line of libFuzzer's output.
+    fn read(&mut self, line: &str) {
+        if std::mem::take(&mut self.panic_message_next) {
+            if let Some(failure) = &mut self.failure {
+                failure.push(' ');
+                failure.push_str(line.trim());
+            }
+        }
+        if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+            self.executions = n.trim().parse().ok().or(self.executions);
+        } else if let Some(rest) = line.strip_prefix("Done ") {
+            if let Some(n) = rest
+                .strip_suffix(" second(s)")
+                .and_then(|r| r.split(' ').next())
+            {
+                if self.executions.is_none() {
+                    self.executions = n.parse().ok();
+                }
+            }
+        } else if let Some((_, path)) = line.split_once("Test unit written to ") {
+            self.artifact = Some(path.trim().to_owned());
+        } else if self.failure.is_none() && line.contains("panicked at") {
+            self.failure = Some(line.trim().to_owned());
+            self.panic_message_next = true;
+        } else if self.failure.is_none() && line.contains("ERROR: ") {
+            self.failure = Some(line.trim().to_owned());
+        }
+    }
+}
+
+/// Builds the fuzz targets once (instrumented, nightly), then runs each of `targets` for
+/// `seconds` in turn: a scratch corpus under target/fuzz/corpus/<target>/ first (libFuzzer
+/// adds what it finds there, kept between runs) and the committed seeds after it, which
+/// libFuzzer only reads. Crashes go to agent/fuzz/artifacts/<target>/ (git-ignored).
+fn fuzz(targets: &[&str], seconds: u64) -> Result<()> {
     let cargo_fuzz_present = Command::new("cargo")
         .args(["+nightly", "fuzz", "--version"])
         .stdout(Stdio::null())
@@ -489,13 +578,8 @@ fn fuzz(seconds: u64) -> Result<()> {
     }
     let root = workspace_root();
     let fuzz_dir = root.join("agent/fuzz");
-    let seeds = fuzz_dir.join("corpus").join(FUZZ_TARGET);
-    // libFuzzer adds what it finds to the first corpus directory: a scratch one under target/,
-    // kept between runs, so that the seed corpus in git stays as written. Crashes go to
-    // agent/fuzz/artifacts/policy_load/ (git-ignored).
-    let work = root.join("target/fuzz/corpus").join(FUZZ_TARGET);
-    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let mut cmd = Command::new("cargo");
+    let target_dir = root.join("target/fuzz");
+    let mut build = Command::new("cargo");
     // `cargo run` gave xtask the variables cargo sets for a package (CARGO_MANIFEST_DIR,
     // CARGO_PKG_NAME, ...). Passed on, nightly cargo sees them as changed inputs of crates that
     // read them (ring: "the env variable CARGO_MANIFEST_DIR changed") and rebuilds those and
@@ -513,35 +597,162 @@ fn fuzz(seconds: u64) -> Result<()> {
                 ]
                 .contains(&k)
         }) {
-            cmd.env_remove(key);
+            build.env_remove(key);
         }
     }
-    run(cmd
+    // One build for every run: all targets, or the one asked for. Debug assertions on, so
+    // that overflows and `debug_assert!`s are findings too (`cargo fuzz run -a` by hand
+    // reuses this build).
+    build
         .current_dir(root.join("agent"))
-        .args(["+nightly", "fuzz", "run", "--fuzz-dir"])
+        .args([
+            "+nightly",
+            "fuzz",
+            "build",
+            "--debug-assertions",
+            "--fuzz-dir",
+        ])
         .arg(&fuzz_dir)
         .arg("--target-dir")
-        .arg(root.join("target/fuzz"))
-        .arg(FUZZ_TARGET)
-        .arg(&work)
-        .arg(&seeds)
-        .arg("--")
-        .arg(format!("-max_total_time={seconds}")))
-    .with_context(|| {
-        format!(
-            "the fuzzer failed; the crashing input is in {}: copy it into {} under a name \
-             saying what it is, so that `cargo test` (policy_corpus) replays it",
-            fuzz_dir.join("artifacts").join(FUZZ_TARGET).display(),
-            seeds.display()
-        )
-    })?;
-    println!("xtask: fuzzed {FUZZ_TARGET} for {seconds} s: no crash");
+        .arg(&target_dir);
+    if let [one] = targets {
+        build.arg(one);
+    }
+    let started = std::time::Instant::now();
+    run(&mut build)?;
+    println!(
+        "xtask: built the fuzz targets in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let host = output(Command::new("rustc").args(["+nightly", "-vV"]))?
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .ok_or_else(|| anyhow::anyhow!("`rustc +nightly -vV` printed no host"))?;
+    let bin_dir = target_dir.join(host).join("release");
+
+    let mut report = Vec::new();
+    for target in targets {
+        let seeds = fuzz_dir.join("corpus").join(target);
+        let work = target_dir.join("corpus").join(target);
+        let artifacts = fuzz_dir.join("artifacts").join(target);
+        for dir in [&work, &artifacts] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut cmd = Command::new(bin_dir.join(target));
+        cmd.arg(format!("-max_total_time={seconds}"))
+            // An input that takes this long is a finding (a hang), not a slow machine.
+            .arg("-timeout=10")
+            .arg("-print_final_stats=1")
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg(&work)
+            .arg(&seeds)
+            // libFuzzer prints the stack of a crash; Rust's own backtrace would double it.
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        eprintln!("xtask: running {cmd:?}");
+        let mut child = cmd.spawn().with_context(|| format!("starting {target}"))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stderr from {target}"))?;
+        let mut found = FuzzRun::default();
+        let mut quiet = 0u64;
+        for line in BufReader::new(stderr).lines() {
+            let line = line?;
+            found.read(&line);
+            // Every new input is a line; show the rest (pulses, the end, any finding).
+            let new_input =
+                line.starts_with('#') && (line.contains("\tNEW ") || line.contains("\tREDUCE "));
+            if new_input {
+                quiet += 1;
+            } else if !line.contains("# Uses: ") {
+                // (The recommended dictionary, one line per entry, is left out too.)
+                eprintln!("{target}: {line}");
+            }
+        }
+        let status = child.wait()?;
+        let executions = found
+            .executions
+            .map_or_else(|| "?".to_owned(), |n| n.to_string());
+        let verdict = if status.success() && found.failure.is_none() {
+            "nothing found".to_owned()
+        } else {
+            format!(
+                "FOUND: {} ({status}); the input is {}: copy it into {} under a name saying what \
+                 it is, and `{}` replays it",
+                found.failure.as_deref().unwrap_or("libFuzzer failed"),
+                found.artifact.as_deref().unwrap_or("(no artifact written)"),
+                seeds.display(),
+                corpus_test(target)
+            )
+        };
+        let line = format!(
+            "{target}: {executions} executions in {seconds} s ({quiet} new inputs), {verdict}"
+        );
+        println!("xtask: {line}");
+        report.push((line, found.failure.is_some() || !status.success()));
+    }
+    println!(
+        "\nxtask: fuzzed {} target(s) for {seconds} s each:",
+        report.len()
+    );
+    for (line, _) in &report {
+        println!("  {line}");
+    }
+    let failed = report.iter().filter(|(_, failed)| *failed).count();
+    if failed > 0 {
+        bail!("the fuzzers found {failed} problem(s): see above");
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::count;
+    use super::{count, FuzzRun};
+
+    #[test]
+    fn reads_libfuzzer_summaries() {
+        let mut run = FuzzRun::default();
+        for line in [
+            "#524288\tpulse  cov: 1024 ft: 4096 corp: 300/20Kb exec/s: 17476 rss: 60Mb",
+            "Done 1048576 runs in 61 second(s)",
+            "stat::number_of_executed_units: 1048577",
+            "stat::average_exec_per_sec:     17189",
+        ] {
+            run.read(line);
+        }
+        assert_eq!(run.executions, Some(1048577));
+        assert_eq!((run.artifact, run.failure), (None, None));
+
+        let mut run = FuzzRun::default();
+        for line in [
+            "thread '<unnamed>' panicked at mcp/src/fuzz_checks.rs:10:5:",
+            "normalize_path is not idempotent",
+            "==12== ERROR: libFuzzer: deadly signal",
+            "MS: 1 ChangeByte-; base unit: 0000",
+            "artifact_prefix='/w/agent/fuzz/artifacts/sse_split/'; Test unit written to /w/agent/fuzz/artifacts/sse_split/crash-ab12",
+            "stat::number_of_executed_units: 77",
+        ] {
+            run.read(line);
+        }
+        assert_eq!(run.executions, Some(77));
+        assert_eq!(
+            run.artifact.as_deref(),
+            Some("/w/agent/fuzz/artifacts/sse_split/crash-ab12")
+        );
+        assert_eq!(
+            run.failure.as_deref(),
+            Some(
+                "thread '<unnamed>' panicked at mcp/src/fuzz_checks.rs:10:5: normalize_path is \
+                 not idempotent"
+            )
+        );
+
+        let mut run = FuzzRun::default();
+        run.read("Done 12 runs in 1 second(s)");
+        assert_eq!(run.executions, Some(12));
+    }
 
     #[test]
     fn reads_libtest_summaries() {

@@ -14,6 +14,9 @@ use rustls::server::{Accepted, Acceptor};
 pub const MAX_HELLO: usize = 16 * 1024 + 5;
 
 /// What the first bytes of a connection say about its ClientHello.
+// `Accepted` is large, as it was in the `Result<Option<Accepted>, _>` this replaced: each value
+// is matched at once, and boxing it would add an allocation per connection for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Peeked {
     /// A whole ClientHello.
     Hello(Accepted),
