@@ -483,9 +483,27 @@ pub fn server_message(data: &[u8]) -> String {
         Ok(d) => d,
         Err(_) => {
             assert!(
-                got.unreadable.is_some() && got.rewritten.is_none() && got.messages.is_empty(),
-                "a body that is not JSON was read or rewritten: {shown_text}"
+                got.unreadable.is_some() && got.messages.is_empty(),
+                "a body that is not JSON was read: {shown_text}"
             );
+            // Replaced by errors exactly when the exchange expects a listing in it.
+            match &got.rewritten {
+                None => assert!(
+                    input.listing_ids.is_empty(),
+                    "an unreadable body that may hold a listing went out as it was: {shown_text}"
+                ),
+                Some(sent) => {
+                    let sent: Value = serde_json::from_slice(sent).unwrap_or_else(|e| {
+                        panic!("the replacement is not JSON ({e}): {shown_text}")
+                    });
+                    let answers = match &sent {
+                        Value::Array(items) => items.clone(),
+                        one => vec![one.clone()],
+                    };
+                    assert_eq!(answers.len(), input.listing_ids.len(), "{shown_text}");
+                    assert!(answers.iter().all(|a| a["error"].is_object()), "{shown_text}");
+                }
+            }
             return "not JSON".to_owned();
         }
     };

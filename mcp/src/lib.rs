@@ -512,7 +512,7 @@ const PARAMS_FIELDS: &[&str] = &[
 /// Go's `encoding/json` binds such a key to the field, so a server reads `{"Method":…}` as a
 /// request where the policy saw a response, or `{"NAME":…}` as the tool's name. Two keys that
 /// clash are refused by the strict reader already; this refuses the key that appears alone.
-fn near_miss<'k>(
+pub(crate) fn near_miss<'k>(
     members: &'k Map<String, Value>,
     fields: &[&'static str],
 ) -> Option<(&'k str, &'static str)> {

@@ -66,8 +66,8 @@ pub struct Inspected {
     pub rewritten: Option<Vec<u8>>,
     /// `Mcp-Param-*` designations of every tool in the listings read (before filtering).
     pub designations: Vec<(String, Vec<super::Designation>)>,
-    /// Why the body could not be read as JSON-RPC (it is forwarded as it is unless it holds a
-    /// listing; the audit notes it).
+    /// Why the body could not be read as JSON-RPC (it is forwarded as it is unless the exchange
+    /// expects a listing in it, which is then answered with an error; the audit notes it).
     pub unreadable: Option<String>,
 }
 
@@ -85,6 +85,9 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
         Ok(d) => d,
         Err(e) => {
             out.unreadable = Some(format!("not JSON: {e}"));
+            // A client's parser may read what the strict one refuses (`1e400`, `NaN`): an
+            // answer this exchange expects a listing in cannot be checked, so it is replaced.
+            out.rewritten = unreadable_listings(rule.listing_ids);
             return out;
         }
     };
@@ -104,10 +107,24 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
             let message = read(object);
             if message.kind == Kind::Response {
                 if let Some(id) = message.id.clone() {
-                    let listing = rule.listing_ids.contains(&id) || looks_like_listing(object);
+                    // `Result` or `Tools`: a client matching keys ignoring case reads a
+                    // listing that the filter would not see.
+                    let folded = super::near_miss(object, &["result", "error"]).is_some()
+                        || object
+                            .get("result")
+                            .and_then(Value::as_object)
+                            .is_some_and(|r| super::near_miss(r, &["tools"]).is_some());
+                    let listing =
+                        rule.listing_ids.contains(&id) || looks_like_listing(object) || folded;
                     if listing {
                         collect_designations(object, &mut out.designations);
-                        if document.clash.is_some() {
+                        if folded {
+                            *object = error_object(
+                                &id,
+                                "mcpwarden could not read the server's tools/list result unambiguously (a key that is a member only when case-folded); it was not forwarded",
+                            );
+                            changed = true;
+                        } else if document.clash.is_some() {
                             // Another reader may see another list: replace it with an error.
                             *object = error_object(
                                 &id,
@@ -130,6 +147,25 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
         out.rewritten = Some(text.into_bytes());
     }
     out
+}
+
+/// For a body that could not be read: an error answer to each listing the exchange expects
+/// (one object, or an array for several), or `None` when it expects none.
+fn unreadable_listings(ids: &[Value]) -> Option<Vec<u8>> {
+    const WHY: &str = "mcpwarden could not read the server's tools/list result (not strict JSON); it was not forwarded";
+    match ids {
+        [] => None,
+        [one] => Some(error_response(Some(one), INTERNAL_ERROR, WHY)),
+        many => {
+            let errors: Vec<Value> = many
+                .iter()
+                .map(|id| Value::Object(error_object(id, WHY)))
+                .collect();
+            let mut text = String::new();
+            write_value(&Value::Array(errors), &mut text);
+            Some(text.into_bytes())
+        }
+    }
 }
 
 fn error_object(id: &Value, message: &str) -> Map<String, Value> {
@@ -279,6 +315,47 @@ mod tests {
             listing_ids: ids,
             per_caller,
         }
+    }
+
+    #[test]
+    fn a_listing_a_lenient_client_could_read_otherwise_is_replaced() {
+        let visible = |name: &str| name != "secret";
+        let rule = ListingRule {
+            visible: &visible,
+            listing_ids: &[json!(4)],
+            per_caller: true,
+        };
+        // Not strict JSON, though JavaScript's JSON.parse reads 1e400 as Infinity.
+        let text = r#"{"jsonrpc":"2.0","id":4,"result":{"tools":[{"name":"secret","n":1e400}]}}"#;
+        let out = inspect(text, &rule);
+        assert!(out.unreadable.is_some());
+        let sent: Value = serde_json::from_slice(&out.rewritten.expect("replaced")).expect("JSON");
+        assert_eq!(sent["id"], 4);
+        assert!(sent["error"].is_object(), "{sent}");
+        // `Tools` (Go binds it to `tools`), for this id or any other.
+        for text in [
+            r#"{"jsonrpc":"2.0","id":4,"result":{"Tools":[{"name":"secret"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":9,"result":{"toolſ":[{"name":"secret"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"Result":{"tools":[{"name":"secret"}]}}"#,
+        ] {
+            let out = inspect(text, &rule);
+            let sent: Value =
+                serde_json::from_slice(&out.rewritten.expect("replaced")).expect("JSON");
+            assert!(
+                sent["error"].is_object() && !sent.to_string().contains("secret"),
+                "{text}: {sent}"
+            );
+        }
+        // Unreadable, but no listing expected: forwarded as it is.
+        let none = ListingRule {
+            listing_ids: &[],
+            ..rule
+        };
+        assert!(
+            inspect("{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":NaN}", &none)
+                .rewritten
+                .is_none()
+        );
     }
 
     #[test]
