@@ -303,6 +303,18 @@ fn start_agent(
     let bin = bin
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("agent path is not UTF-8"))?;
+    // One holder keeps 10,000 SSE streams open from one cgroup (scenario 7b): past the
+    // default connection limits, which are for production callers.
+    let limits = std::env::temp_dir().join(format!(
+        "mcpwarden-bench-limits-{}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &limits,
+        "limits:\n  max_connections: 1000000\n  max_connections_per_caller: 1000000\n",
+    )?;
+    let mut extra = config.extra.clone();
+    extra.extend(["--config".to_owned(), limits.display().to_string()]);
     Ok(Agent::start_with(
         bin,
         AgentOpts {
@@ -316,7 +328,7 @@ fn start_agent(
             cgroup: redirected.to_path_buf(),
             agent_cgroup: agent_cgroup.to_path_buf(),
         },
-        &config.extra,
+        &extra,
     ))
 }
 
