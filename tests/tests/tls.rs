@@ -126,6 +126,13 @@ impl TlsRig {
                         "{URL0}",
                         urls.first().map(String::as_str).unwrap_or_default(),
                     )
+                    .replace(
+                        "{URL0_IP}",
+                        &servers
+                            .first()
+                            .map(|s| s.https_url(&ip_text))
+                            .unwrap_or_default(),
+                    )
                     .replace("{UPSTREAM_CA}", &ca_path.display().to_string())
                     .replace("{POLICY}", &policy.display().to_string());
                 let file = files.path().join("mcpwarden.yaml");
@@ -544,6 +551,44 @@ fn an_upstream_demanding_a_client_certificate_is_reported() {
         "{rec}"
     );
     assert_eq!(rig.server().http_requests(), 0);
+}
+
+/// A passthrough server and an inspected one at the same address: a ClientHello without SNI
+/// could be for either, so it is refused, never passed through; one naming the passthrough
+/// server is passed through.
+#[test]
+fn a_hello_that_does_not_settle_passthrough_or_inspection_is_refused() {
+    let rig = TlsRig::start_with(
+        "tls-mixed",
+        48,
+        vec![Upstream::good()],
+        false,
+        Some(
+            "servers:\n  - name: passed\n    url: {URL0}\n    policy: {POLICY}\n    tls: passthrough\n  \
+             - name: inspected\n    url: {URL0_IP}\n    policy: {POLICY}\n    upstream_ca: {UPSTREAM_CA}\n",
+        ),
+        &[],
+    );
+    let body = call_body(4, "drop_cluster", json!({"cluster": "dev"}));
+    let run = rig.tls_raw(0, "-", &rig.host_port(0), &body);
+    assert!(
+        !String::from_utf8_lossy(&run.stdout).contains("status="),
+        "a hello without SNI got an HTTP answer: {}",
+        run.describe()
+    );
+    let rec = rig.wait_audit("the unsettled hello", |r| {
+        r["event"] == "refused"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|t| t.contains("does not settle"))
+    });
+    assert_eq!(rec["tls"], "terminated");
+    assert_eq!(
+        rig.server().http_requests(),
+        0,
+        "nothing was passed through"
+    );
+    assert_eq!(rig.server().calls("drop_cluster"), 0);
 }
 
 /// `tls: passthrough`: the client talks TLS to the real server (trusting its CA, not ours), the
