@@ -50,6 +50,17 @@ impl Agent {
     /// `--upstream-ca FILE`). The state directory (`--state-dir`, where the generated CA lives)
     /// is always `state/` in the guard's temp dir, unless `extra` names one.
     pub fn start_with(bin: &str, opts: AgentOpts, extra: &[String]) -> Agent {
+        Self::start_limited(bin, opts, extra, None)
+    }
+
+    /// [`Agent::start_with`] with the agent's open-file limit (soft and hard) set to `nofile`
+    /// before it starts, when given.
+    pub fn start_limited(
+        bin: &str,
+        opts: AgentOpts,
+        extra: &[String],
+        nofile: Option<u64>,
+    ) -> Agent {
         let tmp = TempDir::new(&format!("agent-{}", opts.name));
         let log_path = tmp.path().join("agent.log");
         let audit_path = tmp.path().join("audit.jsonl");
@@ -84,7 +95,23 @@ impl Agent {
         args.extend(extra.iter().cloned());
 
         let log = File::create(&log_path).expect("create agent log");
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(n) = nofile {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit between fork and exec, on memory allocated before the fork.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("dup log fd")))

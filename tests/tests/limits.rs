@@ -36,6 +36,16 @@ impl Rig {
 
     /// With a whole config file and more agent arguments.
     fn start_with(name: &str, index: u8, config_text: &str, extra: &[String]) -> Rig {
+        Self::start_limited(name, index, config_text, extra, None)
+    }
+
+    fn start_limited(
+        name: &str,
+        index: u8,
+        config_text: &str,
+        extra: &[String],
+        nofile: Option<u64>,
+    ) -> Rig {
         require_root();
         let cg = TestCgroup::new(name);
         let app = cg.child("app");
@@ -46,7 +56,7 @@ impl Rig {
         std::fs::write(&config, config_text).expect("writing the config");
         let mut args = vec!["--config".to_string(), config.display().to_string()];
         args.extend(extra.iter().cloned());
-        let agent = Agent::start_with(
+        let agent = Agent::start_limited(
             AGENT_BIN,
             AgentOpts {
                 name: name.to_string(),
@@ -56,6 +66,7 @@ impl Rig {
                 agent_cgroup: cg.path().join("agent"),
             },
             &args,
+            nofile,
         );
         Rig {
             agent,
@@ -440,4 +451,49 @@ fn a_stalled_audit_pipe_refuses_calls_within_the_stall_and_recovers() {
         }
     }
     assert_eq!(rig.echo(), 200, "after the pipe drained");
+}
+
+/// Out of file descriptors (EMFILE on accept): new connections wait in the backlog while the
+/// accept loop backs off; connections already served go on; once descriptors are free again,
+/// waiting connections are served.
+#[test]
+fn running_out_of_descriptors_delays_new_connections_only() {
+    let rig = Rig::start_limited("limits-emfile", 127, "limits: {}\n", &[], Some(96));
+    let addr = rig.addr();
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"text": "kept"}}})
+    .to_string();
+    let step = json!({"op": "request", "conn": "a", "url": rig.peer.url("/mcp"), "body": call});
+    // One keep-alive connection, served before the descriptors run out, calls on through.
+    let steps = json!([step, {"op": "sleep", "ms": 2500}, step, step]);
+    let client = std::thread::spawn({
+        let app = rig.app.clone();
+        move || {
+            run_script(
+                CLIENT_BIN,
+                Some(&app),
+                &json!({"steps": steps}),
+                CLIENT_TIMEOUT,
+            )
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let holder = rig.python(&rig.app, &["hold", &addr, "200", "4000"]);
+    let run = client.join().expect("the keep-alive client");
+    let statuses: Vec<u64> = run
+        .steps
+        .iter()
+        .filter(|s| s["op"] == "request")
+        .map(|s| s["status"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(statuses, [200, 200, 200], "{:?}", run.steps);
+    assert!(
+        rig.agent.log().contains("accept failed"),
+        "the agent never ran out of descriptors: raise the flood\n{}",
+        rig.agent.log()
+    );
+    let out = holder.wait_with_output().expect("holder");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("opened"));
+    // Descriptors free again: a new connection is served.
+    assert_eq!(rig.echo(), 200);
 }

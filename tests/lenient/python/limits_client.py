@@ -10,6 +10,7 @@ cgroup; each prints one JSON object on stdout.
                                          connection; both statuses, then whether it stays open
   sse ADDR WAIT_MS                       GET /sse; after WAIT_MS, whether the stream is open
   stall_body ADDR                        a head announcing 100 body bytes, 10 sent; the status
+  hold ADDR N MS                         N connections opened (as many as connect), held MS
 """
 
 import json
@@ -151,6 +152,17 @@ def stall_body(addr):
     print(json.dumps({"status": code, "after_ms": int((time.monotonic() - start) * 1000)}))
 
 
+def hold(addr, n, ms):
+    socks = []
+    for _ in range(n):
+        try:
+            socks.append(connect(addr))
+        except OSError:
+            break
+    print(json.dumps({"opened": len(socks)}), flush=True)
+    time.sleep(ms / 1000)
+
+
 def main():
     cmd, addr, *rest = sys.argv[1:]
     if cmd == "slowloris":
@@ -161,6 +173,8 @@ def main():
         idle(addr, int(rest[0]))
     elif cmd == "sse":
         sse(addr, int(rest[0]))
+    elif cmd == "hold":
+        hold(addr, int(rest[0]), int(rest[1]))
     elif cmd == "stall_body":
         stall_body(addr)
     else:
