@@ -286,11 +286,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Timed<IO> {
                     Some(_) => {
                         // Requests in flight: no idle clock until the last one ends.
                         this.idle_sleep = None;
-                        *this
+                        let mut reader = this
                             .activity
                             .reader
                             .lock()
-                            .unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+                            .unwrap_or_else(|e| e.into_inner());
+                        if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            *reader = Some(cx.waker().clone());
+                        }
+                        drop(reader);
                         // The last may have ended between the check and the store.
                         if this.activity.in_flight.load(Ordering::Acquire) == 0 {
                             cx.waker().wake_by_ref();

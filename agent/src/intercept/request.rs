@@ -206,20 +206,31 @@ impl Conn {
         let mut charge = Charge::new(&self.buffered);
         let collect = async {
             let mut body = body;
+            // A body that comes in one frame (most do) is kept as it came, without a copy.
+            let mut first: Option<Bytes> = None;
             let mut buf = Vec::new();
             while let Some(frame) = body.frame().await {
                 let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
                     continue;
                 };
-                if buf.len() + data.len() > max {
+                let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+                if held + data.len() > max {
                     return Err(BodyError::TooLarge);
                 }
                 if !charge.take(data.len(), limits.max_buffered_bytes_per_connection) {
                     return Err(BodyError::ConnectionFull);
                 }
-                buf.extend_from_slice(&data);
+                match first.take() {
+                    None if buf.is_empty() => first = Some(data),
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            buf.extend_from_slice(&earlier);
+                        }
+                        buf.extend_from_slice(&data);
+                    }
+                }
             }
-            Ok(Bytes::from(buf))
+            Ok(first.unwrap_or_else(|| Bytes::from(buf)))
         };
         let timeout = std::time::Duration::from_millis(limits.body_read_timeout_ms);
         let read = match tokio::time::timeout(timeout, collect).await {

@@ -121,3 +121,36 @@ where
         tracing::debug!(%peer, error = %e, "client connection ended");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::conn::rig::{conn, server};
+
+    /// An h2 client learns `limits.h2_max_concurrent_streams` from the interceptor's SETTINGS
+    /// (hyper then refuses streams beyond it with REFUSED_STREAM).
+    #[tokio::test]
+    async fn http2_connections_announce_the_stream_limit() {
+        let c = conn("127.0.0.1:8080", vec![server("a", "/mcp")]);
+        let want = c.shared.limits.h2_max_concurrent_streams as usize;
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let peer = "127.0.0.1:40000".parse().expect("an address");
+        tokio::spawn(super::serve_http(Arc::new(c), server_io, true, peer));
+        let (send, connection) = h2::client::handshake(client_io)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(connection);
+        let mut send = send.ready().await.expect("ready");
+        // The server's SETTINGS arrive with its first frames: poll until they are applied.
+        for _ in 0..100 {
+            if send.current_max_send_streams() == want {
+                break;
+            }
+            tokio::task::yield_now().await;
+            send = send.ready().await.expect("ready");
+        }
+        assert_eq!(send.current_max_send_streams(), want);
+        assert_eq!(want, 100, "the default");
+    }
+}
