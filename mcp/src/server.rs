@@ -107,15 +107,9 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
             let message = read(object);
             if message.kind == Kind::Response {
                 if let Some(id) = message.id.clone() {
-                    // `Result` or `Tools`: a client matching keys ignoring case reads a
-                    // listing that the filter would not see.
-                    let folded = super::near_miss(object, &["result", "error"]).is_some()
-                        || object
-                            .get("result")
-                            .and_then(Value::as_object)
-                            .is_some_and(|r| super::near_miss(r, &["tools"]).is_some());
-                    let listing =
-                        rule.listing_ids.contains(&id) || looks_like_listing(object) || folded;
+                    let listing_id = rule.listing_ids.contains(&id);
+                    let folded = folded_listing(object, listing_id);
+                    let listing = listing_id || looks_like_listing(object) || folded;
                     if listing {
                         collect_designations(object, &mut out.designations);
                         if folded {
@@ -147,6 +141,26 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
         out.rewritten = Some(text.into_bytes());
     }
     out
+}
+
+/// Whether a client matching keys ignoring case (Go's `encoding/json`) could read a listing in
+/// this response that the filter does not see: `result.Tools` (any key folding to `tools`
+/// but `tools`), or a `Result` (any key folding to `result` but `result`) that holds such a
+/// key or answers a listing request (`listing_id`).
+pub(crate) fn folded_listing(object: &Map<String, Value>, listing_id: bool) -> bool {
+    let folds_to = |key: &str, field: &str| strict::fold_key(key) == field;
+    let has_tools = |v: &Value| {
+        v.as_object()
+            .is_some_and(|r| r.keys().any(|k| folds_to(k, "tools")))
+    };
+    let tools_alias = object
+        .get("result")
+        .and_then(Value::as_object)
+        .is_some_and(|r| r.keys().any(|k| k != "tools" && folds_to(k, "tools")));
+    tools_alias
+        || object
+            .iter()
+            .any(|(k, v)| k != "result" && folds_to(k, "result") && (listing_id || has_tools(v)))
 }
 
 /// For a body that could not be read: an error answer to each listing the exchange expects

@@ -117,20 +117,29 @@ pub(super) enum Cut {
     IdleTimeout,
 }
 
-/// What the service tells the connection's reader: requests started, and requests whose
-/// response has not been sent (or dropped) yet.
-#[derive(Default)]
+/// What the service tells the connection's reader: requests started, requests whose response
+/// has not been sent (or dropped) yet, and when the last one ended.
 pub(super) struct Activity {
     started: AtomicU64,
     in_flight: AtomicUsize,
+    /// When the last request in flight ended, in nanoseconds after `base`.
+    ended_at: AtomicU64,
+    base: tokio::time::Instant,
     /// 0: not cut; 1: header timeout; 2: idle timeout.
     cut: AtomicU8,
-    /// The reader waiting while requests were in flight: woken when the last ends, so that it
-    /// starts the idle clock.
-    reader: Mutex<Option<std::task::Waker>>,
 }
 
 impl Activity {
+    pub fn new() -> Activity {
+        Activity {
+            started: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            ended_at: AtomicU64::new(0),
+            base: tokio::time::Instant::now(),
+            cut: AtomicU8::new(0),
+        }
+    }
+
     /// A request reached the service; the guard marks it done when dropped.
     pub fn request(self: &Arc<Self>) -> InFlight {
         self.started.fetch_add(1, Ordering::AcqRel);
@@ -146,24 +155,26 @@ impl Activity {
             _ => None,
         }
     }
+
+    /// When the last request in flight ended (the connection's start if none has).
+    fn ended(&self) -> tokio::time::Instant {
+        self.base + Duration::from_nanos(self.ended_at.load(Ordering::Acquire))
+    }
 }
 
-/// A request in flight; dropped with its response body.
+/// A request in flight; dropped with its response body. Ending the last one only notes the
+/// time: the reader's idle clock reads it when it next fires, so no task is woken per request.
 pub(super) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let reader = self
-                .0
-                .reader
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(waker) = reader {
-                waker.wake();
-            }
-        }
+        let activity = &self.0;
+        let since = tokio::time::Instant::now().saturating_duration_since(activity.base);
+        activity.ended_at.store(
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -193,16 +204,20 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Tracked<B> {
     }
 }
 
-/// A client connection's reader with the head and idle deadlines.
+/// A client connection's reader with the head and idle deadlines. Each deadline is one timer,
+/// reset rather than made anew for every request.
 pub(super) struct Timed<IO> {
     inner: IO,
     activity: Arc<Activity>,
     /// `None`: no head deadline (HTTP/2, where frames are not heads).
     header: Option<Duration>,
     idle: Option<Duration>,
-    /// The head being read: the request count when its first byte came, and its deadline.
-    head: Option<(u64, Pin<Box<Sleep>>)>,
+    /// The head being timed: the request count when its first byte came.
+    head: Option<u64>,
+    head_sleep: Option<Pin<Box<Sleep>>>,
     idle_sleep: Option<Pin<Box<Sleep>>>,
+    /// Bytes came since the idle clock was last set.
+    heard: bool,
 }
 
 impl<IO> Timed<IO> {
@@ -218,7 +233,9 @@ impl<IO> Timed<IO> {
             header,
             idle,
             head: None,
+            head_sleep: None,
             idle_sleep: None,
+            heard: true,
         }
     }
 
@@ -236,6 +253,40 @@ impl<IO> Timed<IO> {
         };
         io::Error::new(io::ErrorKind::TimedOut, what)
     }
+
+    /// Start timing a head now.
+    fn arm_head(&mut self, started: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        match self.head_sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.head_sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        self.head = Some(started);
+    }
+
+    /// The idle clock, between requests: `Err` when it has run out.
+    fn poll_idle(&mut self, cx: &mut Context<'_>, limit: Duration) -> Result<(), io::Error> {
+        let now = tokio::time::Instant::now();
+        let sleep = self
+            .idle_sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + limit)));
+        if std::mem::take(&mut self.heard) {
+            sleep.as_mut().reset(now + limit);
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            // A request in flight (an SSE stream) is never idle; after the last one ended, the
+            // connection has been idle since it ended.
+            let busy = self.activity.in_flight.load(Ordering::Acquire) > 0;
+            let quiet_until = self.activity.ended() + limit;
+            if !busy && quiet_until <= now {
+                return Err(self.cut(Cut::IdleTimeout));
+            }
+            sleep
+                .as_mut()
+                .reset(if busy { now + limit } else { quiet_until });
+        }
+        Ok(())
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Timed<IO> {
@@ -246,25 +297,27 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Timed<IO> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let started = this.activity.started.load(Ordering::Acquire);
-        let idle_now = this.activity.in_flight.load(Ordering::Acquire) == 0;
         // The head being timed reached the service: its deadline is over.
-        if this.head.as_ref().is_some_and(|(at, _)| *at != started) {
+        if this.head.is_some_and(|at| at != started) {
             this.head = None;
         }
         // Late is late, whether or not more of the head has come.
-        if let Some((_, deadline)) = this.head.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(this.cut(Cut::HeaderTimeout)));
+        if this.head.is_some() {
+            if let Some(deadline) = this.head_sleep.as_mut() {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(this.cut(Cut::HeaderTimeout)));
+                }
             }
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
-                    this.idle_sleep = None;
+                    this.heard = true;
                     // The first byte of a head: between requests, none being timed.
-                    if let (Some(limit), true, None) = (this.header, idle_now, &this.head) {
-                        this.head = Some((started, Box::pin(tokio::time::sleep(limit))));
+                    let between = this.activity.in_flight.load(Ordering::Acquire) == 0;
+                    if let (Some(limit), true, None) = (this.header, between, this.head) {
+                        this.arm_head(started, limit);
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -274,33 +327,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Timed<IO> {
                 if this.head.is_some() {
                     return Poll::Pending;
                 }
-                match this.idle {
-                    Some(limit) if idle_now => {
-                        let sleep = this
-                            .idle_sleep
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                        if sleep.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Err(this.cut(Cut::IdleTimeout)));
-                        }
+                if let Some(limit) = this.idle {
+                    if let Err(e) = this.poll_idle(cx, limit) {
+                        return Poll::Ready(Err(e));
                     }
-                    Some(_) => {
-                        // Requests in flight: no idle clock until the last one ends.
-                        this.idle_sleep = None;
-                        let mut reader = this
-                            .activity
-                            .reader
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner());
-                        if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                            *reader = Some(cx.waker().clone());
-                        }
-                        drop(reader);
-                        // The last may have ended between the check and the store.
-                        if this.activity.in_flight.load(Ordering::Acquire) == 0 {
-                            cx.waker().wake_by_ref();
-                        }
-                    }
-                    None => {}
                 }
                 Poll::Pending
             }
@@ -458,7 +488,7 @@ mod tests {
     async fn the_head_deadline_runs_from_its_first_byte_and_idle_is_another_clock() {
         use tokio::io::AsyncReadExt;
         let (client, server) = tokio::io::duplex(64);
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new());
         let mut timed = Timed::new(
             server,
             activity.clone(),
@@ -492,7 +522,7 @@ mod tests {
     async fn a_request_in_flight_is_never_idle_and_a_finished_head_is_not_timed() {
         use tokio::io::AsyncReadExt;
         let (mut client, server) = tokio::io::duplex(64);
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new());
         let mut timed = Timed::new(
             server,
             activity.clone(),

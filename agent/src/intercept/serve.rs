@@ -61,7 +61,7 @@ where
 {
     let audit_conn = conn.clone();
     let limits = conn.shared.limits;
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::new());
     let io = Timed::new(
         io,
         activity.clone(),
