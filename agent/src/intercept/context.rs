@@ -30,6 +30,9 @@ pub(super) struct RequestCtx<'a> {
     pub routed: Option<Routed<'a>>,
     /// Path and query, as the client sent them.
     pub target: String,
+    /// The target's path, normalised once ([`mcp::normalize_path`]): what endpoint paths and
+    /// `passthrough_paths` (both stored normalised) are compared with.
+    pub normal_path: String,
     /// The HTTP+SSE session whose POST endpoint the target is, if this agent saw it announced.
     pub legacy: Option<Arc<Session>>,
     /// The target is the server's endpoint path (or its HTTP+SSE POST endpoint).
@@ -55,7 +58,8 @@ impl Conn {
             .to_owned();
         let authority = request_authority(parts);
         let named = authority.as_ref().ok().and_then(Option::as_ref);
-        let (routed, legacy, at_endpoint, unknown_host) = self.route(&target, named);
+        let normal_path = mcp::normalize_path(&target);
+        let (routed, legacy, at_endpoint, unknown_host) = self.route(&target, &normal_path, named);
         let request = Arc::new(RequestPart {
             server: routed.map(|r| r.server.name.clone()),
             http_version: Some(if parts.version == http::Version::HTTP_2 {
@@ -73,6 +77,7 @@ impl Conn {
         RequestCtx {
             routed,
             target,
+            normal_path,
             legacy,
             at_endpoint,
             authority,
@@ -93,6 +98,7 @@ impl Conn {
     fn route(
         &self,
         target: &str,
+        normal_path: &str,
         authority: Option<&http::uri::Authority>,
     ) -> (Option<Routed<'_>>, Option<Arc<Session>>, bool, bool) {
         let named_by_host = |s: &Server| match authority {
@@ -112,7 +118,7 @@ impl Conn {
         };
         // Two servers with this endpoint path (told apart by Host only) and no Host naming one:
         // neither.
-        let mut by_path = candidates().filter(|r| mcp::is_endpoint_path(target, &r.server.path));
+        let mut by_path = candidates().filter(|r| r.server.path == normal_path);
         let named = match (by_path.next(), by_path.next()) {
             (Some(one), None) => Some(one),
             (Some(_), Some(_)) => return (None, None, false, false),
@@ -121,7 +127,7 @@ impl Conn {
         match named.or(only) {
             Some(r) => {
                 let legacy = self.legacy_session(r.id, target);
-                let at = legacy.is_some() || mcp::is_endpoint_path(target, &r.server.path);
+                let at = legacy.is_some() || r.server.path == normal_path;
                 (Some(r), legacy, at, false)
             }
             None => candidates()

@@ -266,14 +266,19 @@ impl<IO> Timed<IO> {
 
     /// The idle clock, between requests: `Err` when it has run out.
     fn poll_idle(&mut self, cx: &mut Context<'_>, limit: Duration) -> Result<(), io::Error> {
-        let now = tokio::time::Instant::now();
-        let sleep = self
-            .idle_sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(now + limit)));
-        if std::mem::take(&mut self.heard) {
-            sleep.as_mut().reset(now + limit);
-        }
+        // The clock is read only when the timer is set or fires, not on every read.
+        let heard = std::mem::take(&mut self.heard);
+        let sleep = match self.idle_sleep.as_mut() {
+            Some(sleep) => {
+                if heard {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                sleep
+            }
+            None => self.idle_sleep.insert(Box::pin(tokio::time::sleep(limit))),
+        };
         while sleep.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
             // A request in flight (an SSE stream) is never idle; after the last one ended, the
             // connection has been idle since it ended.
             let busy = self.activity.in_flight.load(Ordering::Acquire) > 0;

@@ -149,14 +149,14 @@ impl Conn {
     /// Whether the target is one of the server's `passthrough_paths` (of any server here when
     /// the request names none of them).
     fn passthrough(&self, ctx: &RequestCtx<'_>) -> bool {
-        let path = mcp::normalize_path(&ctx.target);
+        let path = &ctx.normal_path;
         let listed = |server: &super::server::Server| {
             server
                 .passthrough_paths
                 .iter()
                 .any(|p| match p.strip_suffix('*') {
                     Some(prefix) => path.starts_with(prefix),
-                    None => path == *p,
+                    None => path == p,
                 })
         };
         match ctx.routed {
