@@ -443,6 +443,54 @@ impl Drop for Charge<'_> {
     }
 }
 
+/// Why [`collect`] stopped.
+pub(super) enum Collect<E> {
+    /// The body itself failed.
+    Read(E),
+    /// It is longer than its own bound.
+    TooLarge,
+    /// Its bytes would overflow the budget they are charged to.
+    OverBudget,
+}
+
+/// A body read whole: at most `max` bytes, each frame charged to `charge` (bounded by
+/// `budget`). A body that comes in one frame (most do) is kept as it came, without a copy.
+pub(super) async fn collect<B>(
+    mut body: B,
+    max: usize,
+    charge: &mut Charge<'_>,
+    budget: usize,
+) -> Result<Bytes, Collect<B::Error>>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    let mut first: Option<Bytes> = None;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(Collect::Read)?.into_data() else {
+            continue;
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+        if held + data.len() > max {
+            return Err(Collect::TooLarge);
+        }
+        if !charge.take(data.len(), budget) {
+            return Err(Collect::OverBudget);
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    buf.extend_from_slice(&earlier);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| Bytes::from(buf)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,10 +18,10 @@ use hyper::body::Incoming;
 
 use super::{
     conn::Conn,
-    context::{authority, mcp_header, RequestCtx},
+    context::{mcp_header, RequestCtx},
     encoding,
     forward::identity_encoding,
-    limits::Charge,
+    limits::{self, Charge, Collect},
     reply::{full, json_response, refused_plain},
     respond::{self, Exchange},
     upstream::Body,
@@ -108,7 +108,7 @@ impl Conn {
                  policy applies, so it was not forwarded",
             ));
         }
-        if let Some(refusal) = self.misdirected(ctx, parts) {
+        if let Some(refusal) = self.misdirected(ctx) {
             return Some(refusal);
         }
         let transfer_codings = parts
@@ -167,14 +167,20 @@ impl Conn {
 
     /// On a terminated connection, a request must be for the server the TLS name was: Host (or
     /// :authority) naming another server is domain fronting, answered 421.
-    fn misdirected(&self, ctx: &RequestCtx<'_>, parts: &Parts) -> Option<Response<Body>> {
+    fn misdirected(&self, ctx: &RequestCtx<'_>) -> Option<Response<Body>> {
         let tls = self.tls.as_ref()?;
-        let host = authority(parts).map(|a| {
-            a.host()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_ascii_lowercase()
-        });
+        // The authority checked once in the context (Host and target agree by now).
+        let host = ctx
+            .authority
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .map(|a| {
+                a.host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            });
         let expected = match &tls.sni {
             Some(n) => n.clone(),
             None => self.dst.ip().to_string(),
@@ -202,39 +208,20 @@ impl Conn {
         body: Incoming,
     ) -> Result<(Bytes, Charge<'_>), Box<Response<Body>>> {
         let max = self.shared.max_body;
-        let limits = &self.shared.limits;
+        let limit = &self.shared.limits;
         let mut charge = Charge::new(&self.buffered);
-        let collect = async {
-            let mut body = body;
-            // A body that comes in one frame (most do) is kept as it came, without a copy.
-            let mut first: Option<Bytes> = None;
-            let mut buf = Vec::new();
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
-                    continue;
-                };
-                let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
-                if held + data.len() > max {
-                    return Err(BodyError::TooLarge);
-                }
-                if !charge.take(data.len(), limits.max_buffered_bytes_per_connection) {
-                    return Err(BodyError::ConnectionFull);
-                }
-                match first.take() {
-                    None if buf.is_empty() => first = Some(data),
-                    earlier => {
-                        if let Some(earlier) = earlier {
-                            buf.extend_from_slice(&earlier);
-                        }
-                        buf.extend_from_slice(&data);
-                    }
-                }
-            }
-            Ok(first.unwrap_or_else(|| Bytes::from(buf)))
-        };
-        let timeout = std::time::Duration::from_millis(limits.body_read_timeout_ms);
+        let collect = limits::collect(
+            body,
+            max,
+            &mut charge,
+            limit.max_buffered_bytes_per_connection,
+        );
+        let timeout = std::time::Duration::from_millis(limit.body_read_timeout_ms);
         let read = match tokio::time::timeout(timeout, collect).await {
-            Ok(read) => read,
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(Collect::Read(e))) => Err(BodyError::Read(e)),
+            Ok(Err(Collect::TooLarge)) => Err(BodyError::TooLarge),
+            Ok(Err(Collect::OverBudget)) => Err(BodyError::ConnectionFull),
             Err(_) => Err(BodyError::TimedOut),
         };
         let bytes = match read {
@@ -250,7 +237,7 @@ impl Conn {
                         format!(
                             "this connection already buffers {} bytes of request bodies \
                              (limits.max_buffered_bytes_per_connection); it was not forwarded",
-                            limits.max_buffered_bytes_per_connection
+                            limit.max_buffered_bytes_per_connection
                         ),
                     ),
                     BodyError::TimedOut => (
@@ -258,7 +245,7 @@ impl Conn {
                         format!(
                             "the request body did not arrive within {} ms \
                              (limits.body_read_timeout_ms); it was not forwarded",
-                            limits.body_read_timeout_ms
+                            limit.body_read_timeout_ms
                         ),
                     ),
                     BodyError::Read(e) => (

@@ -31,7 +31,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::{
-    limits::Charge,
+    limits::{self, Charge, Collect},
     reply::{full, json_response},
     session::{ParamTable, Pending, Session, SessionKey, Sessions},
     upstream::Body,
@@ -435,48 +435,18 @@ pub async fn respond(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
     resp
 }
 
-/// Why an answer could not be read whole.
-enum AnswerError {
-    Read(hyper::Error),
-    TooLarge,
-    WorkerFull,
-}
-
-/// A JSON answer read whole: at most `max` bytes, each charged to the worker's budget.
-async fn read_answer(
-    mut body: Body,
-    max: usize,
-    charge: &mut Charge<'_>,
-    worker_max: usize,
-) -> Result<Bytes, AnswerError> {
-    let mut buf = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(AnswerError::Read)?.into_data() else {
-            continue;
-        };
-        if buf.len() + data.len() > max {
-            return Err(AnswerError::TooLarge);
-        }
-        if !charge.take(data.len(), worker_max) {
-            return Err(AnswerError::WorkerFull);
-        }
-        buf.extend_from_slice(&data);
-    }
-    Ok(Bytes::from(buf))
-}
-
 /// A JSON body: read whole, audited, listings filtered, batch refusals merged.
 async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
     let status = resp.status().as_u16();
     let (mut head, body) = resp.into_parts();
     let held = ex.answers.clone();
     let mut charge = Charge::new(&held);
-    let read = read_answer(body, ex.max, &mut charge, ex.answers_max).await;
+    let read = limits::collect(body, ex.max, &mut charge, ex.answers_max).await;
     let bytes = match read {
         Ok(b) => b,
         Err(e) => {
             let (code, reason) = match e {
-                AnswerError::WorkerFull => (
+                Collect::OverBudget => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
                         "this worker already holds {} bytes of answers \
@@ -484,14 +454,14 @@ async fn json_body(resp: Response<Body>, mut ex: Exchange) -> Response<Body> {
                         ex.answers_max
                     ),
                 ),
-                AnswerError::TooLarge => (
+                Collect::TooLarge => (
                     StatusCode::BAD_GATEWAY,
                     format!(
                         "the server's response could not be read whole: it exceeds {} bytes",
                         ex.max
                     ),
                 ),
-                AnswerError::Read(e) => (
+                Collect::Read(e) => (
                     StatusCode::BAD_GATEWAY,
                     format!("the server's response could not be read whole: {e}"),
                 ),
