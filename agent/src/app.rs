@@ -1,19 +1,25 @@
-//! The assembly of the pipeline: config → policies → cgroups → listeners → eBPF → endpoint
-//! resolution → interceptor, and the `run` sequence around it (start, ready, signals, stop).
-//! Nothing here parses a command line (`cli`) or a file (`config`).
+//! The assembly of the pipeline: config → policies → cgroups → eBPF → endpoint resolution →
+//! interceptor → network namespaces, and the `run` sequence around it (start, ready, signals,
+//! stop). Nothing here parses a command line (`cli`) or a file (`config`).
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context, Result};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 
 use crate::{
     audit::AuditLog,
-    config::{Config, TlsMode},
+    config::{Config, TlsMode, AGENT_CGROUP_SELF},
     intercept::{upstream_roots, Interceptor, Leaves, Server, ServerTls, Terminator, TlsClient},
+    netns::{coverage::Parts, Coverage, CoverageSettings},
     redirect::{
         cgroup,
-        resolve::{EndpointResolver, Routes, Target},
+        resolve::{EndpointResolver, HostAddrs, Routes, Target},
         Redirector, Settings,
     },
     reload::{self, Policies},
@@ -45,16 +51,21 @@ pub async fn run(config: Config) -> Result<()> {
 
 /// A running agent. Dropping it stops the interceptor and detaches the eBPF programs.
 pub struct Agent {
+    /// The interceptor's addresses in every namespace (ports may differ where the configured
+    /// one was taken, or where it is 0).
     pub listen: Vec<SocketAddr>,
     redirector: Arc<Redirector>,
     tasks: Vec<JoinHandle<()>>,
     /// The reload thread's queue.
     reloader: std::sync::mpsc::Sender<reload::Msg>,
+    /// The `mcpwarden-netns` thread.
+    _coverage: Coverage,
 }
 
 impl Agent {
-    /// Load the policies, join the agent cgroup, bind the listeners, attach, resolve, serve.
-    /// Every failure here is an error naming what to fix; nothing stays attached after one.
+    /// Load the policies, settle the agent's cgroup, attach, resolve, serve every network
+    /// namespace. Every failure here is an error naming what to fix; nothing stays attached
+    /// after one.
     pub async fn start(config: &Config) -> Result<Agent> {
         let audit = Arc::new(
             AuditLog::open_with(&config.audit, config.audit_stall)
@@ -83,60 +94,34 @@ impl Agent {
         let terminator = tls_setup(config, &mut servers)?;
 
         let mount = cgroup::cgroup2_mount()?;
-        let agent_cgroup = cgroup::resolve(&mount, &config.agent_cgroup)?;
         let attach = cgroup::resolve(&mount, &config.cgroup)?;
-        // Everything in the agent's cgroup is exempt from redirection: it must hold the agent only.
-        if agent_cgroup.components().eq(mount.components())
-            || agent_cgroup.components().eq(attach.components())
-        {
-            anyhow::bail!(
-                "the agent cgroup {} must be a cgroup of its own, not the attach point or the cgroup2 root: \
-                 every process in it is exempt from redirection",
-                agent_cgroup.display()
-            );
-        }
-        cgroup::join(&agent_cgroup)?;
+        let agent_cgroup = settle_agent_cgroup(&mount, &attach, &config.agent_cgroup)?;
         let agent_cgroup_id = cgroup::id_of(&agent_cgroup)?;
 
-        let mut listeners = Vec::new();
-        let (mut v4, mut v6) = (None, None);
-        for addr in &config.listen {
-            let l = match TcpListener::bind(addr).await {
-                Ok(l) => l,
-                // A host without IPv6 has no ::1: run IPv4-only. connect6 then refuses (EPERM)
-                // native IPv6 connections to endpoints, which are never let through uninspected.
-                Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-                    tracing::warn!(%addr, "IPv6 is not available here: the interceptor listens on IPv4 only");
-                    continue;
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("binding the interceptor to {addr}"))
-                }
-            };
-            match l.local_addr()? {
-                SocketAddr::V4(a) => v4 = Some(a),
-                SocketAddr::V6(a) => v6 = Some(a),
-            }
-            listeners.push(l);
-        }
-        let listen: Vec<SocketAddr> = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
-        let first = listeners
-            .first()
-            .ok_or_else(|| anyhow::anyhow!("no interceptor address could be bound"))?;
-        let netns_cookie = crate::redirect::netns_cookie(first)?;
-
-        let identity = Arc::new(crate::identity::Resolver::new(&mount)?);
+        crate::netns::init_own().context("recording the agent's own network namespace")?;
+        let host_netns = crate::netns::Netns::host_cookie()
+            .context("reading the host's network namespace cookie")?;
+        let port = |v6: bool| {
+            config
+                .listen
+                .iter()
+                .find(|a| a.is_ipv6() == v6)
+                .map_or(0, |a| a.port())
+        };
         let redirector = Arc::new(Redirector::start(&Settings {
-            attach,
-            agent_cgroup_id,
-            netns_cookie,
-            v4,
-            v6,
+            attach: attach.clone(),
+            agent_cgroup: (agent_cgroup.clone(), agent_cgroup_id),
+            host_netns,
+            guard_ports: (port(false), port(true)),
+            raw_sockets_allowed: config.raw_sockets == crate::config::RawSockets::Allow,
         })?);
+        let events = redirector
+            .take_events()
+            .ok_or_else(|| anyhow::anyhow!("the programs' event ring buffer is already taken"))?;
+
         let routes = Arc::new(Routes::default());
+        let host_addrs = HostAddrs::default();
+        let resolve_again = Arc::new(tokio::sync::Notify::new());
         let mut resolver = EndpointResolver::new(
             config
                 .servers
@@ -144,20 +129,23 @@ impl Agent {
                 .map(|s| Target {
                     host: s.url.host.clone(),
                     port: s.url.port,
+                    scope: s.scope,
                 })
                 .collect(),
+            host_addrs.clone(),
         )?;
         resolver.refresh(redirector.as_ref(), &routes).await?;
         for host in resolver.unresolved() {
             tracing::error!(host, "endpoint resolved to no address: its traffic is not intercepted until it does (retrying)");
         }
 
+        let identity = Arc::new(crate::identity::Resolver::new(&mount)?);
         let interceptor = Arc::new(Interceptor {
             servers,
             routes: routes.clone(),
             orig_dst: redirector.clone(),
-            identity,
-            audit,
+            identity: identity.clone(),
+            audit: audit.clone(),
             max_body: config.max_body_bytes,
             limits: config.limits,
             connections: Default::default(),
@@ -168,10 +156,51 @@ impl Agent {
             pods: Arc::default(),
         });
         let (reloader, _) = reload::spawn(policies, config.flags.clone())?;
+        let (listeners_tx, listeners_rx) = tokio::sync::mpsc::unbounded_channel();
         // The workers first: if they cannot start, nothing has been spawned yet.
-        let serve = interceptor.clone().serve(listeners, config.workers)?;
+        let serve = interceptor.clone().serve(listeners_rx, config.workers)?;
+        let (coverage, started) = Coverage::start(
+            CoverageSettings {
+                listen: config.listen.clone(),
+                pin_dirs: config.netns_dirs.clone(),
+                attach: attach.clone(),
+                host_addrs,
+                resolve_again: resolve_again.clone(),
+            },
+            Parts {
+                redirector: redirector.clone(),
+                events,
+                accept: listeners_tx,
+                audit,
+                identity,
+            },
+        )?;
+        // The host's addresses are known now: endpoints on one of them are local too.
+        resolver.refresh(redirector.as_ref(), &routes).await?;
+        tracing::info!(
+            count = started.served.len(),
+            namespaces = ?started
+                .served
+                .iter()
+                .map(|(ino, name, _)| format!("{name} (net:[{ino}])"))
+                .collect::<Vec<_>>(),
+            "network namespaces covered"
+        );
+        for (ino, name, why) in &started.pending {
+            tracing::warn!(netns = ino, name, "network namespace not served yet: {why}");
+        }
+        if config.raw_sockets == crate::config::RawSockets::Allow {
+            tracing::warn!("raw_sockets: allow — raw and packet sockets below the attach point can send around the redirect, uninspected");
+        }
+        let listen = redirector
+            .served_netns()
+            .into_iter()
+            .find(|(cookie, _)| *cookie == started.host.cookie)
+            .map(|(_, l)| listen_addrs(&l))
+            .unwrap_or_default();
+
         let mut tasks = vec![
-            tokio::spawn(resolver.run(redirector.clone(), routes.clone())),
+            tokio::spawn(resolver.run(redirector.clone(), routes.clone(), resolve_again)),
             tokio::spawn(serve),
         ];
         if let Some(terminator) = interceptor
@@ -180,9 +209,12 @@ impl Agent {
             .filter(|_| config.tls_prewarm)
         {
             let interceptor = interceptor.clone();
+            let host = started.host.clone();
             tasks.push(tokio::spawn(async move {
                 let started = std::time::Instant::now();
-                let origins = terminator.prewarm(&interceptor.servers, &routes).await;
+                let origins = terminator
+                    .prewarm(&interceptor.servers, &routes, &host)
+                    .await;
                 tracing::info!(
                     origins,
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -195,6 +227,7 @@ impl Agent {
             redirector,
             tasks,
             reloader,
+            _coverage: coverage,
         })
     }
 
@@ -243,6 +276,70 @@ impl Drop for Agent {
             t.abort();
         }
     }
+}
+
+/// The interceptor's addresses in one namespace, as the programs' map holds them.
+fn listen_addrs(l: &mcpwarden_common::Listeners) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    if l.v4_port != 0 {
+        out.push(SocketAddr::from((l.v4_addr.to_ne_bytes(), l.v4_port)));
+    }
+    if l.v6_port != 0 {
+        let key = mcpwarden_common::SockKey {
+            addr: l.v6_addr,
+            port: l.v6_port,
+            _pad: 0,
+        };
+        out.push(key.to_socket_addr());
+    }
+    out
+}
+
+/// The agent's own cgroup, never redirected: `given` (relative to the mount, or absolute), which
+/// the agent moves into, or `self`: the cgroup it was started in (a container's), which it
+/// must hold alone — every process in it is exempt.
+fn settle_agent_cgroup(mount: &Path, attach: &Path, given: &Path) -> Result<PathBuf> {
+    let own = given == Path::new(AGENT_CGROUP_SELF);
+    let dir = if own {
+        let rel = std::fs::read_to_string("/proc/self/cgroup")
+            .context("reading /proc/self/cgroup")?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .ok_or_else(|| anyhow::anyhow!("the agent is in no cgroup v2 (/proc/self/cgroup)"))?;
+        mount.join(rel.trim_start_matches('/'))
+    } else {
+        cgroup::resolve(mount, given)?
+    };
+    // Everything in the agent's cgroup is exempt from redirection: it must hold the agent only.
+    if dir.components().eq(mount.components()) || dir.components().eq(attach.components()) {
+        anyhow::bail!(
+            "the agent cgroup {} must be a cgroup of its own, not the attach point or the cgroup2 root: \
+             every process in it is exempt from redirection",
+            dir.display()
+        );
+    }
+    if !own {
+        cgroup::join(&dir)?;
+        return Ok(dir);
+    }
+    let me = std::process::id().to_string();
+    let others: Vec<String> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .with_context(|| format!("reading {}/cgroup.procs", dir.display()))?
+        .lines()
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && *p != me)
+        .map(str::to_owned)
+        .collect();
+    if !others.is_empty() {
+        anyhow::bail!(
+            "agent_cgroup: self, but the agent's cgroup {} also holds processes {}: they would be \
+             exempt from redirection. Run the agent alone in its cgroup (a container, a systemd \
+             service), or give --agent-cgroup PATH to move it into a cgroup of its own",
+            dir.display(),
+            others.join(", ")
+        );
+    }
+    Ok(dir)
 }
 
 /// For https:// servers: load (or generate) the CA, and build each server's upstream trust.

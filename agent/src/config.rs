@@ -7,7 +7,13 @@
 //!                                              # waits for a pipe/FIFO sink before its call gets 503
 //! cgroup: kubepods.slice                       # where to attach: relative to the cgroup2 mount,
 //!                                              # or absolute below it (default: the mount root)
-//! agent_cgroup: mcpwarden                      # the agent's own cgroup, never redirected
+//! agent_cgroup: mcpwarden                      # the agent's own cgroup, never redirected: the
+//!                                              # agent moves there; `self`: it stays where it
+//!                                              # was started (a container), alone in that cgroup
+//! netns_dirs: [/run/netns, /var/run/docker/netns]  # where runtimes pin network namespaces
+//!                                              # (watched: each is served from its creation)
+//! raw_sockets: deny                            # or allow: SOCK_RAW/AF_PACKET below the attach
+//!                                              # point (they can send around the redirect)
 //! max_body_bytes: 4194304
 //! workers: 2                                   # interceptor threads (default: one per CPU)
 //! state_dir: /var/lib/mcpwarden                # the generated CA lives here
@@ -30,6 +36,9 @@
 //!     upstream_ca: internal-ca.pem             # trusted for this server, besides system roots
 //!     tls: terminate                           # or passthrough: forwarded untouched, not inspected
 //!     passthrough_paths: [/oauth/token, /healthz]  # non-JSON-RPC bodies forwarded here only
+//!     scope: all                               # host | pods | all: which network namespaces
+//!                                              # the address means (default: host for loopback
+//!                                              # and unspecified addresses, all otherwise)
 //! identity_wait_ms: 500                        # how long a call waits for its pod's metadata
 //! limits:                                      # see the README's table; all optional
 //!   header_read_timeout_ms: 30000
@@ -59,6 +68,11 @@ use crate::{
 
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
 pub const DEFAULT_AGENT_CGROUP: &str = "mcpwarden";
+/// `agent_cgroup: self`: stay in the cgroup the agent was started in.
+pub const AGENT_CGROUP_SELF: &str = "self";
+/// Where container runtimes and `ip netns` pin network namespaces (`/var/run` is usually
+/// `/run`; duplicates are dropped once resolved).
+pub const DEFAULT_NETNS_DIRS: [&str; 3] = ["/run/netns", "/var/run/netns", "/var/run/docker/netns"];
 
 /// An MCP endpoint URL, validated: `http(s)://host[:port]/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +145,29 @@ pub enum TlsMode {
     Passthrough,
 }
 
+/// Which network namespaces a server's address means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// The host's namespace only (and host-network pods).
+    Host,
+    /// Every namespace but the host's: inside a pod, a loopback address is the pod's own.
+    Pods,
+    /// Every namespace.
+    All,
+}
+
+/// Whether raw sockets (`SOCK_RAW`, `AF_PACKET`) may be opened below the attach point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RawSockets {
+    /// Refused (the default): a raw socket can send packets around the redirect.
+    #[default]
+    Deny,
+    /// Allowed, and not inspected.
+    Allow,
+}
+
 /// One MCP server under policy.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -144,6 +181,8 @@ pub struct Server {
     /// Paths (normalised; a trailing `*` matches any rest) where a request body that is not
     /// JSON-RPC is forwarded: OAuth endpoints, health checks. Elsewhere such a body is refused.
     pub passthrough_paths: Vec<String>,
+    /// `scope`, when configured (the default depends on each address).
+    pub scope: Option<Scope>,
 }
 
 /// The assembled configuration.
@@ -155,7 +194,11 @@ pub struct Config {
     pub audit_stall: std::time::Duration,
     /// As given: absolute, or relative to the cgroup2 mount.
     pub cgroup: PathBuf,
+    /// As given, or `self` ([`AGENT_CGROUP_SELF`]).
     pub agent_cgroup: PathBuf,
+    /// Directories where network namespaces are pinned.
+    pub netns_dirs: Vec<PathBuf>,
+    pub raw_sockets: RawSockets,
     pub max_body_bytes: usize,
     /// Interceptor worker threads, each a single-threaded runtime serving its own connections.
     pub workers: usize,
@@ -293,9 +336,17 @@ pub struct Flags {
     /// cgroup to attach to: absolute, or relative to the cgroup2 mount [default: the mount root].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
-    /// The agent's own cgroup (created if missing; never redirected) [default: mcpwarden].
+    /// The agent's own cgroup, never redirected: the agent moves there (created if missing), or
+    /// `self` to stay in the cgroup it was started in, which must hold it alone [default: mcpwarden].
     #[arg(long = "agent-cgroup")]
     pub agent_cgroup: Option<PathBuf>,
+    /// Directory where network namespaces are pinned, watched so that each is served from its
+    /// creation; repeatable [default: /run/netns, /var/run/netns, /var/run/docker/netns].
+    #[arg(long = "netns-dir", value_name = "DIR")]
+    pub netns_dirs: Vec<PathBuf>,
+    /// Raw sockets (SOCK_RAW, AF_PACKET) below the attach point [default: deny].
+    #[arg(long = "raw-sockets", value_enum)]
+    pub raw_sockets: Option<RawSockets>,
     /// Largest request body inspected; larger ones are refused [default: 4194304].
     #[arg(long = "max-body-bytes")]
     pub max_body_bytes: Option<usize>,
@@ -322,6 +373,9 @@ struct FileConfig {
     audit: Option<FileAudit>,
     cgroup: Option<PathBuf>,
     agent_cgroup: Option<PathBuf>,
+    #[serde(default)]
+    netns_dirs: Vec<PathBuf>,
+    raw_sockets: Option<RawSockets>,
     max_body_bytes: Option<usize>,
     workers: Option<usize>,
     state_dir: Option<PathBuf>,
@@ -398,6 +452,7 @@ struct FileServer {
     upstream_ca: Option<PathBuf>,
     #[serde(default)]
     passthrough_paths: Vec<String>,
+    scope: Option<Scope>,
 }
 
 /// Parse a config file's text; errors name `file:line:column`.
@@ -420,13 +475,16 @@ impl Config {
     /// Read the file (if any), apply the flags, validate.
     pub fn assemble(flags: Flags) -> Result<Config> {
         let flags_again = flags.clone();
+        let mut text = None;
         let (file, base) = match &flags.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| {
+                let read = std::fs::read_to_string(path).with_context(|| {
                     format!("{}:0:0: cannot read the config file", path.display())
                 })?;
                 let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-                (Some(parse_file(&text, path)?), base)
+                let parsed = parse_file(&read, path)?;
+                text = Some(read);
+                (Some(parsed), base)
             }
             None => (None, PathBuf::new()),
         };
@@ -436,6 +494,7 @@ impl Config {
             (None, None, None, None, None);
         let (mut state_dir, mut file_ca, mut tls_prewarm) = (None, None, None);
         let (mut bindings, mut identity_wait_ms) = (Vec::new(), None);
+        let (mut netns_dirs, mut raw_sockets) = (Vec::new(), None);
         let mut limits = Limits::default();
         let mut audit_stall_ms = None;
         if let Some(f) = file {
@@ -483,6 +542,7 @@ impl Config {
                     tls: s.tls.unwrap_or_default(),
                     upstream_ca: s.upstream_ca.map(|p| base.join(p)),
                     passthrough_paths,
+                    scope: s.scope,
                 });
             }
             state_dir = f.state_dir;
@@ -501,6 +561,8 @@ impl Config {
             }
             cgroup = f.cgroup;
             agent_cgroup = f.agent_cgroup;
+            netns_dirs = f.netns_dirs;
+            raw_sockets = f.raw_sockets;
             max_body = f.max_body_bytes;
             workers = f.workers;
         }
@@ -520,6 +582,7 @@ impl Config {
                 policy: policy.clone(),
                 tls: TlsMode::default(),
                 passthrough_paths: Vec::new(),
+                scope: None,
             });
         }
         if servers.is_empty() {
@@ -546,6 +609,14 @@ impl Config {
                 .agent_cgroup
                 .or(agent_cgroup)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_CGROUP)),
+            netns_dirs: if !flags.netns_dirs.is_empty() {
+                flags.netns_dirs.clone()
+            } else if !netns_dirs.is_empty() {
+                netns_dirs
+            } else {
+                DEFAULT_NETNS_DIRS.iter().map(PathBuf::from).collect()
+            },
+            raw_sockets: flags.raw_sockets.or(raw_sockets).unwrap_or_default(),
             max_body_bytes: flags
                 .max_body_bytes
                 .or(max_body)
@@ -573,7 +644,46 @@ impl Config {
             flags: flags_again,
         };
         config.validate()?;
+        if let (Some(path), Some(text)) = (&config.flags.config, &text) {
+            config.check_binding_cgroups(path, text)?;
+        }
         Ok(config)
+    }
+
+    /// A binding that selects on a cgroup a non-root user can create or move processes into
+    /// would let that user's processes pick their policy: refused, naming where it is written.
+    fn check_binding_cgroups(&self, path: &Path, text: &str) -> Result<()> {
+        if !self.bindings.iter().any(|b| b.selector.cgroup.is_some()) {
+            return Ok(());
+        }
+        let Ok(mount) = crate::redirect::cgroup::cgroup2_mount() else {
+            // No cgroup v2: the agent stops at start with its own error.
+            return Ok(());
+        };
+        let delegated = crate::redirect::cgroup::delegated_subtrees(&mount);
+        for (i, b) in self.bindings.iter().enumerate() {
+            let Some(glob) = &b.selector.cgroup else {
+                continue;
+            };
+            if let Some(d) = crate::redirect::cgroup::delegation_conflict(glob, &delegated, &mount)
+            {
+                let (line, col) = locate(text, glob.as_str());
+                let who = match d.uid {
+                    u32::MAX => "users other than root".to_owned(),
+                    uid => format!("uid {uid}"),
+                };
+                bail!(
+                    "{}:{line}:{col}: bindings[{i}]: match.cgroup {:?} can match cgroups in {}, a \
+                     subtree {who} can write: a process there could move itself into the cgroup \
+                     whose policy it prefers. Hint: select on cgroups only root can change (a \
+                     service's or a pod's), or on pod metadata (namespace, labels, service_account)",
+                    path.display(),
+                    glob.as_str(),
+                    d.path
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Is any server `https://` (and so the CA needed)?
@@ -592,6 +702,17 @@ impl Config {
                 "listen: at most one IPv4 and one IPv6 address (got {:?})",
                 self.listen
             );
+        }
+        if let Some(a) = self.listen.iter().find(|a| !a.ip().is_loopback()) {
+            bail!(
+                "listen: {a} is not a loopback address: the interceptor listens in every network \
+                 namespace it serves, and anywhere but loopback it would be reachable from the network"
+            );
+        }
+        for d in &self.netns_dirs {
+            if !d.is_absolute() {
+                bail!("netns_dirs: {} must be an absolute path", d.display());
+            }
         }
         for s in &self.servers {
             if let Ok(ip) = s.url.host.parse::<IpAddr>() {
@@ -649,6 +770,20 @@ impl Config {
             bail!("workers must be between 1 and 1024 (got {})", self.workers);
         }
         Ok(())
+    }
+}
+
+/// Line and column (1-based) of the first `cgroup:` value spelling `needle` in `text`, else of
+/// the first occurrence of `needle`; 0:0 when it is not there.
+fn locate(text: &str, needle: &str) -> (usize, usize) {
+    let found = text
+        .lines()
+        .enumerate()
+        .filter_map(|(n, line)| line.find(needle).map(|c| (n, c, line.contains("cgroup"))))
+        .max_by_key(|(n, _, cgroup)| (*cgroup, usize::MAX - n));
+    match found {
+        Some((n, c, _)) => (n + 1, c + 1),
+        None => (0, 0),
     }
 }
 

@@ -1,7 +1,8 @@
 //! mcpwarden: transparent MCP policy enforcement for every AI agent on a host.
 //!
 //! Data flows one way, one module per step:
-//! `redirect` (eBPF: which connections come to us, and who made them) →
+//! `redirect` (eBPF: which connections come to us, and who made them; `netns` serves each
+//! network namespace: listeners inside it, upstream sockets made in it) →
 //! `intercept` (accept, recover the original destination, forward over HTTP) →
 //! `mcp` (understand the HTTP request as MCP/JSON-RPC; no sockets) →
 //! `policy` (decide; no I/O) →
@@ -21,6 +22,7 @@ pub mod config;
 pub mod identity;
 pub mod intercept;
 pub use mcpwarden_mcp as mcp;
+pub mod netns;
 pub use mcpwarden_policy as policy;
 pub mod policy_cli;
 pub mod redirect;

@@ -129,6 +129,23 @@ impl CgroupGlob {
     pub fn matches(&self, path: &str) -> bool {
         self.matcher.is_match(path)
     }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The directory every match lies in or below: the pattern up to the last `/` before its
+    /// first glob character (`/a/b` for `/a/b/*.scope`, the pattern itself when it has none).
+    pub fn literal_prefix(&self) -> &str {
+        match self.text.find(['*', '?', '[', '{']) {
+            None => &self.text,
+            Some(i) => match self.text[..i].rfind('/') {
+                Some(0) | None => "/",
+                Some(j) => &self.text[..j],
+            },
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for CgroupGlob {
@@ -419,6 +436,21 @@ mod tests {
             };
             assert!(err.contains(needle), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn literal_prefixes() -> Result<(), String> {
+        for (glob, prefix) in [
+            ("/a/b/*.scope", "/a/b"),
+            ("/a/b", "/a/b"),
+            ("/**", "/"),
+            ("/user.slice/**", "/user.slice"),
+            ("/a/b?c/d", "/a"),
+            ("/x{y,z}", "/"),
+        ] {
+            assert_eq!(CgroupGlob::new(glob)?.literal_prefix(), prefix, "{glob}");
+        }
+        Ok(())
     }
 
     #[test]

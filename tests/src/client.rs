@@ -148,6 +148,33 @@ pub fn run_client_env(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> ClientRun {
+    run_client_with(
+        bin,
+        Placement {
+            cgroup: cgroup_dir,
+            netns: None,
+        },
+        args,
+        env,
+        timeout,
+    )
+}
+
+/// Where a client process runs: a cgroup (joined first), then a network namespace.
+#[derive(Clone, Copy, Default)]
+pub struct Placement<'a> {
+    pub cgroup: Option<&'a Path>,
+    pub netns: Option<&'a std::os::fd::OwnedFd>,
+}
+
+/// [`run_client_env`] in a cgroup and a network namespace.
+pub fn run_client_with(
+    bin: &str,
+    at: Placement<'_>,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> ClientRun {
     let mut cmd = Command::new(bin);
     cmd.envs(env.iter().copied());
     cmd.args(args)
@@ -166,8 +193,11 @@ pub fn run_client_env(
         cmd.env_remove(v);
     }
     cmd.env("NO_PROXY", "*");
-    if let Some(dir) = cgroup_dir {
+    if let Some(dir) = at.cgroup {
         spawn_in_cgroup(&mut cmd, dir);
+    }
+    if let Some(fd) = at.netns {
+        crate::pods::enter_netns(&mut cmd, fd);
     }
     let mut child = cmd
         .spawn()

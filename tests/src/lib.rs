@@ -16,6 +16,7 @@ pub mod hosts;
 pub mod lenient;
 pub mod netns;
 pub mod peer;
+pub mod pods;
 pub mod rawhttp;
 pub mod replay;
 pub mod script;
@@ -30,6 +31,7 @@ pub use echo::{TcpEcho, UdpEcho};
 pub use lenient::{Lenient, LenientServer};
 pub use netns::NetNs;
 pub use peer::{McpPeer, PeerOpts, PeerRequest};
+pub use pods::{Pod, PodNet};
 pub use server::{TestServer, TlsOpts};
 pub use tls::{sha256_fingerprint, ServerCert, TestCa, Validity};
 

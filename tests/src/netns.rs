@@ -43,6 +43,11 @@ impl NetNs {
         &self.name
     }
 
+    /// `/run/netns/<name>`.
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
     /// Accept one TCP connection on `addr` inside the namespace, echo what it sends until EOF,
     /// and return the peer; None if nobody connected within 30 s. The listener is bound before
     /// this returns.

@@ -12,14 +12,16 @@ use mcpwarden_tests::{test_ip, wait_for, TcpEcho, UdpEcho};
 use serde_json::json;
 
 /// (4) From the attached cgroup, TCP to an address that is not an endpoint (another port on
-/// the endpoint's IP, and another IP) reaches it untouched; UDP to the endpoint's own ip:port
-/// is untouched too (answered by a UDP socket bound there).
+/// the endpoint's IP, and another IP) and UDP to another port reach them untouched. UDP to the
+/// endpoint's own ip:port (QUIC, HTTP/3) is refused — connect() and sendto() fail, a UDP socket
+/// bound there receives nothing — and audited once for the caller, so clients fall back to TCP.
 #[test]
 fn non_endpoint_tcp_and_udp_are_untouched() {
     let rig = Rig::start("untouched", 4, POLICY);
     let other_port = TcpEcho::start(SocketAddr::new(IpAddr::V4(rig.ip), 0));
     let other_ip = TcpEcho::start(SocketAddr::new(IpAddr::V4(test_ip(104)), 0));
     let udp = UdpEcho::start(rig.server.addr());
+    let udp_other = UdpEcho::start(SocketAddr::new(IpAddr::V4(rig.ip), 0));
 
     let mut pids = Vec::new();
     for echo in [&other_port, &other_ip] {
@@ -41,17 +43,51 @@ fn non_endpoint_tcp_and_udp_are_untouched() {
         );
     }
 
-    let addr = rig.server.addr().to_string();
-    let run = rig.client(&["udp-echo", &addr, "udp datagram"]);
+    let other = udp_other.addr().to_string();
+    let run = rig.client(&["udp-echo", &other, "udp datagram"]);
     run.assert_success();
     pids.push(run.pid);
     run.assert_field("echo", "udp datagram");
-    run.assert_field("from", addr.as_str());
-    run.assert_field("peer", addr.as_str());
-    assert_eq!(
-        udp.sources().len(),
-        1,
-        "the UDP echo must have received the datagram"
+    run.assert_field("from", other.as_str());
+    assert_eq!(udp_other.sources().len(), 1, "UDP to another port is untouched");
+
+    let addr = rig.server.addr().to_string();
+    let connected = rig.client(&["udp-echo", &addr, "quic initial"]);
+    let error = connected.field("connect-error").unwrap_or_default();
+    assert!(
+        error.contains("Operation not permitted"),
+        "a UDP connect to the endpoint must fail (EPERM)\n{}",
+        connected.describe()
+    );
+    let sent = rig.client(&["udp-sendto", &addr, "quic initial"]);
+    let error = sent.field("send-error").unwrap_or_default();
+    assert!(
+        error.contains("Operation not permitted"),
+        "a UDP datagram to the endpoint must be refused (EPERM)\n{}",
+        sent.describe()
+    );
+    assert!(udp.sources().is_empty(), "a datagram reached the endpoint's port");
+    let refused = rig
+        .agent
+        .wait_audit(AUDIT_WAIT, |r| {
+            r["event"] == "refused"
+                && r["pid"] == connected.pid
+                && r["reason"].as_str().is_some_and(|t| t.starts_with("UDP"))
+        })
+        .unwrap_or_else(|| panic!("no audit record of the refused UDP connect:\n{}", rig.agent.audit_text()));
+    assert_eq!(refused["dst"], addr.as_str());
+    assert_eq!(refused["cgroup"], rig.app_rel());
+    // Once per caller per minute: the sendto from the same cgroup a moment later is counted,
+    // not written.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !rig
+            .agent
+            .audit_lines()
+            .iter()
+            .any(|r| r["pid"] == sent.pid && r["event"] == "refused"),
+        "a second UDP refusal by the same caller within the minute was written:\n{}",
+        rig.agent.audit_text()
     );
 
     assert_eq!(
@@ -158,9 +194,10 @@ fn direct_dial_of_the_interceptor_is_refused() {
     );
 }
 
-/// A process in another network namespace has its own loopback, where the interceptor does not
-/// listen: its connections are left alone (here they reach that namespace's own service at the
-/// endpoint's address), never rewritten into a dead end.
+/// An endpoint on a loopback address means the host's service (its default `scope: host`):
+/// inside another network namespace, that address is the namespace's own loopback, so its
+/// connections there are left alone (here they reach that namespace's own service at the
+/// endpoint's address) — while the namespace itself is served (tests/tests/pods.rs).
 #[test]
 fn other_network_namespaces_are_not_redirected() {
     let rig = Rig::start("netns", 14, POLICY);

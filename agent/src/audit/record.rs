@@ -34,6 +34,9 @@ pub enum Event {
     /// A policy or config file was (re)loaded, or failed to load and the previous one stays in
     /// force (`reason` then holds `file:line:col: message`).
     PolicyReload,
+    /// A connect to an endpoint from a network namespace the interceptor does not serve yet:
+    /// refused in the kernel (EPERM), never sent direct. Once per namespace.
+    UnpreparedNetns,
 }
 
 /// The decision, as `policy` names its outcomes.
@@ -95,12 +98,36 @@ pub struct CallerPart {
     pub cgroup: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// The caller's network namespace: its inode, as `ls -l /proc/PID/ns/net` shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
     /// The TLS server name the client asked for (terminated and passed-through connections).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
     /// Absent for plaintext.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+}
+
+impl CallerPart {
+    /// Who `caller` is, going to `dst`, from namespace `netns` (its inode).
+    pub fn of(
+        caller: &crate::identity::Caller,
+        dst: Option<std::net::SocketAddr>,
+        netns: Option<u64>,
+    ) -> CallerPart {
+        CallerPart {
+            dst: dst.map(|d| d.to_string()),
+            pid: Some(caller.pid),
+            comm: Some(caller.comm.clone()),
+            uid: Some(caller.uid),
+            cgroup: caller.cgroup.as_deref().map(str::to_owned),
+            cgroup_id: Some(caller.cgroup_id),
+            netns,
+            sni: None,
+            tls: None,
+        }
+    }
 }
 
 /// What: the configured server and the HTTP request. Filled once per request.

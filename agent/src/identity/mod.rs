@@ -27,6 +27,8 @@ pub struct Kernel {
     pub cgroup_id: u64,
     /// The comm of the thread that called connect().
     pub comm: String,
+    /// Cookie of the network namespace the connection was made in.
+    pub netns: u64,
 }
 
 /// Who opened a redirected connection.
@@ -141,6 +143,7 @@ mod tests {
             gid: 0,
             cgroup_id: 0,
             comm: "some-thread".into(),
+            netns: 0,
         };
         assert_eq!(resolver.caller(&kernel).comm, own.trim_end());
         // pid_max is at most 2^22: this pid cannot exist.

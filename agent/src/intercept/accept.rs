@@ -1,10 +1,13 @@
-//! The accept loop and the workers. The accept loop (on the control-plane thread) only takes
-//! each connection's redirect record from the map and hands the socket to a worker; the worker
-//! names the caller (`identity`: /proc and the cgroup filesystem), checks the destination and
-//! serves the connection.
+//! The accept loop and the workers. The accept loop (on the control-plane thread) accepts on
+//! the listeners of every network namespace served (`netns` hands them over and takes them back
+//! with [`ListenerMsg`]), only takes each connection's redirect record from the map, and hands
+//! the socket to a worker; the worker names the caller (`identity`: /proc and the cgroup
+//! filesystem), checks the destination and serves the connection.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
+    os::fd::AsFd,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
@@ -12,13 +15,18 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
 
 use super::{
     conn::Conn, limits::Over, serve::serve_connection, server::Interceptor, upstream::Upstream,
 };
 use crate::{
     audit::{Event, Record, WorkerAudit},
+    netns::{ListenerMsg, Netns},
     redirect::Redirected,
 };
 
@@ -27,6 +35,15 @@ struct Accepted {
     stream: std::net::TcpStream,
     peer: SocketAddr,
     redirected: Redirected,
+    /// The namespace it was made in (and is accepted in): its upstream is dialled from there.
+    netns: Arc<Netns>,
+}
+
+/// What a worker is told.
+enum WorkerMsg {
+    Serve(Accepted),
+    /// A namespace is no longer served: drop the upstream pools dialled from it.
+    NetnsGone(u64),
 }
 
 /// The worker threads, each running a single-threaded runtime that serves its share of the
@@ -34,7 +51,7 @@ struct Accepted {
 /// cross-thread wake-up and touches no state shared with other cores. Dropping this stops the
 /// workers: each drops its runtime, and with it every connection it serves.
 struct Workers {
-    queues: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
+    queues: Vec<tokio::sync::mpsc::UnboundedSender<WorkerMsg>>,
     next: AtomicUsize,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -81,12 +98,19 @@ impl Workers {
     fn dispatch(&self, accepted: Accepted) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.queues.len().max(1);
         if let Some(queue) = self.queues.get(i) {
-            if queue.send(accepted).is_err() {
+            if queue.send(WorkerMsg::Serve(accepted)).is_err() {
                 tracing::error!(
                     worker = i,
                     "interceptor worker has stopped: connection dropped"
                 );
             }
+        }
+    }
+
+    /// Tell every worker that namespace `cookie` is gone.
+    fn netns_gone(&self, cookie: u64) {
+        for queue in &self.queues {
+            let _ = queue.send(WorkerMsg::NetnsGone(cookie));
         }
     }
 }
@@ -97,19 +121,29 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 /// One worker: serve every connection it is handed until its queue closes.
 async fn worker(
     shared: Arc<Interceptor>,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<WorkerMsg>,
 ) {
     let upstream = Arc::new(Upstream::new());
     let audit = WorkerAudit::new(shared.audit.clone());
-    while let Some(a) = queue.recv().await {
+    while let Some(msg) = queue.recv().await {
+        let a = match msg {
+            WorkerMsg::Serve(a) => a,
+            WorkerMsg::NetnsGone(cookie) => {
+                upstream.forget_netns(cookie);
+                continue;
+            }
+        };
         let caller = shared.identity.caller(&a.redirected.kernel);
         let dst = a.redirected.orig_dst;
-        let servers = shared.routes.servers_for(dst);
+        let servers = shared
+            .routes
+            .servers_for(dst, a.redirected.local, a.netns.host);
         let conn = Conn::new(
             NEXT_CONN.fetch_add(1, Ordering::Relaxed),
             shared.clone(),
             dst,
             caller,
+            a.netns,
             servers,
             upstream.clone(),
             audit.clone(),
@@ -163,57 +197,126 @@ fn refuse_over_limit(conn: &Conn, stream: &std::net::TcpStream, over: Over) {
     }
 }
 
+/// One listener of one namespace.
+struct Listening {
+    listener: TcpListener,
+    netns: Arc<Netns>,
+    /// Turns true when the namespace is no longer served.
+    stop: watch::Receiver<bool>,
+}
+
+type Accepting = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    Arc<Listening>,
+                    Option<std::io::Result<(TcpStream, SocketAddr)>>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// Accept one connection from `l` (after `delay`, when the last accept failed); None once the
+/// namespace is no longer served.
+fn accept_one(l: Arc<Listening>, delay: Option<Duration>) -> Accepting {
+    Box::pin(async move {
+        let mut stop = l.stop.clone();
+        if *stop.borrow_and_update() {
+            return (l, None);
+        }
+        let accepted = tokio::select! {
+            _ = stop.changed() => None,
+            r = async {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                l.listener.accept().await
+            } => Some(r),
+        };
+        (l, accepted)
+    })
+}
+
 impl Interceptor {
-    /// Start `workers` worker threads; the future accepts on every listener (on the calling
-    /// runtime) until it is dropped, and the workers stop with it: the future owns them, so
-    /// dropping it joins them.
+    /// Start `workers` worker threads; the future accepts on every listener `listeners` hands
+    /// over (on the calling runtime) until it is dropped, and the workers stop with it: the
+    /// future owns them, so dropping it joins them.
     pub fn serve(
         self: Arc<Self>,
-        listeners: Vec<TcpListener>,
+        listeners: mpsc::UnboundedReceiver<ListenerMsg>,
         workers: usize,
     ) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
         let workers = Workers::start(&self, workers)?;
-        Ok(async move { self.accept_loop(&listeners, &workers).await })
+        Ok(async move { self.accept_loop(listeners, &workers).await })
     }
 
-    /// Accept on every listener (at most one IPv4 and one IPv6), take each connection's record,
-    /// and hand it to a worker. The listeners are polled in turn, starting from a different one
-    /// each time, so a flood on one does not starve the other.
-    async fn accept_loop(&self, listeners: &[TcpListener], workers: &Workers) {
-        let mut first = 0usize;
+    /// Accept on every namespace's listeners, take each connection's record, and hand it to a
+    /// worker. Only the listeners that woke are polled, however many namespaces are served.
+    async fn accept_loop(
+        &self,
+        mut control: mpsc::UnboundedReceiver<ListenerMsg>,
+        workers: &Workers,
+    ) {
+        let mut accepting: FuturesUnordered<Accepting> = FuturesUnordered::new();
+        let mut stops: HashMap<u64, watch::Sender<bool>> = HashMap::new();
+        let mut control_open = true;
         loop {
-            first = first.wrapping_add(1);
-            let accepted = std::future::poll_fn(|cx| {
-                let n = listeners.len();
-                for k in 0..n {
-                    if let Some(l) = listeners.get((first + k) % n) {
-                        if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
-                            return std::task::Poll::Ready(r);
+            tokio::select! {
+                msg = control.recv(), if control_open => match msg {
+                    Some(ListenerMsg::Serve { netns, listeners }) => {
+                        let stop = stops
+                            .entry(netns.cookie)
+                            .or_insert_with(|| watch::channel(false).0)
+                            .subscribe();
+                        for l in listeners {
+                            match TcpListener::from_std(l) {
+                                Ok(listener) => accepting.push(accept_one(
+                                    Arc::new(Listening { listener, netns: netns.clone(), stop: stop.clone() }),
+                                    None,
+                                )),
+                                Err(e) => tracing::error!(netns = netns.ino, error = %e, "registering a listener failed"),
+                            }
                         }
                     }
-                }
-                std::task::Poll::Pending
-            })
-            .await;
-            match accepted {
-                Ok((stream, peer)) => {
-                    if let Some(accepted) = self.accept(stream, peer) {
-                        workers.dispatch(accepted);
+                    Some(ListenerMsg::Stop { cookie }) => {
+                        if let Some(stop) = stops.remove(&cookie) {
+                            let _ = stop.send(true);
+                        }
+                        workers.netns_gone(cookie);
                     }
+                    None => control_open = false,
+                },
+                Some((l, accepted)) = accepting.next(), if !accepting.is_empty() => {
+                    // None: the namespace is gone, and its listener with this future.
+                    let Some(accepted) = accepted else { continue };
+                    let delay = match accepted {
+                        Ok((stream, peer)) => {
+                            if let Some(accepted) = self.accept(stream, peer, &l.netns) {
+                                workers.dispatch(accepted);
+                            }
+                            None
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::error!(error = %e, "accept failed");
+                            Some(Duration::from_millis(50))
+                        }
+                    };
+                    accepting.push(accept_one(l, delay));
                 }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                else => return,
             }
         }
     }
 
     /// Take an accepted connection's record: None means it was refused (and audited).
-    fn accept(&self, stream: TcpStream, peer: SocketAddr) -> Option<Accepted> {
-        let Some(redirected) = self.orig_dst.take(peer) else {
-            tracing::warn!(%peer, "no redirect record for this connection: refusing it (the interceptor is not an open proxy)");
+    fn accept(&self, stream: TcpStream, peer: SocketAddr, netns: &Arc<Netns>) -> Option<Accepted> {
+        let redirected = self
+            .orig_dst
+            .take(stream.as_fd())
+            .filter(|r| r.kernel.netns == netns.cookie);
+        let Some(redirected) = redirected else {
+            tracing::warn!(%peer, netns = netns.ino, "no redirect record for this connection: refusing it (the interceptor is not an open proxy)");
             let rec = Record::bare(Event::Refused)
                 .denied(format!("no redirect record for connection from {peer}"));
             if let Err(e) = self.audit.write(&rec) {
@@ -227,6 +330,7 @@ impl Interceptor {
                 stream,
                 peer,
                 redirected,
+                netns: netns.clone(),
             }),
             Err(e) => {
                 tracing::error!(%peer, error = %e, "detaching an accepted connection failed");

@@ -10,6 +10,7 @@ use super::{
 use crate::{
     audit::{CallerPart, Event, Head, Record, Tls, WorkerAudit},
     identity::Caller,
+    netns::Netns,
 };
 
 /// Per accepted connection.
@@ -20,6 +21,8 @@ pub(super) struct Conn {
     /// The original destination.
     pub dst: SocketAddr,
     pub caller: Caller,
+    /// The network namespace the connection was made in: its upstream is dialled from there.
+    pub netns: Arc<Netns>,
     /// Ids (indices into `shared.servers`) of the servers configured at the destination (for
     /// TLS: those whose name the SNI is).
     pub servers: Vec<usize>,
@@ -45,21 +48,24 @@ pub(super) struct TlsSession {
 }
 
 impl Conn {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,
         shared: Arc<Interceptor>,
         dst: SocketAddr,
         caller: Caller,
+        netns: Arc<Netns>,
         servers: Vec<usize>,
         upstream: Arc<Upstream>,
         audit: Arc<WorkerAudit>,
     ) -> Conn {
-        let who = Arc::new(caller_part(dst, &caller, None, None));
+        let who = Arc::new(caller_part(dst, &caller, &netns, None, None));
         Conn {
             id,
             shared,
             dst,
             caller,
+            netns,
             servers,
             upstream,
             audit,
@@ -93,6 +99,7 @@ impl Conn {
         self.who = Arc::new(caller_part(
             self.dst,
             &self.caller,
+            &self.netns,
             session.sni.clone(),
             Some(Tls::Terminated),
         ));
@@ -106,7 +113,7 @@ impl Conn {
 
     /// A record about this connection with another SNI and TLS mode (the handshake's).
     pub fn tls_record(&self, event: Event, sni: Option<String>, tls: Tls) -> Record {
-        let who = Arc::new(caller_part(self.dst, &self.caller, sni, Some(tls)));
+        let who = Arc::new(caller_part(self.dst, &self.caller, &self.netns, sni, Some(tls)));
         Record::new(event, Arc::new(Head::caller(&who)))
     }
 
@@ -144,22 +151,18 @@ impl Conn {
     }
 }
 
-/// The caller part of a record: who, going where, over what.
+/// The caller part of a record: who, from which namespace, going where, over what.
 pub(super) fn caller_part(
     dst: SocketAddr,
     caller: &Caller,
+    netns: &Netns,
     sni: Option<String>,
     tls: Option<Tls>,
 ) -> CallerPart {
     CallerPart {
-        dst: Some(dst.to_string()),
-        pid: Some(caller.pid),
-        comm: Some(caller.comm.clone()),
-        uid: Some(caller.uid),
-        cgroup: caller.cgroup.as_deref().map(str::to_owned),
-        cgroup_id: Some(caller.cgroup_id),
         sni,
         tls,
+        ..CallerPart::of(caller, Some(dst), Some(netns.ino))
     }
 }
 
@@ -183,7 +186,7 @@ pub(super) mod rig {
     struct NoRecords;
 
     impl OrigDst for NoRecords {
-        fn take(&self, _: std::net::SocketAddr) -> Option<Redirected> {
+        fn take(&self, _: std::os::fd::BorrowedFd<'_>) -> Option<Redirected> {
             None
         }
     }
@@ -239,6 +242,7 @@ pub(super) mod rig {
             shared,
             dst.parse().expect("a socket address"),
             caller,
+            Arc::new(crate::netns::Netns::own().expect("the test's own network namespace")),
             ids,
             Arc::new(Upstream::new()),
             WorkerAudit::new(log),

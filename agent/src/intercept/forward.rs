@@ -161,7 +161,9 @@ impl Conn {
         let result = match &self.tls {
             None => {
                 parts.version = http::Version::HTTP_11;
-                self.upstream.send(Request::from_parts(parts, body)).await
+                self.upstream
+                    .send(&self.netns, Request::from_parts(parts, body))
+                    .await
             }
             Some(tls) => {
                 parts.version = if tls.h2 {
@@ -170,13 +172,14 @@ impl Conn {
                     http::Version::HTTP_11
                 };
                 let key = TlsKey {
+                    netns: self.netns.cookie,
                     dst: self.dst,
                     sni: tls.sni.clone(),
                     server: tls.server,
                     h2: tls.h2,
                 };
                 self.upstream
-                    .send_tls(key, &tls.client, Request::from_parts(parts, body))
+                    .send_tls(&self.netns, key, &tls.client, Request::from_parts(parts, body))
                     .await
             }
         };

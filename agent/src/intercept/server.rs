@@ -1,7 +1,7 @@
 //! What every connection shares: the configured servers, the routes to them, TLS termination,
 //! the sessions, the policy routing and the audit log.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{os::fd::BorrowedFd, sync::Arc};
 
 use arc_swap::ArcSwap;
 
@@ -14,19 +14,21 @@ use crate::{
     audit::AuditLog,
     ca::LeafName,
     identity,
+    netns::Netns,
     policy::bindings::Routing,
     redirect::{resolve::Routes, Redirected},
 };
 
 /// Where accepted connections learn their original destination and caller. Implemented by
-/// `redirect::Redirector` (the eBPF map); a connection without a record is refused.
+/// `redirect::Redirector` (the eBPF map, keyed by the accepted socket's cookie); a connection
+/// without a record is refused.
 pub trait OrigDst: Send + Sync + 'static {
-    fn take(&self, peer: SocketAddr) -> Option<Redirected>;
+    fn take(&self, accepted: BorrowedFd<'_>) -> Option<Redirected>;
 }
 
 impl OrigDst for crate::redirect::Redirector {
-    fn take(&self, peer: SocketAddr) -> Option<Redirected> {
-        crate::redirect::Redirector::take(self, peer)
+    fn take(&self, accepted: BorrowedFd<'_>) -> Option<Redirected> {
+        crate::redirect::Redirector::take(self, &accepted)
     }
 }
 
@@ -72,10 +74,11 @@ impl Terminator {
         }
     }
 
-    /// Learn what each configured https origin at its resolved addresses speaks, and mint its
-    /// leaf, before clients ask: their first handshakes then wait for neither.
+    /// Learn what each configured https origin at its resolved addresses speaks, as seen from
+    /// `netns` (the host's), and mint its leaf, before clients ask: their first handshakes then
+    /// wait for neither.
     /// Returns how many origins were warmed.
-    pub async fn prewarm(&self, servers: &[Server], routes: &Routes) -> usize {
+    pub async fn prewarm(&self, servers: &[Server], routes: &Routes, netns: &Arc<Netns>) -> usize {
         let mut origins = 0;
         for (dst, indices) in routes.table() {
             for s in indices.iter().filter_map(|&i| servers.get(i)) {
@@ -88,7 +91,7 @@ impl Terminator {
                     Err(_) => (Some(tls.host.as_str()), LeafName::Dns(tls.host.clone())),
                 };
                 tokio::join!(
-                    self.protocols.learn(dst, sni, &tls.client),
+                    self.protocols.learn(netns, dst, sni, &tls.client),
                     self.leaves.warm(&name)
                 );
                 origins += 1;

@@ -187,7 +187,9 @@ impl Conn {
         };
         // A first connection waits for the probe; mint meanwhile (the leaf is cached either way).
         let (offer, _) = tokio::join!(
-            terminator.protocols.learn(dst, sni.as_deref(), &client),
+            terminator
+                .protocols
+                .learn(&self.netns, dst, sni.as_deref(), &client),
             terminator.leaves.warm(&name)
         );
         let config = match terminator.leaves.config(&name, offer).await {
@@ -237,6 +239,7 @@ impl Conn {
             caller: Some(Arc::new(caller_part(
                 dst,
                 &self.caller,
+                &self.netns,
                 sni,
                 Some(Tls::Passthrough),
             ))),
@@ -253,19 +256,14 @@ impl Conn {
             tracing::error!("audit write failed: not passing the connection through");
             return;
         }
-        let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst)).await;
-        let mut upstream = match connect {
-            Ok(Ok(u)) => u,
-            Ok(Err(e)) => {
+        // From the caller's namespace, as every upstream connection.
+        let mut upstream = match self.netns.connect(dst).await {
+            Ok(u) => u,
+            Err(e) => {
                 tracing::warn!(%dst, error = %e, "passthrough: the server could not be reached");
                 return;
             }
-            Err(_) => {
-                tracing::warn!(%dst, "passthrough: connecting to the server timed out");
-                return;
-            }
         };
-        let _ = upstream.set_nodelay(true);
         if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
             tracing::debug!(%dst, error = %e, "passthrough connection ended");
         }

@@ -33,7 +33,10 @@ use rustls::{
 use tokio::net::TcpStream;
 use tokio_rustls::StartHandshake;
 
-use crate::ca::{Ca, LeafName};
+use crate::{
+    ca::{Ca, LeafName},
+    netns::Netns,
+};
 
 mod hello;
 use hello::{Peeked, MAX_HELLO};
@@ -195,8 +198,9 @@ impl ResolvesServerCert for Fixed {
     }
 }
 
-/// A server as the client addressed it: destination and SNI.
-type Origin = (SocketAddr, Option<String>);
+/// A server as the client addressed it: from which network namespace (a pod's loopback is its
+/// own, and its routes may reach another server), destination and SNI.
+type Origin = (u64, SocketAddr, Option<String>);
 
 /// What one origin speaks, and until when that is believed.
 type Learned = Arc<tokio::sync::OnceCell<(Offer, Instant)>>;
@@ -221,11 +225,12 @@ impl Protocols {
     /// client, and a burst of connections to a broken server costs one probe, not one each.
     pub async fn learn(
         self: &Arc<Self>,
+        netns: &Arc<Netns>,
         dst: SocketAddr,
         sni: Option<&str>,
         client: &Arc<super::upstream::TlsClient>,
     ) -> Offer {
-        let origin = (dst, sni.map(str::to_owned));
+        let origin = (netns.cookie, dst, sni.map(str::to_owned));
         let learned = {
             let Ok(mut map) = self.learned.lock() else {
                 return Offer::Http11;
@@ -239,19 +244,26 @@ impl Protocols {
                 Some((offer, _)) => {
                     if !entry.refreshing {
                         entry.refreshing = true;
-                        tokio::spawn(self.clone().refresh(origin, client.clone()));
+                        tokio::spawn(self.clone().refresh(origin, netns.clone(), client.clone()));
                     }
                     return *offer;
                 }
                 None => entry.learned.clone(),
             }
         };
-        let (offer, _) = learned.get_or_init(|| probe(dst, sni, client)).await;
+        let (offer, _) = learned
+            .get_or_init(|| probe(netns, dst, sni, client))
+            .await;
         *offer
     }
 
-    async fn refresh(self: Arc<Self>, origin: Origin, client: Arc<super::upstream::TlsClient>) {
-        let answer = probe(origin.0, origin.1.as_deref(), &client).await;
+    async fn refresh(
+        self: Arc<Self>,
+        origin: Origin,
+        netns: Arc<Netns>,
+        client: Arc<super::upstream::TlsClient>,
+    ) {
+        let answer = probe(&netns, origin.1, origin.2.as_deref(), &client).await;
         if let Ok(mut map) = self.learned.lock() {
             map.insert(
                 origin,
@@ -267,11 +279,12 @@ impl Protocols {
 /// One probe handshake offering h2 and http/1.1: the server's choice, and until when to
 /// believe it.
 async fn probe(
+    netns: &Netns,
     dst: SocketAddr,
     sni: Option<&str>,
     client: &super::upstream::TlsClient,
 ) -> (Offer, Instant) {
-    match tokio::time::timeout(PROBE_TIMEOUT, client.probe_alpn(dst, sni)).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, client.probe_alpn(netns, dst, sni)).await {
         Ok(Ok(alpn)) => {
             let offer = if alpn.as_deref() == Some(H2) {
                 Offer::H2AndHttp11
@@ -469,15 +482,16 @@ mod tests {
             let (addr, roots) = alpn_server(&d, &alpn, count.clone()).await?;
             let client = Arc::new(TlsClient::new(provider.clone(), roots)?);
             let protocols = Arc::new(Protocols::default());
+            let netns = Arc::new(crate::netns::Netns::own()?);
             let mut tasks = Vec::new();
             for _ in 0..20 {
-                let (p, c) = (protocols.clone(), client.clone());
-                tasks.push(tokio::spawn(async move { p.learn(addr, None, &c).await }));
+                let (p, c, n) = (protocols.clone(), client.clone(), netns.clone());
+                tasks.push(tokio::spawn(async move { p.learn(&n, addr, None, &c).await }));
             }
             for t in tasks {
                 assert_eq!(t.await?, expected, "{name}");
             }
-            assert_eq!(protocols.learn(addr, None, &client).await, expected);
+            assert_eq!(protocols.learn(&netns, addr, None, &client).await, expected);
             // The server counts a handshake once it has read the client's Finished.
             for _ in 0..100 {
                 if count.load(Ordering::SeqCst) > 0 {

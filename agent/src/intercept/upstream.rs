@@ -1,13 +1,18 @@
 //! The interceptor's own connections to original destinations: keep-alive pools per worker
-//! (hyper-util's client), keyed by destination address for plaintext, and by (destination,
-//! server name, server, protocol) for TLS.
+//! (hyper-util's client), one per caller's network namespace, keyed by destination address for
+//! plaintext, and by (namespace, destination, server name, server, protocol) for TLS. Every
+//! upstream socket is created in the caller's namespace ([`Netns::connect`]): the pod's routes,
+//! source address and NetworkPolicy apply, and the server sees the pod as its peer. When a
+//! namespace is no longer served its pools go ([`Upstream::forget_netns`]).
 //!
 //! A request is sent to the address recovered from the redirect map, written in absolute form
 //! (`http://ADDR/path`, by `forward`) only so that the pool can key on it; the client writes origin form on the
 //! wire and leaves the Host header the client sent untouched (`set_host(false)`). Requests on one
 //! client connection are served one at a time (HTTP/1.1), so they reach the server in the
 //! client's order; idle client connections hold no upstream connection. The agent's cgroup is
-//! exempt from redirection, so these connect()s reach the real servers.
+//! exempt from redirection, so these connect()s reach the real servers. A connection that cannot
+//! be made from the caller's namespace is an error (a 502 to the client), never a connection
+//! from somewhere else.
 //!
 //! TLS: always to the original destination (never to what a Host header says), with the
 //! client's SNI, verifying the server against the system roots plus the server's `upstream_ca`
@@ -35,7 +40,7 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{
-        connect::{Connected, Connection, HttpConnector},
+        connect::{Connected, Connection},
         Client,
     },
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -49,10 +54,9 @@ use tokio::{
     net::TcpStream,
 };
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+use crate::netns::Netns;
 
-/// How long to wait for an MCP server to accept a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Idle upstream connections are closed after this long (servers commonly time out at 60-120 s).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Idle connections kept per destination.
@@ -106,6 +110,8 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Which TLS pool a request goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TlsKey {
+    /// The caller's network namespace (cookie): connections are made from there.
+    pub netns: u64,
     pub dst: SocketAddr,
     /// The client's SNI; None: the client dialled an address, so do we.
     pub sni: Option<String>,
@@ -121,7 +127,8 @@ struct TlsPool {
 
 /// A worker's upstream connection pools.
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    /// Plaintext pools, per caller namespace (cookie).
+    plain: Mutex<HashMap<u64, Client<NetnsConnector, Body>>>,
     tls: Mutex<HashMap<TlsKey, TlsPool>>,
     /// Answer bytes this worker holds buffered now (JSON answers read whole), over all its
     /// connections: bounded by `limits.max_buffered_answer_bytes_per_worker`.
@@ -136,27 +143,33 @@ impl Default for Upstream {
 
 impl Upstream {
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_DST)
-            .http1_preserve_header_case(true)
-            .set_host(false)
-            .build(connector);
         Upstream {
-            client,
+            plain: Mutex::new(HashMap::new()),
             tls: Mutex::new(HashMap::new()),
             answers: Arc::default(),
         }
+    }
+
+    /// Namespace `cookie` is gone: drop its pools (their idle connections close).
+    pub fn forget_netns(&self, cookie: u64) {
+        let plain = self
+            .plain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cookie);
+        let tls: Vec<TlsPool> = {
+            let mut pools = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<TlsKey> = pools.keys().filter(|k| k.netns == cookie).cloned().collect();
+            keys.iter().filter_map(|k| pools.remove(k)).collect()
+        };
+        drop((plain, tls));
     }
 
     /// Send `req` over TLS to `key.dst`, verified by `tls`. The request's URI must be absolute
     /// (`https://authority/path`): HTTP/1.1 writes it in origin form, h2 takes :authority from it.
     pub async fn send_tls(
         &self,
+        netns: &Arc<Netns>,
         key: TlsKey,
         tls: &TlsClient,
         req: Request<Body>,
@@ -168,6 +181,7 @@ impl Upstream {
                 let cert_requested = Arc::new(AtomicBool::new(false));
                 let alpn: &[u8] = if key.h2 { b"h2" } else { b"http/1.1" };
                 let connector = TlsConnector {
+                    netns: netns.clone(),
                     dst,
                     name: server_name(key.sni.as_deref(), dst),
                     config: tls.config(alpn, cert_requested.clone()),
@@ -200,9 +214,30 @@ impl Upstream {
 
     /// Send `req` (absolute `http://DST/path` target, headers already cleaned) to the
     /// destination it names and return the response head with its body streaming.
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        netns: &Arc<Netns>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let dst = authority_of(&req);
-        self.client
+        let client = self
+            .plain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(netns.cookie)
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(POOL_MAX_IDLE_PER_DST)
+                    .http1_preserve_header_case(true)
+                    .set_host(false)
+                    .build(NetnsConnector {
+                        netns: netns.clone(),
+                    })
+            })
+            .clone();
+        client
             .request(req)
             .await
             .map_err(|source| UpstreamError::Http { dst, source })
@@ -257,16 +292,13 @@ impl TlsClient {
     /// Handshake with the server offering h2 and http/1.1; its choice.
     pub async fn probe_alpn(
         &self,
+        netns: &Netns,
         dst: SocketAddr,
         sni: Option<&str>,
     ) -> std::io::Result<Option<Vec<u8>>> {
         let mut c = (*self.base).clone();
         c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
+        let tcp = netns.connect(dst).await?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(c))
             .connect(server_name(sni, dst), tcp)
             .await?;
@@ -324,9 +356,43 @@ impl ResolvesClientCert for NoClientCert {
     }
 }
 
-/// Connects one TLS pool's connections: TCP to `dst`, then the handshake as `name`.
+/// Connects a plaintext pool's connections: TCP to the destination the (absolute) request URI
+/// names, from the pool's namespace.
+#[derive(Clone)]
+struct NetnsConnector {
+    netns: Arc<Netns>,
+}
+
+impl tower_service::Service<Uri> for NetnsConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let netns = self.netns.clone();
+        Box::pin(async move {
+            // `forward` writes the destination address as the authority.
+            let dst: SocketAddr = uri
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or_default()
+                .parse()
+                .map_err(|e| format!("upstream {uri} is not an address: {e}"))?;
+            let tcp = netns.connect(dst).await?;
+            Ok(TokioIo::new(tcp))
+        })
+    }
+}
+
+/// Connects one TLS pool's connections: TCP to `dst` from the pool's namespace, then the
+/// handshake as `name`.
 #[derive(Clone)]
 struct TlsConnector {
+    netns: Arc<Netns>,
     dst: SocketAddr,
     name: ServerName<'static>,
     config: Arc<ClientConfig>,
@@ -346,10 +412,7 @@ impl tower_service::Service<Uri> for TlsConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(this.dst))
-                .await
-                .map_err(|_| format!("connecting to {} timed out", this.dst))??;
-            let _ = tcp.set_nodelay(true);
+            let tcp = this.netns.connect(this.dst).await?;
             let tls = tokio_rustls::TlsConnector::from(this.config)
                 .connect(this.name, tcp)
                 .await

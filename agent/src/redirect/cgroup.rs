@@ -94,6 +94,155 @@ pub fn join(dir: &Path) -> Result<()> {
         .with_context(|| format!("moving the agent into cgroup {}", dir.display()))
 }
 
+/// A cgroup subtree that a user other than root can change: a directory, or its
+/// `cgroup.procs`, that a non-root user owns or may write (systemd's `user@UID.service`
+/// delegation, or a hand-made `chown`). Such a user can create cgroups there and move their
+/// processes between them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delegated {
+    /// Relative to the cgroup2 mount, with a leading `/`.
+    pub path: String,
+    pub uid: u32,
+}
+
+/// Directories walked at most when looking for delegated subtrees.
+const MAX_WALK: usize = 200_000;
+
+/// Every delegated subtree below `mount` (the topmost one of each branch).
+pub fn delegated_subtrees(mount: &Path) -> Vec<Delegated> {
+    let mut out = Vec::new();
+    let mut stack = vec![mount.to_path_buf()];
+    let mut walked = 0;
+    while let Some(dir) = stack.pop() {
+        walked += 1;
+        if walked > MAX_WALK {
+            break;
+        }
+        if let Some(uid) = writable_by_user(&dir) {
+            out.push(Delegated {
+                path: relative(mount, &dir),
+                uid,
+            });
+            continue;
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// The uid of a non-root user that may change this cgroup (u32::MAX when group- or
+/// other-writable by anyone).
+fn writable_by_user(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(dir).ok()?;
+    if meta.uid() != 0 {
+        return Some(meta.uid());
+    }
+    let procs = fs::metadata(dir.join("cgroup.procs")).ok()?;
+    if procs.uid() != 0 {
+        return Some(procs.uid());
+    }
+    let mode = procs.permissions().mode();
+    let group_writable = mode & 0o020 != 0 && procs.gid() != 0;
+    let other_writable = mode & 0o002 != 0;
+    (group_writable || other_writable).then_some(u32::MAX)
+}
+
+fn relative(mount: &Path, dir: &Path) -> String {
+    match dir.strip_prefix(mount) {
+        Ok(rel) if rel.as_os_str().is_empty() => "/".to_owned(),
+        Ok(rel) => format!("/{}", rel.display()),
+        Err(_) => dir.display().to_string(),
+    }
+}
+
+/// Where processes matching `glob` (a binding's `cgroup` selector) could be put by a non-root
+/// user: the delegated subtree it can match in, if any — including the subtree systemd creates
+/// for any user who logs in later (`/user.slice/user-UID.slice/user@UID.service`). `mount`
+/// is walked for the cgroups that exist below each subtree now.
+pub fn delegation_conflict(
+    glob: &crate::policy::bindings::CgroupGlob,
+    delegated: &[Delegated],
+    mount: &Path,
+) -> Option<Delegated> {
+    let prefix_text = glob.literal_prefix();
+    // systemd delegates /user.slice/user-UID.slice/user@UID.service to each user who logs in.
+    let uid = prefix_text
+        .strip_prefix("/user.slice/user-")
+        .and_then(|rest| rest.split(".slice").next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(65532);
+    let future = Delegated {
+        path: format!("/user.slice/user-{uid}.slice/user@{uid}.service"),
+        uid,
+    };
+    let prefix = Path::new(prefix_text);
+    delegated
+        .iter()
+        .chain(std::iter::once(&future))
+        .find(|d| {
+            let root = Path::new(&d.path);
+            // Every match lies below the prefix: below a delegated subtree, all are the user's.
+            if prefix.starts_with(root) {
+                return true;
+            }
+            if !root.starts_with(prefix) {
+                return false;
+            }
+            probes(&d.path).iter().any(|p| glob.matches(p))
+                || existing_below(mount, &d.path).iter().any(|p| glob.matches(p))
+        })
+        .cloned()
+}
+
+/// Paths a user could create at and below a delegated subtree, in the shapes systemd uses.
+fn probes(root: &str) -> Vec<String> {
+    const NAMES: [&str; 4] = [
+        "mcpwarden-probe",
+        "mcpwarden-probe.scope",
+        "mcpwarden-probe.service",
+        "mcpwarden-probe.slice",
+    ];
+    let mut out = vec![root.to_owned()];
+    let mut level = vec![root.to_owned()];
+    for _ in 0..3 {
+        let next: Vec<String> = level
+            .iter()
+            .flat_map(|p| NAMES.iter().map(move |n| format!("{p}/{n}")))
+            .collect();
+        out.extend(next.iter().cloned());
+        level = next;
+    }
+    out
+}
+
+/// The cgroups below `root` (relative to `mount`) that exist now, at most a few thousand.
+fn existing_below(mount: &Path, root: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![mount.join(root.trim_start_matches('/'))];
+    while let Some(dir) = stack.pop() {
+        if out.len() > 5000 {
+            break;
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(relative(mount, &e.path()));
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +265,54 @@ mod tests {
             parse_cgroup2_mount("none /mnt/my\\040cg cgroup2 rw 0 0\n"),
             Some(PathBuf::from("/mnt/my cg"))
         );
+    }
+
+    #[test]
+    fn bindings_that_reach_into_a_users_subtree_are_found() -> Result<()> {
+        use crate::policy::bindings::CgroupGlob;
+        let mount = std::env::temp_dir().join(format!("mcpwarden-deleg-{}", std::process::id()));
+        let user = mount.join("user.slice/user-1000.slice/user@1000.service/app.slice/x.scope");
+        fs::create_dir_all(&user)?;
+        fs::create_dir_all(mount.join("system.slice/ci.scope"))?;
+        let delegated_dir = mount.join("user.slice/user-1000.slice/user@1000.service");
+        std::os::unix::fs::chown(&delegated_dir, Some(1000), Some(1000))?;
+        let found = delegated_subtrees(&mount);
+        assert_eq!(
+            found,
+            vec![Delegated {
+                path: "/user.slice/user-1000.slice/user@1000.service".into(),
+                uid: 1000
+            }]
+        );
+        let conflict = |g: &str| -> Result<Option<String>> {
+            let glob = CgroupGlob::new(g).map_err(|e| anyhow::anyhow!(e))?;
+            Ok(delegation_conflict(&glob, &found, &mount).map(|d| d.path))
+        };
+        let users = Some("/user.slice/user-1000.slice/user@1000.service".to_owned());
+        assert_eq!(conflict("/user.slice/**")?, users);
+        assert_eq!(conflict("/**")?, users);
+        assert_eq!(
+            conflict("/user.slice/user-1000.slice/user@1000.service/app.slice/x.scope")?,
+            users,
+            "an existing cgroup inside"
+        );
+        assert_eq!(
+            conflict("/user.slice/user-1000.slice/user@1000.service/app.slice/not-yet.scope")?,
+            users,
+            "one the user could create"
+        );
+        assert_eq!(
+            conflict("/user.slice/*/user@*.service/*.slice/*")?,
+            users,
+            "a glob over the shapes systemd uses"
+        );
+        // A user who logs in later gets a subtree too.
+        assert!(conflict("/user.slice/user-2000.slice/**")?.is_some());
+        assert_eq!(conflict("/system.slice/ci.scope")?, None);
+        assert_eq!(conflict("/system.slice/*.scope")?, None);
+        assert_eq!(conflict("/kubepods.slice/**")?, None);
+        fs::remove_dir_all(&mount)?;
+        Ok(())
     }
 
     #[test]

@@ -1,31 +1,37 @@
 //! Step 1 of the flow: which connections come to the interceptor, and who made them.
 //!
-//! Loads the embedded eBPF object, fills its config, attaches connect4/6, sock_ops and
-//! getpeername4/6 to a cgroup, keeps the endpoint map in sync with what the configured names
-//! resolve to ([`resolve`]), and hands the interceptor the record of each accepted connection
-//! ([`Redirector::take`]). Dropping the [`Redirector`] closes the link fds, which detaches every
-//! program (`failure_mode: open`).
+//! Loads the embedded eBPF object, fills its config, attaches the programs to a cgroup, keeps
+//! the endpoint maps in sync with what the configured names resolve to ([`resolve`]) and the
+//! namespace map with where the interceptor listens in each network namespace (`netns` prepares
+//! them), hands the interceptor the record of each accepted connection ([`Redirector::take`]),
+//! and passes on what the programs refused or saw ([`events`]). Dropping the [`Redirector`]
+//! closes the link fds, which detaches every program (`failure_mode: open`).
 
 pub mod cgroup;
+pub mod events;
 pub mod resolve;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SockOps},
     util::KernelVersion,
-    Ebpf,
+    Btf, Ebpf,
 };
 use mcpwarden_common::{
-    ConnRecord, EndpointValue, ProxyConfig, SockKey, MAP_BY_CLIENT, MAP_CONFIG, MAP_ENDPOINTS,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_SOCK_OPS,
+    ConnRecord, EndpointValue, Listeners, NetnsAddr, ProxyConfig, SockKey, CFG_RAW_ALLOW,
+    MAP_AGENT_CGROUPS, MAP_BY_SOCKET, MAP_CONFIG, MAP_ENDPOINTS, MAP_EVENTS, MAP_LOCAL_ADDRS,
+    MAP_LOCAL_PORTS, MAP_NETNS, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_PACKET_CREATE, PROG_SENDMSG4, PROG_SENDMSG6,
+    PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL,
 };
 
 use crate::identity::Kernel;
@@ -33,8 +39,9 @@ use crate::identity::Kernel;
 /// The programs, built by agent/build.rs from the `mcpwarden-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcpwarden"));
 
-/// getpeername hooks arrived in 5.8, bpf_link for cgroups in 5.7, SO_NETNS_COOKIE in 5.14.
-pub const MIN_KERNEL: (u8, u8) = (5, 14);
+/// getpeername hooks arrived in 5.8, bpf_link for cgroups in 5.7, SO_NETNS_COOKIE in 5.14,
+/// `bpf_get_netns_cookie` in sock_ops programs in 5.15.
+pub const MIN_KERNEL: (u8, u8) = (5, 15);
 
 /// A connection the interceptor accepted, with where it was going.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,21 +49,25 @@ pub struct Redirected {
     pub orig_dst: SocketAddr,
     /// Who connected, as the kernel saw it (`identity` resolves names from it).
     pub kernel: Kernel,
+    /// The destination was a local spelling of a local endpoint's port (`0.0.0.0`, another
+    /// loopback address, an address of the caller's namespace), not an endpoint address itself.
+    pub local: bool,
 }
 
-/// Where the programs attach and where they send connections.
+/// Where the programs attach, whom they exempt, what they guard.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// cgroup whose subtree is redirected.
     pub attach: PathBuf,
-    /// cgroup id whose connections are never redirected (the agent's own).
-    pub agent_cgroup_id: u64,
-    /// The interceptor's network namespace ([`netns_cookie`]); only connections made there are
-    /// redirected.
-    pub netns_cookie: u64,
-    /// The interceptor's listeners.
-    pub v4: Option<SocketAddrV4>,
-    pub v6: Option<SocketAddrV6>,
+    /// The agent's own cgroup (path, id): never redirected, free to bind the interceptor's
+    /// ports.
+    pub agent_cgroup: (PathBuf, u64),
+    /// Cookie of the host's network namespace (`scope: host`).
+    pub host_netns: u64,
+    /// The interceptor's configured ports: nobody else below the attach point binds them.
+    pub guard_ports: (u16, u16),
+    /// `raw_sockets: allow`.
+    pub raw_sockets_allowed: bool,
 }
 
 /// The loaded, attached programs and the maps the agent talks to.
@@ -64,69 +75,121 @@ pub struct Redirector {
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
     endpoints: Mutex<HashMap<MapData, SockKey, EndpointValue>>,
-    by_client: Mutex<HashMap<MapData, SockKey, ConnRecord>>,
+    local_ports: Mutex<HashMap<MapData, u32, EndpointValue>>,
+    local_addrs: Mutex<LocalAddrs>,
+    netns: Mutex<HashMap<MapData, u64, Listeners>>,
+    by_socket: Mutex<HashMap<MapData, u64, ConnRecord>>,
+    events: Mutex<Option<RingBuf<MapData>>>,
     attach: PathBuf,
+    /// Whether `AF_PACKET` sockets are refused (the BPF LSM is active).
+    packet_guard: bool,
+}
+
+/// `LOCAL_ADDRS` and what this agent wrote there per namespace, so that an update is a diff.
+struct LocalAddrs {
+    map: HashMap<MapData, NetnsAddr, u32>,
+    written: StdHashMap<u64, BTreeSet<[u32; 4]>>,
 }
 
 impl Redirector {
-    /// Load, configure and attach. The endpoint map starts empty: fill it with
-    /// [`Redirector::set_endpoints`].
+    /// Load, configure and attach. The endpoint and namespace maps start empty: nothing is
+    /// redirected, and no namespace is served, until they are filled.
     pub fn start(settings: &Settings) -> Result<Self> {
         check_kernel()?;
         let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
 
         let config = ProxyConfig {
-            v4_addr: settings
-                .v4
-                .map(|a| u32::from_ne_bytes(a.ip().octets()))
-                .unwrap_or(0),
-            v4_port: settings.v4.map(|a| a.port()).unwrap_or(0),
-            v6_port: settings.v6.map(|a| a.port()).unwrap_or(0),
-            v6_addr: settings
-                .v6
-                .map(|a| SockKey::from_octets(a.ip().octets(), 0).addr)
-                .unwrap_or([0; 4]),
-            agent_cgroup_id: settings.agent_cgroup_id,
-            netns_cookie: settings.netns_cookie,
+            host_netns: settings.host_netns,
+            guard_v4_port: settings.guard_ports.0,
+            guard_v6_port: settings.guard_ports.1,
+            flags: if settings.raw_sockets_allowed {
+                CFG_RAW_ALLOW
+            } else {
+                0
+            },
         };
         let mut config_map: Array<_, ProxyConfig> =
             Array::try_from(take_map(&mut ebpf, MAP_CONFIG)?)?;
         config_map
             .set(0, config, 0)
             .context("writing the redirect config")?;
+        let mut agents: HashMap<_, u64, u32> =
+            HashMap::try_from(take_map(&mut ebpf, MAP_AGENT_CGROUPS)?)?;
+        agents
+            .insert(settings.agent_cgroup.1, 0, 0)
+            .context("exempting the agent's cgroup")?;
 
         let endpoints = HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)?;
-        let by_client = HashMap::try_from(take_map(&mut ebpf, MAP_BY_CLIENT)?)?;
+        let local_ports = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_PORTS)?)?;
+        let local_addrs = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_ADDRS)?)?;
+        let netns = HashMap::try_from(take_map(&mut ebpf, MAP_NETNS)?)?;
+        let by_socket = HashMap::try_from(take_map(&mut ebpf, MAP_BY_SOCKET)?)?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, MAP_EVENTS)?)?;
 
-        let cgroup = std::fs::File::open(&settings.attach)
-            .with_context(|| format!("opening cgroup {}", settings.attach.display()))?;
+        let attach = &settings.attach;
+        let cgroup = std::fs::File::open(attach)
+            .with_context(|| format!("opening cgroup {}", attach.display()))?;
         // Cgroup bpf_links are multi-attach by nature: each link is one more program in the
         // cgroup's effective array, next to whatever else (Cilium, Istio) is attached there.
         // `Single` is what bpf_link_create accepts for that (AllowMultiple gives EINVAL).
         for name in [
             PROG_CONNECT4,
             PROG_CONNECT6,
+            PROG_SENDMSG4,
+            PROG_SENDMSG6,
+            PROG_BIND4,
+            PROG_BIND6,
             PROG_GETPEERNAME4,
             PROG_GETPEERNAME6,
         ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().with_context(|| format!("loading {name}"))?;
             prog.attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", settings.attach.display()))?;
+                .with_context(|| format!("attaching {name} to {}", attach.display()))?;
         }
+        let prog: &mut CgroupSock = program(&mut ebpf, PROG_SOCK_CREATE)?;
+        prog.load()
+            .with_context(|| format!("loading {PROG_SOCK_CREATE}"))?;
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {PROG_SOCK_CREATE} to {}", attach.display()))?;
+
+        // sock_ops runs for the clients' sockets below the attach point and for the interceptor's
+        // accepted sockets, which belong to the agent's cgroup (a socket accepted from a listener
+        // is in the listener's cgroup): attach it there too unless the attach point covers it.
+        let (agent_path, _) = &settings.agent_cgroup;
         let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
         prog.load()
             .with_context(|| format!("loading {PROG_SOCK_OPS}"))?;
         prog.attach(&cgroup, CgroupAttachMode::Single)
-            .with_context(|| {
-                format!("attaching {PROG_SOCK_OPS} to {}", settings.attach.display())
-            })?;
+            .with_context(|| format!("attaching {PROG_SOCK_OPS} to {}", attach.display()))?;
+        if !agent_path.starts_with(attach) {
+            let agent = std::fs::File::open(agent_path)
+                .with_context(|| format!("opening cgroup {}", agent_path.display()))?;
+            prog.attach(&agent, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!("attaching {PROG_SOCK_OPS} to {}", agent_path.display())
+                })?;
+        }
+
+        let packet_guard = if settings.raw_sockets_allowed {
+            false
+        } else {
+            attach_packet_guard(&mut ebpf, &cgroup, attach)?
+        };
 
         Ok(Redirector {
             _ebpf: ebpf,
             endpoints: Mutex::new(endpoints),
-            by_client: Mutex::new(by_client),
-            attach: settings.attach.clone(),
+            local_ports: Mutex::new(local_ports),
+            local_addrs: Mutex::new(LocalAddrs {
+                map: local_addrs,
+                written: StdHashMap::new(),
+            }),
+            netns: Mutex::new(netns),
+            by_socket: Mutex::new(by_socket),
+            events: Mutex::new(Some(events)),
+            attach: attach.clone(),
+            packet_guard,
         })
     }
 
@@ -135,33 +198,94 @@ impl Redirector {
         &self.attach
     }
 
-    /// Make the endpoint map hold exactly `want`.
-    pub fn set_endpoints(&self, want: &BTreeMap<SockKey, EndpointValue>) -> Result<()> {
-        let mut map = self
-            .endpoints
-            .lock()
-            .map_err(|_| anyhow::anyhow!("endpoint map lock poisoned"))?;
-        let have: Vec<SockKey> = map.keys().filter_map(|k| k.ok()).collect();
-        for key in have.iter().filter(|k| !want.contains_key(k)) {
-            map.remove(key).context("removing an endpoint")?;
+    /// Whether `AF_PACKET` sockets are refused below the attach point.
+    pub fn packet_guard(&self) -> bool {
+        self.packet_guard
+    }
+
+    /// Make the endpoint maps hold exactly `exact` (destinations) and `local` (ports of local
+    /// endpoints).
+    pub fn set_endpoints(
+        &self,
+        exact: &BTreeMap<SockKey, EndpointValue>,
+        local: &BTreeMap<u16, EndpointValue>,
+    ) -> Result<()> {
+        {
+            let mut map = lock(&self.endpoints)?;
+            sync_map(&mut map, exact).context("updating the endpoint map")?;
         }
-        for (key, value) in want {
-            map.insert(*key, *value, 0).context("adding an endpoint")?;
+        let mut map = lock(&self.local_ports)?;
+        let local: BTreeMap<u32, EndpointValue> =
+            local.iter().map(|(p, v)| (u32::from(*p), *v)).collect();
+        sync_map(&mut map, &local).context("updating the local endpoint ports")
+    }
+
+    /// From now on, connections in namespace `cookie` are redirected to `listeners` there.
+    pub fn serve_netns(&self, cookie: u64, listeners: Listeners) -> Result<()> {
+        lock(&self.netns)?
+            .insert(cookie, listeners, 0)
+            .context("adding a network namespace")
+    }
+
+    /// Namespace `cookie` is served no more: its connects to endpoints fail from now on, and its
+    /// addresses are forgotten.
+    pub fn unserve_netns(&self, cookie: u64) -> Result<()> {
+        let removed = lock(&self.netns)?.remove(&cookie);
+        self.set_local_addrs(cookie, &BTreeSet::new())?;
+        match removed {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing a network namespace"),
+        }
+    }
+
+    /// The namespaces served now, with their listeners.
+    pub fn served_netns(&self) -> Vec<(u64, Listeners)> {
+        lock(&self.netns)
+            .map(|m| m.iter().filter_map(|e| e.ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Make `LOCAL_ADDRS` hold exactly `addrs` (mapped form) for namespace `cookie`.
+    pub fn set_local_addrs(&self, cookie: u64, addrs: &BTreeSet<[u32; 4]>) -> Result<()> {
+        let mut guard = lock(&self.local_addrs)?;
+        let LocalAddrs { map, written } = &mut *guard;
+        let had = written.remove(&cookie).unwrap_or_default();
+        for addr in had.difference(addrs) {
+            let _ = map.remove(&NetnsAddr {
+                netns: cookie,
+                addr: *addr,
+            });
+        }
+        for addr in addrs.difference(&had) {
+            map.insert(
+                NetnsAddr {
+                    netns: cookie,
+                    addr: *addr,
+                },
+                0,
+                0,
+            )
+            .context("adding a local address")?;
+        }
+        if !addrs.is_empty() {
+            written.insert(cookie, addrs.clone());
         }
         Ok(())
     }
 
-    /// The record of the connection whose client side is `peer`, removed from the map (each
-    /// accepted connection consumes its record). None when the connection was not redirected —
-    /// someone dialled the interceptor directly. A map look-up only: names are resolved later,
-    /// off the accept thread (`identity`).
-    pub fn take(&self, peer: SocketAddr) -> Option<Redirected> {
-        let key = SockKey::from_socket_addr(peer);
+    /// The record of the accepted connection `socket`, removed from the map: each accepted
+    /// connection consumes the record made for it, keyed by the accepted socket's own cookie
+    /// (`SO_COOKIE`), so no other connection can claim it. None when the connection was not
+    /// redirected — someone dialled the interceptor directly. A map look-up only: names are
+    /// resolved later, off the accept thread (`identity`).
+    pub fn take(&self, socket: &impl AsFd) -> Option<Redirected> {
+        let cookie = socket_cookie(socket).ok()?;
         let rec = {
-            let mut map = self.by_client.lock().ok()?;
-            let rec = map.get(&key, 0).ok()?;
+            let mut map = self.by_socket.lock().ok()?;
+            let rec = map.get(&cookie, 0).ok()?;
             // Already read: losing the delete only leaves an LRU entry behind.
-            let _ = map.remove(&key);
+            let _ = map.remove(&cookie);
             rec
         };
         Some(Redirected {
@@ -172,34 +296,151 @@ impl Redirector {
                 gid: rec.gid,
                 cgroup_id: rec.cgroup_id,
                 comm: comm_str(&rec.comm),
+                netns: rec.netns,
             },
+            local: rec.flags & REC_LOCAL != 0,
         })
     }
+
+    /// The kernel's event ring buffer; there is one reader, so this is Some once.
+    pub fn take_events(&self) -> Option<events::Events> {
+        self.events
+            .lock()
+            .ok()
+            .and_then(|mut e| e.take())
+            .map(events::Events::new)
+    }
+}
+
+/// Refuse `AF_PACKET` sockets below the attach point with an `lsm_cgroup/socket_create` program
+/// (cgroup/sock_create only sees inet sockets). This needs the BPF LSM to be active (`bpf` in
+/// the kernel's `lsm=` list); without it the program would attach and never run, so it is not
+/// attached and the agent says so. Returns whether packet sockets are refused.
+fn attach_packet_guard(ebpf: &mut Ebpf, cgroup: &std::fs::File, attach: &Path) -> Result<bool> {
+    match bpf_lsm_active() {
+        Some(true) => {}
+        Some(false) => {
+            tracing::warn!(
+                "the BPF LSM is not active on this kernel (add `bpf` to the lsm= boot parameter): \
+                 AF_PACKET sockets below the attach point are NOT refused, and a workload with \
+                 NET_RAW can send packets around the redirect (SOCK_RAW sockets are refused)"
+            );
+            return Ok(false);
+        }
+        None => {
+            tracing::warn!(
+                "cannot tell whether the BPF LSM is active (/sys/kernel/security/lsm unreadable): \
+                 AF_PACKET sockets below the attach point are NOT refused"
+            );
+            return Ok(false);
+        }
+    }
+    let attached = (|| -> Result<()> {
+        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        let prog: &mut LsmCgroup = program(ebpf, PROG_PACKET_CREATE)?;
+        prog.load("socket_create", &btf)
+            .with_context(|| format!("loading {PROG_PACKET_CREATE}"))?;
+        prog.attach(cgroup)
+            .with_context(|| format!("attaching {PROG_PACKET_CREATE} to {}", attach.display()))?;
+        Ok(())
+    })();
+    match attached {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            // Kernels without BPF trampolines (no LSM, fentry or fexit programs) refuse the load.
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "the AF_PACKET guard (an lsm_cgroup program) cannot run on this kernel: AF_PACKET \
+                 sockets below the attach point are NOT refused, and a workload with NET_RAW can \
+                 send packets around the redirect (SOCK_RAW sockets are refused)"
+            );
+            Ok(false)
+        }
+    }
+}
+
+/// Whether `bpf` is among the active LSMs. securityfs is mounted if it is not yet (systemd
+/// does this at boot; a bare host or container may not have).
+fn bpf_lsm_active() -> Option<bool> {
+    const LSM: &str = "/sys/kernel/security/lsm";
+    let read = || std::fs::read_to_string(LSM).ok();
+    let list = read().or_else(|| {
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "securityfs", "securityfs", "/sys/kernel/security"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        mounted.then(read).flatten()
+    })?;
+    Some(list.trim().split(',').any(|m| m == "bpf"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| anyhow::anyhow!("an eBPF map's lock is poisoned"))
+}
+
+/// Make a hash map hold exactly `want`.
+fn sync_map<K, V>(map: &mut HashMap<MapData, K, V>, want: &BTreeMap<K, V>) -> Result<()>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod,
+{
+    let have: Vec<K> = map.keys().filter_map(|k| k.ok()).collect();
+    for key in have.iter().filter(|k| !want.contains_key(k)) {
+        map.remove(key)?;
+    }
+    for (key, value) in want {
+        map.insert(*key, *value, 0)?;
+    }
+    Ok(())
 }
 
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`), the value
 /// `bpf_get_netns_cookie()` returns for sockets in that namespace.
-pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> Result<u64> {
-    let mut cookie: u64 = 0;
+pub fn netns_cookie(socket: &impl AsFd) -> Result<u64> {
+    getsockopt_u64(socket, libc::SO_NETNS_COOKIE)
+        .context("reading the network namespace cookie (SO_NETNS_COOKIE)")
+}
+
+/// The socket's cookie (`SO_COOKIE`), what `bpf_get_socket_cookie()` returns for it.
+pub fn socket_cookie(socket: &impl AsFd) -> std::io::Result<u64> {
+    getsockopt_u64(socket, libc::SO_COOKIE)
+}
+
+fn getsockopt_u64(socket: &impl AsFd, opt: libc::c_int) -> std::io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
     let rc = unsafe {
         libc::getsockopt(
-            socket.as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            opt,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("reading the network namespace cookie (SO_NETNS_COOKIE)");
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
-fn comm_str(comm: &[u8; 16]) -> String {
+/// The listeners of one namespace as the programs see them.
+pub fn listeners(v4: Option<SocketAddrV4>, v6: Option<SocketAddrV6>) -> Listeners {
+    Listeners {
+        v4_addr: v4
+            .map(|a| u32::from_ne_bytes(a.ip().octets()))
+            .unwrap_or(0),
+        v4_port: v4.map(|a| a.port()).unwrap_or(0),
+        v6_port: v6.map(|a| a.port()).unwrap_or(0),
+        v6_addr: v6
+            .map(|a| SockKey::from_octets(a.ip().octets(), 0).addr)
+            .unwrap_or([0; 4]),
+    }
+}
+
+pub(crate) fn comm_str(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }

@@ -1,4 +1,4 @@
-//! Endpoint names → addresses in the endpoint map.
+//! Endpoint names → addresses in the endpoint maps.
 //!
 //! Every configured server URL names a host (a name or an IP literal) and a port. Names are
 //! resolved with hickory-resolver (system resolv.conf; /etc/hosts as read at start), A and AAAA
@@ -8,9 +8,16 @@
 //!   soon; only an answer ("these records", or "no such records") changes a family's set;
 //! - an address that leaves DNS stays in the map for [`GRACE`], because clients with a cached
 //!   answer keep dialling it; then it leaves the map.
+//!
+//! An address that is local — loopback, unspecified, or one of the host's interface addresses —
+//! is reached by other spellings too (`0.0.0.0`, the rest of 127.0.0.0/8, `::`, the host's
+//! other addresses, IPv4-mapped forms): its port also goes into the local-port map, which the
+//! programs match against every local spelling in the caller's namespace. Which namespaces an
+//! address means is its server's `scope` (default: `host` for loopback and unspecified
+//! addresses, which inside a pod are the pod's own, `all` otherwise).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
     time::Duration,
@@ -18,10 +25,11 @@ use std::{
 
 use anyhow::Result;
 use hickory_resolver::{proto::rr::RecordType, TokioResolver};
-use mcpwarden_common::{EndpointValue, SockKey};
+use mcpwarden_common::{EndpointValue, SockKey, SCOPE_HOST, SCOPE_PODS};
 use tokio::time::Instant;
 
 use super::Redirector;
+use crate::config::Scope;
 
 /// Re-resolve no sooner than this, whatever the TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(5);
@@ -37,50 +45,121 @@ pub const GRACE: Duration = Duration::from_secs(60);
 pub struct Target {
     pub host: String,
     pub port: u16,
+    /// `scope`, when configured.
+    pub scope: Option<Scope>,
+}
+
+/// Which namespaces one server at one address covers, as the programs' bit mask.
+fn scope_bits(scope: Option<Scope>, ip: IpAddr) -> u32 {
+    match scope {
+        Some(Scope::Host) => SCOPE_HOST,
+        Some(Scope::Pods) => SCOPE_PODS,
+        Some(Scope::All) => SCOPE_HOST | SCOPE_PODS,
+        None if is_self(ip) => SCOPE_HOST,
+        None => SCOPE_HOST | SCOPE_PODS,
+    }
+}
+
+/// Loopback or unspecified: an address that names whichever namespace dials it.
+fn is_self(ip: IpAddr) -> bool {
+    SockKey::from_socket_addr(SocketAddr::new(ip, 0)).is_self()
+}
+
+/// A server at a destination, and the namespaces it covers there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    server: usize,
+    scope: u32,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    exact: HashMap<SocketAddr, Vec<Route>>,
+    /// Ports of local endpoints: any local spelling of that port.
+    local: HashMap<u16, Vec<Route>>,
 }
 
 /// Destination → indices of the servers configured there. The interceptor reads it for every
 /// connection to learn which servers (and so which policies) it may be talking to.
 #[derive(Debug, Default)]
 pub struct Routes {
-    inner: RwLock<HashMap<SocketAddr, Vec<usize>>>,
+    inner: RwLock<Table>,
 }
 
 impl Routes {
-    /// Servers reachable at `dst`, in configuration order.
-    pub fn servers_for(&self, dst: SocketAddr) -> Vec<usize> {
-        self.inner
-            .read()
-            .map(|m| m.get(&dst).cloned().unwrap_or_default())
-            .unwrap_or_default()
+    /// Servers reachable at `dst` for a caller in the host's namespace (`host`) or another, in
+    /// configuration order. `local`: the programs matched `dst` as a local spelling of a local
+    /// endpoint's port, so the servers at that port count when none is at `dst` itself.
+    pub fn servers_for(&self, dst: SocketAddr, local: bool, host: bool) -> Vec<usize> {
+        let want = if host { SCOPE_HOST } else { SCOPE_PODS };
+        let Ok(t) = self.inner.read() else {
+            return Vec::new();
+        };
+        let pick = |routes: Option<&Vec<Route>>| -> Vec<usize> {
+            routes
+                .map(|r| {
+                    r.iter()
+                        .filter(|r| r.scope & want != 0)
+                        .map(|r| r.server)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let exact = pick(t.exact.get(&dst));
+        if !exact.is_empty() || !local {
+            return exact;
+        }
+        pick(t.local.get(&dst.port()))
     }
 
-    /// Every destination with its servers.
+    /// Every exact destination with its servers.
     pub fn table(&self) -> Vec<(SocketAddr, Vec<usize>)> {
         self.inner
             .read()
-            .map(|m| m.iter().map(|(d, s)| (*d, s.clone())).collect())
+            .map(|t| {
+                t.exact
+                    .iter()
+                    .map(|(d, r)| (*d, r.iter().map(|r| r.server).collect()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    fn replace(&self, table: HashMap<SocketAddr, Vec<usize>>) {
-        if let Ok(mut m) = self.inner.write() {
-            *m = table;
+    /// Whether any endpoint is on a local address (the programs then need each namespace's
+    /// addresses).
+    pub fn has_local(&self) -> bool {
+        self.inner.read().map(|t| !t.local.is_empty()).unwrap_or(false)
+    }
+
+    fn replace(&self, table: Table) {
+        if let Ok(mut t) = self.inner.write() {
+            *t = table;
         }
     }
 }
 
-/// Where resolved endpoints go: the eBPF endpoint map.
+/// Where resolved endpoints go: the eBPF endpoint maps.
 pub trait EndpointSink: Send + Sync {
-    /// Make the map hold exactly `want`.
-    fn set_endpoints(&self, want: &BTreeMap<SockKey, EndpointValue>) -> Result<()>;
+    /// Make the maps hold exactly `exact` and `local`.
+    fn set_endpoints(
+        &self,
+        exact: &BTreeMap<SockKey, EndpointValue>,
+        local: &BTreeMap<u16, EndpointValue>,
+    ) -> Result<()>;
 }
 
 impl EndpointSink for Redirector {
-    fn set_endpoints(&self, want: &BTreeMap<SockKey, EndpointValue>) -> Result<()> {
-        Redirector::set_endpoints(self, want)
+    fn set_endpoints(
+        &self,
+        exact: &BTreeMap<SockKey, EndpointValue>,
+        local: &BTreeMap<u16, EndpointValue>,
+    ) -> Result<()> {
+        Redirector::set_endpoints(self, exact, local)
     }
 }
+
+/// The host's interface addresses, kept by `netns`: an endpoint on one of them is local.
+pub type HostAddrs = Arc<RwLock<BTreeSet<IpAddr>>>;
 
 /// What one family's lookup said.
 enum Answer {
@@ -102,10 +181,11 @@ pub struct EndpointResolver {
     targets: Vec<Target>,
     resolver: Option<TokioResolver>,
     state: Vec<TargetState>,
+    host_addrs: HostAddrs,
 }
 
 impl EndpointResolver {
-    pub fn new(targets: Vec<Target>) -> Result<Self> {
+    pub fn new(targets: Vec<Target>, host_addrs: HostAddrs) -> Result<Self> {
         let needs_dns = targets.iter().any(|t| t.host.parse::<IpAddr>().is_err());
         let resolver = if needs_dns {
             Some(TokioResolver::builder_tokio()?.build()?)
@@ -117,6 +197,7 @@ impl EndpointResolver {
             targets,
             resolver,
             state,
+            host_addrs,
         })
     }
 
@@ -185,26 +266,55 @@ impl EndpointResolver {
     }
 
     fn publish(&self, sink: &dyn EndpointSink, routes: &Routes) -> Result<()> {
-        let mut table: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
-        let mut map = BTreeMap::new();
+        let host_addrs = self
+            .host_addrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let mut table = Table::default();
+        let mut exact = BTreeMap::new();
+        let mut local = BTreeMap::new();
+        fn add<K: Ord>(map: &mut BTreeMap<K, EndpointValue>, key: K, server: usize, scope: u32) {
+            let v = map.entry(key).or_insert(EndpointValue {
+                server: server as u32,
+                scope: 0,
+            });
+            v.scope |= scope;
+        }
         for (i, (target, state)) in self.targets.iter().zip(&self.state).enumerate() {
             for ip in state.seen.keys() {
                 let dst = normalize(SocketAddr::new(*ip, target.port));
-                table.entry(dst).or_default().push(i);
-                map.entry(SockKey::from_socket_addr(dst))
-                    .or_insert(EndpointValue {
-                        server: i as u32,
-                        _pad: 0,
-                    });
+                let scope = scope_bits(target.scope, dst.ip());
+                table.exact.entry(dst).or_default().push(Route { server: i, scope });
+                add(&mut exact, SockKey::from_socket_addr(dst), i, scope);
+                if is_self(dst.ip()) || host_addrs.contains(&dst.ip()) {
+                    // Other spellings of a local address reach the same listener: inside a pod
+                    // they name the pod itself, so they follow the loopback default.
+                    let scope = match target.scope {
+                        Some(_) => scope,
+                        None => SCOPE_HOST,
+                    };
+                    let routes = table.local.entry(target.port).or_default();
+                    if !routes.iter().any(|r| r.server == i) {
+                        routes.push(Route { server: i, scope });
+                    }
+                    add(&mut local, target.port, i, scope);
+                }
             }
         }
-        sink.set_endpoints(&map)?;
+        sink.set_endpoints(&exact, &local)?;
         routes.replace(table);
         Ok(())
     }
 
-    /// Refresh forever (until the task is dropped).
-    pub async fn run(mut self, redirector: Arc<Redirector>, routes: Arc<Routes>) {
+    /// Refresh forever (until the task is dropped); `again` publishes at once (the host's
+    /// addresses changed).
+    pub async fn run(
+        mut self,
+        redirector: Arc<Redirector>,
+        routes: Arc<Routes>,
+        again: Arc<tokio::sync::Notify>,
+    ) {
         loop {
             let next = match self.refresh(redirector.as_ref(), &routes).await {
                 Ok(next) => next,
@@ -213,7 +323,10 @@ impl EndpointResolver {
                     Instant::now() + RETRY
                 }
             };
-            tokio::time::sleep_until(next).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = again.notified() => {}
+            }
         }
     }
 }
@@ -253,16 +366,34 @@ mod tests {
 
     use super::*;
 
+    type Published = (
+        BTreeMap<SockKey, EndpointValue>,
+        BTreeMap<u16, EndpointValue>,
+    );
+
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<BTreeMap<SockKey, EndpointValue>>>);
+    struct Recorder(Mutex<Vec<Published>>);
 
     impl EndpointSink for Recorder {
-        fn set_endpoints(&self, want: &BTreeMap<SockKey, EndpointValue>) -> Result<()> {
+        fn set_endpoints(
+            &self,
+            exact: &BTreeMap<SockKey, EndpointValue>,
+            local: &BTreeMap<u16, EndpointValue>,
+        ) -> Result<()> {
             self.0
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned"))?
-                .push(want.clone());
+                .push((exact.clone(), local.clone()));
             Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn last(&self) -> Result<Published> {
+            let maps = self.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            maps.last()
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("nothing published"))
         }
     }
 
@@ -270,64 +401,116 @@ mod tests {
         Ok(SockKey::from_socket_addr(s.parse()?))
     }
 
+    fn target(host: &str, port: u16, scope: Option<Scope>) -> Target {
+        Target {
+            host: host.into(),
+            port,
+            scope,
+        }
+    }
+
     #[tokio::test]
     async fn literals_and_hosts_file_names_reach_the_map_and_the_routes() -> Result<()> {
-        let mut r = EndpointResolver::new(vec![
-            Target {
-                host: "127.0.0.9".into(),
-                port: 8080,
-            },
-            Target {
-                host: "::1".into(),
-                port: 8081,
-            },
-            // Every Linux host maps localhost in /etc/hosts (to 127.0.0.1, often also to ::1).
-            Target {
-                host: "localhost".into(),
-                port: 8082,
-            },
-        ])?;
+        let mut r = EndpointResolver::new(
+            vec![
+                target("127.0.0.9", 8080, None),
+                target("::1", 8081, None),
+                // Every Linux host maps localhost in /etc/hosts (to 127.0.0.1, often also to ::1).
+                target("localhost", 8082, None),
+            ],
+            HostAddrs::default(),
+        )?;
         let sink = Recorder::default();
         let routes = Routes::default();
         r.refresh(&sink, &routes).await?;
-        let maps = sink.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let map = maps
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("nothing published"))?;
+        let (map, local) = sink.last()?;
         assert!(map.contains_key(&key("127.0.0.9:8080")?));
         assert!(map.contains_key(&key("[::1]:8081")?));
         assert!(map.contains_key(&key("127.0.0.1:8082")?), "{map:?}");
-        assert_eq!(routes.servers_for("127.0.0.9:8080".parse()?), vec![0]);
-        assert_eq!(routes.servers_for("[::1]:8081".parse()?), vec![1]);
-        assert_eq!(routes.servers_for("127.0.0.1:8082".parse()?), vec![2]);
-        assert!(routes.servers_for("127.0.0.1:9999".parse()?).is_empty());
+        // Loopback endpoints: their ports are local, host-only by default.
+        for port in [8080, 8081, 8082] {
+            assert_eq!(local.get(&port).map(|v| v.scope), Some(SCOPE_HOST), "{local:?}");
+        }
+        assert_eq!(map.get(&key("127.0.0.9:8080")?).map(|v| v.scope), Some(SCOPE_HOST));
+        let host = |d: &str, local: bool| -> Result<Vec<usize>> {
+            Ok(routes.servers_for(d.parse()?, local, true))
+        };
+        assert_eq!(host("127.0.0.9:8080", false)?, vec![0]);
+        assert_eq!(host("[::1]:8081", false)?, vec![1]);
+        assert_eq!(host("127.0.0.1:8082", false)?, vec![2]);
+        assert!(host("127.0.0.1:9999", false)?.is_empty());
+        // Another spelling of a local endpoint, as the programs flag it.
+        assert_eq!(host("0.0.0.0:8080", true)?, vec![0]);
+        assert_eq!(host("127.3.2.1:8081", true)?, vec![1]);
+        assert!(host("0.0.0.0:8080", false)?.is_empty(), "only when flagged local");
+        // A pod's loopback is the pod's own: not these (host-scoped) servers.
+        assert!(routes.servers_for("127.0.0.9:8080".parse()?, false, false).is_empty());
         assert!(r.unresolved().is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn scopes_decide_which_namespaces_an_endpoint_means() -> Result<()> {
+        let host_addrs = HostAddrs::default();
+        host_addrs
+            .write()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .insert("192.0.2.7".parse()?);
+        let mut r = EndpointResolver::new(
+            vec![
+                target("10.9.8.7", 80, None),
+                target("127.0.0.1", 81, Some(Scope::Pods)),
+                target("10.9.8.6", 82, Some(Scope::Host)),
+                target("192.0.2.7", 83, None),
+                target("127.0.0.1", 84, Some(Scope::All)),
+            ],
+            host_addrs,
+        )?;
+        let sink = Recorder::default();
+        let routes = Routes::default();
+        r.refresh(&sink, &routes).await?;
+        let (map, local) = sink.last()?;
+        let scope = |s: &str| -> Result<Option<u32>> { Ok(map.get(&key(s)?).map(|v| v.scope)) };
+        let both = SCOPE_HOST | SCOPE_PODS;
+        assert_eq!(scope("10.9.8.7:80")?, Some(both), "remote: everywhere by default");
+        assert_eq!(scope("127.0.0.1:81")?, Some(SCOPE_PODS));
+        assert_eq!(scope("10.9.8.6:82")?, Some(SCOPE_HOST));
+        // A host interface address: pods reach it over the network, the host by any local
+        // spelling.
+        assert_eq!(scope("192.0.2.7:83")?, Some(both));
+        assert_eq!(local.get(&83).map(|v| v.scope), Some(SCOPE_HOST));
+        assert_eq!(local.get(&81).map(|v| v.scope), Some(SCOPE_PODS));
+        assert_eq!(local.get(&84).map(|v| v.scope), Some(both));
+        assert!(!local.contains_key(&80) && !local.contains_key(&82), "{local:?}");
+        assert_eq!(routes.servers_for("10.9.8.7:80".parse()?, false, false), vec![0]);
+        assert!(routes.servers_for("10.9.8.6:82".parse()?, false, false).is_empty());
+        assert_eq!(routes.servers_for("127.0.0.1:83".parse()?, true, true), vec![3]);
+        assert!(routes.servers_for("127.0.0.1:83".parse()?, true, false).is_empty());
+        assert_eq!(routes.servers_for("127.0.0.1:84".parse()?, false, false), vec![4]);
+        assert!(routes.has_local());
         Ok(())
     }
 
     #[tokio::test(start_paused = true)]
     async fn vanished_addresses_stay_for_the_grace_period_then_leave() -> Result<()> {
-        let mut r = EndpointResolver::new(vec![Target {
-            host: "localhost".into(),
-            port: 1,
-        }])?;
+        let mut r = EndpointResolver::new(vec![target("localhost", 1, None)], HostAddrs::default())?;
         let old: IpAddr = "127.0.0.77".parse()?;
         r.state[0].seen.insert(old, Instant::now());
         let sink = Recorder::default();
         let routes = Routes::default();
         r.refresh(&sink, &routes).await?;
         assert!(
-            !routes.servers_for(SocketAddr::new(old, 1)).is_empty(),
+            !routes.servers_for(SocketAddr::new(old, 1), false, true).is_empty(),
             "removed at once"
         );
         tokio::time::advance(GRACE + Duration::from_secs(1)).await;
         r.state[0].due = None;
         r.refresh(&sink, &routes).await?;
         assert!(
-            routes.servers_for(SocketAddr::new(old, 1)).is_empty(),
+            routes.servers_for(SocketAddr::new(old, 1), false, true).is_empty(),
             "kept after the grace period"
         );
-        assert!(!routes.servers_for("127.0.0.1:1".parse()?).is_empty());
+        assert!(!routes.servers_for("127.0.0.1:1".parse()?, false, true).is_empty());
         Ok(())
     }
 }

@@ -32,6 +32,12 @@
 //!     peer=, local=.
 //! mcp-client udp-echo ADDR MSG                            connect()ed UDP socket: sends MSG,
 //!     prints echo=, from= (recvfrom source) and peer= (getpeername).
+//! mcp-client udp-sendto ADDR MSG                          unconnected UDP socket: sendto ADDR;
+//!     prints sent=<n> or send-error=<message> (exit 1).
+//! mcp-client raw-socket inet|packet                       socket(AF_INET, SOCK_RAW, IPPROTO_TCP)
+//!     or socket(AF_PACKET, SOCK_RAW, 0); prints socket=ok or socket-error=<message> (exit 1).
+//! mcp-client listen ADDR                                  bind and listen on ADDR; prints
+//!     bound=<addr> or bind-error=<message> (exit 1).
 //! mcp-client tls-raw ADDR SNI CAFILE METHOD PATH HOST BODY [HEADER: VALUE]...
 //!     a hand-made TLS connection (roots: only CAFILE's certificates; SNI `-`: none, the
 //!     certificate is checked against ADDR's IP) offering ALPN http/1.1, then one HTTP/1.1
@@ -83,7 +89,7 @@ fn usage() -> ExitCode {
         "usage: mcp-client call URL TOOL JSONARGS [TOOL JSONARGS]... (TOOL @list: list tools) | call-h1 URL TOOL JSONARGS... | \
          call-h2 URL TOOL JSONARGS... | raw-post URL BODY [HEADER: VALUE]... | \
          raw-request METHOD URL BODY [HEADER: VALUE]... | keepalive URL BODY... | pipeline URL BODY... | \
-         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | sse-get URL | raw-post-big URL BYTES | \
+         peer ADDR [URLPATH BODY] | tcp-echo ADDR MSG | udp-echo ADDR MSG | udp-sendto ADDR MSG | raw-socket inet|packet | listen ADDR | sse-get URL | raw-post-big URL BYTES | \
          tls-raw ADDR SNI|- CAFILE METHOD PATH HOST BODY [HEADER: VALUE]... | tls-handshakes ADDR SNI|- CAFILE N | \
          script FILE"
     );
@@ -124,6 +130,9 @@ fn main() -> ExitCode {
         "pipeline" if rest.len() >= 2 => many(&rest[0], &rest[1..], true),
         "tcp-echo" if rest.len() == 2 => tcp_echo(&rest[0], &rest[1]),
         "udp-echo" if rest.len() == 2 => udp_echo(&rest[0], &rest[1]),
+        "udp-sendto" if rest.len() == 2 => udp_sendto(&rest[0], &rest[1]),
+        "raw-socket" if rest.len() == 1 => raw_socket(&rest[0]),
+        "listen" if rest.len() == 1 => listen(&rest[0]),
         "sse-get" if rest.len() == 1 => sse_get(&rest[0]),
         "raw-post-big" if rest.len() == 2 => raw_post_big(&rest[0], &rest[1]),
         "script" if rest.len() == 1 => match mcpwarden_tests::script::run_file(&rest[0]) {
@@ -316,6 +325,60 @@ fn sse_get(url: &str) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+fn udp_sendto(addr: &str, msg: &str) -> ExitCode {
+    let addr = parse_addr(addr);
+    let bind: SocketAddr = if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let s = UdpSocket::bind(bind).expect("bind udp");
+    match s.send_to(msg.as_bytes(), addr) {
+        Ok(n) => {
+            println!("sent={n}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("send-error={e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn raw_socket(kind: &str) -> ExitCode {
+    let (family, proto) = match kind {
+        "inet" => (libc::AF_INET, libc::IPPROTO_TCP),
+        "packet" => (libc::AF_PACKET, 0),
+        _ => return usage(),
+    };
+    // SAFETY: socket() with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW, proto) };
+    if fd < 0 {
+        println!("socket-error={}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    // SAFETY: fd was just returned by socket().
+    unsafe { libc::close(fd) };
+    println!("socket=ok");
+    ExitCode::SUCCESS
+}
+
+fn listen(addr: &str) -> ExitCode {
+    match std::net::TcpListener::bind(parse_addr(addr)) {
+        Ok(l) => {
+            println!(
+                "bound={}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("bind-error={e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn udp_echo(addr: &str, msg: &str) -> ExitCode {

@@ -253,6 +253,9 @@ async fn run() -> Result<()> {
         audit_stall: mcpwarden::audit::DEFAULT_STALL,
         cgroup: clients.clone(),
         agent_cgroup: agent_cg.clone(),
+        // The demo's clients share the agent's network namespace: no pins to watch.
+        netns_dirs: Vec::new(),
+        raw_sockets: Default::default(),
         max_body_bytes: mcpwarden::mcp::DEFAULT_MAX_BODY,
         workers: 1,
         servers: vec![Server {
@@ -262,6 +265,7 @@ async fn run() -> Result<()> {
             tls: Default::default(),
             upstream_ca: None,
             passthrough_paths: Vec::new(),
+            scope: None,
         }],
         // A plaintext demo needs no CA; the state dir would only be used for https servers.
         ca: mcpwarden::ca::CaSettings {
