@@ -92,8 +92,10 @@ pub fn main() -> ExitCode {
     if let Command::Policy(cmd) = &cli.command {
         return policy_command(cmd);
     }
+    // Colours only on a terminal: a log file or a collector gets plain text.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -61,6 +61,23 @@ impl Agent {
         extra: &[String],
         nofile: Option<u64>,
     ) -> Agent {
+        Self::launch(bin, opts, extra, nofile, false)
+    }
+
+    /// [`Agent::start_with`], the agent started inside `opts.agent_cgroup` (created) and told to
+    /// stay there (`--agent-cgroup self`), as a containerised agent stays in its container's
+    /// cgroup.
+    pub fn start_staying(bin: &str, opts: AgentOpts, extra: &[String]) -> Agent {
+        Self::launch(bin, opts, extra, None, true)
+    }
+
+    fn launch(
+        bin: &str,
+        opts: AgentOpts,
+        extra: &[String],
+        nofile: Option<u64>,
+        stay: bool,
+    ) -> Agent {
         let tmp = TempDir::new(&format!("agent-{}", opts.name));
         let log_path = tmp.path().join("agent.log");
         let audit_path = tmp.path().join("audit.jsonl");
@@ -87,7 +104,11 @@ impl Agent {
         args.push("--cgroup".into());
         args.push(opts.cgroup.display().to_string());
         args.push("--agent-cgroup".into());
-        args.push(opts.agent_cgroup.display().to_string());
+        if stay {
+            args.push("self".into());
+        } else {
+            args.push(opts.agent_cgroup.display().to_string());
+        }
         if !extra.iter().any(|a| a == "--state-dir") {
             args.push("--state-dir".into());
             args.push(tmp.path().join("state").display().to_string());
@@ -96,6 +117,10 @@ impl Agent {
 
         let log = File::create(&log_path).expect("create agent log");
         let mut cmd = Command::new(bin);
+        if stay {
+            std::fs::create_dir_all(&opts.agent_cgroup).expect("create the agent's cgroup");
+            crate::cgroup::spawn_in_cgroup(&mut cmd, &opts.agent_cgroup);
+        }
         if let Some(n) = nofile {
             let limit = libc::rlimit {
                 rlim_cur: n,

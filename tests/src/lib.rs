@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod cgroup;
 pub mod client;
 pub mod echo;
+pub mod held;
 pub mod hosts;
 pub mod lenient;
 pub mod netns;

@@ -289,6 +289,15 @@ impl PodNet {
         }
     }
 
+    /// Delete `pod` as a runtime deletes a sandbox: its pin goes, then its namespace, then its
+    /// cgroup.
+    pub fn remove(&self, pod: Pod) {
+        self.pins.unpin(&pod.ns);
+        let cgroup = pod.cgroup.clone();
+        drop(pod);
+        let _ = std::fs::remove_dir(&cgroup);
+    }
+
     /// Run `f` inside the remote host's namespace (bind a server there).
     pub fn on_remote<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         in_netns(&self.remote.path(), f)

@@ -79,3 +79,51 @@ fn run_without_a_server_says_what_to_pass() {
         "{out}"
     );
 }
+
+/// A binding on a cgroup subtree a non-root user can write (a delegated subtree, as systemd's
+/// `user@UID.service`) would let that user's processes move into whichever cgroup's policy
+/// they prefer: the config is refused, naming the line and column of the selector.
+#[test]
+fn a_binding_on_a_cgroup_a_user_can_write_stops_the_agent() {
+    mcpwarden_tests::require_root();
+    let cg = mcpwarden_tests::TestCgroup::new("startup-deleg");
+    let delegated = cg.child("user-sessions");
+    std::os::unix::fs::chown(&delegated, Some(1000), Some(1000)).expect("chown the cgroup");
+    let dir = TempDir::new("startup-deleg");
+    std::fs::write(dir.path().join("p.json"), POLICY).expect("write policy");
+    let rel = cg.child_rel_path("user-sessions");
+    let config = dir.path().join("mcpwarden.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "servers:\n  - url: http://127.0.0.1:9/mcp\n    policy: p.json\nbindings:\n  - match: {{cgroup: \"{rel}/*.scope\"}}\n    policy: p.json\n"
+        ),
+    )
+    .expect("write config");
+    let config_s = config.display().to_string();
+    let (ok, out) = run_agent(&["run", "--config", &config_s]);
+    assert!(!ok, "the agent started with a binding users can pick:\n{out}");
+    assert!(out.contains(&format!("{config_s}:5:")), "no file:line:column in:\n{out}");
+    assert!(out.contains("uid 1000 can write"), "{out}");
+    assert!(out.contains("Hint:"), "{out}");
+}
+
+/// The interceptor listens in every namespace it serves: on anything but loopback it would be
+/// reachable from the network.
+#[test]
+fn a_listen_address_that_is_not_loopback_stops_the_agent() {
+    let dir = TempDir::new("startup-listen");
+    std::fs::write(dir.path().join("p.json"), POLICY).expect("write policy");
+    let policy = dir.path().join("p.json").display().to_string();
+    let (ok, out) = run_agent(&[
+        "run",
+        "--endpoint",
+        "http://127.0.0.1:9/mcp",
+        "--policy",
+        &policy,
+        "--listen",
+        "0.0.0.0:15001",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("not a loopback address"), "{out}");
+}

@@ -11,73 +11,11 @@ use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Channel};
-use hyper::body::Frame;
+use mcpwarden_tests::held::HeldStream;
 use mcpwarden_tests::{free_addr, spawn_in_cgroup, test_ip, Agent, AgentOpts, TestCgroup};
-use tokio::sync::Notify;
-
-/// An SSE endpoint at /mcp: `data: one`, then (once released) `data: two`, then the end.
-struct HeldStream {
-    addr: SocketAddr,
-    release: Arc<Notify>,
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl HeldStream {
-    fn start(addr: SocketAddr) -> HeldStream {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let release = Arc::new(Notify::new());
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .expect("bind the SSE server");
-        let addr = listener.local_addr().expect("local addr");
-        let gate = release.clone();
-        runtime.spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |_req| {
-                        let gate = gate.clone();
-                        async move {
-                            let (mut tx, body) = Channel::<Bytes, hyper::Error>::new(4);
-                            tokio::spawn(async move {
-                                let _ = tx
-                                    .send(Frame::data(Bytes::from_static(b"data: one\n\n")))
-                                    .await;
-                                gate.notified().await;
-                                let _ = tx
-                                    .send(Frame::data(Bytes::from_static(b"data: two\n\n")))
-                                    .await;
-                            });
-                            let resp = http::Response::builder()
-                                .header("content-type", "text/event-stream")
-                                .body(body.boxed())
-                                .expect("response");
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        HeldStream {
-            addr,
-            release,
-            _runtime: runtime,
-        }
-    }
-}
 
 #[test]
 fn sse_events_are_delivered_while_the_stream_is_open() {
@@ -131,7 +69,7 @@ fn sse_events_are_delivered_while_the_stream_is_open() {
         }
     };
     wait_for("event=one");
-    server.release.notify_one();
+    server.release();
     wait_for("event=two");
     let status = child.wait().expect("client exit");
     assert!(status.success(), "{status}");

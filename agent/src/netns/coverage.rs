@@ -695,9 +695,13 @@ impl State {
                 }
             }
             Kind::Unprepared => {
-                // Prepare first: the record can then name the namespace.
+                // Prepare first: the record can then name the namespace. The caller may be
+                // gone already; its namespace may be pinned.
                 if !self.entries.get(&ev.kernel.netns).is_some_and(|e| e.served) {
                     self.add_pid(ev.kernel.pid);
+                }
+                if !self.entries.contains_key(&ev.kernel.netns) {
+                    self.rescan_pins();
                 }
                 if self.unprepared_audited.insert(ev.kernel.netns) {
                     self.audit_unprepared(&ev);

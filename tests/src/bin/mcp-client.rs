@@ -24,6 +24,10 @@
 //! mcp-client peer ADDR [URLPATH BODY]                     TCP connect; prints peer= and local=
 //!     (getpeername, getsockname); with URLPATH and BODY, POSTs BODY on that connection and
 //!     prints the response like raw-post.
+//! mcp-client peer-from LOCAL ADDR [URLPATH BODY]        `peer`, from the local address LOCAL
+//!     (bound with SO_REUSEADDR first).
+//! mcp-client peer-abort LOCAL ADDR                        `peer-from`, then close with a reset
+//!     (SO_LINGER 0): the port is free again at once.
 //! mcp-client keepalive URL BODY...                       several POSTs on one keep-alive
 //!     connection, each after the previous response; one JSON line per response:
 //!     {"status": N, "body": "..."} or {"no_response": "...", "received": "..."}.
@@ -128,6 +132,10 @@ fn main() -> ExitCode {
         }
         "keepalive" if rest.len() >= 2 => many(&rest[0], &rest[1..], false),
         "pipeline" if rest.len() >= 2 => many(&rest[0], &rest[1..], true),
+        "peer-from" if rest.len() == 2 || rest.len() == 4 => {
+            peer_from(&rest[0], &rest[1], rest.get(2).zip(rest.get(3)), false)
+        }
+        "peer-abort" if rest.len() == 2 => peer_from(&rest[0], &rest[1], None, true),
         "tcp-echo" if rest.len() == 2 => tcp_echo(&rest[0], &rest[1]),
         "udp-echo" if rest.len() == 2 => udp_echo(&rest[0], &rest[1]),
         "udp-sendto" if rest.len() == 2 => udp_sendto(&rest[0], &rest[1]),
@@ -254,6 +262,75 @@ fn peer(addr: &str, post: Option<(&String, &String)>) -> ExitCode {
                 TIMEOUT,
             ))
         }
+    }
+}
+
+fn peer_from(
+    local: &str,
+    addr: &str,
+    post: Option<(&String, &String)>,
+    abort: bool,
+) -> ExitCode {
+    let (local, addr) = (parse_addr(local), parse_addr(addr));
+    let connected = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let socket = if local.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(local)?;
+            tokio::time::timeout(TIMEOUT, socket.connect(addr))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+                .and_then(|s| s.into_std())
+        });
+    let mut s = match connected.and_then(|s| s.set_nonblocking(false).map(|_| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("connect-error={e}");
+            return ExitCode::from(1);
+        }
+    };
+    let show = |r: std::io::Result<SocketAddr>| {
+        r.map(|a| a.to_string())
+            .unwrap_or_else(|e| format!("error: {e}"))
+    };
+    println!("peer={}", show(s.peer_addr()));
+    println!("local={}", show(s.local_addr()));
+    let _ = std::io::stdout().flush();
+    if abort {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt with a pointer to a linger struct of the given size.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        drop(s);
+        return ExitCode::SUCCESS;
+    }
+    match post {
+        None => ExitCode::SUCCESS,
+        Some((path, body)) => print_outcome(rawhttp::post_on(
+            &mut s,
+            &addr.to_string(),
+            path,
+            body.as_bytes(),
+            &[],
+            TIMEOUT,
+        )),
     }
 }
 
