@@ -888,3 +888,71 @@ fn an_agent_staying_in_its_cgroup_below_the_attach_point_does_not_loop() {
     drop(agent);
     drop(pod);
 }
+
+/// In the host's namespace, an endpoint on a loopback address (default `scope: host`) is
+/// reached by every local spelling of its port: the rest of 127.0.0.0/8, 0.0.0.0, ::, ::1, the
+/// IPv4-mapped forms, and each of the host's own interface addresses. Each is redirected and
+/// decided (a denied call is answered by the agent and never forwarded).
+#[test]
+fn every_local_spelling_of_a_host_endpoint_is_redirected_on_the_host() {
+    let rig = Rig::start("spell-host", 142, PODS_POLICY);
+    let port = rig.server.addr().port();
+    let mut spellings = vec![
+        format!("127.0.0.1:{port}"),
+        format!("127.200.0.1:{port}"),
+        format!("0.0.0.0:{port}"),
+        format!("[::]:{port}"),
+        format!("[::1]:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        format!("[::ffff:0.0.0.0]:{port}"),
+    ];
+    // The host's own interface addresses (what getifaddrs(3) lists), but link-local ones,
+    // which need a zone.
+    let out = std::process::Command::new("ip")
+        .args(["-j", "addr", "show"])
+        .output()
+        .expect("ip -j addr");
+    let addrs: Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    for iface in addrs.as_array().into_iter().flatten() {
+        for a in iface["addr_info"].as_array().into_iter().flatten() {
+            let Some(ip) = a["local"].as_str().and_then(|s| s.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+            if ip.is_loopback() || link_local {
+                continue;
+            }
+            spellings.push(SocketAddr::new(ip, port).to_string());
+        }
+    }
+    for (i, spelling) in spellings.iter().enumerate() {
+        let url = format!("http://{spelling}/mcp");
+        let deny = call_body(i as u64, "drop_cluster", json!({"cluster": "prod"}));
+        let run = rig.client(&["raw-post", &url, &deny]);
+        run.assert_status(200);
+        assert_eq!(
+            run.body_json()["result"]["content"][0]["text"],
+            DENY_TEXT_DESTRUCTIVE,
+            "{spelling} was not redirected and decided\n{}",
+            run.describe()
+        );
+        let r = rig
+            .agent
+            .wait_audit(AUDIT_WAIT, |r| r["pid"] == run.pid && r["tool"] == "drop_cluster")
+            .unwrap_or_else(|| panic!("{spelling}: not audited:\n{}", rig.agent.audit_text()));
+        assert_eq!(r["dst"], written(spelling), "{r}");
+    }
+    rig.server.assert_not_reached("drop_cluster");
+}
+
+/// How the agent writes a destination dialled as `s` (IPv4-mapped addresses as IPv4).
+fn written(s: &str) -> String {
+    let sa: SocketAddr = s.parse().expect("a socket address");
+    match sa {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()).to_string(),
+            None => sa.to_string(),
+        },
+        v4 => v4.to_string(),
+    }
+}
