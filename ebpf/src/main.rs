@@ -157,36 +157,43 @@ fn report(kind: u32, netns: u64, addr: SockKey, family: u32, sock_type: u32, per
     let _ = EVENTS.output::<Event>(&ev, 0);
 }
 
-/// Whether `dst` is an endpoint for a caller in namespace `netns`: exactly (`ENDPOINTS`), or as
-/// a local spelling of a local endpoint's port (`LOCAL_PORTS`). Returns the first server there
-/// and the record flags.
+/// Whether `dst` is an endpoint for a caller in the namespace of `ctx`: exactly
+/// (`ENDPOINTS`), or as a local spelling of a local endpoint's port (`LOCAL_PORTS`). Returns the
+/// first server there, the record flags and the namespace's cookie. Most destinations are
+/// neither: they cost two map lookups, and no namespace cookie is read for them.
 #[inline(always)]
-fn endpoint(dst: &SockKey, netns: u64) -> Option<(u32, u32)> {
+fn endpoint<C: EbpfContext>(ctx: &C, dst: &SockKey) -> Option<(u32, u32, u64)> {
+    // SAFETY: map lookups with stack keys; values are copied out.
+    let exact = unsafe { ENDPOINTS.get(dst) }.copied();
+    let port = dst.port as u32;
+    let local = unsafe { LOCAL_PORTS.get(&port) }.copied();
+    if exact.is_none() && local.is_none() {
+        return None;
+    }
+    let netns = netns_of(ctx);
     let want = if netns == config().host_netns {
         SCOPE_HOST
     } else {
         SCOPE_PODS
     };
-    // SAFETY: map lookups with stack keys; values are copied out.
-    if let Some(v) = unsafe { ENDPOINTS.get(dst) }.copied() {
+    if let Some(v) = exact {
         if v.scope & want != 0 {
-            return Some((v.server, 0));
+            return Some((v.server, 0, netns));
         }
     }
-    let port = dst.port as u32;
-    let v = unsafe { LOCAL_PORTS.get(&port) }.copied()?;
+    let v = local?;
     if v.scope & want == 0 {
         return None;
     }
     if dst.is_self() {
-        return Some((v.server, REC_LOCAL));
+        return Some((v.server, REC_LOCAL, netns));
     }
     let key = NetnsAddr {
         netns,
         addr: dst.addr,
     };
     unsafe { LOCAL_ADDRS.get(&key) }?;
-    Some((v.server, REC_LOCAL))
+    Some((v.server, REC_LOCAL, netns))
 }
 
 /// Build the record of a connect() by the current task to `orig`.
@@ -226,13 +233,12 @@ fn decide_connect(ctx: &SockAddrContext, dst: SockKey, family: u32) -> Verdict {
     if sock_type != SOCK_STREAM && sock_type != SOCK_DGRAM {
         return Verdict::Pass;
     }
+    let Some((server, flags, netns)) = endpoint(ctx, &dst) else {
+        return Verdict::Pass;
+    };
     if is_agent() {
         return Verdict::Pass;
     }
-    let netns = netns_of(ctx);
-    let Some((server, flags)) = endpoint(&dst, netns) else {
-        return Verdict::Pass;
-    };
     if sock_type == SOCK_DGRAM {
         report(EV_UDP, netns, dst, family, sock_type, false);
         return Verdict::Refuse;
@@ -350,11 +356,10 @@ pub fn mcpw_connect6(ctx: SockAddrContext) -> i32 {
 /// address).
 #[inline(always)]
 fn decide_sendmsg(ctx: &SockAddrContext, dst: SockKey, family: u32) -> i32 {
-    if is_agent() {
+    let Some((_, _, netns)) = endpoint(ctx, &dst) else {
         return ALLOW;
-    }
-    let netns = netns_of(ctx);
-    if endpoint(&dst, netns).is_none() {
+    };
+    if is_agent() {
         return ALLOW;
     }
     report(EV_UDP, netns, dst, family, SOCK_DGRAM, false);
