@@ -145,17 +145,7 @@ pub enum TlsMode {
     Passthrough,
 }
 
-/// Which network namespaces a server's address means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Scope {
-    /// The host's namespace only (and host-network pods).
-    Host,
-    /// Every namespace but the host's: inside a pod, a loopback address is the pod's own.
-    Pods,
-    /// Every namespace.
-    All,
-}
+pub use crate::redirect::resolve::Scope;
 
 /// Whether raw sockets (`SOCK_RAW`, `AF_PACKET`) may be opened below the attach point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]

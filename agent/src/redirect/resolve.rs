@@ -29,7 +29,18 @@ use mcpwarden_common::{EndpointValue, SockKey, SCOPE_HOST, SCOPE_PODS};
 use tokio::time::Instant;
 
 use super::Redirector;
-use crate::config::Scope;
+
+/// Which network namespaces a server's address means (its `scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// The host's namespace only (and host-network pods).
+    Host,
+    /// Every namespace but the host's: inside a pod, a loopback address is the pod's own.
+    Pods,
+    /// Every namespace.
+    All,
+}
 
 /// Re-resolve no sooner than this, whatever the TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(5);
