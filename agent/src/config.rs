@@ -959,6 +959,82 @@ mod tests {
     }
 
     #[test]
+    fn scopes_netns_dirs_raw_sockets_and_loopback_listeners() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mcpwarden-cfg-ns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("c.yaml");
+        std::fs::write(
+            &file,
+            "netns_dirs: [/var/run/netns]\nraw_sockets: allow\nagent_cgroup: self\nservers:\n  \
+             - {url: http://127.0.0.1:1/mcp, policy: p.json, scope: pods}\n  \
+             - {url: http://10.0.0.5:2/mcp, policy: p.json}\n",
+        )?;
+        let c = Config::assemble(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })?;
+        assert_eq!(c.servers[0].scope, Some(Scope::Pods));
+        assert_eq!(c.servers[1].scope, None);
+        assert_eq!(c.netns_dirs, vec![PathBuf::from("/var/run/netns")]);
+        assert_eq!(c.raw_sockets, RawSockets::Allow);
+        assert_eq!(c.agent_cgroup, PathBuf::from(AGENT_CGROUP_SELF));
+        // Flags win; the defaults without either.
+        let c = Config::assemble(Flags {
+            config: Some(file.clone()),
+            netns_dirs: vec!["/run/pins".into()],
+            raw_sockets: Some(RawSockets::Deny),
+            ..Flags::default()
+        })?;
+        assert_eq!(c.netns_dirs, vec![PathBuf::from("/run/pins")]);
+        assert_eq!(c.raw_sockets, RawSockets::Deny);
+        let plain = Config::assemble(Flags {
+            endpoints: vec!["http://127.0.0.1:1/mcp".into()],
+            policies: vec!["p.json".into()],
+            ..Flags::default()
+        })?;
+        assert_eq!(plain.netns_dirs.len(), DEFAULT_NETNS_DIRS.len());
+        assert_eq!(plain.raw_sockets, RawSockets::Deny);
+        std::fs::write(&file, "servers:\n  - {url: http://127.0.0.1:1/mcp, policy: p.json, scope: everywhere}\n")?;
+        let err = load_error(&std::fs::read_to_string(&file)?, "c.yaml");
+        assert!(err.starts_with("c.yaml:2:"), "{err}");
+        let err = Config::assemble(Flags {
+            endpoints: vec!["http://127.0.0.1:1/mcp".into()],
+            policies: vec!["p.json".into()],
+            listen: vec!["10.0.0.1:15001".parse()?],
+            ..Flags::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("not a loopback address"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_binding_that_can_match_a_users_cgroups_names_its_line_and_column() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mcpwarden-cfg-deleg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("c.yaml");
+        std::fs::write(
+            &file,
+            "servers:\n  - {url: http://127.0.0.1:1/mcp, policy: p.json}\nbindings:\n  - match: {cgroup: \"/user.slice/**\"}\n    policy: p.json\n",
+        )?;
+        let err = Config::assemble(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        // Any user who logs in later gets a delegated subtree there.
+        assert!(err.starts_with(&format!("{}:4:22: bindings[0]", file.display())), "{err}");
+        assert!(err.contains("Hint:"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn no_tls_prewarm_overrides_the_file() -> Result<()> {
         let dir =
             std::env::temp_dir().join(format!("mcpwarden-cfg-prewarm-{}", std::process::id()));

@@ -655,6 +655,9 @@ impl State {
     /// Every few seconds: the pins and the processes (events may be lost), pending namespaces
     /// again, and namespaces with no pin whose last process left.
     fn sweep(&mut self) {
+        // Callers that stopped being refused long ago: forget them (and their unwritten repeats).
+        self.refusals
+            .retain(|_, (last, _)| last.elapsed() < REFUSAL_INTERVAL * 10);
         self.rescan_pins();
         self.scan_processes();
         let pending: Vec<u64> = self
