@@ -23,7 +23,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use mcpwarden_common::SockKey;
 use tokio::{
     io::{unix::AsyncFd, Interest},
     sync::mpsc,
@@ -447,15 +446,8 @@ impl State {
         if !errors.is_empty() {
             tracing::info!(netns = e.netns.ino, name = %e.netns.name, "some interceptor addresses are not available there: {}", errors.join("; "));
         }
-        let addrs: BTreeSet<IpAddr> = e.netns.addresses().unwrap_or_default().into_iter().collect();
-        let mapped: BTreeSet<[u32; 4]> = addrs
-            .iter()
-            .map(|ip| SockKey::from_socket_addr(SocketAddr::new(*ip, 0)).addr)
-            .collect();
-        if let Err(err) = self.redirector.set_local_addrs(cookie, &mapped) {
-            tracing::error!(netns = e.netns.ino, error = %format!("{err:#}"), "writing the namespace's addresses failed");
-        }
-        e.addrs = addrs;
+        let addrs = e.netns.addresses().unwrap_or_default().into_iter().collect();
+        store_addrs(&self.redirector, e, addrs);
         if self
             .accept
             .send(ListenerMsg::Serve {
@@ -538,14 +530,7 @@ impl State {
         if addrs == e.addrs {
             return;
         }
-        let mapped: BTreeSet<[u32; 4]> = addrs
-            .iter()
-            .map(|ip| SockKey::from_socket_addr(SocketAddr::new(*ip, 0)).addr)
-            .collect();
-        if let Err(err) = self.redirector.set_local_addrs(cookie, &mapped) {
-            tracing::error!(netns = e.netns.ino, error = %format!("{err:#}"), "writing the namespace's addresses failed");
-        }
-        e.addrs = addrs;
+        store_addrs(&self.redirector, e, addrs);
         if e.netns.host {
             self.publish_host_addrs(cookie);
         }
@@ -793,6 +778,14 @@ impl State {
         rec.repeats = (repeats > 0).then_some(repeats);
         self.write(&rec);
     }
+}
+
+/// The namespace's addresses are `addrs` now: in the programs' map and in its entry.
+fn store_addrs(redirector: &Redirector, e: &mut Entry, addrs: BTreeSet<IpAddr>) {
+    if let Err(err) = redirector.set_local_addrs(e.netns.cookie, &addrs) {
+        tracing::error!(netns = e.netns.ino, error = %format!("{err:#}"), "writing the namespace's addresses failed");
+    }
+    e.addrs = addrs;
 }
 
 /// Bind `addr` in `netns`; if a process there already holds its port, another port (the

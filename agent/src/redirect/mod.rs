@@ -13,7 +13,7 @@ pub mod resolve;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
@@ -246,8 +246,13 @@ impl Redirector {
             .unwrap_or_default()
     }
 
-    /// Make `LOCAL_ADDRS` hold exactly `addrs` (mapped form) for namespace `cookie`.
-    pub fn set_local_addrs(&self, cookie: u64, addrs: &BTreeSet<[u32; 4]>) -> Result<()> {
+    /// Make `LOCAL_ADDRS` hold exactly `addrs` for namespace `cookie`.
+    pub fn set_local_addrs(&self, cookie: u64, addrs: &BTreeSet<IpAddr>) -> Result<()> {
+        let addrs: BTreeSet<[u32; 4]> = addrs
+            .iter()
+            .map(|ip| SockKey::from_socket_addr(SocketAddr::new(*ip, 0)).addr)
+            .collect();
+        let addrs = &addrs;
         let mut guard = lock(&self.local_addrs)?;
         let LocalAddrs { map, written } = &mut *guard;
         let had = written.remove(&cookie).unwrap_or_default();
