@@ -261,6 +261,31 @@ impl Agent {
         crate::wait_for(timeout, || self.audit_lines().into_iter().find(|v| pred(v)))
     }
 
+    /// The first log line (≤ `timeout`) that contains every one of `needles`.
+    pub fn wait_log(&self, timeout: Duration, needles: &[&str]) -> Option<String> {
+        crate::wait_for(timeout, || {
+            self.log()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .map(str::to_owned)
+        })
+    }
+
+    /// Wait (≤ 30 s) until the agent says it serves the network namespace with inode `ino`;
+    /// return that log line. Panics, with the log, if it never does.
+    pub fn wait_netns_ready(&self, ino: u64) -> String {
+        self.wait_log(
+            Duration::from_secs(30),
+            &["network namespace ready", &format!("netns={ino} ")],
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "the agent never said it serves network namespace {ino}:\n{}",
+                self.log()
+            )
+        })
+    }
+
     /// Send SIGTERM and wait ≤ 10 s; then SIGKILL. Returns the exit status, and whether it had
     /// to be killed.
     pub fn terminate(&mut self) -> (ExitStatus, bool) {

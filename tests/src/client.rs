@@ -255,3 +255,68 @@ pub fn run_client_with(
     }
     run
 }
+
+/// A child process whose stdout lines arrive on a channel as it prints them (for clients that
+/// must be watched while they run: an SSE stream, a connection waiting in a queue).
+pub struct LineChild {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line received so far.
+    pub seen: Vec<String>,
+}
+
+impl LineChild {
+    /// Spawn `cmd` (stdout piped, stdin null) and read its lines on a thread.
+    pub fn spawn(mut cmd: Command) -> LineChild {
+        use std::io::BufRead;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        LineChild {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait (≤ `timeout`) for a line that satisfies `pred` and return it; None if the output
+    /// ended or the time ran out first.
+    pub fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Wait for the process to exit; return its status and every line it printed.
+    pub fn finish(mut self) -> (ExitStatus, Vec<String>) {
+        let status = self.child.wait().expect("wait for the child");
+        let rest: Vec<String> = self.lines.iter().collect();
+        self.seen.extend(rest);
+        (status, std::mem::take(&mut self.seen))
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

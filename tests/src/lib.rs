@@ -27,7 +27,7 @@ pub mod tls;
 
 pub use agent::{Agent, AgentOpts};
 pub use cgroup::{cgroup2_mount, spawn_in_cgroup, TestCgroup};
-pub use client::{run_client, run_client_env, ClientRun};
+pub use client::{run_client, run_client_env, ClientRun, LineChild};
 pub use echo::{TcpEcho, UdpEcho};
 pub use lenient::{Lenient, LenientServer};
 pub use netns::NetNs;

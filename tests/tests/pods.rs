@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::*;
 use mcpwarden_tests::{
-    free_addr, require_root, test_ip, wait_for, Agent, AgentOpts, Pod, PodNet, TestCgroup,
-    TestServer,
+    free_addr, require_root, test_ip, wait_for, Agent, AgentOpts, LineChild, Pod, PodNet,
+    TestCgroup, TestServer,
 };
 use serde_json::{json, Value};
 
@@ -31,10 +31,6 @@ const PODS_POLICY: &str = r#"{
     "drop_cluster": {"action": "deny", "reason": "destructive"}
   }
 }"#;
-
-/// How long the agent may take to say it serves a new namespace (an event the test waits for,
-/// not a timing it asserts).
-const READY_WAIT: Duration = Duration::from_secs(20);
 
 /// A test's pods: a router and a remote host with an rmcp server, an attach point with a cgroup
 /// per pod, and an agent watching the net's pin directory. Fields drop in order: the agent
@@ -108,21 +104,7 @@ impl PodRig {
 
     /// Wait until the agent says it serves `pod`'s namespace.
     fn wait_ready(&self, pod: &Pod) {
-        let mark = format!("netns={} ", pod.ino());
-        wait_for(READY_WAIT, || {
-            self.agent
-                .log()
-                .lines()
-                .any(|l| l.contains("network namespace ready") && l.contains(&mark))
-                .then_some(())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "the agent never said it serves namespace {}:\n{}",
-                pod.ino(),
-                self.agent.log()
-            )
-        });
+        self.agent.wait_netns_ready(pod.ino());
     }
 
     /// Decision records of `tool` from `pid`, waiting for `n` of them.
@@ -467,12 +449,7 @@ fn squatting_udp_and_raw_sockets_are_refused_in_a_pod() {
 
 /// The interceptor's IPv4 port in `pod`'s namespace, from the agent's log.
 fn listen_port(rig: &PodRig, pod: &Pod) -> u16 {
-    let mark = format!("netns={} ", pod.ino());
-    let log = rig.agent.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("network namespace ready") && l.contains(&mark))
-        .unwrap_or_else(|| panic!("no ready line for {}:\n{log}", pod.ino()));
+    let line = rig.agent.wait_netns_ready(pod.ino());
     let v4 = line
         .split("v4=Some(")
         .nth(1)
@@ -550,15 +527,7 @@ fn every_local_spelling_of_a_pod_local_endpoint_is_redirected() {
             net.pins.path().display().to_string(),
         ],
     );
-    let mark = format!("netns={} ", pod.ino());
-    wait_for(READY_WAIT, || {
-        agent
-            .log()
-            .lines()
-            .any(|l| l.contains("network namespace ready") && l.contains(&mark))
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("pod not served:\n{}", agent.log()));
+    agent.wait_netns_ready(pod.ino());
     let spellings = [
         format!("127.0.0.1:{port}"),
         format!("127.9.8.7:{port}"),
@@ -638,41 +607,20 @@ fn records_are_per_namespace_and_per_connection() {
     for (pod, text) in [(&a, "a"), (&b, "b")] {
         let body = call_body(1, "echo", json!({"text": text}));
         let mut cmd = pod.command(CLIENT_BIN);
-        cmd.args(["peer-from", &local, &server, "/mcp", &body])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn mcp-client");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        cmd.args(["peer-from", &local, &server, "/mcp", &body]);
+        let mut client = LineChild::spawn(cmd);
         // Connected (and queued, since the agent is stopped) once it prints its local address.
-        let mut lines = Vec::new();
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("pod {text}: the client never connected: {lines:?}"));
-            lines.push(line.clone());
-            if line.starts_with("connect-error=") {
-                panic!("pod {text}: {lines:?}");
-            }
-            if line.starts_with("local=") {
-                assert_eq!(line, format!("local={local}"), "{lines:?}");
-                break;
-            }
-        }
-        waiting.push((pod, text, child, rx, lines));
+        let line = client
+            .wait_line(Duration::from_secs(30), |l| {
+                l.starts_with("local=") || l.starts_with("connect-error=")
+            })
+            .unwrap_or_else(|| panic!("pod {text}: the client never connected"));
+        assert_eq!(line, format!("local={local}"), "pod {text}: {:?}", client.seen);
+        waiting.push((pod, text, client));
     }
     drop(resume);
-    for (pod, text, mut child, rx, mut lines) in waiting {
-        let status = child.wait().expect("client exit");
-        lines.extend(rx.iter());
+    for (pod, text, client) in waiting {
+        let (status, lines) = client.finish();
         assert!(status.success(), "pod {text}: {lines:?}");
         let pid: u32 = lines[0]
             .strip_prefix("pid=")
@@ -776,49 +724,26 @@ fn an_sse_stream_is_held_open_from_a_pod() {
         ],
     );
     let pod = net.pod("sse", attach.join("sse"), true, true);
-    let mark = format!("netns={} ", pod.ino());
-    wait_for(READY_WAIT, || {
-        agent
-            .log()
-            .lines()
-            .any(|l| l.contains("network namespace ready") && l.contains(&mark))
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("pod not served:\n{}", agent.log()));
+    agent.wait_netns_ready(pod.ino());
     let mut cmd = pod.command(CLIENT_BIN);
-    cmd.args(["sse-get", &url])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn mcp-client");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+    cmd.args(["sse-get", &url]);
+    let mut client = LineChild::spawn(cmd);
+    for want in ["event=one", "event=two"] {
+        if client
+            .wait_line(Duration::from_secs(30), |l| l == want)
+            .is_none()
+        {
+            panic!(
+                "{want:?} never reached the client (seen {:?}):\n{}",
+                client.seen,
+                agent.audit_text()
+            );
         }
-    });
-    let mut seen = Vec::new();
-    let mut wait_line = |want: &str| loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => {
-                seen.push(line.clone());
-                if line == want {
-                    return;
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!("{want:?} never reached the client (seen {seen:?}):\n{}", agent.audit_text());
-            }
+        if want == "event=one" {
+            stream.release();
         }
-    };
-    wait_line("event=one");
-    stream.release();
-    wait_line("event=two");
-    let status = child.wait().expect("client exit");
+    }
+    let (status, _) = client.finish();
     assert!(status.success(), "{status}");
     let record = agent
         .audit_lines()

@@ -41,15 +41,7 @@ fn cycle(net: &mut PodNet, agent: &Agent, attach: &std::path::Path, url: &str, n
         })
         .collect();
     for pod in &pods {
-        let mark = format!("netns={} ", pod.ino());
-        wait_for(Duration::from_secs(30), || {
-            agent
-                .log()
-                .lines()
-                .any(|l| l.contains("network namespace ready") && l.contains(&mark))
-                .then_some(())
-        })
-        .unwrap_or_else(|| panic!("pod {} not served:\n{}", pod.ino(), agent.log()));
+        agent.wait_netns_ready(pod.ino());
     }
     std::thread::scope(|s| {
         for (i, pod) in pods.iter().enumerate() {
@@ -67,14 +59,9 @@ fn cycle(net: &mut PodNet, agent: &Agent, attach: &std::path::Path, url: &str, n
     }
     for ino in inos {
         let mark = format!("netns={ino} ");
-        wait_for(Duration::from_secs(30), || {
-            agent
-                .log()
-                .lines()
-                .any(|l| l.contains("no longer served") && l.contains(&mark))
-                .then_some(())
-        })
-        .unwrap_or_else(|| panic!("namespace {ino} never let go:\n{}", agent.log()));
+        agent
+            .wait_log(Duration::from_secs(30), &["no longer served", &mark])
+            .unwrap_or_else(|| panic!("namespace {ino} never let go:\n{}", agent.log()));
     }
 }
 

@@ -7,15 +7,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use mcpwarden_tests::held::HeldStream;
-use mcpwarden_tests::{free_addr, spawn_in_cgroup, test_ip, Agent, AgentOpts, TestCgroup};
+use mcpwarden_tests::{
+    free_addr, spawn_in_cgroup, test_ip, Agent, AgentOpts, LineChild, TestCgroup,
+};
 
 #[test]
 fn sse_events_are_delivered_while_the_stream_is_open() {
@@ -36,42 +36,25 @@ fn sse_events_are_delivered_while_the_stream_is_open() {
     );
 
     let mut cmd = Command::new(CLIENT_BIN);
-    cmd.args(["sse-get", &url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    cmd.args(["sse-get", &url]);
     spawn_in_cgroup(&mut cmd, &app);
-    let mut child = cmd.spawn().expect("spawn mcp-client");
-    let stdout = child.stdout.take().expect("client stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+    let mut client = LineChild::spawn(cmd);
+    for want in ["event=one", "event=two"] {
+        if client
+            .wait_line(Duration::from_secs(30), |l| l == want)
+            .is_none()
+        {
+            panic!(
+                "{want:?} did not reach the client while the stream was open (seen {:?}); audit:\n{}",
+                client.seen,
+                agent.audit_text()
+            );
         }
-    });
-    let mut seen = Vec::new();
-    let mut wait_for = |want: &str| loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => {
-                seen.push(line.clone());
-                if line == want {
-                    return;
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "{want:?} did not reach the client while the stream was open (seen {seen:?}); audit:\n{}",
-                    agent.audit_text()
-                );
-            }
+        if want == "event=one" {
+            server.release();
         }
-    };
-    wait_for("event=one");
-    server.release();
-    wait_for("event=two");
-    let status = child.wait().expect("client exit");
+    }
+    let (status, seen) = client.finish();
     assert!(status.success(), "{status}");
     assert!(
         seen.iter()
