@@ -109,6 +109,12 @@ impl Agent {
         } else {
             args.push(opts.agent_cgroup.display().to_string());
         }
+        // Namespaces pinned on the host (other tests' `ip netns add`) are not this agent's
+        // business unless a test says so: by default it watches an empty directory of its own.
+        if !extra.iter().any(|a| a == "--netns-dir") {
+            args.push("--netns-dir".into());
+            args.push(tmp.path().join("netns-pins").display().to_string());
+        }
         if !extra.iter().any(|a| a == "--state-dir") {
             args.push("--state-dir".into());
             args.push(tmp.path().join("state").display().to_string());
