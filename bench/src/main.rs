@@ -5,6 +5,8 @@
 
 mod load;
 mod nginx;
+mod nsready;
+mod podrun;
 mod policyresult;
 mod policyrun;
 mod probe;
@@ -80,6 +82,17 @@ enum Cmd {
         /// Open a standalone SSE stream (GET) on each connection instead, and hold it idle.
         #[arg(long)]
         sse: bool,
+    },
+    /// Make `count` network namespaces one at a time, each pinned in `pins`, and time each from
+    /// its creation until the agent's listener `probe` is bound there; prints a JSON
+    /// `NsReadyResult`.
+    Nsready {
+        #[arg(long)]
+        pins: PathBuf,
+        #[arg(long)]
+        probe: std::net::SocketAddrV4,
+        #[arg(long)]
+        count: usize,
     },
 }
 
@@ -184,6 +197,11 @@ fn main() -> Result<()> {
             conns,
             sse: true,
         } => runtime(1)?.block_on(load::hold_sse(target, &host, conns)),
+        Cmd::Nsready { pins, probe, count } => {
+            let result = nsready::run(&pins, probe, count)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
     }
 }
 

@@ -144,6 +144,18 @@ impl Nginx {
         hop: &Hop<'_>,
         connections: usize,
     ) -> Result<Nginx> {
+        Nginx::start_in(cgroup, None, listen, hop, connections)
+    }
+
+    /// [`Nginx::start_sized`], nginx in the network namespace at `netns` (when given): `listen`
+    /// is an address there, and the start-up check connects from there.
+    pub fn start_in(
+        cgroup: &Path,
+        netns: Option<&Path>,
+        listen: SocketAddr,
+        hop: &Hop<'_>,
+        connections: usize,
+    ) -> Result<Nginx> {
         let dir = TempDir::new("nginx");
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, config(dir.path(), listen, hop, connections))?;
@@ -161,6 +173,7 @@ impl Nginx {
             // ours names the binary (xtask sets it for the bench).
             .env_remove("NGINX");
         spawn_in_cgroup(&mut cmd, cgroup);
+        let ns = crate::run::enter_netns(&mut cmd, netns)?;
         let child = cmd.spawn().with_context(|| {
             format!(
                 "starting {} (cargo xtask bench installs it)",
@@ -172,10 +185,18 @@ impl Nginx {
             listen,
             _dir: dir,
         };
-        let up = wait_for(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(listen).ok()
-        });
-        if up.is_none() {
+        drop(ns);
+        let accepts = move || {
+            wait_for(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(listen).ok()
+            })
+            .is_some()
+        };
+        let up = match netns {
+            None => accepts(),
+            Some(path) => mcpwarden_tests::pods::in_netns(path, accepts),
+        };
+        if !up {
             let log =
                 std::fs::read_to_string(nginx._dir.path().join("error.log")).unwrap_or_default();
             let _ = nginx.child.kill();

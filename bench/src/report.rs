@@ -6,6 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 
 use crate::{
+    podrun::{NsReady, PodFigures, READY_GOAL_MS},
     policyrun::{PolicyFigures, DECISION_GOAL_US},
     probe::ConnectResult,
     run::{added, ratio, Measured, Memory, Route, RunOpts, CONNECT_GOAL, ROUTES},
@@ -44,6 +45,8 @@ pub struct Report {
     pub policy: Option<PolicyFigures>,
     pub tls: Option<TlsFigures>,
     pub sse: Option<SseFigures>,
+    /// 8.
+    pub pods: Option<PodFigures>,
     pub attempts: Vec<(String, usize, Option<String>)>,
     pub agent_log_errors: Vec<String>,
 }
@@ -147,12 +150,17 @@ impl Report {
         writeln!(
             o,
             "\nEvery cell is min / **median** / max over {} repeat(s); within a repeat the three routes run one after another, in an order rotated from repeat to repeat. \
-             Latencies in µs. *Added* = route − direct, computed per repeat. All traffic is on loopback; client, proxy and server share the machine's cores.\n",
-            self.repeats
+             Latencies in µs. *Added* = route − direct, computed per repeat. All traffic is on loopback{}; client, proxy and server share the machine's cores.\n",
+            self.repeats,
+            if self.pods.is_some() {
+                " (in 8, also on veth pairs between network namespaces of the bench's own)"
+            } else {
+                ""
+            }
         )?;
         self.render_goals(o)?;
-        // Scenarios 1–4 run together, or not at all (`--tls-only`, `--sse-only`); `--cpu-only`
-        // runs 2a and 3 alone.
+        // Scenarios 1–4 run together, or not at all (`--tls-only`, `--sse-only`, `--pods-only`);
+        // `--cpu-only` runs 2a and 3 alone.
         if !self.connect.is_empty() {
             self.render_connect(o)?;
         }
@@ -186,6 +194,9 @@ impl Report {
         }
         if let Some(sse) = &self.sse {
             self.render_sse(o, sse)?;
+        }
+        if let Some(pods) = &self.pods {
+            self.render_pods(o, pods)?;
         }
         writeln!(o, "### Repeats and noise\n")?;
         for (name, attempts, noisy) in &self.attempts {
@@ -229,6 +240,9 @@ impl Report {
         }
         if let Some(sse) = &self.sse {
             sse_goals(o, sse)?;
+        }
+        if let Some(pods) = &self.pods {
+            pods_goals(o, pods)?;
         }
         writeln!(o)
     }
@@ -323,47 +337,7 @@ impl Report {
         let calls = runs.first().map_or(0, |r| r[0].load.calls);
         writeln!(o, "### {title}\n")?;
         writeln!(o, "About {calls} measured calls per route per repeat.\n")?;
-        writeln!(o, "| route | p50 | p99 | p999 | added p50 | added p99 | added p999 | proxy CPU µs per call |{}", if open { " calls late |" } else { "" })?;
-        writeln!(
-            o,
-            "|---|---|---|---|---|---|---|---|{}",
-            if open { "---|" } else { "" }
-        )?;
-        for route in ROUTES {
-            let i = route_index(route);
-            let pick =
-                |f: fn(&crate::load::LoadResult) -> f64| spread(runs.iter().map(|r| f(&r[i].load)));
-            let add = |f: fn(&crate::load::LoadResult) -> f64| {
-                if route == Route::Direct {
-                    "—".to_owned()
-                } else {
-                    cell(added(runs, route, f), 1)
-                }
-            };
-            write!(
-                o,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                route.name(),
-                cell(pick(|l| l.p50_us), 1),
-                cell(pick(|l| l.p99_us), 1),
-                cell(pick(|l| l.p999_us), 1),
-                add(|l| l.p50_us),
-                add(|l| l.p99_us),
-                add(|l| l.p999_us)
-            )?;
-            let cpu = spread(runs.iter().filter_map(|r| r[i].proxy_cpu_us_per_call));
-            let cpu = if route == Route::Direct {
-                "—".to_owned()
-            } else {
-                cell(cpu, 1)
-            };
-            write!(o, " {cpu} |")?;
-            if open {
-                write!(o, " {} |", runs.iter().map(|r| r[i].load.late).sum::<u64>())?;
-            }
-            writeln!(o)?;
-        }
-        writeln!(o)
+        latency_table(o, runs, open)
     }
 
     fn render_saturation(&self, o: &mut String) -> std::fmt::Result {
@@ -372,29 +346,7 @@ impl Report {
             "### 3. Saturation throughput, 32 connections, closed loop\n"
         )?;
         writeln!(o, "Proxy CPU is the agent's (or the nginx worker's) user + system time from /proc/PID/stat over the run, divided by the calls it carried (10 ms clock ticks).\n")?;
-        writeln!(o, "| route | calls/s | ÷ direct | proxy CPU µs per call |")?;
-        writeln!(o, "|---|---|---|---|")?;
-        for route in ROUTES {
-            let i = route_index(route);
-            let cps = spread(self.saturation.iter().map(|r| r[i].load.calls_per_s));
-            let rat = if route == Route::Direct {
-                "1".to_owned()
-            } else {
-                cell(ratio(&self.saturation, route, |l| l.calls_per_s), 2)
-            };
-            let cpu = spread(
-                self.saturation
-                    .iter()
-                    .filter_map(|r| r[i].proxy_cpu_us_per_call),
-            );
-            let cpu = if route == Route::Direct {
-                "—".to_owned()
-            } else {
-                cell(cpu, 1)
-            };
-            writeln!(o, "| {} | {} | {rat} | {cpu} |", route.name(), cell(cps, 0))?;
-        }
-        writeln!(o)
+        saturation_table(o, &self.saturation)
     }
 
     fn render_memory(&self, o: &mut String) -> std::fmt::Result {
@@ -632,6 +584,66 @@ impl Report {
         writeln!(o)
     }
 
+    fn render_pods(&self, o: &mut String, pods: &PodFigures) -> std::fmt::Result {
+        writeln!(
+            o,
+            "### 8. Pods: callers in network namespaces of their own\n"
+        )?;
+        writeln!(
+            o,
+            "How it is measured: a pod is a network namespace of its own (10.220.1.2) joined by a veth pair to a router namespace, behind which a \"remote host\" namespace (10.220.250.2) runs the responder; the pod's namespace is pinned (bind-mounted) in a directory as a container runtime pins a pod sandbox. \
+             The agent is restarted with the remote responder as its endpoint, that directory as its `--netns-dir`, and a fixed listen port, which it binds inside every namespace it serves. \
+             Every process of a route runs in the pod's namespace: *direct*, the load generator in a cgroup without programs dials the remote responder; *nginx*, the same load generator dials an nginx sidecar on the pod's loopback (same binary and settings as in 2a, also outside the attach point), which proxies to the remote responder; *mcpwarden*, the load generator in a cgroup below the attach point dials the remote responder, connect4 sends it to the agent's listener inside the pod, and the agent dials the responder from the pod's namespace. \
+             Every route crosses the router: the responder sees the pod's address. On the mcpwarden route the audit log must hold a `request` record per call, on the others none.\n"
+        )?;
+        self.render_latency(
+            o,
+            "8a. tools/call from a pod on one keep-alive connection (closed loop)",
+            &pods.one_conn,
+            false,
+        )?;
+        writeln!(
+            o,
+            "### 8b. Saturation throughput from a pod, 32 connections, closed loop ({:.0} s per route per repeat)\n",
+            pods.saturation_secs
+        )?;
+        saturation_table(o, &pods.saturation)?;
+
+        writeln!(
+            o,
+            "### 8c. Namespace ready: from a namespace's creation until the agent serves it ({} new namespaces per repeat)\n",
+            pods.namespaces
+        )?;
+        writeln!(
+            o,
+            "How it is measured: `mcpwarden-bench nsready`, in a cgroup outside the attach point (none of its sockets raises an event of the programs: the pin is the only way the agent learns of a namespace), makes one namespace at a time: the clock starts, `unshare(CLONE_NEWNET)`, a pin file in the agent's `--netns-dir` with the new namespace bind-mounted onto it; then every 200 µs a fresh socket in the namespace tries to bind the agent's listen address (`SO_REUSEADDR`, like the agent's listener, so the probe never keeps the agent from binding): `EADDRINUSE` means the agent's listener is there, and the clock stops. \
+             The namespace's loopback is left down: the interceptor's address is bound there all the same. The pin is then removed (the agent lets go of the namespace) and, 20 ms later, the next namespace is made. \
+             *The agent's own* is the `ready_ms` of its `network namespace ready` log lines: from noticing the pin to serving the namespace, without the mount, the mount table's wake-up and the probe's polling.\n"
+        )?;
+        writeln!(o, "| | namespaces | p50 | p99 | max |")?;
+        writeln!(o, "|---|---|---|---|---|")?;
+        writeln!(
+            o,
+            "| creation → the agent's listener bound there (probe), per repeat | {} | {} ms | {} ms | {} ms |",
+            pods.namespaces,
+            cell(spread(pods.ready.iter().map(|r| r.quantile(0.5))), 2),
+            cell(spread(pods.ready.iter().map(|r| r.quantile(0.99))), 2),
+            cell(spread(pods.ready.iter().map(NsReady::max)), 2)
+        )?;
+        let own = NsReady {
+            ms: pods.agent_ready_ms.clone(),
+        };
+        writeln!(
+            o,
+            "| the agent's own `ready_ms`, all repeats together | {} of {} | {:.2} ms | {:.2} ms | {:.2} ms |\n",
+            own.ms.len(),
+            pods.namespaces * pods.ready.len(),
+            own.quantile(0.5),
+            own.quantile(0.99),
+            own.max()
+        )
+    }
+
     fn render_criterion(&self, o: &mut String) -> std::fmt::Result {
         writeln!(o, "### 5a. In-process costs (criterion)\n")?;
         if self.criterion.is_empty() {
@@ -655,6 +667,76 @@ impl Report {
         }
         writeln!(o)
     }
+}
+
+/// The table of a latency scenario (2a, 2b, 6a, 7a, 8a): per route, quantiles, added quantiles
+/// and the proxy's CPU per call (and, `open`, the calls that left late).
+fn latency_table(o: &mut String, runs: &[[Measured; 3]], open: bool) -> std::fmt::Result {
+    writeln!(o, "| route | p50 | p99 | p999 | added p50 | added p99 | added p999 | proxy CPU µs per call |{}", if open { " calls late |" } else { "" })?;
+    writeln!(
+        o,
+        "|---|---|---|---|---|---|---|---|{}",
+        if open { "---|" } else { "" }
+    )?;
+    for route in ROUTES {
+        let i = route_index(route);
+        let pick =
+            |f: fn(&crate::load::LoadResult) -> f64| spread(runs.iter().map(|r| f(&r[i].load)));
+        let add = |f: fn(&crate::load::LoadResult) -> f64| {
+            if route == Route::Direct {
+                "—".to_owned()
+            } else {
+                cell(added(runs, route, f), 1)
+            }
+        };
+        write!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            route.name(),
+            cell(pick(|l| l.p50_us), 1),
+            cell(pick(|l| l.p99_us), 1),
+            cell(pick(|l| l.p999_us), 1),
+            add(|l| l.p50_us),
+            add(|l| l.p99_us),
+            add(|l| l.p999_us)
+        )?;
+        let cpu = spread(runs.iter().filter_map(|r| r[i].proxy_cpu_us_per_call));
+        let cpu = if route == Route::Direct {
+            "—".to_owned()
+        } else {
+            cell(cpu, 1)
+        };
+        write!(o, " {cpu} |")?;
+        if open {
+            write!(o, " {} |", runs.iter().map(|r| r[i].load.late).sum::<u64>())?;
+        }
+        writeln!(o)?;
+    }
+    writeln!(o)
+}
+
+/// The table of a saturation scenario (3, 8b): per route, calls/s, the ratio to direct and the
+/// proxy's CPU per call.
+fn saturation_table(o: &mut String, runs: &[[Measured; 3]]) -> std::fmt::Result {
+    writeln!(o, "| route | calls/s | ÷ direct | proxy CPU µs per call |")?;
+    writeln!(o, "|---|---|---|---|")?;
+    for route in ROUTES {
+        let i = route_index(route);
+        let cps = spread(runs.iter().map(|r| r[i].load.calls_per_s));
+        let rat = if route == Route::Direct {
+            "1".to_owned()
+        } else {
+            cell(ratio(runs, route, |l| l.calls_per_s), 2)
+        };
+        let cpu = spread(runs.iter().filter_map(|r| r[i].proxy_cpu_us_per_call));
+        let cpu = if route == Route::Direct {
+            "—".to_owned()
+        } else {
+            cell(cpu, 1)
+        };
+        writeln!(o, "| {} | {} | {rat} | {cpu} |", route.name(), cell(cps, 0))?;
+    }
+    writeln!(o)
 }
 
 /// The 5b rows of the goals table: medians over repeats of each repeat's quantile.
@@ -833,6 +915,32 @@ fn sse_goals(o: &mut String, sse: &SseFigures) -> std::fmt::Result {
         )?;
     }
     Ok(())
+}
+
+/// The pods rows of the goals table.
+fn pods_goals(o: &mut String, pods: &PodFigures) -> std::fmt::Result {
+    type Pick = fn(&crate::load::LoadResult) -> f64;
+    for (q, f) in [("p50", (|l| l.p50_us) as Pick), ("p99", |l| l.p99_us)] {
+        let a = added(&pods.one_conn, Route::Agent, f).median;
+        let n = added(&pods.one_conn, Route::Nginx, f).median;
+        writeln!(
+            o,
+            "| 8a. pods, one connection: added {q} latency | informational (nginx for comparison) | {a:+.1} µs | {n:+.1} µs | — |"
+        )?;
+    }
+    let a = ratio(&pods.saturation, Route::Agent, |l| l.calls_per_s).median;
+    let n = ratio(&pods.saturation, Route::Nginx, |l| l.calls_per_s).median;
+    writeln!(
+        o,
+        "| 8b. pods, saturation throughput ÷ direct | informational (nginx for comparison) | {a:.2}× | {n:.2}× | — |"
+    )?;
+    let p99 = spread(pods.ready.iter().map(|r| r.quantile(0.99))).median;
+    writeln!(
+        o,
+        "| 8c. namespace ready (creation → served), p99 over {} namespaces | ≤ {READY_GOAL_MS:.0} ms | {p99:.2} ms | — | {} |",
+        pods.namespaces,
+        yes_no(p99 <= READY_GOAL_MS)
+    )
 }
 
 /// 10000 → "10,000".

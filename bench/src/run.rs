@@ -12,12 +12,14 @@
 //!
 //! Scenario 5b (the policy decision, [`crate::policyrun`]) runs first, in a process of its own,
 //! before any of this starts. Scenario 7 (SSE, [`crate::sserun`]) runs after 1–4, on the same agent configuration.
-//! Scenario 6 (TLS, [`crate::tlsrun`]) runs last: it adds TLS responders and a TLS-terminating
-//! nginx, and restarts the agent with `https://` endpoints.
+//! Scenario 6 (TLS, [`crate::tlsrun`]) runs after 7: it adds TLS responders and a TLS-terminating
+//! nginx, and restarts the agent with `https://` endpoints. Scenario 8 (pods, [`crate::podrun`])
+//! runs last: it adds network namespaces of its own and restarts the agent to serve them.
 
 use std::{
     io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
     net::{Ipv4Addr, SocketAddr},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -67,6 +69,10 @@ pub struct RunOpts {
     /// sections are empty.
     #[arg(long, hide = true, conflicts_with_all = ["tls_only", "sse_only", "policy_only"])]
     pub cpu_only: bool,
+    /// Run scenario 8 (pods) alone: for working on the pods harness; the report's other
+    /// sections are empty.
+    #[arg(long, hide = true, conflicts_with_all = ["tls_only", "sse_only", "policy_only", "cpu_only"])]
+    pub pods_only: bool,
     /// Repeats of each scenario instead of the mode's default (5, quick: 1).
     #[arg(long, hide = true)]
     pub repeats: Option<usize>,
@@ -195,9 +201,29 @@ pub struct Bench {
 }
 
 /// Run `cmd` in `cgroup`, wait, and return its last stdout line; stderr is passed through.
-pub fn child_output(mut cmd: Command, cgroup: &Path) -> Result<String> {
+pub fn child_output(cmd: Command, cgroup: &Path) -> Result<String> {
+    child_output_in(cmd, cgroup, None)
+}
+
+/// Make `cmd` enter the network namespace at `netns` between fork and exec, after the pre_exec
+/// hooks registered so far (joining a cgroup). The returned descriptor must stay open until
+/// the child has been spawned.
+pub fn enter_netns(cmd: &mut Command, netns: Option<&Path>) -> Result<Option<OwnedFd>> {
+    let Some(path) = netns else {
+        return Ok(None);
+    };
+    let fd: OwnedFd = std::fs::File::open(path)
+        .with_context(|| format!("opening the network namespace {}", path.display()))?
+        .into();
+    mcpwarden_tests::pods::enter_netns(cmd, &fd);
+    Ok(Some(fd))
+}
+
+/// [`child_output`], the child in the network namespace at `netns` (when given).
+pub fn child_output_in(mut cmd: Command, cgroup: &Path, netns: Option<&Path>) -> Result<String> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     spawn_in_cgroup(&mut cmd, cgroup);
+    let _ns = enter_netns(&mut cmd, netns)?;
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -252,6 +278,18 @@ pub fn spawn_listening(
     cgroup: &Path,
     extra: &[&std::ffi::OsStr],
 ) -> Result<(Proc, SocketAddr)> {
+    spawn_listening_in(exe, subcommand, ip, cgroup, None, extra)
+}
+
+/// [`spawn_listening`], the process in the network namespace at `netns` (when given).
+pub fn spawn_listening_in(
+    exe: &Path,
+    subcommand: &str,
+    ip: Ipv4Addr,
+    cgroup: &Path,
+    netns: Option<&Path>,
+    extra: &[&std::ffi::OsStr],
+) -> Result<(Proc, SocketAddr)> {
     let mut cmd = Command::new(exe);
     cmd.arg(subcommand)
         .arg("--listen")
@@ -260,6 +298,7 @@ pub fn spawn_listening(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     spawn_in_cgroup(&mut cmd, cgroup);
+    let _ns = enter_netns(&mut cmd, netns)?;
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting the {subcommand}"))?;
@@ -278,10 +317,12 @@ pub fn spawn_listening(
     Ok((proc, addr))
 }
 
-/// The agent's endpoints (each with the bench policy) and extra arguments.
+/// The agent's endpoints (each with the bench policy), its listen address and extra arguments.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub endpoints: Vec<String>,
+    /// `--listen`: [`AgentConfig::any_port`] unless a scenario needs the port known in advance.
+    pub listen: SocketAddr,
     pub extra: Vec<String>,
 }
 
@@ -289,8 +330,14 @@ impl AgentConfig {
     fn plain(upstream: SocketAddr) -> AgentConfig {
         AgentConfig {
             endpoints: vec![format!("http://{upstream}{PATH}")],
+            listen: AgentConfig::any_port(),
             extra: Vec::new(),
         }
+    }
+
+    /// The interceptor's usual address: a bench address, any port.
+    pub fn any_port() -> SocketAddr {
+        SocketAddr::new(bench_ip(2).into(), 0)
     }
 }
 
@@ -324,7 +371,7 @@ fn start_agent(
                 .iter()
                 .map(|url| (url.clone(), POLICY.to_owned()))
                 .collect(),
-            listen: vec![SocketAddr::new(bench_ip(2).into(), 0)],
+            listen: vec![config.listen],
             cgroup: redirected.to_path_buf(),
             agent_cgroup: agent_cgroup.to_path_buf(),
         },
@@ -435,13 +482,25 @@ impl Bench {
         proxy: Option<u32>,
         spec: &LoadSpec,
     ) -> Result<Measured> {
+        self.measure_in(route, cgroup, None, proxy, spec)
+    }
+
+    /// [`Bench::measure`], the load generator in the network namespace at `netns` (when given).
+    pub fn measure_in(
+        &mut self,
+        route: Route,
+        cgroup: &Path,
+        netns: Option<&Path>,
+        proxy: Option<u32>,
+        spec: &LoadSpec,
+    ) -> Result<Measured> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("load")
             .arg("--spec")
             .arg(serde_json::to_string(spec)?);
         self.audit.new_requests()?;
         let cpu_before = proxy.and_then(cpu_seconds);
-        let line = child_output(cmd, cgroup)?;
+        let line = child_output_in(cmd, cgroup, netns)?;
         let cpu_after = proxy.and_then(cpu_seconds);
         let load: LoadResult =
             serde_json::from_str(&line).with_context(|| format!("load result {line:?}"))?;
@@ -721,6 +780,17 @@ pub fn noisy_added(
     None
 }
 
+/// Scenario 3's noise: the agent's throughput ratio spread wider than its distance from 1.
+pub fn noisy_throughput(runs: &[[Measured; 3]]) -> Option<String> {
+    let s = ratio(runs, Route::Agent, |l| l.calls_per_s);
+    s.noisier_than(1.0 - s.median).then(|| {
+        format!(
+            "throughput ratio spread {:.3}–{:.3} is wider than its effect",
+            s.min, s.max
+        )
+    })
+}
+
 pub fn run(opts: RunOpts) -> Result<()> {
     let quick = opts.quick;
     let repeats = opts.repeats.unwrap_or(if quick { 1 } else { 5 }).max(1);
@@ -729,7 +799,7 @@ pub fn run(opts: RunOpts) -> Result<()> {
     report.rate = RATE;
 
     // 5b. The policy decision, in process: first, while nothing else of the bench runs.
-    if !opts.tls_only && !opts.sse_only && !opts.cpu_only {
+    if !opts.tls_only && !opts.sse_only && !opts.cpu_only && !opts.pods_only {
         report.policy = Some(crate::policyrun::run(repeats, quick)?);
     }
     if !opts.policy_only {
@@ -751,7 +821,7 @@ pub fn run(opts: RunOpts) -> Result<()> {
     Ok(())
 }
 
-/// Scenarios 1–4, 7 and 6: the agent, nginx and the responder on loopback.
+/// Scenarios 1–4, 7, 6 and 8: the agent, nginx and the responder on loopback, then pods.
 fn network(opts: &RunOpts, report: &mut Report, repeats: usize, attempts: usize) -> Result<()> {
     let mut bench = Bench::start(opts)?;
     if opts.cpu_only {
@@ -759,23 +829,31 @@ fn network(opts: &RunOpts, report: &mut Report, repeats: usize, attempts: usize)
         bench.agent.assert_running();
         return Ok(());
     }
-    if !opts.tls_only && !opts.sse_only {
+    if !opts.tls_only && !opts.sse_only && !opts.pods_only {
         plaintext(&mut bench, report, repeats, attempts)?;
     }
 
     // 7. SSE: responses as event streams, idle standalone streams. Before 6, which restarts
     // the agent with https endpoints.
-    if !opts.tls_only {
+    if !opts.tls_only && !opts.pods_only {
         let sse = crate::sserun::run(&mut bench, repeats, attempts)?;
         report.attempts.extend(sse.attempts.iter().cloned());
         report.sse = Some(sse);
     }
 
     // 6. TLS on both sides: latency on one connection, handshakes, first connections.
-    if !opts.sse_only {
+    if !opts.sse_only && !opts.pods_only {
         let tls = crate::tlsrun::run(&mut bench, repeats, attempts)?;
         report.attempts.extend(tls.attempts.iter().cloned());
         report.tls = Some(tls);
+    }
+
+    // 8. Pods: callers in network namespaces of their own. Last: it restarts the agent to serve
+    // namespaces of its own, and they are gone when it ends.
+    if !opts.tls_only && !opts.sse_only {
+        let pods = crate::podrun::run(&mut bench, repeats, attempts)?;
+        report.attempts.extend(pods.attempts.iter().cloned());
+        report.pods = Some(pods);
     }
 
     bench.agent.assert_running();
@@ -924,15 +1002,7 @@ fn saturation(
         max_calls: u64::MAX,
         secs,
     };
-    let (runs, n, why) = plan.run(bench, "saturation", |runs| {
-        let s = ratio(runs, Route::Agent, |l| l.calls_per_s);
-        s.noisier_than(1.0 - s.median).then(|| {
-            format!(
-                "throughput ratio spread {:.3}–{:.3} is wider than its effect",
-                s.min, s.max
-            )
-        })
-    })?;
+    let (runs, n, why) = plan.run(bench, "saturation", noisy_throughput)?;
     report.saturation = runs;
     report.note_attempts("saturation", n, why);
 

@@ -191,6 +191,7 @@ impl TlsWorld {
         }
         AgentConfig {
             endpoints,
+            listen: AgentConfig::any_port(),
             // 6c measures the cold path (probe + mint on a first connection), which the agent
             // otherwise does for configured origins at start.
             extra: vec![
