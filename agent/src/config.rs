@@ -994,7 +994,10 @@ mod tests {
         })?;
         assert_eq!(plain.netns_dirs.len(), DEFAULT_NETNS_DIRS.len());
         assert_eq!(plain.raw_sockets, RawSockets::Deny);
-        std::fs::write(&file, "servers:\n  - {url: http://127.0.0.1:1/mcp, policy: p.json, scope: everywhere}\n")?;
+        std::fs::write(
+            &file,
+            "servers:\n  - {url: http://127.0.0.1:1/mcp, policy: p.json, scope: everywhere}\n",
+        )?;
         let err = load_error(&std::fs::read_to_string(&file)?, "c.yaml");
         assert!(err.starts_with("c.yaml:2:"), "{err}");
         let err = Config::assemble(Flags {
@@ -1028,7 +1031,10 @@ mod tests {
         .map(|e| e.to_string())
         .unwrap_or_default();
         // Any user who logs in later gets a delegated subtree there.
-        assert!(err.starts_with(&format!("{}:4:22: bindings[0]", file.display())), "{err}");
+        assert!(
+            err.starts_with(&format!("{}:4:22: bindings[0]", file.display())),
+            "{err}"
+        );
         assert!(err.contains("Hint:"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())

@@ -228,9 +228,33 @@ impl PodNet {
         ]);
         let remote_ip = Ipv4Addr::new(10, subnet, 250, 2);
         link(&router, "rs", &remote, "eth0");
-        ip(&["-n", router.name(), "addr", "add", &format!("10.{subnet}.250.1/24"), "dev", "rs"]);
-        ip(&["-n", remote.name(), "addr", "add", &format!("{remote_ip}/24"), "dev", "eth0"]);
-        ip(&["-n", remote.name(), "route", "add", "default", "via", &format!("10.{subnet}.250.1")]);
+        ip(&[
+            "-n",
+            router.name(),
+            "addr",
+            "add",
+            &format!("10.{subnet}.250.1/24"),
+            "dev",
+            "rs",
+        ]);
+        ip(&[
+            "-n",
+            remote.name(),
+            "addr",
+            "add",
+            &format!("{remote_ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            remote.name(),
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.{subnet}.250.1"),
+        ]);
         PodNet {
             subnet,
             remote_ip,
@@ -261,7 +285,15 @@ impl PodNet {
             "dev",
             &router_side,
         ]);
-        ip(&["-n", ns.name(), "addr", "add", &format!("{ip_addr}/24"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            ns.name(),
+            "addr",
+            "add",
+            &format!("{ip_addr}/24"),
+            "dev",
+            "eth0",
+        ]);
         if routed {
             ip(&[
                 "-n",
@@ -313,7 +345,17 @@ impl PodNet {
 /// so no interface ever exists in the host's namespace.
 fn link(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) {
     ip(&[
-        "-n", a.name(), "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns",
+        "-n",
+        a.name(),
+        "link",
+        "add",
+        a_name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
         b.name(),
     ]);
     ip(&["-n", a.name(), "link", "set", a_name, "up"]);

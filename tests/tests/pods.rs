@@ -142,9 +142,20 @@ fn two_pods_are_each_under_policy_and_audited_as_themselves() {
         let run = pod.client(
             CLIENT_BIN,
             &[
-                "call", &url, "echo", r#"{"text":"from a pod"}"#, "drop_cluster", scan, "nope",
-                "{}", "start_security_scan", scan, "start_security_scan", scan,
-                "start_security_scan", scan,
+                "call",
+                &url,
+                "echo",
+                r#"{"text":"from a pod"}"#,
+                "drop_cluster",
+                scan,
+                "nope",
+                "{}",
+                "start_security_scan",
+                scan,
+                "start_security_scan",
+                scan,
+                "start_security_scan",
+                scan,
             ],
             CLIENT_TIMEOUT,
         );
@@ -164,7 +175,11 @@ fn two_pods_are_each_under_policy_and_audited_as_themselves() {
         );
 
         let want_cgroup = rig.cgroup_rel(tag);
-        for (tool, decision) in [("echo", "allow"), ("drop_cluster", "deny"), ("nope", "deny")] {
+        for (tool, decision) in [
+            ("echo", "allow"),
+            ("drop_cluster", "deny"),
+            ("nope", "deny"),
+        ] {
             let records = rig.decisions(run.pid, tool, 1);
             let r = &records[0];
             assert_eq!(r["decision"], decision, "{r}");
@@ -178,7 +193,11 @@ fn two_pods_are_each_under_policy_and_audited_as_themselves() {
     }
     let server = &rig.server;
     assert_eq!(server.calls("echo"), 2);
-    assert_eq!(server.calls("start_security_scan"), 4, "two per pod: quotas are per pod");
+    assert_eq!(
+        server.calls("start_security_scan"),
+        4,
+        "two per pod: quotas are per pod"
+    );
     server.assert_not_reached("drop_cluster");
     server.assert_not_reached("nope");
     let peers: Vec<IpAddr> = server.peers().iter().map(|p| p.ip()).collect();
@@ -213,7 +232,11 @@ fn a_pod_that_cannot_route_to_the_server_cannot_reach_it_through_mcpwarden() {
     rig.wait_ready(&pod);
     // A call with a quota: the quota is given back, since the call certainly never ran.
     let body = call_body(7, "start_security_scan", json!({"cluster": "unreachable"}));
-    let run = pod.client(CLIENT_BIN, &["raw-post", &rig.server.url(), &body], CLIENT_TIMEOUT);
+    let run = pod.client(
+        CLIENT_BIN,
+        &["raw-post", &rig.server.url(), &body],
+        CLIENT_TIMEOUT,
+    );
     run.assert_status(502);
     let text = String::from_utf8_lossy(&run.body().unwrap_or_default()).into_owned();
     assert!(
@@ -223,7 +246,9 @@ fn a_pod_that_cannot_route_to_the_server_cannot_reach_it_through_mcpwarden() {
     assert_eq!(rig.server.http_requests(), 0, "the server was reached");
     let response = rig
         .agent
-        .wait_audit(AUDIT_WAIT, |r| r["event"] == "response" && r["pid"] == run.pid)
+        .wait_audit(AUDIT_WAIT, |r| {
+            r["event"] == "response" && r["pid"] == run.pid
+        })
         .unwrap_or_else(|| panic!("no response record:\n{}", rig.agent.audit_text()));
     assert_eq!(response["status"], 502, "{response}");
     assert_eq!(response["quota_released"], true, "{response}");
@@ -243,10 +268,14 @@ fn a_namespace_made_while_the_agent_runs_is_served_from_its_first_connect() {
         CLIENT_TIMEOUT,
     );
     run.assert_success();
-    assert_eq!(result_text(&run.json_lines()[0]), "first", "{}", run.describe());
+    assert_eq!(
+        result_text(&run.json_lines()[0]),
+        "first",
+        "{}",
+        run.describe()
+    );
     assert!(
-        !rig
-            .agent
+        !rig.agent
             .audit_lines()
             .iter()
             .any(|r| r["event"] == "unprepared_netns"),
@@ -294,7 +323,11 @@ fn a_namespace_not_prepared_yet_fails_closed_and_is_audited_once() {
         "{}",
         second.describe()
     );
-    assert_eq!(rig.server.http_requests(), 0, "an unprepared namespace went direct");
+    assert_eq!(
+        rig.server.http_requests(),
+        0,
+        "an unprepared namespace went direct"
+    );
     drop(resume);
     rig.wait_ready(&pod);
     let record = rig
@@ -315,7 +348,12 @@ fn a_namespace_not_prepared_yet_fails_closed_and_is_audited_once() {
         .iter()
         .filter(|r| r["event"] == "unprepared_netns")
         .count();
-    assert_eq!(count, 1, "audited once per namespace:\n{}", rig.agent.audit_text());
+    assert_eq!(
+        count,
+        1,
+        "audited once per namespace:\n{}",
+        rig.agent.audit_text()
+    );
     let run = pod.client(
         CLIENT_BIN,
         &["call", &rig.server.url(), "echo", r#"{"text":"now"}"#],
@@ -375,7 +413,11 @@ fn squatting_udp_and_raw_sockets_are_refused_in_a_pod() {
             run.describe()
         );
     }
-    let bind = pod.client(CLIENT_BIN, &["listen", &format!("0.0.0.0:{port}")], CLIENT_TIMEOUT);
+    let bind = pod.client(
+        CLIENT_BIN,
+        &["listen", &format!("0.0.0.0:{port}")],
+        CLIENT_TIMEOUT,
+    );
     assert!(
         bind.field("bind-error")
             .unwrap_or_default()
@@ -472,7 +514,11 @@ fn getpeername_in_a_pod_reports_the_original_server() {
     let run = pod.client(CLIENT_BIN, &["peer", &addr, "/mcp", &body], CLIENT_TIMEOUT);
     run.assert_success();
     run.assert_field("peer", &addr);
-    let local: SocketAddr = run.field("local").expect("local=").parse().expect("address");
+    let local: SocketAddr = run
+        .field("local")
+        .expect("local=")
+        .parse()
+        .expect("address");
     assert!(
         local.ip().is_loopback(),
         "the connection was not redirected to the interceptor in the pod: local {local}"
@@ -496,7 +542,17 @@ fn every_local_spelling_of_a_pod_local_endpoint_is_redirected() {
     let server = mcpwarden_tests::pods::in_netns(&pod.ns_path, move || {
         TestServer::start_with_hosts(
             SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-            &["127.0.0.1", "127.9.8.7", "0.0.0.0", "[::]", "[::1]", "10.136.1.2", "[::ffff:127.0.0.1]", "[::ffff:0.0.0.0]", "[::ffff:10.136.1.2]"],
+            &[
+                "127.0.0.1",
+                "127.9.8.7",
+                "0.0.0.0",
+                "[::]",
+                "[::1]",
+                "10.136.1.2",
+                "[::ffff:127.0.0.1]",
+                "[::ffff:0.0.0.0]",
+                "[::ffff:10.136.1.2]",
+            ],
         )
     });
     let files = mcpwarden_tests::TempDir::new("pods-spell");
@@ -553,9 +609,14 @@ fn every_local_spelling_of_a_pod_local_endpoint_is_redirected() {
         let allow = call_body(100 + i as u64, "echo", json!({"text": spelling}));
         let run = pod.client(CLIENT_BIN, &["raw-post", &url, &allow], CLIENT_TIMEOUT);
         run.assert_status(200);
-        assert_eq!(run.body_json()["result"]["content"][0]["text"], spelling.as_str());
+        assert_eq!(
+            run.body_json()["result"]["content"][0]["text"],
+            spelling.as_str()
+        );
         let record = agent
-            .wait_audit(AUDIT_WAIT, |r| r["pid"] == run.pid && r["tool"] == "echo" && !r["decision"].is_null())
+            .wait_audit(AUDIT_WAIT, |r| {
+                r["pid"] == run.pid && r["tool"] == "echo" && !r["decision"].is_null()
+            })
             .unwrap_or_else(|| panic!("{spelling}: not audited:\n{}", agent.audit_text()));
         assert_eq!(record["server"], "sidecar", "{record}");
         assert_eq!(record["decision"], "allow", "{record}");
@@ -564,7 +625,10 @@ fn every_local_spelling_of_a_pod_local_endpoint_is_redirected() {
     assert_eq!(server.calls("echo"), spellings.len() as u64);
     // The host's own namespace is not the pod's: the endpoint (scope: pods) means nothing there.
     assert!(
-        !agent.audit_lines().iter().any(|r| r["netns"] != pod.ino() && !r["netns"].is_null()),
+        !agent
+            .audit_lines()
+            .iter()
+            .any(|r| r["netns"] != pod.ino() && !r["netns"].is_null()),
         "{}",
         agent.audit_text()
     );
@@ -615,7 +679,12 @@ fn records_are_per_namespace_and_per_connection() {
                 l.starts_with("local=") || l.starts_with("connect-error=")
             })
             .unwrap_or_else(|| panic!("pod {text}: the client never connected"));
-        assert_eq!(line, format!("local={local}"), "pod {text}: {:?}", client.seen);
+        assert_eq!(
+            line,
+            format!("local={local}"),
+            "pod {text}: {:?}",
+            client.seen
+        );
         waiting.push((pod, text, client));
     }
     drop(resume);
@@ -627,7 +696,9 @@ fn records_are_per_namespace_and_per_connection() {
             .and_then(|p| p.parse().ok())
             .expect("pid= line");
         assert!(
-            lines.iter().any(|l| l.contains(&format!(r#""text":"{text}""#))),
+            lines
+                .iter()
+                .any(|l| l.contains(&format!(r#""text":"{text}""#))),
             "pod {text} was not served as itself: {lines:?}\n{}",
             rig.agent.audit_text()
         );
@@ -637,8 +708,7 @@ fn records_are_per_namespace_and_per_connection() {
     }
     assert_eq!(rig.server.calls("echo"), 2);
     assert!(
-        !rig
-            .agent
+        !rig.agent
             .audit_lines()
             .iter()
             .any(|r| r["pid"] == dead.pid && !r["decision"].is_null() && r["decision"] != "deny"),
@@ -676,7 +746,14 @@ fn an_https_endpoint_is_under_policy_from_a_pod() {
     let agent_ca = rig.agent.ca_cert_path().display().to_string();
     let run = pod.client_env(
         CLIENT_BIN,
-        &["call", &url, "echo", r#"{"text":"over tls"}"#, "drop_cluster", r#"{"cluster":"x"}"#],
+        &[
+            "call",
+            &url,
+            "echo",
+            r#"{"text":"over tls"}"#,
+            "drop_cluster",
+            r#"{"cluster":"x"}"#,
+        ],
         &[("SSL_CERT_FILE", &agent_ca)],
         CLIENT_TIMEOUT,
     );
@@ -792,7 +869,8 @@ fn an_agent_staying_in_its_cgroup_below_the_attach_point_does_not_loop() {
         agent
             .log()
             .lines()
-            .any(|l| l.contains("network namespaces covered") && l.contains(&format!("net:[{}]", pod.ino()))),
+            .any(|l| l.contains("network namespaces covered")
+                && l.contains(&format!("net:[{}]", pod.ino()))),
         "{}",
         agent.log()
     );
@@ -802,7 +880,12 @@ fn an_agent_staying_in_its_cgroup_below_the_attach_point_does_not_loop() {
         CLIENT_TIMEOUT,
     );
     run.assert_success();
-    assert_eq!(result_text(&run.json_lines()[0]), "no loop", "{}", run.describe());
+    assert_eq!(
+        result_text(&run.json_lines()[0]),
+        "no loop",
+        "{}",
+        run.describe()
+    );
     assert_eq!(server.calls("echo"), 1);
     assert!(
         !agent.log().contains("no redirect record"),
@@ -863,7 +946,9 @@ fn every_local_spelling_of_a_host_endpoint_is_redirected_on_the_host() {
         );
         let r = rig
             .agent
-            .wait_audit(AUDIT_WAIT, |r| r["pid"] == run.pid && r["tool"] == "drop_cluster")
+            .wait_audit(AUDIT_WAIT, |r| {
+                r["pid"] == run.pid && r["tool"] == "drop_cluster"
+            })
             .unwrap_or_else(|| panic!("{spelling}: not audited:\n{}", rig.agent.audit_text()));
         assert_eq!(r["dst"], written(spelling), "{r}");
     }

@@ -33,7 +33,14 @@ fn figures(pid: u32) -> (usize, u64) {
 
 /// Create `n` pods, wait until the agent serves each, make one call from each (in parallel),
 /// delete them, and wait until the agent has let go of every one.
-fn cycle(net: &mut PodNet, agent: &Agent, attach: &std::path::Path, url: &str, n: usize, first: usize) {
+fn cycle(
+    net: &mut PodNet,
+    agent: &Agent,
+    attach: &std::path::Path,
+    url: &str,
+    n: usize,
+    first: usize,
+) {
     let pods: Vec<_> = (0..n)
         .map(|i| {
             let tag = format!("c{}", first + i);

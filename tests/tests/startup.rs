@@ -102,8 +102,14 @@ fn a_binding_on_a_cgroup_a_user_can_write_stops_the_agent() {
     .expect("write config");
     let config_s = config.display().to_string();
     let (ok, out) = run_agent(&["run", "--config", &config_s]);
-    assert!(!ok, "the agent started with a binding users can pick:\n{out}");
-    assert!(out.contains(&format!("{config_s}:5:")), "no file:line:column in:\n{out}");
+    assert!(
+        !ok,
+        "the agent started with a binding users can pick:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("{config_s}:5:")),
+        "no file:line:column in:\n{out}"
+    );
     assert!(out.contains("uid 1000 can write"), "{out}");
     assert!(out.contains("Hint:"), "{out}");
 }

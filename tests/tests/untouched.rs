@@ -49,7 +49,11 @@ fn non_endpoint_tcp_and_udp_are_untouched() {
     pids.push(run.pid);
     run.assert_field("echo", "udp datagram");
     run.assert_field("from", other.as_str());
-    assert_eq!(udp_other.sources().len(), 1, "UDP to another port is untouched");
+    assert_eq!(
+        udp_other.sources().len(),
+        1,
+        "UDP to another port is untouched"
+    );
 
     let addr = rig.server.addr().to_string();
     let connected = rig.client(&["udp-echo", &addr, "quic initial"]);
@@ -66,7 +70,10 @@ fn non_endpoint_tcp_and_udp_are_untouched() {
         "a UDP datagram to the endpoint must be refused (EPERM)\n{}",
         sent.describe()
     );
-    assert!(udp.sources().is_empty(), "a datagram reached the endpoint's port");
+    assert!(
+        udp.sources().is_empty(),
+        "a datagram reached the endpoint's port"
+    );
     let refused = rig
         .agent
         .wait_audit(AUDIT_WAIT, |r| {
@@ -74,15 +81,19 @@ fn non_endpoint_tcp_and_udp_are_untouched() {
                 && r["pid"] == connected.pid
                 && r["reason"].as_str().is_some_and(|t| t.starts_with("UDP"))
         })
-        .unwrap_or_else(|| panic!("no audit record of the refused UDP connect:\n{}", rig.agent.audit_text()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no audit record of the refused UDP connect:\n{}",
+                rig.agent.audit_text()
+            )
+        });
     assert_eq!(refused["dst"], addr.as_str());
     assert_eq!(refused["cgroup"], rig.app_rel());
     // Once per caller per minute: the sendto from the same cgroup a moment later is counted,
     // not written.
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        !rig
-            .agent
+        !rig.agent
             .audit_lines()
             .iter()
             .any(|r| r["pid"] == sent.pid && r["event"] == "refused"),

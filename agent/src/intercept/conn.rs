@@ -113,7 +113,13 @@ impl Conn {
 
     /// A record about this connection with another SNI and TLS mode (the handshake's).
     pub fn tls_record(&self, event: Event, sni: Option<String>, tls: Tls) -> Record {
-        let who = Arc::new(caller_part(self.dst, &self.caller, &self.netns, sni, Some(tls)));
+        let who = Arc::new(caller_part(
+            self.dst,
+            &self.caller,
+            &self.netns,
+            sni,
+            Some(tls),
+        ));
         Record::new(event, Arc::new(Head::caller(&who)))
     }
 

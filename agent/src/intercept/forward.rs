@@ -179,7 +179,12 @@ impl Conn {
                     h2: tls.h2,
                 };
                 self.upstream
-                    .send_tls(&self.netns, key, &tls.client, Request::from_parts(parts, body))
+                    .send_tls(
+                        &self.netns,
+                        key,
+                        &tls.client,
+                        Request::from_parts(parts, body),
+                    )
                     .await
             }
         };

@@ -251,9 +251,7 @@ impl Protocols {
                 None => entry.learned.clone(),
             }
         };
-        let (offer, _) = learned
-            .get_or_init(|| probe(netns, dst, sni, client))
-            .await;
+        let (offer, _) = learned.get_or_init(|| probe(netns, dst, sni, client)).await;
         *offer
     }
 
@@ -486,7 +484,9 @@ mod tests {
             let mut tasks = Vec::new();
             for _ in 0..20 {
                 let (p, c, n) = (protocols.clone(), client.clone(), netns.clone());
-                tasks.push(tokio::spawn(async move { p.learn(&n, addr, None, &c).await }));
+                tasks.push(tokio::spawn(
+                    async move { p.learn(&n, addr, None, &c).await },
+                ));
             }
             for t in tasks {
                 assert_eq!(t.await?, expected, "{name}");

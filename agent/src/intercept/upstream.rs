@@ -159,7 +159,11 @@ impl Upstream {
             .remove(&cookie);
         let tls: Vec<TlsPool> = {
             let mut pools = self.tls.lock().unwrap_or_else(|p| p.into_inner());
-            let keys: Vec<TlsKey> = pools.keys().filter(|k| k.netns == cookie).cloned().collect();
+            let keys: Vec<TlsKey> = pools
+                .keys()
+                .filter(|k| k.netns == cookie)
+                .cloned()
+                .collect();
             keys.iter().filter_map(|k| pools.remove(k)).collect()
         };
         drop((plain, tls));

@@ -36,7 +36,7 @@ use crate::{
     audit::{AuditLog, CallerPart, Event, Head, Record},
     identity,
     redirect::{
-        events::{Events, Kind, KernelEvent},
+        events::{Events, KernelEvent, Kind},
         resolve::HostAddrs,
         Redirector,
     },
@@ -285,11 +285,7 @@ impl State {
         })
     }
 
-    async fn run(
-        &mut self,
-        mut events: Events,
-        mut stop: tokio::sync::oneshot::Receiver<()>,
-    ) {
+    async fn run(&mut self, mut events: Events, mut stop: tokio::sync::oneshot::Receiver<()>) {
         let mounts = match MountWatch::new() {
             Ok(m) => Some(m),
             Err(e) => {
@@ -354,8 +350,7 @@ impl State {
             return Ok(cookie);
         }
         let netns = Arc::new(
-            Netns::new(fd, self.own, self.host, name)
-                .context("entering a network namespace")?,
+            Netns::new(fd, self.own, self.host, name).context("entering a network namespace")?,
         );
         let cookie = netns.cookie;
         let watch = match netns.address_monitor() {
@@ -389,7 +384,8 @@ impl State {
         let tx = self.addr_tx.clone();
         tokio::spawn(async move {
             // SAFETY: the AsyncFd owns the OwnedFd, which stays open as long as it does.
-            let Ok(fd) = (unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }) else {
+            let Ok(fd) = (unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) })
+            else {
                 return;
             };
             loop {
@@ -432,7 +428,10 @@ impl State {
             }
         }
         if listeners.is_empty() {
-            let why = format!("no interceptor address could be bound there ({})", errors.join("; "));
+            let why = format!(
+                "no interceptor address could be bound there ({})",
+                errors.join("; ")
+            );
             if e.pending.as_deref() != Some(why.as_str()) {
                 tracing::warn!(
                     netns = e.netns.ino,
@@ -446,7 +445,12 @@ impl State {
         if !errors.is_empty() {
             tracing::info!(netns = e.netns.ino, name = %e.netns.name, "some interceptor addresses are not available there: {}", errors.join("; "));
         }
-        let addrs = e.netns.addresses().unwrap_or_default().into_iter().collect();
+        let addrs = e
+            .netns
+            .addresses()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         store_addrs(&self.redirector, e, addrs);
         if self
             .accept
@@ -605,7 +609,10 @@ impl State {
                 continue;
             };
             if alive.contains_key(&e.netns.id) {
-                tracing::info!(netns = e.netns.ino, "pin removed, processes remain: still served");
+                tracing::info!(
+                    netns = e.netns.ino,
+                    "pin removed, processes remain: still served"
+                );
                 continue;
             }
             self.teardown(cookie, "its pin was removed and no process is left in it");
@@ -633,7 +640,9 @@ impl State {
                     tracing::warn!(pid, error = %format!("{e:#}"), "cannot serve a process's network namespace");
                 }
             }
-            Err(e) => tracing::debug!(pid, error = %e, "process gone before its namespace was opened"),
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "process gone before its namespace was opened")
+            }
         }
     }
 
@@ -773,8 +782,8 @@ impl State {
                 0
             }
         };
-        let mut rec = Record::new(Event::Refused, Arc::new(Head::caller(&self.caller(ev))))
-            .denied(reason);
+        let mut rec =
+            Record::new(Event::Refused, Arc::new(Head::caller(&self.caller(ev)))).denied(reason);
         rec.repeats = (repeats > 0).then_some(repeats);
         self.write(&rec);
     }

@@ -144,7 +144,12 @@ impl Netns {
         init_own()?;
         let own = NsId::at(Path::new("/proc/thread-self/ns/net"))?;
         let host = NsId::at(Path::new("/proc/1/ns/net")).unwrap_or(own);
-        Netns::new(open_ns("/proc/thread-self/ns/net")?, own, host, "agent".into())
+        Netns::new(
+            open_ns("/proc/thread-self/ns/net")?,
+            own,
+            host,
+            "agent".into(),
+        )
     }
 
     /// The cookie of the host's namespace (PID 1's; the agent's own when it cannot see PID 1's).
@@ -268,7 +273,12 @@ fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let (storage, len) = sockaddr(addr);
     // SAFETY: bind and listen on a valid socket with a correctly sized address.
     unsafe {
-        if libc::bind(fd.as_raw_fd(), (&storage as *const libc::sockaddr_storage).cast(), len) != 0 {
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len,
+        ) != 0
+        {
             return Err(io::Error::last_os_error());
         }
         if libc::listen(fd.as_raw_fd(), 1024) != 0 {
@@ -424,9 +434,7 @@ mod tests {
             crate::redirect::netns_cookie(&l).map_err(io::Error::other)?,
             ns.cookie
         );
-        assert!(ns
-            .addresses()?
-            .contains(&IpAddr::from([127, 0, 0, 1])));
+        assert!(ns.addresses()?.contains(&IpAddr::from([127, 0, 0, 1])));
         Ok(())
     }
 
@@ -434,7 +442,8 @@ mod tests {
     fn a_file_that_is_not_a_network_namespace_is_refused() {
         let err = open_ns("/proc/self/ns/mnt").err().map(|e| e.to_string());
         assert!(
-            err.as_deref().is_some_and(|e| e.contains("not a network namespace")),
+            err.as_deref()
+                .is_some_and(|e| e.contains("not a network namespace")),
             "{err:?}"
         );
         assert!(open_ns("/etc/hostname").is_err());

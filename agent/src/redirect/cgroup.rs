@@ -197,7 +197,9 @@ pub fn delegation_conflict(
                 return false;
             }
             probes(&d.path).iter().any(|p| glob.matches(p))
-                || existing_below(mount, &d.path).iter().any(|p| glob.matches(p))
+                || existing_below(mount, &d.path)
+                    .iter()
+                    .any(|p| glob.matches(p))
         })
         .cloned()
 }

@@ -61,8 +61,8 @@ impl KernelEvent {
             EV_NO_RECORD => Kind::NoRecord,
             _ => return None,
         };
-        let addr = (ev.addr != mcpwarden_common::SockKey::default())
-            .then(|| ev.addr.to_socket_addr());
+        let addr =
+            (ev.addr != mcpwarden_common::SockKey::default()).then(|| ev.addr.to_socket_addr());
         Some(KernelEvent {
             kind,
             kernel: Kernel {

@@ -434,9 +434,7 @@ fn getsockopt_u64(socket: &impl AsFd, opt: libc::c_int) -> std::io::Result<u64> 
 /// The listeners of one namespace as the programs see them.
 pub fn listeners(v4: Option<SocketAddrV4>, v6: Option<SocketAddrV6>) -> Listeners {
     Listeners {
-        v4_addr: v4
-            .map(|a| u32::from_ne_bytes(a.ip().octets()))
-            .unwrap_or(0),
+        v4_addr: v4.map(|a| u32::from_ne_bytes(a.ip().octets())).unwrap_or(0),
         v4_port: v4.map(|a| a.port()).unwrap_or(0),
         v6_port: v6.map(|a| a.port()).unwrap_or(0),
         v6_addr: v6

@@ -139,7 +139,10 @@ impl Routes {
     /// Whether any endpoint is on a local address (the programs then need each namespace's
     /// addresses).
     pub fn has_local(&self) -> bool {
-        self.inner.read().map(|t| !t.local.is_empty()).unwrap_or(false)
+        self.inner
+            .read()
+            .map(|t| !t.local.is_empty())
+            .unwrap_or(false)
     }
 
     fn replace(&self, table: Table) {
@@ -296,7 +299,11 @@ impl EndpointResolver {
             for ip in state.seen.keys() {
                 let dst = normalize(SocketAddr::new(*ip, target.port));
                 let scope = scope_bits(target.scope, dst.ip());
-                table.exact.entry(dst).or_default().push(Route { server: i, scope });
+                table
+                    .exact
+                    .entry(dst)
+                    .or_default()
+                    .push(Route { server: i, scope });
                 add(&mut exact, SockKey::from_socket_addr(dst), i, scope);
                 if is_self(dst.ip()) || host_addrs.contains(&dst.ip()) {
                     // Other spellings of a local address reach the same listener: inside a pod
@@ -440,9 +447,16 @@ mod tests {
         assert!(map.contains_key(&key("127.0.0.1:8082")?), "{map:?}");
         // Loopback endpoints: their ports are local, host-only by default.
         for port in [8080, 8081, 8082] {
-            assert_eq!(local.get(&port).map(|v| v.scope), Some(SCOPE_HOST), "{local:?}");
+            assert_eq!(
+                local.get(&port).map(|v| v.scope),
+                Some(SCOPE_HOST),
+                "{local:?}"
+            );
         }
-        assert_eq!(map.get(&key("127.0.0.9:8080")?).map(|v| v.scope), Some(SCOPE_HOST));
+        assert_eq!(
+            map.get(&key("127.0.0.9:8080")?).map(|v| v.scope),
+            Some(SCOPE_HOST)
+        );
         let host = |d: &str, local: bool| -> Result<Vec<usize>> {
             Ok(routes.servers_for(d.parse()?, local, true))
         };
@@ -453,9 +467,14 @@ mod tests {
         // Another spelling of a local endpoint, as the programs flag it.
         assert_eq!(host("0.0.0.0:8080", true)?, vec![0]);
         assert_eq!(host("127.3.2.1:8081", true)?, vec![1]);
-        assert!(host("0.0.0.0:8080", false)?.is_empty(), "only when flagged local");
+        assert!(
+            host("0.0.0.0:8080", false)?.is_empty(),
+            "only when flagged local"
+        );
         // A pod's loopback is the pod's own: not these (host-scoped) servers.
-        assert!(routes.servers_for("127.0.0.9:8080".parse()?, false, false).is_empty());
+        assert!(routes
+            .servers_for("127.0.0.9:8080".parse()?, false, false)
+            .is_empty());
         assert!(r.unresolved().is_empty());
         Ok(())
     }
@@ -483,7 +502,11 @@ mod tests {
         let (map, local) = sink.last()?;
         let scope = |s: &str| -> Result<Option<u32>> { Ok(map.get(&key(s)?).map(|v| v.scope)) };
         let both = SCOPE_HOST | SCOPE_PODS;
-        assert_eq!(scope("10.9.8.7:80")?, Some(both), "remote: everywhere by default");
+        assert_eq!(
+            scope("10.9.8.7:80")?,
+            Some(both),
+            "remote: everywhere by default"
+        );
         assert_eq!(scope("127.0.0.1:81")?, Some(SCOPE_PODS));
         assert_eq!(scope("10.9.8.6:82")?, Some(SCOPE_HOST));
         // A host interface address: pods reach it over the network, the host by any local
@@ -492,36 +515,59 @@ mod tests {
         assert_eq!(local.get(&83).map(|v| v.scope), Some(SCOPE_HOST));
         assert_eq!(local.get(&81).map(|v| v.scope), Some(SCOPE_PODS));
         assert_eq!(local.get(&84).map(|v| v.scope), Some(both));
-        assert!(!local.contains_key(&80) && !local.contains_key(&82), "{local:?}");
-        assert_eq!(routes.servers_for("10.9.8.7:80".parse()?, false, false), vec![0]);
-        assert!(routes.servers_for("10.9.8.6:82".parse()?, false, false).is_empty());
-        assert_eq!(routes.servers_for("127.0.0.1:83".parse()?, true, true), vec![3]);
-        assert!(routes.servers_for("127.0.0.1:83".parse()?, true, false).is_empty());
-        assert_eq!(routes.servers_for("127.0.0.1:84".parse()?, false, false), vec![4]);
+        assert!(
+            !local.contains_key(&80) && !local.contains_key(&82),
+            "{local:?}"
+        );
+        assert_eq!(
+            routes.servers_for("10.9.8.7:80".parse()?, false, false),
+            vec![0]
+        );
+        assert!(routes
+            .servers_for("10.9.8.6:82".parse()?, false, false)
+            .is_empty());
+        assert_eq!(
+            routes.servers_for("127.0.0.1:83".parse()?, true, true),
+            vec![3]
+        );
+        assert!(routes
+            .servers_for("127.0.0.1:83".parse()?, true, false)
+            .is_empty());
+        assert_eq!(
+            routes.servers_for("127.0.0.1:84".parse()?, false, false),
+            vec![4]
+        );
         assert!(routes.has_local());
         Ok(())
     }
 
     #[tokio::test(start_paused = true)]
     async fn vanished_addresses_stay_for_the_grace_period_then_leave() -> Result<()> {
-        let mut r = EndpointResolver::new(vec![target("localhost", 1, None)], HostAddrs::default())?;
+        let mut r =
+            EndpointResolver::new(vec![target("localhost", 1, None)], HostAddrs::default())?;
         let old: IpAddr = "127.0.0.77".parse()?;
         r.state[0].seen.insert(old, Instant::now());
         let sink = Recorder::default();
         let routes = Routes::default();
         r.refresh(&sink, &routes).await?;
         assert!(
-            !routes.servers_for(SocketAddr::new(old, 1), false, true).is_empty(),
+            !routes
+                .servers_for(SocketAddr::new(old, 1), false, true)
+                .is_empty(),
             "removed at once"
         );
         tokio::time::advance(GRACE + Duration::from_secs(1)).await;
         r.state[0].due = None;
         r.refresh(&sink, &routes).await?;
         assert!(
-            routes.servers_for(SocketAddr::new(old, 1), false, true).is_empty(),
+            routes
+                .servers_for(SocketAddr::new(old, 1), false, true)
+                .is_empty(),
             "kept after the grace period"
         );
-        assert!(!routes.servers_for("127.0.0.1:1".parse()?, false, true).is_empty());
+        assert!(!routes
+            .servers_for("127.0.0.1:1".parse()?, false, true)
+            .is_empty());
         Ok(())
     }
 }

@@ -265,12 +265,7 @@ fn peer(addr: &str, post: Option<(&String, &String)>) -> ExitCode {
     }
 }
 
-fn peer_from(
-    local: &str,
-    addr: &str,
-    post: Option<(&String, &String)>,
-    abort: bool,
-) -> ExitCode {
+fn peer_from(local: &str, addr: &str, post: Option<(&String, &String)>, abort: bool) -> ExitCode {
     let (local, addr) = (parse_addr(local), parse_addr(addr));
     let connected = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -286,7 +281,9 @@ fn peer_from(
             socket.bind(local)?;
             tokio::time::timeout(TIMEOUT, socket.connect(addr))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })?
                 .and_then(|s| s.into_std())
         });
     let mut s = match connected.and_then(|s| s.set_nonblocking(false).map(|_| s)) {
