@@ -17,7 +17,7 @@ use std::{
     ffi::CString,
     net::SocketAddrV4,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, OwnedFd},
         unix::{ffi::OsStrExt, fs::MetadataExt},
     },
     path::{Path, PathBuf},
@@ -97,45 +97,13 @@ impl Drop for Pin<'_> {
 /// Whether another socket holds `addr` in this thread's namespace (the bind fails with
 /// EADDRINUSE). Any other failure is an error: the probe could not tell.
 fn held(addr: SocketAddrV4) -> Result<bool> {
-    // SAFETY: socket(2) returns a new descriptor or -1.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: `raw` is a descriptor of ours, owned from here on.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let one: libc::c_int = 1;
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: setsockopt with a pointer to an int of the given size; bind with a correctly sized
-    // sockaddr_in.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(false);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EADDRINUSE) => Ok(true),
-        _ => Err(e).with_context(|| format!("binding {addr} in a new namespace")),
+    // A socket is made in the calling thread's namespace; binding needs no runtime.
+    let socket = tokio::net::TcpSocket::new_v4().context("socket")?;
+    socket.set_reuseaddr(true).context("SO_REUSEADDR")?;
+    match socket.bind(addr.into()) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("binding {addr} in a new namespace")),
     }
 }
 

@@ -292,6 +292,15 @@ impl Agent {
         })
     }
 
+    /// Stop the agent (SIGSTOP) until the returned guard drops (SIGCONT), also when the test
+    /// fails meanwhile: nothing it does (accepting, discovering namespaces) happens while paused.
+    pub fn pause(&self) -> Paused {
+        let pid = self.pid().expect("a running agent") as i32;
+        // SAFETY: stopping a child process this guard owns.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Paused(pid)
+    }
+
     /// Send SIGTERM and wait ≤ 10 s; then SIGKILL. Returns the exit status, and whether it had
     /// to be killed.
     pub fn terminate(&mut self) -> (ExitStatus, bool) {
@@ -336,6 +345,16 @@ impl Agent {
                 self.log()
             );
         }
+    }
+}
+
+/// A stopped agent; dropping this continues it.
+pub struct Paused(i32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: continuing a child process the agent guard owns.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
 }
 

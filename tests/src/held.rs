@@ -73,4 +73,25 @@ impl HeldStream {
     pub fn release(&self) {
         self.release.notify_one();
     }
+
+    /// With `client` (an `mcp-client sse-get` of this stream) running: its first event must
+    /// arrive while the stream is held open; then the stream is released and the second must
+    /// arrive. No timing is asserted: the 30 s waits are deadlock guards.
+    pub fn delivered_live(&self, client: &mut crate::LineChild) -> Result<(), String> {
+        for want in ["event=one", "event=two"] {
+            if client
+                .wait_line(std::time::Duration::from_secs(30), |l| l == want)
+                .is_none()
+            {
+                return Err(format!(
+                    "{want:?} did not reach the client while the stream was open (seen {:?})",
+                    client.seen
+                ));
+            }
+            if want == "event=one" {
+                self.release();
+            }
+        }
+        Ok(())
+    }
 }

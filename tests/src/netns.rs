@@ -14,7 +14,8 @@ pub struct NetNs {
     name: String,
 }
 
-fn ip(args: &[&str]) {
+/// Run `ip ARGS…`; panic with its error output if it fails.
+pub(crate) fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()

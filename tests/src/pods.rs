@@ -24,21 +24,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::client::{run_client_with, ClientRun, Placement};
-use crate::netns::NetNs;
+use crate::netns::{ip, NetNs};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running ip {args:?}: {e} (iproute2 is needed)"));
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A directory whose entries are bind mounts of network namespaces: what container runtimes
 /// keep in /var/run/netns. Unmounted and removed on drop.

@@ -291,17 +291,7 @@ fn a_namespace_made_while_the_agent_runs_is_served_from_its_first_connect() {
 #[test]
 fn a_namespace_not_prepared_yet_fails_closed_and_is_audited_once() {
     let mut rig = PodRig::start("pods-unprep", 133, PODS_POLICY);
-    let agent_pid = rig.agent.pid().expect("agent pid") as i32;
-    // SAFETY: stopping and continuing a child process this test owns.
-    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            // SAFETY: as above; also when an assertion below fails.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    let resume = Resume(agent_pid);
+    let paused = rig.agent.pause();
     let pod = rig.pod("unprepared");
     let addr = rig.server.addr().to_string();
     let first = pod.client(CLIENT_BIN, &["tcp-echo", &addr, "x"], CLIENT_TIMEOUT);
@@ -328,7 +318,7 @@ fn a_namespace_not_prepared_yet_fails_closed_and_is_audited_once() {
         0,
         "an unprepared namespace went direct"
     );
-    drop(resume);
+    drop(paused);
     rig.wait_ready(&pod);
     let record = rig
         .agent
@@ -653,17 +643,7 @@ fn records_are_per_namespace_and_per_connection() {
     let server = rig.server.addr().to_string();
     let port = 40_000 + (std::process::id() % 20_000) as u16;
     let local = format!("127.0.0.1:{port}");
-    let agent_pid = rig.agent.pid().expect("agent pid") as i32;
-    // SAFETY: stopping a child process this test owns; `resume` continues it in any case.
-    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            // SAFETY: as above.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    let resume = Resume(agent_pid);
+    let paused = rig.agent.pause();
     let dead = a.client(CLIENT_BIN, &["peer-abort", &local, &server], CLIENT_TIMEOUT);
     dead.assert_success();
     dead.assert_field("local", &local);
@@ -687,7 +667,7 @@ fn records_are_per_namespace_and_per_connection() {
         );
         waiting.push((pod, text, client));
     }
-    drop(resume);
+    drop(paused);
     for (pod, text, client) in waiting {
         let (status, lines) = client.finish();
         assert!(status.success(), "pod {text}: {lines:?}");
@@ -805,20 +785,8 @@ fn an_sse_stream_is_held_open_from_a_pod() {
     let mut cmd = pod.command(CLIENT_BIN);
     cmd.args(["sse-get", &url]);
     let mut client = LineChild::spawn(cmd);
-    for want in ["event=one", "event=two"] {
-        if client
-            .wait_line(Duration::from_secs(30), |l| l == want)
-            .is_none()
-        {
-            panic!(
-                "{want:?} never reached the client (seen {:?}):\n{}",
-                client.seen,
-                agent.audit_text()
-            );
-        }
-        if want == "event=one" {
-            stream.release();
-        }
+    if let Err(e) = stream.delivered_live(&mut client) {
+        panic!("{e}\n{}", agent.audit_text());
     }
     let (status, _) = client.finish();
     assert!(status.success(), "{status}");

@@ -132,8 +132,7 @@ impl Netns {
             fd: (id != own).then_some(fd),
         };
         ns.cookie = ns.enter(|| {
-            let probe = socket(libc::AF_INET, libc::SOCK_STREAM)
-                .or_else(|_| socket(libc::AF_INET6, libc::SOCK_STREAM))?;
+            let probe = tokio::net::TcpSocket::new_v4().or_else(|_| tokio::net::TcpSocket::new_v6())?;
             crate::redirect::netns_cookie(&probe).map_err(io::Error::other)
         })?;
         Ok(ns)
@@ -187,13 +186,10 @@ impl Netns {
     /// A non-blocking TCP socket of `dst`'s family in this namespace, connected to `dst`.
     /// Within [`CONNECT_TIMEOUT`].
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<tokio::net::TcpStream> {
-        let family = if dst.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let fd = self.enter(|| socket(family, libc::SOCK_STREAM))?;
-        let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+        let socket = self.enter(|| match dst {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        })?;
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
             .await
             .map_err(|_| {
@@ -207,9 +203,18 @@ impl Netns {
     }
 
     /// A listening TCP socket at `addr` in this namespace (non-blocking, backlog 1024,
-    /// SO_REUSEADDR).
+    /// SO_REUSEADDR), not registered with any runtime: the accept loop's takes it. Needs a
+    /// tokio runtime.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-        self.enter(|| listener(addr))
+        self.enter(|| {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(1024)?.into_std()
+        })
     }
 
     /// The addresses of this namespace's interfaces.
@@ -230,97 +235,6 @@ fn setns(fd: &OwnedFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// A non-blocking, close-on-exec socket in the calling thread's namespace.
-fn socket(family: libc::c_int, kind: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: socket() with constant arguments; the fd is owned below.
-    let fd = unsafe { libc::socket(family, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let (family, v6) = match addr {
-        SocketAddr::V4(_) => (libc::AF_INET, false),
-        SocketAddr::V6(_) => (libc::AF_INET6, true),
-    };
-    let fd = socket(family, libc::SOCK_STREAM)?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to an int of the given size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        if v6 {
-            // [::1] is the IPv6 listener only; IPv4-mapped connections go to the IPv4 one.
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
-    let (storage, len) = sockaddr(addr);
-    // SAFETY: bind and listen on a valid socket with a correctly sized address.
-    unsafe {
-        if libc::bind(
-            fd.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::listen(fd.as_raw_fd(), 1024) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(std::net::TcpListener::from(fd))
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: an all-zero sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }
 
 /// getifaddrs(3): every address of every interface of the calling thread's namespace.
@@ -422,8 +336,9 @@ pub fn drain(fd: &OwnedFd) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_own_namespace_is_entered_without_setns_and_sockets_get_its_cookie() -> io::Result<()> {
+    #[tokio::test]
+    async fn the_own_namespace_is_entered_without_setns_and_sockets_get_its_cookie(
+    ) -> io::Result<()> {
         init_own()?;
         let own = NsId::at(Path::new("/proc/thread-self/ns/net"))?;
         let ns = Netns::new(open_ns("/proc/self/ns/net")?, own, own, "agent".into())?;
