@@ -60,6 +60,13 @@ pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
 /// address is any local spelling in the caller's namespace: 127.0.0.0/8, `0.0.0.0`, `::`, `::1`,
 /// their IPv4-mapped forms, or an address in [`MAP_LOCAL_ADDRS`] for that namespace.
 pub const MAP_LOCAL_PORTS: &str = "LOCAL_PORTS";
+/// Array map port → `u32` (non-zero: some endpoint, exact or local, is on that port): the
+/// programs' first, cheapest test, so that a connect or a datagram to any other port costs one
+/// array look-up.
+pub const MAP_ENDPOINT_PORTS: &str = "ENDPOINT_PORTS";
+/// Array map port → `u32` (non-zero: the interceptor listens on that port in some namespace):
+/// sock_ops' first test, on every TCP connection established below the attach point.
+pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 /// Hash map [`NetnsAddr`] → `u32` (unused): the interface addresses of each served namespace.
 pub const MAP_LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 /// Hash map netns cookie (`u64`) → [`Listeners`]: the namespaces the interceptor serves, and
@@ -113,10 +120,8 @@ pub const REC_LOCAL: u32 = 1;
 /// point (`raw_sockets: allow`).
 pub const CFG_RAW_ALLOW: u32 = 1;
 
-/// [`Event::kind`]: the first socket of a network namespace the interceptor does not serve yet
-/// (sock_create); the agent prepares that namespace.
-pub const EV_NETNS_SEEN: u32 = 1;
-/// A TCP connect to an endpoint from a namespace that is not ready: refused (EPERM).
+/// [`Event::kind`]: a TCP connect to an endpoint from a namespace that is not ready: refused
+/// (EPERM); the agent prepares that namespace.
 pub const EV_UNPREPARED: u32 = 2;
 /// UDP to an endpoint's address and port (connect or sendmsg): refused.
 pub const EV_UDP: u32 = 3;

@@ -10,8 +10,7 @@
 //! - `cgroup/sendmsg4`, `cgroup/sendmsg6`: a UDP datagram to an endpoint fails (QUIC clients then
 //!   fall back to TCP).
 //! - `cgroup/bind4`, `cgroup/bind6`: nobody but the agent binds the interceptor's ports.
-//! - `cgroup/sock_create`: raw sockets fail (unless allowed); the first socket of a namespace the
-//!   interceptor does not serve yet is reported, so the agent prepares it.
+//! - `cgroup/sock_create`: raw sockets fail (unless allowed).
 //! - `lsm_cgroup/socket_create`: `AF_PACKET` sockets fail (unless allowed). sock_create only sees
 //!   the inet families.
 //! - `sock_ops`: when the client's side of a redirected connection is established, its record is
@@ -43,11 +42,10 @@ use aya_ebpf::{
 use mcpwarden_common::{
     ConnRecord, ConnTuple, EndpointValue, Event, EventKey, Listeners, NetnsAddr, ProxyConfig,
     SockKey, AF_INET, AF_INET6, AF_PACKET, CFG_RAW_ALLOW, EVENTS_BYTES, EVENT_INTERVAL_NS, EV_BIND,
-    EV_NETNS_SEEN, EV_NO_RECORD, EV_RAW, EV_UDP, EV_UNPREPARED, MAX_AGENT_CGROUPS, MAX_CONNECTIONS,
-    MAX_ENDPOINTS, MAX_EVENT_SEEN, MAX_LOCAL_ADDRS, MAX_LOCAL_PORTS, MAX_NETNS, REC_LOCAL,
-    SCOPE_HOST, SCOPE_PODS, SOCK_DGRAM, SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-    SOCK_OPS_PASSIVE_ESTABLISHED_CB, SOCK_OPS_STATE_CB, SOCK_OPS_STATE_CB_FLAG, SOCK_RAW,
-    SOCK_STREAM, TCP_CLOSE,
+    EV_NO_RECORD, EV_RAW, EV_UDP, EV_UNPREPARED, MAX_AGENT_CGROUPS, MAX_CONNECTIONS, MAX_ENDPOINTS,
+    MAX_EVENT_SEEN, MAX_LOCAL_ADDRS, MAX_LOCAL_PORTS, MAX_NETNS, REC_LOCAL, SCOPE_HOST, SCOPE_PODS,
+    SOCK_DGRAM, SOCK_OPS_ACTIVE_ESTABLISHED_CB, SOCK_OPS_PASSIVE_ESTABLISHED_CB, SOCK_OPS_STATE_CB,
+    SOCK_OPS_STATE_CB_FLAG, SOCK_RAW, SOCK_STREAM, TCP_CLOSE,
 };
 
 /// Allow the syscall (possibly with a rewritten address).
@@ -63,6 +61,18 @@ static LOCAL_PORTS: HashMap<u32, EndpointValue> = HashMap::with_max_entries(MAX_
 
 #[map]
 static LOCAL_ADDRS: HashMap<NetnsAddr, u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+#[map]
+static ENDPOINT_PORTS: Array<u32> = Array::with_max_entries(65536, 0);
+
+#[map]
+static LISTEN_PORTS: Array<u32> = Array::with_max_entries(65536, 0);
+
+/// Whether `map` marks `port` (array look-ups are inlined by the JIT: the cheapest test).
+#[inline(always)]
+fn marked(map: &Array<u32>, port: u16) -> bool {
+    map.get(port as u32).is_some_and(|v| *v != 0)
+}
 
 #[map]
 static NETNS: HashMap<u64, Listeners> = HashMap::with_max_entries(MAX_NETNS, 0);
@@ -160,9 +170,12 @@ fn report(kind: u32, netns: u64, addr: SockKey, family: u32, sock_type: u32, per
 /// Whether `dst` is an endpoint for a caller in the namespace of `ctx`: exactly
 /// (`ENDPOINTS`), or as a local spelling of a local endpoint's port (`LOCAL_PORTS`). Returns the
 /// first server there, the record flags and the namespace's cookie. Most destinations are
-/// neither: they cost two map lookups, and no namespace cookie is read for them.
+/// neither: a port no endpoint is on costs one array look-up, and no namespace cookie is read.
 #[inline(always)]
 fn endpoint<C: EbpfContext>(ctx: &C, dst: &SockKey) -> Option<(u32, u32, u64)> {
+    if !marked(&ENDPOINT_PORTS, dst.port) {
+        return None;
+    }
     // SAFETY: map lookups with stack keys; values are copied out.
     let exact = unsafe { ENDPOINTS.get(dst) }.copied();
     let port = dst.port as u32;
@@ -413,37 +426,26 @@ pub fn mcpw_bind6(ctx: SockAddrContext) -> i32 {
     decide_bind(&ctx, at, AF_INET6)
 }
 
+/// Raw sockets only: every socket below the attach point passes here, so anything else returns
+/// after one context read.
 #[cgroup_sock(sock_create)]
 pub fn mcpw_sock_create(ctx: SockContext) -> i32 {
-    if is_agent() {
+    // SAFETY: one context field copied to the stack.
+    let sock_type = unsafe { read_volatile(addr_of!((*ctx.sock).type_)) };
+    if sock_type != SOCK_RAW || config().flags & CFG_RAW_ALLOW != 0 || is_agent() {
         return ALLOW;
     }
-    // SAFETY: context fields copied to the stack one at a time.
-    let (family, sock_type) = unsafe {
-        (
-            read_volatile(addr_of!((*ctx.sock).family)),
-            read_volatile(addr_of!((*ctx.sock).type_)),
-        )
-    };
-    let netns = netns_of(&ctx);
-    if sock_type == SOCK_RAW && config().flags & CFG_RAW_ALLOW == 0 {
-        report(EV_RAW, netns, SockKey::default(), family, sock_type, false);
-        return REJECT;
-    }
-    // SAFETY: map lookup with a stack key.
-    if unsafe { NETNS.get(&netns) }.is_none() {
-        // A process below the attach point works in a namespace we do not serve yet: have the
-        // agent prepare it, most likely before this socket connects anywhere.
-        report(
-            EV_NETNS_SEEN,
-            netns,
-            SockKey::default(),
-            family,
-            sock_type,
-            true,
-        );
-    }
-    ALLOW
+    // SAFETY: one context field copied to the stack.
+    let family = unsafe { read_volatile(addr_of!((*ctx.sock).family)) };
+    report(
+        EV_RAW,
+        netns_of(&ctx),
+        SockKey::default(),
+        family,
+        sock_type,
+        false,
+    );
+    REJECT
 }
 
 /// `socket_create(int family, int type, int protocol, int kern)`: packet sockets, which
@@ -542,9 +544,27 @@ pub fn mcpw_sock_ops(ctx: SockOpsContext) -> u32 {
     if op != SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return 1;
     }
+    // Every TCP connection below the attach point gets here: one not to or from a port the
+    // interceptor listens on is left at one array look-up. `remote_port` holds the
+    // network-order port in its upper 16 bits on little-endian hosts; `local_port` is host order.
+    // Both fields are read unconditionally: choosing the field per op lets LLVM compute the
+    // context offset at run time, which the verifier rejects.
+    // SAFETY: context fields copied to the stack one at a time.
+    let (remote, local) = unsafe {
+        (
+            u16::from_be((read_volatile(addr_of!((*ctx.ops).remote_port)) >> 16) as u16),
+            read_volatile(addr_of!((*ctx.ops).local_port)) as u16,
+        )
+    };
+    let port = if op == SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        remote
+    } else {
+        local
+    };
+    if !marked(&LISTEN_PORTS, port) {
+        return 1;
+    }
     let netns = netns_of(&ctx);
-    // Every TCP connection below the attach point gets here: connections not to or from the
-    // interceptor's port in their namespace are left at one map lookup.
     // SAFETY: map lookup with a stack key; the value is copied out.
     let Some(l) = (unsafe { NETNS.get(&netns) }).copied() else {
         return 1;

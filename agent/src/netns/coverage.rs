@@ -686,11 +686,6 @@ impl State {
 
     fn on_event(&mut self, ev: KernelEvent) {
         match ev.kind {
-            Kind::NetnsSeen => {
-                if !self.entries.get(&ev.kernel.netns).is_some_and(|e| e.served) {
-                    self.add_pid(ev.kernel.pid);
-                }
-            }
             Kind::Unprepared => {
                 // Prepare first: the record can then name the namespace. The caller may be
                 // gone already; its namespace may be pinned.
@@ -762,7 +757,7 @@ impl State {
                 "the redirect record could not be stored (map full): connection to an MCP endpoint refused"
                     .to_owned(),
             ),
-            Kind::NetnsSeen | Kind::Unprepared => return,
+            Kind::Unprepared => return,
         };
         let now = Instant::now();
         let key = (tag, ev.kernel.cgroup_id);

@@ -9,8 +9,8 @@
 //! - **Processes below the attach point** (`cgroup.procs` of the subtree, then
 //!   `/proc/PID/ns/net`): the namespaces that exist at start, and any a process made without a
 //!   pin (`unshare -n`), found again on each sweep.
-//! - **The programs' events** (`coverage`): the first socket a process below the attach point
-//!   creates in a namespace not served yet, and a connect from one that is refused.
+//! - **The programs' events** (`coverage`): a connect to an endpoint from a namespace not served
+//!   yet, which the programs refuse and report.
 
 use std::{
     collections::BTreeMap,

@@ -132,7 +132,8 @@ impl Netns {
             fd: (id != own).then_some(fd),
         };
         ns.cookie = ns.enter(|| {
-            let probe = tokio::net::TcpSocket::new_v4().or_else(|_| tokio::net::TcpSocket::new_v6())?;
+            let probe =
+                tokio::net::TcpSocket::new_v4().or_else(|_| tokio::net::TcpSocket::new_v6())?;
             crate::redirect::netns_cookie(&probe).map_err(io::Error::other)
         })?;
         Ok(ns)

@@ -7,9 +7,7 @@
 use std::net::SocketAddr;
 
 use aya::maps::{MapData, RingBuf};
-use mcpwarden_common::{
-    Event, EV_BIND, EV_NETNS_SEEN, EV_NO_RECORD, EV_RAW, EV_UDP, EV_UNPREPARED,
-};
+use mcpwarden_common::{Event, EV_BIND, EV_NO_RECORD, EV_RAW, EV_UDP, EV_UNPREPARED};
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::identity::Kernel;
@@ -17,8 +15,6 @@ use crate::identity::Kernel;
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A process below the attach point created a socket in a namespace not served yet.
-    NetnsSeen,
     /// A connect to an endpoint from a namespace not served yet: refused.
     Unprepared,
     /// UDP to an endpoint: refused.
@@ -53,7 +49,6 @@ impl KernelEvent {
         // valid), and read_unaligned copes with the ring buffer's 8-byte alignment.
         let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         let kind = match ev.kind {
-            EV_NETNS_SEEN => Kind::NetnsSeen,
             EV_UNPREPARED => Kind::Unprepared,
             EV_UDP => Kind::Udp,
             EV_RAW => Kind::Raw,

@@ -28,10 +28,10 @@ use aya::{
 };
 use mcpwarden_common::{
     ConnRecord, EndpointValue, Listeners, NetnsAddr, ProxyConfig, SockKey, CFG_RAW_ALLOW,
-    MAP_AGENT_CGROUPS, MAP_BY_SOCKET, MAP_CONFIG, MAP_ENDPOINTS, MAP_EVENTS, MAP_LOCAL_ADDRS,
-    MAP_LOCAL_PORTS, MAP_NETNS, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_PACKET_CREATE, PROG_SENDMSG4, PROG_SENDMSG6,
-    PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL,
+    MAP_AGENT_CGROUPS, MAP_BY_SOCKET, MAP_CONFIG, MAP_ENDPOINTS, MAP_ENDPOINT_PORTS, MAP_EVENTS,
+    MAP_LISTEN_PORTS, MAP_LOCAL_ADDRS, MAP_LOCAL_PORTS, MAP_NETNS, PROG_BIND4, PROG_BIND6,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_PACKET_CREATE,
+    PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL,
 };
 
 use crate::identity::Kernel;
@@ -74,15 +74,57 @@ pub struct Settings {
 pub struct Redirector {
     /// Owns the programs and their links; dropping it detaches everything.
     _ebpf: Ebpf,
-    endpoints: Mutex<HashMap<MapData, SockKey, EndpointValue>>,
-    local_ports: Mutex<HashMap<MapData, u32, EndpointValue>>,
+    endpoints: Mutex<Endpoints>,
     local_addrs: Mutex<LocalAddrs>,
-    netns: Mutex<HashMap<MapData, u64, Listeners>>,
+    netns: Mutex<Served>,
     by_socket: Mutex<HashMap<MapData, u64, ConnRecord>>,
     events: Mutex<Option<RingBuf<MapData>>>,
     attach: PathBuf,
     /// Whether `AF_PACKET` sockets are refused (the BPF LSM is active).
     packet_guard: bool,
+}
+
+/// `ENDPOINTS`, `LOCAL_PORTS`, and `ENDPOINT_PORTS` (every port of either, as written).
+struct Endpoints {
+    exact: HashMap<MapData, SockKey, EndpointValue>,
+    local: HashMap<MapData, u32, EndpointValue>,
+    ports: Array<MapData, u32>,
+    ports_written: BTreeSet<u16>,
+}
+
+/// `NETNS`, and `LISTEN_PORTS` with how many namespaces listen on each port.
+struct Served {
+    map: HashMap<MapData, u64, Listeners>,
+    ports: Array<MapData, u32>,
+    listeners: StdHashMap<u64, Listeners>,
+    port_users: StdHashMap<u16, usize>,
+}
+
+impl Served {
+    fn ports_of(l: &Listeners) -> impl Iterator<Item = u16> {
+        [l.v4_port, l.v6_port].into_iter().filter(|p| *p != 0)
+    }
+
+    /// Count `l`'s ports in (`up`) or out, and mark in `LISTEN_PORTS` those now used by some
+    /// namespace or by none.
+    fn count(&mut self, l: &Listeners, up: bool) -> Result<()> {
+        for port in Self::ports_of(l) {
+            let users = self.port_users.entry(port).or_insert(0);
+            if up {
+                *users += 1;
+            } else {
+                *users = users.saturating_sub(1);
+            }
+            let used = *users > 0;
+            if !used {
+                self.port_users.remove(&port);
+            }
+            self.ports
+                .set(u32::from(port), u32::from(used), 0)
+                .context("updating the listen ports")?;
+        }
+        Ok(())
+    }
 }
 
 /// `LOCAL_ADDRS` and what this agent wrote there per namespace, so that an update is a diff.
@@ -119,10 +161,19 @@ impl Redirector {
             .insert(settings.agent_cgroup.1, 0, 0)
             .context("exempting the agent's cgroup")?;
 
-        let endpoints = HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)?;
-        let local_ports = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_PORTS)?)?;
+        let endpoints = Endpoints {
+            exact: HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)?,
+            local: HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_PORTS)?)?,
+            ports: Array::try_from(take_map(&mut ebpf, MAP_ENDPOINT_PORTS)?)?,
+            ports_written: BTreeSet::new(),
+        };
         let local_addrs = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_ADDRS)?)?;
-        let netns = HashMap::try_from(take_map(&mut ebpf, MAP_NETNS)?)?;
+        let netns = Served {
+            map: HashMap::try_from(take_map(&mut ebpf, MAP_NETNS)?)?,
+            ports: Array::try_from(take_map(&mut ebpf, MAP_LISTEN_PORTS)?)?,
+            listeners: StdHashMap::new(),
+            port_users: StdHashMap::new(),
+        };
         let by_socket = HashMap::try_from(take_map(&mut ebpf, MAP_BY_SOCKET)?)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, MAP_EVENTS)?)?;
 
@@ -180,7 +231,6 @@ impl Redirector {
         Ok(Redirector {
             _ebpf: ebpf,
             endpoints: Mutex::new(endpoints),
-            local_ports: Mutex::new(local_ports),
             local_addrs: Mutex::new(LocalAddrs {
                 map: local_addrs,
                 written: StdHashMap::new(),
@@ -204,25 +254,46 @@ impl Redirector {
     }
 
     /// Make the endpoint maps hold exactly `exact` (destinations) and `local` (ports of local
-    /// endpoints).
+    /// endpoints), and `ENDPOINT_PORTS` every port of either. New ports are marked before the
+    /// entries that need them, and a port is unmarked only after its entries are gone.
     pub fn set_endpoints(
         &self,
         exact: &BTreeMap<SockKey, EndpointValue>,
         local: &BTreeMap<u16, EndpointValue>,
     ) -> Result<()> {
-        {
-            let mut map = lock(&self.endpoints)?;
-            sync_map(&mut map, exact).context("updating the endpoint map")?;
+        let mut e = lock(&self.endpoints)?;
+        let ports: BTreeSet<u16> = exact
+            .keys()
+            .map(|k| k.port)
+            .chain(local.keys().copied())
+            .collect();
+        for port in ports.difference(&e.ports_written.clone()) {
+            e.ports
+                .set(u32::from(*port), 1, 0)
+                .context("marking an endpoint port")?;
         }
-        let mut map = lock(&self.local_ports)?;
+        sync_map(&mut e.exact, exact).context("updating the endpoint map")?;
         let local: BTreeMap<u32, EndpointValue> =
             local.iter().map(|(p, v)| (u32::from(*p), *v)).collect();
-        sync_map(&mut map, &local).context("updating the local endpoint ports")
+        sync_map(&mut e.local, &local).context("updating the local endpoint ports")?;
+        for port in e.ports_written.clone().difference(&ports) {
+            e.ports
+                .set(u32::from(*port), 0, 0)
+                .context("unmarking an endpoint port")?;
+        }
+        e.ports_written = ports;
+        Ok(())
     }
 
     /// From now on, connections in namespace `cookie` are redirected to `listeners` there.
     pub fn serve_netns(&self, cookie: u64, listeners: Listeners) -> Result<()> {
-        lock(&self.netns)?
+        let mut served = lock(&self.netns)?;
+        served.count(&listeners, true)?;
+        if let Some(old) = served.listeners.insert(cookie, listeners) {
+            served.count(&old, false)?;
+        }
+        served
+            .map
             .insert(cookie, listeners, 0)
             .context("adding a network namespace")
     }
@@ -230,19 +301,23 @@ impl Redirector {
     /// Namespace `cookie` is served no more: its connects to endpoints fail from now on, and its
     /// addresses are forgotten.
     pub fn unserve_netns(&self, cookie: u64) -> Result<()> {
-        let removed = lock(&self.netns)?.remove(&cookie);
-        self.set_local_addrs(cookie, &BTreeSet::new())?;
-        match removed {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).context("removing a network namespace"),
+        {
+            let mut served = lock(&self.netns)?;
+            match served.map.remove(&cookie) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a network namespace"),
+            }
+            if let Some(old) = served.listeners.remove(&cookie) {
+                served.count(&old, false)?;
+            }
         }
+        self.set_local_addrs(cookie, &BTreeSet::new())
     }
 
     /// The namespaces served now, with their listeners.
     pub fn served_netns(&self) -> Vec<(u64, Listeners)> {
         lock(&self.netns)
-            .map(|m| m.iter().filter_map(|e| e.ok()).collect())
+            .map(|m| m.listeners.iter().map(|(c, l)| (*c, *l)).collect())
             .unwrap_or_default()
     }
 
