@@ -259,13 +259,7 @@ pub fn run(bench: &mut Bench, repeats: usize, attempts: usize) -> Result<PodFigu
         repeats,
         attempts,
         |r| three(|route| load(bench, &world, route, 1, calls, 60.0), r),
-        |runs| {
-            if runs.len() > 1 {
-                noisy_added(runs, |l| l.p50_us)
-            } else {
-                None
-            }
-        },
+        |runs| noisy_added(runs, |l| l.p50_us),
     )?;
     figures.one_conn = runs;
     figures
@@ -283,13 +277,7 @@ pub fn run(bench: &mut Bench, repeats: usize, attempts: usize) -> Result<PodFigu
         repeats,
         attempts,
         |r| three(|route| load(bench, &world, route, 32, u64::MAX, secs), r),
-        |runs| {
-            if runs.len() > 1 {
-                noisy_throughput(runs)
-            } else {
-                None
-            }
-        },
+        noisy_throughput,
     )?;
     figures.saturation = runs;
     figures

@@ -688,7 +688,8 @@ pub fn repeated<T>(
         for r in 0..repeats {
             runs.push(one(r)?);
         }
-        let why = noisy(&runs);
+        // One run has nothing to compare: only repeats can be noisy.
+        let why = if runs.len() > 1 { noisy(&runs) } else { None };
         match &why {
             Some(why) if attempt < attempts => {
                 eprintln!("mcpwarden-bench: {name}: {why}; running it again");
@@ -709,7 +710,6 @@ struct Plan {
 }
 
 impl Plan {
-    /// `noisy` is only asked when there is more than one repeat to compare.
     fn run(
         &self,
         bench: &mut Bench,
@@ -726,7 +726,7 @@ impl Plan {
                     r,
                 )
             },
-            |runs| if runs.len() > 1 { noisy(runs) } else { None },
+            noisy,
         )
     }
 }

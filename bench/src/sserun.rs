@@ -168,13 +168,7 @@ pub fn run(bench: &mut Bench, repeats: usize, attempts: usize) -> Result<SseFigu
         repeats,
         attempts,
         |r| three(|route| calls(bench, route, n), r),
-        |runs| {
-            if runs.len() > 1 {
-                noisy_added(runs, |l| l.p50_us)
-            } else {
-                None
-            }
-        },
+        |runs| noisy_added(runs, |l| l.p50_us),
     )?;
     figures.calls = runs;
     figures

@@ -409,13 +409,7 @@ pub fn run(bench: &mut Bench, repeats: usize, attempts: usize) -> Result<TlsFigu
         repeats,
         attempts,
         |r| three(|route| calls(bench, &world, route, n), r),
-        |runs| {
-            if runs.len() > 1 {
-                noisy_added(runs, |l| l.p50_us)
-            } else {
-                None
-            }
-        },
+        |runs| noisy_added(runs, |l| l.p50_us),
     )?;
     figures.calls = runs;
     let mut notes = vec![("TLS one connection".to_owned(), k, why)];
