@@ -716,11 +716,11 @@ fn objects_at<'v>(sent: &'v Value, original: &Value) -> Vec<&'v Map<String, Valu
     }
 }
 
-/// The documented rule: a response (no string `method`) with a non-null id that is one of the
+/// The documented rule: a response (no string `method`) with an id (null too) that is one of the
 /// exchange's listing ids, or whose `result.tools` is an array of objects with string names.
 fn is_listing(object: &Map<String, Value>, listing_ids: &[Value]) -> bool {
     let is_response = object.get("method").and_then(Value::as_str).is_none();
-    let Some(id) = object.get("id").filter(|id| !id.is_null()) else {
+    let Some(id) = object.get("id") else {
         return false;
     };
     let shaped = match object.get("result").and_then(|r| r.get("tools")) {

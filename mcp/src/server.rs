@@ -106,7 +106,9 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
         for object in objects {
             let message = read(object);
             if message.kind == Kind::Response {
-                if let Some(id) = message.id.clone() {
+                // A null id is still an answer a lenient client may take up: its listing is
+                // read and filtered like any other (`message.id` leaves it out of correlation).
+                if let Some(id) = object.get("id").cloned() {
                     let listing_id = rule.listing_ids.contains(&id);
                     let folded = folded_listing(object, listing_id);
                     let listing = listing_id || looks_like_listing(object) || folded;
