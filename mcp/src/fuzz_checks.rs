@@ -550,7 +550,7 @@ pub fn server_message(data: &[u8]) -> String {
         let listing_id = original
             .get("id")
             .is_some_and(|id| input.listing_ids.contains(id));
-        let is_response = original.get("method").is_none() && original.get("id").is_some();
+        let is_response = original.get("method").and_then(Value::as_str).is_none();
         if is_response && crate::server::folded_listing(original, listing_id) {
             // A listing a lenient client could read past the filter: replaced by an error.
             listings += 1;
@@ -716,13 +716,11 @@ fn objects_at<'v>(sent: &'v Value, original: &Value) -> Vec<&'v Map<String, Valu
     }
 }
 
-/// The documented rule: a response (no string `method`) with an id (null too) that is one of the
+/// The documented rule: a response (no string `method`) with any id (null or none too) that is one of the
 /// exchange's listing ids, or whose `result.tools` is an array of objects with string names.
 fn is_listing(object: &Map<String, Value>, listing_ids: &[Value]) -> bool {
     let is_response = object.get("method").and_then(Value::as_str).is_none();
-    let Some(id) = object.get("id") else {
-        return false;
-    };
+    let id = object.get("id").unwrap_or(&Value::Null);
     let shaped = match object.get("result").and_then(|r| r.get("tools")) {
         Some(Value::Array(tools)) => tools
             .iter()

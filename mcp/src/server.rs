@@ -106,9 +106,11 @@ pub fn inspect(text: &str, rule: &ListingRule<'_>) -> Inspected {
         for object in objects {
             let message = read(object);
             if message.kind == Kind::Response {
-                // A null id is still an answer a lenient client may take up: its listing is
-                // read and filtered like any other (`message.id` leaves it out of correlation).
-                if let Some(id) = object.get("id").cloned() {
+                // An answer with a null or no id is one a lenient client may still take up
+                // (read as id 0, the first id some clients use): its listing is read and
+                // filtered like any other (`message.id` leaves it out of correlation).
+                {
+                    let id = object.get("id").cloned().unwrap_or(Value::Null);
                     let listing_id = rule.listing_ids.contains(&id);
                     let folded = folded_listing(object, listing_id);
                     let listing = listing_id || looks_like_listing(object) || folded;

@@ -253,8 +253,14 @@ impl Exchange {
                     self.write(&rec);
                 }
                 _ => {
-                    let rec =
+                    let mut rec =
                         self.server_record(Event::ServerMessage, m.method.clone(), m.id.clone());
+                    if m.kind == Kind::Response {
+                        // An answer with a null or no id: its listing was filtered all the same.
+                        if let Some((_, f)) = inspected.filtered.iter().find(|(i, _)| i.is_null()) {
+                            rec.hidden_tools = Some(f.removed.clone());
+                        }
+                    }
                     self.write(&rec);
                 }
             }
