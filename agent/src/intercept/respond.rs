@@ -976,6 +976,25 @@ mod stream_tests {
         assert_eq!(v["result"]["tools"], serde_json::json!([{"name": "echo"}]));
     }
 
+    /// A listing answered with a null id is filtered, and its record names what was hidden.
+    #[tokio::test]
+    async fn a_listing_with_a_null_id_is_filtered_and_audited() {
+        let r = rig("null-id", false, &[]);
+        let listing =
+            r#"{"jsonrpc":"2.0","id":null,"result":{"tools":[{"name":"echo"},{"name":"hidden"}]}}"#;
+        let resp = Response::new(full(Bytes::from_static(listing.as_bytes())));
+        let out = respond(resp, r.ex).await;
+        let body = out.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["result"]["tools"], serde_json::json!([{"name": "echo"}]));
+        let recs = records(&r.audit, &r.log);
+        let rec = recs
+            .iter()
+            .find(|r| r["event"] == "server_message")
+            .expect("a server_message record");
+        assert_eq!(rec["hidden_tools"], serde_json::json!(["hidden"]), "{rec}");
+    }
+
     #[tokio::test]
     async fn a_client_that_goes_away_closes_the_calls_record() {
         let r = rig("gone", false, &[(7, "tools/call")]);
