@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     audit::AuditLog,
-    config::{Config, TlsMode, AGENT_CGROUP_SELF},
+    config::{Config, FailureMode, TlsMode, AGENT_CGROUP_SELF},
     intercept::{upstream_roots, Interceptor, Leaves, Server, ServerTls, Terminator, TlsClient},
     netns::{coverage::Parts, Coverage, CoverageSettings},
     redirect::{
@@ -44,7 +44,12 @@ pub async fn run(config: Config) -> Result<()> {
     // when the process's allocator is not mimalloc (the heap is empty).
     unsafe { libmimalloc_sys::mi_collect(true) };
     agent.run_until_signal().await?;
-    tracing::info!("signal received: detaching and exiting");
+    match config.failure_mode {
+        FailureMode::Closed => tracing::info!(
+            "signal received: exiting; the programs stay attached (failure_mode: closed)"
+        ),
+        FailureMode::Open => tracing::info!("signal received: detaching and exiting"),
+    }
     agent.stop().await;
     Ok(())
 }
@@ -108,12 +113,16 @@ impl Agent {
                 .find(|a| a.is_ipv6() == v6)
                 .map_or(0, |a| a.port())
         };
-        let redirector = Arc::new(Redirector::start(&Settings {
+        let closed = config.failure_mode == FailureMode::Closed;
+        let redirector = Arc::new(Redirector::load(&Settings {
             attach: attach.clone(),
             agent_cgroup: (agent_cgroup.clone(), agent_cgroup_id),
             host_netns,
             guard_ports: (port(false), port(true)),
             raw_sockets_allowed: config.raw_sockets == crate::config::RawSockets::Allow,
+            pins: closed.then(|| config.bpffs_dir.clone()),
+            pin_dir: config.bpffs_dir.clone(),
+            layout_salt: config.layout_salt.clone(),
         })?);
         let events = redirector
             .take_events()
@@ -188,6 +197,29 @@ impl Agent {
         );
         for (ino, name, why) in &started.pending {
             tracing::warn!(netns = ino, name, "network namespace not served yet: {why}");
+        }
+        // Resolve first, attach second: the endpoints and the namespaces' listeners are in the
+        // maps before any program runs, so no connect made from now on goes direct.
+        let attached = redirector.attach()?;
+        tracing::info!(
+            failure_mode = ?config.failure_mode,
+            bpffs_dir = %config.bpffs_dir.display(),
+            layout = %attached.layout,
+            maps_adopted = attached.maps_adopted,
+            links_updated = attached.updated,
+            links_created = attached.created,
+            links_unpinned = attached.unpinned,
+            old_layouts = ?attached.old_layouts,
+            "programs attached"
+        );
+        if closed {
+            tracing::info!("failure_mode: closed — the programs stay attached when this agent stops: redirected connects are refused until an agent serves again (`mcpwarden uninstall` removes them)");
+        } else {
+            tracing::warn!("failure_mode: open — when this agent stops, for whatever reason (a crash, an OOM kill, an upgrade), its programs detach and every call goes straight to the servers, uninspected and unaudited");
+        }
+        let forgotten = redirector.forget_inherited_netns()?;
+        if !forgotten.is_empty() {
+            tracing::info!(count = forgotten.len(), "network namespaces an earlier agent served and this one does not: dropped from the maps");
         }
         if config.raw_sockets == crate::config::RawSockets::Allow {
             tracing::warn!("raw_sockets: allow — raw and packet sockets below the attach point can send around the redirect, uninspected");

@@ -32,6 +32,35 @@ enum Command {
     /// Check policy files, or explain the decision for one call.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Remove the pinned datapath (every link, which detaches its program, and every map under
+    /// the bpffs directory) and print what was removed. Stop the agent first: a running agent
+    /// keeps serving, with nothing redirected to it.
+    Uninstall(DatapathArgs),
+    /// What is installed on this host.
+    Status {
+        /// The pinned datapath: map layouts, and each pinned link with the program it runs.
+        #[arg(long, required = true)]
+        datapath: bool,
+        #[command(flatten)]
+        args: DatapathArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DatapathArgs {
+    /// The agent's bpffs directory (`bpffs_dir`) [default: /sys/fs/bpf/mcpwarden].
+    #[arg(long = "bpffs-dir", value_name = "DIR")]
+    bpffs_dir: Option<PathBuf>,
+}
+
+impl DatapathArgs {
+    fn pins(&self) -> crate::redirect::pin::PinDir {
+        crate::redirect::pin::PinDir::new(
+            self.bpffs_dir
+                .as_deref()
+                .unwrap_or(std::path::Path::new(crate::config::DEFAULT_BPFFS_DIR)),
+        )
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +114,63 @@ struct CaArgs {
     state_dir: Option<PathBuf>,
 }
 
+fn uninstall(args: &DatapathArgs) -> Result<()> {
+    let pins = args.pins();
+    let removed = pins.remove_all()?;
+    if removed.is_empty() {
+        println!("nothing pinned under {}", pins.root().display());
+    }
+    for path in &removed {
+        println!("removed {}", path.display());
+    }
+    Ok(())
+}
+
+fn datapath_status(args: &DatapathArgs) -> Result<()> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let pins = args.pins();
+    println!("bpffs directory: {}", pins.root().display());
+    let layouts = pins.layouts();
+    if layouts.is_empty() {
+        println!("maps: none pinned");
+    }
+    for layout in layouts {
+        let dir = pins.maps_dir(&layout);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        println!("maps, layout {layout}: {}", names.join(" "));
+    }
+    let programs: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("").to_owned()))
+        .collect();
+    let links = pins.links();
+    if links.is_empty() {
+        println!("links: none pinned (nothing of mcpwarden's stays attached without an agent)");
+    }
+    for (cgroup_id, program, path) in links {
+        let info = PinnedLink::from_pin(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|l| Ok(FdLink::from(l).info()?));
+        match info {
+            Ok(info) => println!(
+                "link {} cgroup {cgroup_id} program {program}: runs program {} ({})",
+                info.id(),
+                info.program_id(),
+                programs.get(&info.program_id()).map_or("?", String::as_str)
+            ),
+            Err(e) => println!("link cgroup {cgroup_id} program {program}: unreadable: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
 /// Entry point of the `mcpwarden` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -118,6 +204,8 @@ pub fn main() -> ExitCode {
             Command::Run { flags } => crate::app::run(Config::assemble(flags)?).await,
             Command::Ca(cmd) => ca_command(cmd),
             Command::Policy(_) => Ok(()),
+            Command::Uninstall(args) => uninstall(&args),
+            Command::Status { args, .. } => datapath_status(&args),
         }
     });
     match result {

@@ -14,6 +14,11 @@
 //!                                              # (watched: each is served from its creation)
 //! raw_sockets: deny                            # or allow: SOCK_RAW/AF_PACKET below the attach
 //!                                              # point (they can send around the redirect)
+//! failure_mode: closed                         # or open: when the agent stops, its programs
+//!                                              # stay attached (redirected connects are refused
+//!                                              # until an agent serves again) or are detached
+//!                                              # (calls go straight to the servers, uninspected)
+//! bpffs_dir: /sys/fs/bpf/mcpwarden             # where programs' links and maps are pinned
 //! max_body_bytes: 4194304
 //! workers: 2                                   # interceptor threads (default: one per CPU)
 //! state_dir: /var/lib/mcpwarden                # the generated CA lives here
@@ -158,6 +163,23 @@ pub enum RawSockets {
     Allow,
 }
 
+/// What workloads get while no agent serves: refused connections (the programs stay attached,
+/// pinned in bpffs) or direct, uninspected ones (the programs are detached with the agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// The default: links and maps are pinned and outlive the agent; a redirected connect fails
+    /// at once (ECONNREFUSED) while no interceptor listens.
+    #[default]
+    Closed,
+    /// Links are held by the agent's descriptors only: when it stops, for whatever reason, the
+    /// programs detach and calls go straight to the servers, uninspected and unaudited.
+    Open,
+}
+
+/// Where the pinned datapath lives unless configured.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mcpwarden";
+
 /// One MCP server under policy.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -189,6 +211,12 @@ pub struct Config {
     /// Directories where network namespaces are pinned.
     pub netns_dirs: Vec<PathBuf>,
     pub raw_sockets: RawSockets,
+    pub failure_mode: FailureMode,
+    /// Where links and maps are pinned (a directory on a bpf filesystem).
+    pub bpffs_dir: PathBuf,
+    /// Mixed into the map layout id (`--layout-salt`, for tests only): a second build with a
+    /// different map layout, without building one.
+    pub layout_salt: String,
     pub max_body_bytes: usize,
     /// Interceptor worker threads, each a single-threaded runtime serving its own connections.
     pub workers: usize,
@@ -337,6 +365,17 @@ pub struct Flags {
     /// Raw sockets (SOCK_RAW, AF_PACKET) below the attach point [default: deny].
     #[arg(long = "raw-sockets", value_enum)]
     pub raw_sockets: Option<RawSockets>,
+    /// While no agent serves: `closed` (programs stay attached, redirected connects are refused)
+    /// or `open` (programs detach, calls go direct, uninspected) [default: closed].
+    #[arg(long = "failure-mode", value_enum)]
+    pub failure_mode: Option<FailureMode>,
+    /// Directory on a bpf filesystem where links and maps are pinned (bpffs is mounted at
+    /// /sys/fs/bpf if it is not) [default: /sys/fs/bpf/mcpwarden].
+    #[arg(long = "bpffs-dir", value_name = "DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Tests only: mixed into the map layout id, as a build with other maps would change it.
+    #[arg(long = "layout-salt", hide = true, default_value = "")]
+    pub layout_salt: String,
     /// Largest request body inspected; larger ones are refused [default: 4194304].
     #[arg(long = "max-body-bytes")]
     pub max_body_bytes: Option<usize>,
@@ -366,6 +405,8 @@ struct FileConfig {
     #[serde(default)]
     netns_dirs: Vec<PathBuf>,
     raw_sockets: Option<RawSockets>,
+    failure_mode: Option<FailureMode>,
+    bpffs_dir: Option<PathBuf>,
     max_body_bytes: Option<usize>,
     workers: Option<usize>,
     state_dir: Option<PathBuf>,
@@ -485,6 +526,7 @@ impl Config {
         let (mut state_dir, mut file_ca, mut tls_prewarm) = (None, None, None);
         let (mut bindings, mut identity_wait_ms) = (Vec::new(), None);
         let (mut netns_dirs, mut raw_sockets) = (Vec::new(), None);
+        let (mut failure_mode, mut bpffs_dir) = (None, None);
         let mut limits = Limits::default();
         let mut audit_stall_ms = None;
         if let Some(f) = file {
@@ -553,6 +595,8 @@ impl Config {
             agent_cgroup = f.agent_cgroup;
             netns_dirs = f.netns_dirs;
             raw_sockets = f.raw_sockets;
+            failure_mode = f.failure_mode;
+            bpffs_dir = f.bpffs_dir;
             max_body = f.max_body_bytes;
             workers = f.workers;
         }
@@ -607,6 +651,13 @@ impl Config {
                 DEFAULT_NETNS_DIRS.iter().map(PathBuf::from).collect()
             },
             raw_sockets: flags.raw_sockets.or(raw_sockets).unwrap_or_default(),
+            failure_mode: flags.failure_mode.or(failure_mode).unwrap_or_default(),
+            bpffs_dir: flags
+                .bpffs_dir
+                .clone()
+                .or(bpffs_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR)),
+            layout_salt: flags.layout_salt.clone(),
             max_body_bytes: flags
                 .max_body_bytes
                 .or(max_body)
@@ -697,6 +748,12 @@ impl Config {
             bail!(
                 "listen: {a} is not a loopback address: the interceptor listens in every network \
                  namespace it serves, and anywhere but loopback it would be reachable from the network"
+            );
+        }
+        if !self.bpffs_dir.is_absolute() {
+            bail!(
+                "bpffs_dir: {} must be an absolute path",
+                self.bpffs_dir.display()
             );
         }
         for d in &self.netns_dirs {

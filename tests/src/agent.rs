@@ -31,6 +31,12 @@ pub struct Agent {
     audit_path: PathBuf,
     policy_paths: Vec<PathBuf>,
     args: Vec<String>,
+    launch: Launch,
+    /// How many times [`Agent::respawn`] started it again.
+    generation: u32,
+    /// `--bpffs-dir`, and whether the guard chose it (and so removes it on drop).
+    bpffs_dir: PathBuf,
+    owns_bpffs_dir: bool,
     /// The output was already part of a panic message: do not print it again on drop.
     output_shown: bool,
     // Last field: dropped after the process has been stopped.
@@ -38,6 +44,14 @@ pub struct Agent {
 }
 
 pub const READY_MARKER: &str = "mcpwarden ready";
+
+/// How the process is started, kept for [`Agent::respawn`].
+struct Launch {
+    bin: String,
+    /// Started inside this cgroup (`--agent-cgroup self`).
+    stay_in: Option<PathBuf>,
+    nofile: Option<u64>,
+}
 
 impl Agent {
     /// Start `bin run ...` and wait (≤ 60 s) until its output contains `mcpwarden ready`.
@@ -119,13 +133,73 @@ impl Agent {
             args.push("--state-dir".into());
             args.push(tmp.path().join("state").display().to_string());
         }
+        // Each agent pins its datapath in a directory of its own, removed with the guard (unless
+        // the test names one, to hand it to a second agent).
+        let given_bpffs = extra
+            .iter()
+            .position(|a| a == "--bpffs-dir")
+            .and_then(|i| extra.get(i + 1));
+        let owns_bpffs_dir = given_bpffs.is_none();
+        let bpffs_dir = match given_bpffs {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let d = test_bpffs_dir(&opts.name);
+                args.push("--bpffs-dir".into());
+                args.push(d.display().to_string());
+                d
+            }
+        };
         args.extend(extra.iter().cloned());
 
-        let log = File::create(&log_path).expect("create agent log");
+        let mut agent = Agent {
+            child: None,
+            exit: None,
+            log_path,
+            audit_path,
+            policy_paths,
+            args,
+            bpffs_dir,
+            owns_bpffs_dir,
+            output_shown: false,
+            launch: Launch {
+                bin: bin.to_owned(),
+                stay_in: stay.then(|| opts.agent_cgroup.clone()),
+                nofile,
+            },
+            generation: 0,
+            tmp,
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Start the agent again, after it stopped, with the same arguments and `more` after them
+    /// (its output goes to a new log file; the audit log is the same).
+    pub fn respawn(&mut self, more: &[String]) {
+        assert!(self.child.is_none(), "respawn: the agent still runs");
+        self.generation += 1;
+        self.log_path = self
+            .tmp
+            .path()
+            .join(format!("agent-{}.log", self.generation));
+        self.args.extend(more.iter().cloned());
+        self.exit = None;
+        self.spawn();
+    }
+
+    /// Spawn the child process and wait (≤ 60 s) for `mcpwarden ready`.
+    fn spawn(&mut self) {
+        let Launch {
+            bin,
+            stay_in,
+            nofile,
+        } = &self.launch;
+        let (bin, nofile) = (bin.as_str(), *nofile);
+        let log = File::create(&self.log_path).expect("create agent log");
         let mut cmd = Command::new(bin);
-        if stay {
-            std::fs::create_dir_all(&opts.agent_cgroup).expect("create the agent's cgroup");
-            crate::cgroup::spawn_in_cgroup(&mut cmd, &opts.agent_cgroup);
+        if let Some(dir) = stay_in {
+            std::fs::create_dir_all(dir).expect("create the agent's cgroup");
+            crate::cgroup::spawn_in_cgroup(&mut cmd, dir);
         }
         if let Some(n) = nofile {
             let limit = libc::rlimit {
@@ -143,28 +217,20 @@ impl Agent {
             }
         }
         let child = cmd
-            .args(&args)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("dup log fd")))
             .stderr(Stdio::from(log))
             .env("RUST_BACKTRACE", "1")
             .spawn()
             .unwrap_or_else(|e| panic!("spawn agent {bin}: {e}"));
-        let mut agent = Agent {
-            child: Some(child),
-            exit: None,
-            log_path,
-            audit_path,
-            policy_paths,
-            args,
-            output_shown: false,
-            tmp,
-        };
+        self.child = Some(child);
+        let agent = self;
 
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if agent.log().contains(READY_MARKER) {
-                return agent;
+                return;
             }
             if let Some(status) = agent
                 .child
@@ -192,6 +258,23 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Where the agent pins its links and maps (`--bpffs-dir`).
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
+    }
+
+    /// SIGKILL, as an OOM kill or a crash ends it: no clean-up of its own runs.
+    pub fn kill9(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        let mut child = self.child.take().expect("agent child");
+        let _ = child.kill();
+        let status = child.wait().expect("wait agent");
+        self.exit = Some(status);
+        status
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -366,11 +449,50 @@ impl Drop for Agent {
                 eprintln!("agent did not exit within 10 s of SIGTERM and was killed");
             }
         }
+        if self.owns_bpffs_dir {
+            remove_pins(&self.bpffs_dir);
+        }
         if std::thread::panicking() && !self.output_shown {
             eprintln!(
                 "--- agent output (test failed) ---\n{}\n--- end of agent output ---",
                 self.log()
             );
         }
+    }
+}
+
+/// A bpffs directory of this test process's own, below /sys/fs/bpf/mcpwarden-tests (the agent
+/// mounts bpffs at /sys/fs/bpf if it is not there yet).
+pub fn test_bpffs_dir(name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    PathBuf::from("/sys/fs/bpf/mcpwarden-tests").join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Remove a pin directory and everything in it: its links (their programs detach) and maps.
+pub fn remove_pins(dir: &Path) {
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            eprintln!("could not remove the pins in {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Removes a pin directory shared by several agents of one test when dropped.
+pub struct PinsGuard(pub PathBuf);
+
+impl PinsGuard {
+    pub fn new(name: &str) -> Self {
+        PinsGuard(test_bpffs_dir(name))
+    }
+}
+
+impl Drop for PinsGuard {
+    fn drop(&mut self) {
+        remove_pins(&self.0);
     }
 }

@@ -25,7 +25,7 @@ pub mod server;
 pub mod sse;
 pub mod tls;
 
-pub use agent::{Agent, AgentOpts};
+pub use agent::{Agent, AgentOpts, PinsGuard};
 pub use cgroup::{cgroup2_mount, spawn_in_cgroup, TestCgroup};
 pub use client::{run_client, run_client_env, ClientRun, LineChild};
 pub use echo::{TcpEcho, UdpEcho};

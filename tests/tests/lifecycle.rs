@@ -1,20 +1,32 @@
-//! Stopping the agent leaves nothing behind.
+//! Stopping the agent: `failure_mode: open` leaves nothing behind; `closed` (the default)
+//! leaves the programs attached, pinned, so that nothing goes direct until an agent serves
+//! again, and the next agent adopts them.
 
 mod common;
 
 use std::net::SocketAddr;
 
 use common::*;
-use mcpwarden_tests::bpf;
+use mcpwarden_tests::{bpf, PinsGuard};
 use serde_json::json;
 
-/// (9) While the agent runs, its programs are attached to the cgroup (asked of the kernel with
-/// bpf(BPF_PROG_QUERY), as `bpftool cgroup show` does); after SIGTERM it exits 0 and nothing
-/// stays attached, and a connection from the cgroup to the endpoint goes straight to the
-/// server (which now also gets the call the policy used to deny).
+/// (9) `failure_mode: open`: while the agent runs, its programs are attached to the cgroup
+/// (asked of the kernel with bpf(BPF_PROG_QUERY), as `bpftool cgroup show` does); after SIGTERM
+/// it exits 0 and nothing stays attached, and a connection from the cgroup to the endpoint goes
+/// straight to the server (which now also gets the call the policy used to deny).
 #[test]
-fn sigterm_detaches_everything() {
-    let mut rig = Rig::start("detach", 9, POLICY);
+fn sigterm_with_failure_mode_open_detaches_everything() {
+    let mut rig = Rig::start_with(
+        "detach",
+        9,
+        POLICY,
+        &["--failure-mode".into(), "open".into()],
+    );
+    assert!(
+        rig.agent.log().contains("failure_mode: open"),
+        "open mode is said loudly at start:\n{}",
+        rig.agent.log()
+    );
     let url = rig.server.url();
 
     let attached = bpf::attached(&rig.app);
@@ -98,4 +110,211 @@ fn sigterm_detaches_everything() {
         rig.server.peers()
     );
     assert_eq!(rig.server.calls("drop_cluster"), 1);
+}
+
+fn pins_args(pins: &PinsGuard) -> Vec<String> {
+    vec!["--bpffs-dir".into(), pins.0.display().to_string()]
+}
+
+/// A call from the attached cgroup while no agent serves: refused at once, never direct.
+fn assert_refused_at_once(rig: &Rig, tool: &str) {
+    let started = std::time::Instant::now();
+    let run = rig.client(&["call", &rig.server.url(), tool, r#"{"message":"x"}"#]);
+    let took = started.elapsed();
+    assert!(
+        !run.status.success(),
+        "a call went through with no agent: {}",
+        run.describe()
+    );
+    assert!(
+        run.describe().contains("Connection refused (os error 111)"),
+        "the connect must be refused: {}",
+        run.describe()
+    );
+    eprintln!("a redirected connect with no agent serving failed in {took:?}");
+    assert!(
+        took < CLIENT_TIMEOUT / 2,
+        "the call hung ({took:?}) rather than failing at once: {}",
+        run.describe()
+    );
+}
+
+/// (150) kill -9: the programs stay attached (pinned), calls from the cgroup fail at once and
+/// reach the server neither inspected nor direct; a new agent adopts the pinned maps and links,
+/// with the same counters' window, and calls resume.
+#[test]
+fn kill9_fails_closed_and_the_next_agent_adopts_the_datapath() {
+    let pins = PinsGuard::new("kill9");
+    let mut rig = Rig::start_with("kill9", 150, POLICY, &pins_args(&pins));
+    let url = rig.server.url();
+    let run = rig.client(&["call", &url, "echo", r#"{"message":"before"}"#]);
+    run.assert_success();
+    assert_eq!(rig.server.calls("echo"), 1);
+
+    rig.agent.kill9();
+    let attached = bpf::attached(&rig.app);
+    let names: Vec<&str> = attached.iter().map(|(n, _)| *n).collect();
+    for want in [
+        "cgroup_inet4_connect",
+        "cgroup_inet6_connect",
+        "cgroup_sock_ops",
+        "cgroup_inet4_bind",
+    ] {
+        assert!(
+            names.contains(&want),
+            "after kill -9, {want} must stay attached: {attached:?}"
+        );
+    }
+    assert_refused_at_once(&rig, "echo");
+    assert_refused_at_once(&rig, "drop_cluster");
+    assert_eq!(
+        rig.server.calls("echo"),
+        1,
+        "a call reached the server with no agent"
+    );
+    assert_eq!(rig.server.calls("drop_cluster"), 0);
+
+    rig.agent.respawn(&[]);
+    let log = rig.agent.log();
+    assert!(
+        log.contains("maps_adopted=true"),
+        "the maps are adopted:\n{log}"
+    );
+    assert!(
+        log.contains("links_created=0"),
+        "no link is made anew:\n{log}"
+    );
+    let run = rig.client(&["call", &url, "echo", r#"{"message":"after"}"#]);
+    run.assert_success();
+    assert_eq!(rig.server.calls("echo"), 2);
+    let run = rig.client(&["call", &url, "drop_cluster", r#"{"cluster":"prod"}"#]);
+    run.assert_success();
+    assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
+    assert_eq!(rig.server.calls("drop_cluster"), 0);
+}
+
+/// (151) A build with another map layout: the second agent makes new maps beside the old ones,
+/// swaps the program of every pinned link in place, and unpins the old maps. A client calling a
+/// denied tool in a loop throughout never reaches the server: there is no moment without
+/// programs.
+#[test]
+fn a_new_map_layout_swaps_the_programs_with_no_window() {
+    let pins = PinsGuard::new("layout");
+    let mut rig = Rig::start_with("layout", 151, POLICY, &pins_args(&pins));
+    let url = rig.server.url();
+    let layouts = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir.join("maps"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let first = layouts(&pins.0);
+    assert_eq!(first.len(), 1, "one layout pinned: {first:?}");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = rig.app.clone();
+    let hammer = {
+        let stop = stop.clone();
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = mcpwarden_tests::client::run_client(
+                    CLIENT_BIN,
+                    Some(&app),
+                    &["call", &url, "drop_cluster", r#"{"cluster":"prod"}"#],
+                    CLIENT_TIMEOUT,
+                );
+                runs += 1;
+            }
+            runs
+        })
+    };
+    // Agent A stops with SIGTERM (closed: its programs stay), agent B starts with another
+    // layout while the loop runs.
+    let (status, _) = rig.agent.terminate();
+    assert!(status.success(), "{}", rig.agent.log());
+    rig.agent
+        .respawn(&["--layout-salt".into(), "another build".into()]);
+    let run = rig.client(&["call", &url, "echo", r#"{"message":"after"}"#]);
+    run.assert_success();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = hammer.join().expect("the client loop");
+    assert!(runs > 0);
+    assert_eq!(
+        rig.server.calls("drop_cluster"),
+        0,
+        "a denied call reached the server during the swap ({runs} tries)"
+    );
+    let log = rig.agent.log();
+    assert!(log.contains("maps_adopted=false"), "{log}");
+    assert!(
+        log.contains("links_created=0"),
+        "the links are swapped, not made anew:\n{log}"
+    );
+    assert!(
+        log.contains(&first[0]),
+        "the old layout is named as unpinned:\n{log}"
+    );
+    let second = layouts(&pins.0);
+    assert_eq!(
+        second.len(),
+        1,
+        "only the new layout stays pinned: {second:?}"
+    );
+    assert_ne!(second, first);
+}
+
+/// (152) `mcpwarden uninstall` removes every pin: nothing stays attached, the directory is gone,
+/// and calls go direct again (there is no agent).
+#[test]
+fn uninstall_leaves_nothing_attached_or_pinned() {
+    let pins = PinsGuard::new("uninstall");
+    let mut rig = Rig::start_with("uninstall", 152, POLICY, &pins_args(&pins));
+    rig.agent.kill9();
+    assert!(!bpf::attached(&rig.app).is_empty());
+    let status = std::process::Command::new(AGENT_BIN)
+        .args(["status", "--datapath", "--bpffs-dir"])
+        .arg(&pins.0)
+        .output()
+        .expect("run mcpwarden status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains("program mcpw_connect4: runs program"),
+        "{text}"
+    );
+    let out = std::process::Command::new(AGENT_BIN)
+        .args(["uninstall", "--bpffs-dir"])
+        .arg(&pins.0)
+        .output()
+        .expect("run mcpwarden uninstall");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("mcpw_connect4"),
+        "it prints what it removed: {text}"
+    );
+    assert!(text.contains("BY_SOCKET"), "maps too: {text}");
+    assert!(!pins.0.exists(), "{} is left", pins.0.display());
+    let after = bpf::attached(&rig.app);
+    assert!(
+        after.is_empty(),
+        "still attached after uninstall: {after:?}"
+    );
+    for dir in [rig.cg.path().to_path_buf(), rig.agent_cg.clone()] {
+        if dir.exists() {
+            assert!(bpf::attached(&dir).is_empty(), "left on {}", dir.display());
+        }
+    }
+    let run = rig.client(&["call", &rig.server.url(), "echo", r#"{"message":"direct"}"#]);
+    run.assert_success();
+    assert_eq!(rig.server.calls("echo"), 1);
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::*;
 use mcpwarden_tests::{
-    free_addr, require_root, test_ip, wait_for, Agent, AgentOpts, LineChild, Pod, PodNet,
-    TestCgroup, TestServer,
+    free_addr, require_root, test_ip, wait_for, Agent, AgentOpts, LineChild, PinsGuard, Pod,
+    PodNet, TestCgroup, TestServer,
 };
 use serde_json::{json, Value};
 
@@ -933,4 +933,61 @@ fn written(s: &str) -> String {
         },
         v4 => v4.to_string(),
     }
+}
+
+/// kill -9 with a pod calling: its connects are refused at once while no agent serves (the
+/// programs stay attached and point at the pod's dead listener), nothing reaches the server,
+/// and the next agent adopts the datapath, serves the pod's namespace again, and its calls
+/// resume under the same policy.
+#[test]
+fn a_pod_fails_closed_while_the_agent_is_down_and_resumes_after() {
+    let pins = PinsGuard::new("pods-kill9");
+    let pin_args = vec!["--bpffs-dir".to_string(), pins.0.display().to_string()];
+    let mut rig = PodRig::start_with("pods-kill9", 143, PODS_POLICY, &pin_args, |ip| {
+        TestServer::start(SocketAddr::new(IpAddr::V4(ip), 0))
+    });
+    let pod = rig.pod("a");
+    rig.wait_ready(&pod);
+    let url = rig.server.url();
+    let call = |pod: &Pod, tool: &str| {
+        pod.client(
+            CLIENT_BIN,
+            &["call", &url, tool, r#"{"text":"x","cluster":"prod"}"#],
+            CLIENT_TIMEOUT,
+        )
+    };
+    call(&pod, "echo").assert_success();
+    assert_eq!(rig.server.calls("echo"), 1);
+
+    rig.agent.kill9();
+    for tool in ["echo", "drop_cluster"] {
+        let started = std::time::Instant::now();
+        let run = call(&pod, tool);
+        let took = started.elapsed();
+        assert!(!run.status.success(), "{}", run.describe());
+        assert!(
+            run.describe().contains("Connection refused (os error 111)"),
+            "{}",
+            run.describe()
+        );
+        eprintln!("a pod's connect with no agent serving failed in {took:?}");
+        assert!(took < CLIENT_TIMEOUT / 2, "it hung: {took:?}");
+    }
+    assert_eq!(
+        rig.server.calls("echo"),
+        1,
+        "a call reached the server with no agent"
+    );
+    rig.server.assert_not_reached("drop_cluster");
+
+    rig.agent.respawn(&[]);
+    rig.wait_ready(&pod);
+    let log = rig.agent.log();
+    assert!(log.contains("maps_adopted=true"), "{log}");
+    call(&pod, "echo").assert_success();
+    assert_eq!(rig.server.calls("echo"), 2);
+    let run = call(&pod, "drop_cluster");
+    run.assert_success();
+    assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
+    rig.server.assert_not_reached("drop_cluster");
 }

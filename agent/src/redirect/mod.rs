@@ -1,14 +1,17 @@
 //! Step 1 of the flow: which connections come to the interceptor, and who made them.
 //!
-//! Loads the embedded eBPF object, fills its config, attaches the programs to a cgroup, keeps
-//! the endpoint maps in sync with what the configured names resolve to ([`resolve`]) and the
-//! namespace map with where the interceptor listens in each network namespace (`netns` prepares
-//! them), hands the interceptor the record of each accepted connection ([`Redirector::take`]),
-//! and passes on what the programs refused or saw ([`events`]). Dropping the [`Redirector`]
-//! closes the link fds, which detaches every program (`failure_mode: open`).
+//! Loads the embedded eBPF object against its maps (pinned ones adopted, [`pin`]), fills its
+//! config, keeps the endpoint maps in sync with what the configured names resolve to
+//! ([`resolve`]) and the namespace map with where the interceptor listens in each network
+//! namespace (`netns` prepares them), attaches the programs to a cgroup once those are filled
+//! ([`Redirector::attach`]), hands the interceptor the record of each accepted connection
+//! ([`Redirector::take`]), and passes on what the programs refused or saw ([`events`]).
+//! `failure_mode: closed`: the links are pinned and outlive the agent. `open`: dropping the
+//! [`Redirector`] closes the link fds, which detaches every program.
 
 pub mod cgroup;
 pub mod events;
+pub mod pin;
 pub mod resolve;
 
 use std::{
@@ -22,22 +25,27 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, SockOps},
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, Program, SockOps,
+    },
     util::KernelVersion,
-    Btf, Ebpf,
+    Btf, Ebpf, EbpfLoader,
 };
 use mcpwarden_common::{
     ConnRecord, EndpointValue, Listeners, NetnsAddr, ProxyConfig, SockKey, CFG_RAW_ALLOW,
-    MAP_AGENT_CGROUPS, MAP_BY_SOCKET, MAP_CONFIG, MAP_ENDPOINTS, MAP_ENDPOINT_PORTS, MAP_EVENTS,
-    MAP_LISTEN_PORTS, MAP_LOCAL_ADDRS, MAP_LOCAL_PORTS, MAP_NETNS, PROG_BIND4, PROG_BIND6,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_PACKET_CREATE,
-    PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL,
+    MAP_AGENT_CGROUPS, MAP_BY_COOKIE, MAP_BY_SOCKET, MAP_BY_TUPLE, MAP_CONFIG, MAP_ENDPOINTS,
+    MAP_ENDPOINT_PORTS, MAP_EVENTS, MAP_EVENT_SEEN, MAP_LISTEN_PORTS, MAP_LOCAL_ADDRS,
+    MAP_LOCAL_PORTS, MAP_NETNS, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_PACKET_CREATE, PROG_SENDMSG4, PROG_SENDMSG6,
+    PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL,
 };
 
 use crate::identity::Kernel;
+use pin::PinDir;
 
 /// The programs, built by agent/build.rs from the `mcpwarden-ebpf` crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcpwarden"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcpwarden"));
 
 /// getpeername hooks arrived in 5.8, bpf_link for cgroups in 5.7, SO_NETNS_COOKIE in 5.14,
 /// `bpf_get_netns_cookie` in sock_ops programs in 5.15.
@@ -68,12 +76,70 @@ pub struct Settings {
     pub guard_ports: (u16, u16),
     /// `raw_sockets: allow`.
     pub raw_sockets_allowed: bool,
+    /// Where links and maps are pinned (`failure_mode: closed`); `None`: held by this process
+    /// only (`open`), and whatever an earlier agent pinned there is unpinned once attached.
+    pub pins: Option<PathBuf>,
+    /// Where pins of an earlier agent may be (the configured `bpffs_dir`, both modes).
+    pub pin_dir: PathBuf,
+    /// Mixed into the layout id (tests).
+    pub layout_salt: String,
+}
+
+/// Every map the agent shares with the programs: pinned by name under `maps/<layout>/`.
+const MAPS: &[&str] = &[
+    MAP_ENDPOINTS,
+    MAP_LOCAL_PORTS,
+    MAP_ENDPOINT_PORTS,
+    MAP_LISTEN_PORTS,
+    MAP_LOCAL_ADDRS,
+    MAP_NETNS,
+    MAP_AGENT_CGROUPS,
+    MAP_BY_COOKIE,
+    MAP_BY_TUPLE,
+    MAP_BY_SOCKET,
+    MAP_EVENTS,
+    MAP_EVENT_SEEN,
+    MAP_CONFIG,
+];
+
+/// The cgroup/sock_addr programs, attached at the attach point.
+const SOCK_ADDR_PROGRAMS: &[&str] = &[
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_BIND4,
+    PROG_BIND6,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+];
+
+/// What [`Redirector::attach`] did.
+#[derive(Debug, Default)]
+pub struct Attached {
+    /// Links an earlier agent pinned that now run this agent's programs (swapped in place).
+    pub updated: usize,
+    /// Links made now.
+    pub created: usize,
+    /// Pinned links no longer wanted (another attach point, a program gone), unpinned.
+    pub unpinned: usize,
+    /// The map layout in use, and whether its pinned maps were adopted from an earlier agent.
+    pub layout: String,
+    pub maps_adopted: bool,
+    /// Map layouts of earlier builds, unpinned.
+    pub old_layouts: Vec<String>,
 }
 
 /// The loaded, attached programs and the maps the agent talks to.
 pub struct Redirector {
-    /// Owns the programs and their links; dropping it detaches everything.
-    _ebpf: Ebpf,
+    /// Owns the programs, and under `failure_mode: open` their links (dropping it detaches
+    /// them); under `closed` the links are pinned.
+    ebpf: Mutex<Ebpf>,
+    settings: Settings,
+    layout: String,
+    maps_adopted: bool,
+    /// Namespaces an earlier agent served (found in a pinned `NETNS`), not served again yet.
+    inherited_netns: Mutex<BTreeSet<u64>>,
     endpoints: Mutex<Endpoints>,
     local_addrs: Mutex<LocalAddrs>,
     netns: Mutex<Served>,
@@ -134,11 +200,31 @@ struct LocalAddrs {
 }
 
 impl Redirector {
-    /// Load, configure and attach. The endpoint and namespace maps start empty: nothing is
-    /// redirected, and no namespace is served, until they are filled.
-    pub fn start(settings: &Settings) -> Result<Self> {
+    /// Load the programs against their maps and configure them; nothing is attached yet
+    /// ([`Redirector::attach`] does, once the endpoints and namespaces are in the maps). Under
+    /// `failure_mode: closed` the maps pinned by an earlier agent of the same layout are
+    /// adopted, with what they hold (endpoints, namespaces, records of connections in flight).
+    pub fn load(settings: &Settings) -> Result<Self> {
         check_kernel()?;
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let layout = pin::layout_id(EBPF_OBJECT, MAPS, &settings.layout_salt)?;
+        let mut loader = EbpfLoader::new();
+        let mut maps_adopted = false;
+        let map_paths: Vec<(&str, PathBuf)>;
+        if let Some(dir) = &settings.pins {
+            let pins = PinDir::new(dir);
+            pins.prepare()?;
+            let maps_dir = pins.maps_dir(&layout);
+            maps_adopted = maps_dir.exists();
+            std::fs::create_dir_all(&maps_dir)
+                .with_context(|| format!("creating {}", maps_dir.display()))?;
+            map_paths = MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
+            for (name, path) in &map_paths {
+                loader.map_pin_path(*name, path.as_path());
+            }
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
 
         let config = ProxyConfig {
             host_netns: settings.host_netns,
@@ -157,90 +243,183 @@ impl Redirector {
             .context("writing the redirect config")?;
         let mut agents: HashMap<_, u64, u32> =
             HashMap::try_from(take_map(&mut ebpf, MAP_AGENT_CGROUPS)?)?;
-        agents
-            .insert(settings.agent_cgroup.1, 0, 0)
-            .context("exempting the agent's cgroup")?;
+        sync_map(
+            &mut agents,
+            &BTreeMap::from([(settings.agent_cgroup.1, 0u32)]),
+        )
+        .context("exempting the agent's cgroup")?;
 
+        let exact: HashMap<MapData, SockKey, EndpointValue> =
+            HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)?;
+        let local: HashMap<MapData, u32, EndpointValue> =
+            HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_PORTS)?)?;
+        // Adopted maps: the ports marked are those of the endpoints already there.
+        let ports_written: BTreeSet<u16> = exact
+            .keys()
+            .filter_map(|k| k.ok().map(|k| k.port))
+            .chain(
+                local
+                    .keys()
+                    .filter_map(|k| k.ok().and_then(|p| u16::try_from(p).ok())),
+            )
+            .collect();
         let endpoints = Endpoints {
-            exact: HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)?,
-            local: HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_PORTS)?)?,
+            exact,
+            local,
             ports: Array::try_from(take_map(&mut ebpf, MAP_ENDPOINT_PORTS)?)?,
-            ports_written: BTreeSet::new(),
+            ports_written,
         };
-        let local_addrs = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_ADDRS)?)?;
-        let netns = Served {
+        let local_addrs: HashMap<MapData, NetnsAddr, u32> =
+            HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL_ADDRS)?)?;
+        let mut written: StdHashMap<u64, BTreeSet<[u32; 4]>> = StdHashMap::new();
+        for key in local_addrs.keys().filter_map(|k| k.ok()) {
+            written.entry(key.netns).or_default().insert(key.addr);
+        }
+        let mut netns = Served {
             map: HashMap::try_from(take_map(&mut ebpf, MAP_NETNS)?)?,
             ports: Array::try_from(take_map(&mut ebpf, MAP_LISTEN_PORTS)?)?,
             listeners: StdHashMap::new(),
             port_users: StdHashMap::new(),
         };
+        let inherited: Vec<(u64, Listeners)> = netns.map.iter().filter_map(|e| e.ok()).collect();
+        for (cookie, l) in &inherited {
+            netns.count(l, true)?;
+            netns.listeners.insert(*cookie, *l);
+        }
         let by_socket = HashMap::try_from(take_map(&mut ebpf, MAP_BY_SOCKET)?)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, MAP_EVENTS)?)?;
 
-        let attach = &settings.attach;
-        let cgroup = std::fs::File::open(attach)
-            .with_context(|| format!("opening cgroup {}", attach.display()))?;
-        // Cgroup bpf_links are multi-attach by nature: each link is one more program in the
-        // cgroup's effective array, next to whatever else (Cilium, Istio) is attached there.
-        // `Single` is what bpf_link_create accepts for that (AllowMultiple gives EINVAL).
-        for name in [
-            PROG_CONNECT4,
-            PROG_CONNECT6,
-            PROG_SENDMSG4,
-            PROG_SENDMSG6,
-            PROG_BIND4,
-            PROG_BIND6,
-            PROG_GETPEERNAME4,
-            PROG_GETPEERNAME6,
-        ] {
+        for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().with_context(|| format!("loading {name}"))?;
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", attach.display()))?;
         }
         let prog: &mut CgroupSock = program(&mut ebpf, PROG_SOCK_CREATE)?;
         prog.load()
             .with_context(|| format!("loading {PROG_SOCK_CREATE}"))?;
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {PROG_SOCK_CREATE} to {}", attach.display()))?;
-
-        // sock_ops runs for the clients' sockets below the attach point and for the interceptor's
-        // accepted sockets, which belong to the agent's cgroup (a socket accepted from a listener
-        // is in the listener's cgroup): attach it there too unless the attach point covers it.
-        let (agent_path, _) = &settings.agent_cgroup;
         let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
         prog.load()
             .with_context(|| format!("loading {PROG_SOCK_OPS}"))?;
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {PROG_SOCK_OPS} to {}", attach.display()))?;
-        if !agent_path.starts_with(attach) {
-            let agent = std::fs::File::open(agent_path)
-                .with_context(|| format!("opening cgroup {}", agent_path.display()))?;
-            prog.attach(&agent, CgroupAttachMode::Single)
-                .with_context(|| {
-                    format!("attaching {PROG_SOCK_OPS} to {}", agent_path.display())
-                })?;
-        }
-
-        let packet_guard = if settings.raw_sockets_allowed {
-            false
-        } else {
-            attach_packet_guard(&mut ebpf, &cgroup, attach)?
-        };
+        let packet_guard = !settings.raw_sockets_allowed && load_packet_guard(&mut ebpf);
 
         Ok(Redirector {
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
+            settings: settings.clone(),
+            layout,
+            maps_adopted,
+            inherited_netns: Mutex::new(inherited.iter().map(|(c, _)| *c).collect()),
             endpoints: Mutex::new(endpoints),
             local_addrs: Mutex::new(LocalAddrs {
                 map: local_addrs,
-                written: StdHashMap::new(),
+                written,
             }),
             netns: Mutex::new(netns),
             by_socket: Mutex::new(by_socket),
             events: Mutex::new(Some(events)),
-            attach: attach.clone(),
+            attach: settings.attach.clone(),
             packet_guard,
         })
+    }
+
+    /// Attach every program: a link pinned by an earlier agent is made to run this agent's
+    /// program in one atomic swap (`BPF_LINK_UPDATE`), so its cgroup is never without one;
+    /// other links are created (and pinned, `failure_mode: closed`). Then the pins this agent
+    /// does not use — links elsewhere, maps of another layout — are removed (under `open`,
+    /// every pin: nothing outlives this agent).
+    pub fn attach(&self) -> Result<Attached> {
+        let settings = &self.settings;
+        let mut ebpf = lock(&self.ebpf)?;
+        let pins = settings.pins.as_deref().map(PinDir::new);
+        let attach = &settings.attach;
+        let attach_id = cgroup::id_of(attach)?;
+        let cgroup_file = std::fs::File::open(attach)
+            .with_context(|| format!("opening cgroup {}", attach.display()))?;
+        let mut wanted: Vec<(&std::fs::File, &Path, u64, &str)> = Vec::new();
+        for name in SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain([&PROG_SOCK_CREATE, &PROG_SOCK_OPS])
+        {
+            wanted.push((&cgroup_file, attach, attach_id, name));
+        }
+        if self.packet_guard {
+            wanted.push((&cgroup_file, attach, attach_id, PROG_PACKET_CREATE));
+        }
+        // sock_ops runs for the clients' sockets below the attach point and for the
+        // interceptor's accepted sockets, which belong to the agent's cgroup (a socket accepted
+        // from a listener is in the listener's cgroup): attached there too unless the attach
+        // point covers it.
+        let (agent_path, agent_id) = &settings.agent_cgroup;
+        let agent_file;
+        if !agent_path.starts_with(attach) {
+            agent_file = std::fs::File::open(agent_path)
+                .with_context(|| format!("opening cgroup {}", agent_path.display()))?;
+            wanted.push((&agent_file, agent_path, *agent_id, PROG_SOCK_OPS));
+        }
+
+        let mut done = Attached {
+            layout: self.layout.clone(),
+            maps_adopted: self.maps_adopted,
+            ..Attached::default()
+        };
+        let mut kept: BTreeSet<PathBuf> = BTreeSet::new();
+        for (file, path, id, name) in &wanted {
+            let pinned = pins.as_ref().map(|p| p.link_path(*id, name));
+            if let Some(link_path) = pinned.as_ref().filter(|p| p.exists()) {
+                let link = pin::obj_get(link_path)
+                    .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
+                let prog = ebpf
+                    .program(name)
+                    .ok_or_else(|| anyhow::anyhow!("the eBPF object has no program {name}"))?
+                    .fd()
+                    .with_context(|| format!("{name} is not loaded"))?;
+                pin::link_update(link.as_fd(), prog.as_fd()).with_context(|| {
+                    format!("swapping {name} in the pinned link {}", link_path.display())
+                })?;
+                kept.insert(link_path.clone());
+                done.updated += 1;
+                continue;
+            }
+            let link = attach_program(&mut ebpf, name, file, pinned.is_some())
+                .with_context(|| format!("attaching {name} to {}", path.display()))?;
+            if let (Some(link), Some(link_path)) = (link, pinned) {
+                if let Some(dir) = link_path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+                // The pin holds the link from now on; this descriptor closes.
+                link.pin(&link_path)
+                    .with_context(|| format!("pinning {}", link_path.display()))?;
+                kept.insert(link_path);
+            }
+            done.created += 1;
+        }
+
+        // What an earlier agent pinned and this one does not use.
+        let earlier = PinDir::new(&settings.pin_dir);
+        for (_, _, path) in earlier.links() {
+            if !kept.contains(&path) {
+                earlier.remove_link(&path)?;
+                done.unpinned += 1;
+            }
+        }
+        for layout in earlier.layouts() {
+            if pins.is_none() || layout != self.layout {
+                earlier.remove_layout(&layout)?;
+                done.old_layouts.push(layout);
+            }
+        }
+        Ok(done)
+    }
+
+    /// Namespaces an earlier agent served that this one has not served again by now are
+    /// dropped from the maps (their connects fail as unprepared, and are prepared, from now on).
+    pub fn forget_inherited_netns(&self) -> Result<Vec<u64>> {
+        let stale: Vec<u64> = std::mem::take(&mut *lock(&self.inherited_netns)?)
+            .into_iter()
+            .collect();
+        for cookie in &stale {
+            self.unserve_netns(*cookie)?;
+        }
+        Ok(stale)
     }
 
     /// The cgroup the programs are attached to.
@@ -287,6 +466,7 @@ impl Redirector {
 
     /// From now on, connections in namespace `cookie` are redirected to `listeners` there.
     pub fn serve_netns(&self, cookie: u64, listeners: Listeners) -> Result<()> {
+        lock(&self.inherited_netns)?.remove(&cookie);
         let mut served = lock(&self.netns)?;
         served.count(&listeners, true)?;
         if let Some(old) = served.listeners.insert(cookie, listeners) {
@@ -392,11 +572,11 @@ impl Redirector {
     }
 }
 
-/// Refuse `AF_PACKET` sockets below the attach point with an `lsm_cgroup/socket_create` program
-/// (cgroup/sock_create only sees inet sockets). This needs the BPF LSM to be active (`bpf` in
-/// the kernel's `lsm=` list); without it the program would attach and never run, so it is not
-/// attached and the agent says so. Returns whether packet sockets are refused.
-fn attach_packet_guard(ebpf: &mut Ebpf, cgroup: &std::fs::File, attach: &Path) -> Result<bool> {
+/// Load the `lsm_cgroup/socket_create` program that refuses `AF_PACKET` sockets below the
+/// attach point (cgroup/sock_create only sees inet sockets). This needs the BPF LSM to be active
+/// (`bpf` in the kernel's `lsm=` list); without it the program would attach and never run, so it
+/// is not loaded and the agent says so. Returns whether packet sockets will be refused.
+fn load_packet_guard(ebpf: &mut Ebpf) -> bool {
     match bpf_lsm_active() {
         Some(true) => {}
         Some(false) => {
@@ -405,27 +585,25 @@ fn attach_packet_guard(ebpf: &mut Ebpf, cgroup: &std::fs::File, attach: &Path) -
                  AF_PACKET sockets below the attach point are NOT refused, and a workload with \
                  NET_RAW can send packets around the redirect (SOCK_RAW sockets are refused)"
             );
-            return Ok(false);
+            return false;
         }
         None => {
             tracing::warn!(
                 "cannot tell whether the BPF LSM is active (/sys/kernel/security/lsm unreadable): \
                  AF_PACKET sockets below the attach point are NOT refused"
             );
-            return Ok(false);
+            return false;
         }
     }
-    let attached = (|| -> Result<()> {
+    let loaded = (|| -> Result<()> {
         let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
         let prog: &mut LsmCgroup = program(ebpf, PROG_PACKET_CREATE)?;
         prog.load("socket_create", &btf)
             .with_context(|| format!("loading {PROG_PACKET_CREATE}"))?;
-        prog.attach(cgroup)
-            .with_context(|| format!("attaching {PROG_PACKET_CREATE} to {}", attach.display()))?;
         Ok(())
     })();
-    match attached {
-        Ok(()) => Ok(true),
+    match loaded {
+        Ok(()) => true,
         Err(e) => {
             // Kernels without BPF trampolines (no LSM, fentry or fexit programs) refuse the load.
             tracing::warn!(
@@ -434,9 +612,54 @@ fn attach_packet_guard(ebpf: &mut Ebpf, cgroup: &std::fs::File, attach: &Path) -
                  sockets below the attach point are NOT refused, and a workload with NET_RAW can \
                  send packets around the redirect (SOCK_RAW sockets are refused)"
             );
-            Ok(false)
+            false
         }
     }
+}
+
+/// Attach the loaded program `name` to `cgroup` with a bpf_link. `take`: the link is handed
+/// back (to be pinned); otherwise the `Ebpf` keeps it and dropping that detaches it.
+fn attach_program(
+    ebpf: &mut Ebpf,
+    name: &str,
+    cgroup: &std::fs::File,
+    take: bool,
+) -> Result<Option<FdLink>> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow::anyhow!("the eBPF object has no program {name}"))?;
+    // Cgroup bpf_links are multi-attach by nature: each link is one more program in the
+    // cgroup's effective array, next to whatever else (Cilium, Istio) is attached there.
+    // `Single` is what bpf_link_create accepts for that (AllowMultiple gives EINVAL).
+    let link: Option<FdLink> = match prog {
+        Program::CgroupSockAddr(p) => {
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            take.then(|| p.take_link(id))
+                .transpose()?
+                .map(FdLink::try_from)
+                .transpose()?
+        }
+        Program::CgroupSock(p) => {
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            take.then(|| p.take_link(id))
+                .transpose()?
+                .map(FdLink::try_from)
+                .transpose()?
+        }
+        Program::SockOps(p) => {
+            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+            take.then(|| p.take_link(id))
+                .transpose()?
+                .map(FdLink::try_from)
+                .transpose()?
+        }
+        Program::LsmCgroup(p) => {
+            let id = p.attach(cgroup)?;
+            take.then(|| p.take_link(id)).transpose()?.map(FdLink::from)
+        }
+        _ => bail!("{name} is not a cgroup program"),
+    };
+    Ok(link)
 }
 
 /// Whether `bpf` is among the active LSMs. securityfs is mounted if it is not yet (systemd

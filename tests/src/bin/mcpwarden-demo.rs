@@ -256,6 +256,11 @@ async fn run() -> Result<()> {
         // The demo's clients share the agent's network namespace: no pins to watch.
         netns_dirs: Vec::new(),
         raw_sockets: Default::default(),
+        // The demo's programs go with it: nothing is pinned, and its own (empty) bpffs
+        // directory keeps it clear of an installed agent's pins.
+        failure_mode: mcpwarden::config::FailureMode::Open,
+        bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+        layout_salt: String::new(),
         max_body_bytes: mcpwarden::mcp::DEFAULT_MAX_BODY,
         workers: 1,
         servers: vec![Server {

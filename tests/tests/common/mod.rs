@@ -53,6 +53,11 @@ impl Rig {
     /// cgroup `mcpwarden-test-<name>-<pid>` with the agent attached at its child `app`, the
     /// agent in its child `agent`, an MCP server on 127.0.0.(10+index), and `policy` for it.
     pub fn start(name: &str, index: u8, policy: &str) -> Rig {
+        Self::start_with(name, index, policy, &[])
+    }
+
+    /// [`Rig::start`] with more agent arguments.
+    pub fn start_with(name: &str, index: u8, policy: &str, extra: &[String]) -> Rig {
         require_root();
         let cg = TestCgroup::new(name);
         let app = cg.child("app");
@@ -61,7 +66,7 @@ impl Rig {
         let server = TestServer::start(SocketAddr::new(IpAddr::V4(ip), 0));
         let listen_v4 = free_addr(ip);
         let listen_v6 = free_addr(Ipv6Addr::LOCALHOST);
-        let agent = Agent::start(
+        let agent = Agent::start_with(
             AGENT_BIN,
             AgentOpts {
                 name: name.to_string(),
@@ -70,6 +75,7 @@ impl Rig {
                 cgroup: app.clone(),
                 agent_cgroup: agent_cg.clone(),
             },
+            extra,
         );
         Rig {
             agent,
