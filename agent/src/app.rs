@@ -165,6 +165,7 @@ impl Agent {
             pods: Arc::default(),
         });
         let (reloader, _) = reload::spawn(policies, config.flags.clone())?;
+        let (identity_for_reset, audit_for_reset) = (identity.clone(), audit.clone());
         let (listeners_tx, listeners_rx) = tokio::sync::mpsc::unbounded_channel();
         // The workers first: if they cannot start, nothing has been spawned yet.
         let serve = interceptor.clone().serve(listeners_rx, config.workers)?;
@@ -180,8 +181,8 @@ impl Agent {
                 redirector: redirector.clone(),
                 events,
                 accept: listeners_tx,
-                audit,
-                identity,
+                audit: audit.clone(),
+                identity: identity.clone(),
             },
         )?;
         // The host's addresses are known now: endpoints on one of them are local too.
@@ -217,6 +218,14 @@ impl Agent {
         } else {
             tracing::warn!("failure_mode: open — when this agent stops, for whatever reason (a crash, an OOM kill, an upgrade), its programs detach and every call goes straight to the servers, uninspected and unaudited");
         }
+        reset_preexisting(
+            &redirector,
+            &started.namespaces,
+            &attach,
+            agent_cgroup_id,
+            &identity_for_reset,
+            &audit_for_reset,
+        );
         let forgotten = redirector.forget_inherited_netns()?;
         if !forgotten.is_empty() {
             tracing::info!(count = forgotten.len(), "network namespaces an earlier agent served and this one does not: dropped from the maps");
@@ -306,6 +315,56 @@ impl Drop for Agent {
         let _ = self.reloader.send(reload::Msg::Stop);
         for t in &self.tasks {
             t.abort();
+        }
+    }
+}
+
+/// Reset the connections to endpoints opened before the programs were attached, each audited
+/// as `preexisting_reset`; where that cannot be done, say so (a warning, and the record's
+/// reason).
+fn reset_preexisting(
+    redirector: &Redirector,
+    namespaces: &[Arc<crate::netns::Netns>],
+    attach: &Path,
+    agent_cgroup: u64,
+    identity: &crate::identity::Resolver,
+    audit: &AuditLog,
+) {
+    use crate::audit::{CallerPart, Event, Head, Record};
+    let (found, failed) =
+        crate::redirect::preexisting::reset(redirector, namespaces, attach, agent_cgroup);
+    for (ns, why) in &failed {
+        tracing::warn!(netns = ns.ino, error = %why, "cannot list the connections opened before the programs were attached in this network namespace: any to an endpoint stays uninspected until it closes");
+    }
+    for f in &found {
+        let (pid, comm) = f.pid.clone().unwrap_or_default();
+        let kernel = crate::identity::Kernel {
+            pid,
+            uid: f.sock.uid,
+            gid: 0,
+            cgroup_id: f.sock.cgroup_id.unwrap_or(0),
+            comm,
+            netns: f.netns.cookie,
+        };
+        let caller = identity.caller(&kernel);
+        let head = Arc::new(Head::caller(&Arc::new(CallerPart::of(
+            &caller,
+            Some(f.sock.dst),
+            Some(f.netns.ino),
+        ))));
+        let record = Record::new(Event::PreexistingReset, head);
+        let record = match &f.reset {
+            Ok(()) => {
+                tracing::info!(netns = f.netns.ino, src = %f.sock.src, dst = %f.sock.dst, pid, "reset a connection to an endpoint opened before the programs were attached: its next attempt is inspected");
+                record.because("a connection to an MCP endpoint opened before mcpwarden attached (never inspected) was reset; the client's next connection is inspected")
+            }
+            Err(e) => {
+                tracing::warn!(netns = f.netns.ino, src = %f.sock.src, dst = %f.sock.dst, error = %e, "cannot reset a connection to an endpoint opened before the programs were attached: it stays uninspected until it closes");
+                record.because(format!("a connection to an MCP endpoint opened before mcpwarden attached could not be reset ({e}): it stays uninspected until it closes"))
+            }
+        };
+        if let Err(e) = audit.write(&record) {
+            tracing::error!(error = %e, "writing an audit record failed");
         }
     }
 }

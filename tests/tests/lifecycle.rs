@@ -4,10 +4,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-use mcpwarden_tests::{bpf, PinsGuard};
+use mcpwarden_tests::{
+    bpf, free_addr, run_client, spawn_in_cgroup, test_ip, Agent, AgentOpts, LineChild, PinsGuard,
+    TestCgroup, TestServer,
+};
 use serde_json::json;
 
 /// (9) `failure_mode: open`: while the agent runs, its programs are attached to the cgroup
@@ -317,4 +322,92 @@ fn uninstall_leaves_nothing_attached_or_pinned() {
     let run = rig.client(&["call", &rig.server.url(), "echo", r#"{"message":"direct"}"#]);
     run.assert_success();
     assert_eq!(rig.server.calls("echo"), 1);
+}
+
+/// (153) A connection to the endpoint opened before the agent started went direct, uninspected:
+/// once the programs are attached it is reset (the client sees its read fail), audited as
+/// `preexisting_reset` with the process that held it; a connection to another address is left
+/// alone, and the client's next call is inspected.
+#[test]
+fn a_connection_opened_before_the_agent_is_reset_and_the_next_is_inspected() {
+    let cg = TestCgroup::new("preexisting");
+    let app = cg.child("app");
+    let ip = test_ip(153);
+    let server = TestServer::start(SocketAddr::new(IpAddr::V4(ip), 0));
+    let other = std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(ip), 0)).expect("bind");
+    let hold = |addr: String| {
+        let mut cmd = Command::new(CLIENT_BIN);
+        cmd.args(["hold", &addr]);
+        spawn_in_cgroup(&mut cmd, &app);
+        let mut child = LineChild::spawn(cmd);
+        child
+            .wait_line(CLIENT_TIMEOUT, |l| l.starts_with("connected"))
+            .unwrap_or_else(|| panic!("the holder never connected to {addr}"));
+        child
+    };
+    let mut direct = hold(server.addr().to_string());
+    let mut untouched = hold(other.local_addr().expect("addr").to_string());
+
+    let agent = Agent::start(
+        AGENT_BIN,
+        AgentOpts {
+            name: "preexisting".into(),
+            endpoints: vec![(server.url(), POLICY.into())],
+            listen: vec![free_addr(ip), free_addr(Ipv6Addr::LOCALHOST)],
+            cgroup: app.clone(),
+            agent_cgroup: cg.path().join("agent"),
+        },
+    );
+    let holder_pid = direct.child.id();
+    let ended = direct.wait_line(AUDIT_WAIT, |l| l.starts_with("ended="));
+    assert!(
+        ended.is_some(),
+        "the direct connection was not reset: {:?}\n{}",
+        direct.seen,
+        agent.log()
+    );
+    let record = agent
+        .wait_audit(AUDIT_WAIT, |r| r["event"] == "preexisting_reset")
+        .unwrap_or_else(|| panic!("no preexisting_reset record:\n{}", agent.audit_text()));
+    assert_eq!(record["pid"], holder_pid, "{record}");
+    assert_eq!(record["comm"], "mcp-client", "{record}");
+    assert_eq!(record["dst"], server.addr().to_string(), "{record}");
+    assert!(
+        record["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("was reset")),
+        "{record}"
+    );
+    let resets = agent
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["event"] == "preexisting_reset")
+        .count();
+    assert_eq!(
+        resets,
+        1,
+        "only the connection to the endpoint:\n{}",
+        agent.audit_text()
+    );
+    assert!(
+        untouched
+            .wait_line(Duration::from_millis(300), |l| l.starts_with("ended="))
+            .is_none(),
+        "a connection to another address was reset"
+    );
+
+    let run = run_client(
+        CLIENT_BIN,
+        Some(&app),
+        &[
+            "call",
+            &server.url(),
+            "drop_cluster",
+            r#"{"cluster":"prod"}"#,
+        ],
+        CLIENT_TIMEOUT,
+    );
+    run.assert_success();
+    assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
+    assert_eq!(server.calls("drop_cluster"), 0);
 }

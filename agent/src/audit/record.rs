@@ -37,6 +37,10 @@ pub enum Event {
     /// A connect to an endpoint from a network namespace the interceptor does not serve yet:
     /// refused in the kernel (EPERM), never sent direct. Once per namespace.
     UnpreparedNetns,
+    /// A connection to an endpoint opened before the programs were attached (so never
+    /// redirected, never inspected), reset at start so that the client's next attempt is;
+    /// `reason` says whether the reset worked.
+    PreexistingReset,
 }
 
 /// The decision, as `policy` names its outcomes.

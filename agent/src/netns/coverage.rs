@@ -81,6 +81,8 @@ pub struct Started {
     pub served: Vec<(u64, String, u64)>,
     /// Namespaces found but not served yet, with why.
     pub pending: Vec<(u64, String, String)>,
+    /// Every namespace found, served or not.
+    pub namespaces: Vec<Arc<Netns>>,
 }
 
 /// The running coverage thread; dropping it stops the thread.
@@ -282,6 +284,7 @@ impl State {
             host,
             served,
             pending,
+            namespaces: self.entries.values().map(|e| e.netns.clone()).collect(),
         })
     }
 

@@ -16,6 +16,7 @@
 //!   programs' map), tears it down when it goes, and audits what the programs refused.
 
 pub mod coverage;
+pub mod diag;
 pub mod discover;
 
 use std::{

@@ -12,6 +12,7 @@
 pub mod cgroup;
 pub mod events;
 pub mod pin;
+pub mod preexisting;
 pub mod resolve;
 
 use std::{
@@ -37,7 +38,7 @@ use mcpwarden_common::{
     MAP_ENDPOINT_PORTS, MAP_EVENTS, MAP_EVENT_SEEN, MAP_LISTEN_PORTS, MAP_LOCAL_ADDRS,
     MAP_LOCAL_PORTS, MAP_NETNS, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6,
     PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_PACKET_CREATE, PROG_SENDMSG4, PROG_SENDMSG6,
-    PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL,
+    PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL, SCOPE_HOST, SCOPE_PODS,
 };
 
 use crate::identity::Kernel;
@@ -532,6 +533,37 @@ impl Redirector {
             written.insert(cookie, addrs.clone());
         }
         Ok(())
+    }
+
+    /// Whether a connect to `dst` from namespace `netns` (`host`: the host's) is one the
+    /// programs redirect: what `connect4/6` decide, read from the same maps.
+    pub fn is_endpoint(&self, netns: u64, host: bool, dst: SocketAddr) -> bool {
+        let key = SockKey::from_socket_addr(dst);
+        let want = if host { SCOPE_HOST } else { SCOPE_PODS };
+        let Ok(e) = lock(&self.endpoints) else {
+            return false;
+        };
+        if e.exact.get(&key, 0).is_ok_and(|v| v.scope & want != 0) {
+            return true;
+        }
+        let Ok(local) = e.local.get(&u32::from(dst.port()), 0) else {
+            return false;
+        };
+        if local.scope & want == 0 {
+            return false;
+        }
+        key.is_self()
+            || lock(&self.local_addrs).is_ok_and(|l| {
+                l.map
+                    .get(
+                        &NetnsAddr {
+                            netns,
+                            addr: key.addr,
+                        },
+                        0,
+                    )
+                    .is_ok()
+            })
     }
 
     /// The record of the accepted connection `socket`, removed from the map: each accepted

@@ -141,6 +141,7 @@ fn main() -> ExitCode {
         "udp-sendto" if rest.len() == 2 => udp_sendto(&rest[0], &rest[1]),
         "raw-socket" if rest.len() == 1 => raw_socket(&rest[0]),
         "listen" if rest.len() == 1 => listen(&rest[0]),
+        "hold" if rest.len() == 1 => hold(&rest[0]),
         "sse-get" if rest.len() == 1 => sse_get(&rest[0]),
         "raw-post-big" if rest.len() == 2 => raw_post_big(&rest[0], &rest[1]),
         "script" if rest.len() == 1 => match mcpwarden_tests::script::run_file(&rest[0]) {
@@ -437,6 +438,40 @@ fn raw_socket(kind: &str) -> ExitCode {
     unsafe { libc::close(fd) };
     println!("socket=ok");
     ExitCode::SUCCESS
+}
+
+/// Connect to ADDR and keep the connection open: `connected local=… peer=…`, then, when it
+/// ends, `ended=eof` or `ended=<error>`.
+fn hold(addr: &str) -> ExitCode {
+    use std::io::Read;
+    let mut s = match TcpStream::connect(parse_addr(addr)) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("connect-error={e}");
+            return ExitCode::from(1);
+        }
+    };
+    let show = |a: std::io::Result<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    println!(
+        "connected local={} peer={}",
+        show(s.local_addr()),
+        show(s.peer_addr())
+    );
+    let _ = std::io::stdout().flush();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                println!("ended=eof");
+                return ExitCode::SUCCESS;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                println!("ended={e}");
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
 }
 
 fn listen(addr: &str) -> ExitCode {
