@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod intercept;
+pub mod journal;
 pub use mcpwarden_mcp as mcp;
 pub mod netns;
 pub use mcpwarden_policy as policy;

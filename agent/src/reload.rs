@@ -22,8 +22,12 @@ use arc_swap::ArcSwap;
 
 use crate::audit::{AuditLog, Event, PolicyRef, Record};
 use crate::config::{Config, Flags};
+use crate::journal::FileJournal;
 use crate::policy::bindings::{Binding, EngineSlot, Routing};
 use crate::policy::{sha256_hex, Engine, Policy, PolicyError};
+
+/// How often the reload thread looks whether a counter journal wants compacting.
+const COMPACT_CHECK: Duration = Duration::from_secs(30);
 
 /// Events closer together than this are handled as one reload (an editor's save is several).
 const SETTLE: Duration = Duration::from_millis(200);
@@ -36,6 +40,9 @@ pub struct Policies {
     audit: Arc<AuditLog>,
     /// What the running agent was started with: servers cannot change without a restart.
     servers: Vec<(String, String)>,
+    /// Where each policy file's counter journal lives (`<state_dir>/counters`).
+    journal_dir: PathBuf,
+    journals: Mutex<Vec<(Arc<EngineSlot>, Arc<FileJournal>)>>,
 }
 
 impl Policies {
@@ -50,6 +57,8 @@ impl Policies {
             slots: Mutex::default(),
             audit,
             servers: server_names(config),
+            journal_dir: config.ca.state_dir.join("counters"),
+            journals: Mutex::default(),
         };
         let routing = policies.routing_for(config)?;
         policies.routing.store(Arc::new(routing));
@@ -82,9 +91,54 @@ impl Policies {
         }
         let policy = Policy::load(path)?;
         tracing::info!(file = %path.display(), sha256 = policy.source().sha256, "policy loaded");
-        let slot = Arc::new(ArcSwap::from_pointee(Engine::new(policy)));
+        let engine = Engine::new(policy);
+        let slot_journal = self.journal(&engine, path);
+        let slot = Arc::new(ArcSwap::from_pointee(engine));
+        if let Some(j) = slot_journal {
+            self.journals
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((slot.clone(), j));
+        }
         self.slots().insert(path.to_owned(), slot.clone());
         Ok(slot)
+    }
+
+    /// Give `engine` the journal of `path`, after logging again what an earlier process
+    /// admitted and did not release. A journal that cannot be opened leaves the counters in
+    /// memory only, and says so.
+    fn journal(&self, engine: &Engine, path: &Path) -> Option<Arc<FileJournal>> {
+        let opened = FileJournal::open(&self.journal_dir, path).and_then(|(j, restored)| {
+            let j = Arc::new(j);
+            engine.set_journal(j.clone());
+            let n = engine.restore(&restored, std::time::Instant::now());
+            j.commit()?;
+            if n > 0 {
+                tracing::info!(file = %path.display(), admissions = n, journal = %j.path().display(), "rate-limit counters restored from the journal");
+            }
+            Ok(j)
+        });
+        match opened {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %format!("{e:#}"), "cannot keep a counter journal: a restart would forget what this policy's limits counted");
+                None
+            }
+        }
+    }
+
+    /// Compact the counter journals that grew past their bound.
+    pub fn compact_journals(&self) {
+        let journals = self
+            .journals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for (slot, j) in journals {
+            if j.wants_compaction() {
+                slot.load().compact_journal(std::time::Instant::now());
+            }
+        }
     }
 
     /// The routing a config describes, loading policy files not loaded yet.
@@ -311,7 +365,15 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("mcpwarden-reload".into())
         .spawn(move || {
-            while rx.recv() == Ok(Msg::Reload) {
+            loop {
+                match rx.recv_timeout(COMPACT_CHECK) {
+                    Ok(Msg::Reload) => {}
+                    Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        policies.compact_journals();
+                        continue;
+                    }
+                }
                 // Let a burst of events settle, then reload once.
                 loop {
                     match rx.recv_timeout(SETTLE) {

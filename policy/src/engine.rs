@@ -104,6 +104,23 @@ impl Engine {
         }
     }
 
+    /// From now on, tell `journal` of every admission and release of this engine's counters
+    /// (and of the engines that replace it on reload: they share the store).
+    pub fn set_journal(&self, journal: Arc<dyn limits::Journal>) {
+        limits::lock(&self.counters).set_journal(journal);
+    }
+
+    /// Log admissions an earlier agent process made again (read back from its journal), as
+    /// made `age` before `now`. Returns how many were logged.
+    pub fn restore(&self, entries: &[limits::Restored], now: Instant) -> usize {
+        limits::lock(&self.counters).restore(entries, now)
+    }
+
+    /// Hand the journal the admissions that still count, to replace what it holds.
+    pub fn compact_journal(&self, now: Instant) {
+        limits::lock(&self.counters).compact_journal(now);
+    }
+
     /// The policy this engine enforces.
     pub fn policy(&self) -> &Policy {
         &self.policy

@@ -35,7 +35,7 @@ mod load_tests;
 mod window_props;
 
 pub use engine::{Call, Engine, Explanation};
-pub use limits::Reservation;
+pub use limits::{Journal, Reservation, Restored};
 pub use load::{Policy, PolicySource, Warning};
 
 /// SHA-256 of `bytes` as lowercase hex: how the audit log names a file's version.

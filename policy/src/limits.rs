@@ -24,10 +24,38 @@ const SWEEP_EVERY: u32 = 1024;
 /// merged into the newer one's instant, which can only over-count (never admit more).
 const MAX_WEIGHTED_ENTRIES: usize = 4096;
 
+/// Where a store's admissions and releases are written as they happen, so that an agent
+/// restarted after a crash rebuilds the windows ([`Engine::restore`](super::Engine::restore))
+/// instead of handing back what was spent. Called under the store's lock, in order; the agent
+/// implements it (a file), this crate does no I/O.
+pub trait Journal: Send + Sync + std::fmt::Debug {
+    /// An admission of `amount` to counter `counter` (`scope`, a limit scope's name) for `key`,
+    /// named `serial` (unique in this process).
+    fn admitted(&self, counter: &str, scope: &str, key: &str, amount: f64, serial: u64);
+    /// The admission `serial` was taken back.
+    fn released(&self, serial: u64);
+    /// Replace everything written so far by `live`: the admissions that still count, with
+    /// their serials (compaction; called under the store's lock, so nothing is told meanwhile).
+    fn rewrite(&self, live: &[(u64, Restored)]);
+}
+
+/// An admission of an earlier agent process, to log again: how long ago it was made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restored {
+    pub counter: String,
+    /// A limit scope's name (`grant`, `process`, `session`, `server`).
+    pub scope: String,
+    pub key: String,
+    pub amount: f64,
+    pub age: Duration,
+}
+
 /// Admission logs of every counter of one policy file. Survives reloads: counters whose name
 /// and scope are unchanged keep their logs.
 #[derive(Debug, Default)]
 pub(super) struct CounterStore {
+    /// Told of every admission and release.
+    journal: Option<Arc<dyn Journal>>,
     /// Indexed like [`Policy::counters`](super::Policy).
     counters: Vec<CounterLogs>,
     /// Checks since the last sweep.
@@ -197,6 +225,15 @@ impl CounterStore {
             if amount > 0.0 {
                 self.next_serial += 1;
                 counter.record(want.key, now, amount, serial);
+                if let Some(j) = &self.journal {
+                    j.admitted(
+                        &counter.name,
+                        counter.scope.as_str(),
+                        want.key,
+                        amount,
+                        serial,
+                    );
+                }
                 entries.push(Reserved {
                     counter: counter.name.clone(),
                     scope: counter.scope,
@@ -231,6 +268,76 @@ impl CounterStore {
             .map_or(0.0, |c| c.used_within(key, window, now))
     }
 
+    /// From now on, tell `journal` of every admission and release.
+    pub fn set_journal(&mut self, journal: Arc<dyn Journal>) {
+        self.journal = Some(journal);
+    }
+
+    /// Logs admissions of an earlier process again, as made `age` before `now`; those of
+    /// counters this policy no longer has, or older than any limit looks, are left out. Each
+    /// is told to the journal as a new admission. Returns how many were logged.
+    pub fn restore(&mut self, entries: &[Restored], now: Instant) -> usize {
+        let mut sorted: Vec<&Restored> = entries.iter().collect();
+        // Oldest first, so that each key's log is appended in order.
+        sorted.sort_by(|a, b| b.age.cmp(&a.age));
+        let mut logged = 0;
+        for e in sorted {
+            let Some(counter) = self
+                .counters
+                .iter_mut()
+                .find(|c| c.name == e.counter && c.scope.as_str() == e.scope)
+            else {
+                continue;
+            };
+            if e.age > counter.retention || !(e.amount > 0.0) {
+                continue;
+            }
+            let Some(at) = now.checked_sub(e.age) else {
+                continue;
+            };
+            let serial = self.next_serial;
+            self.next_serial += 1;
+            counter.record(&e.key, at, e.amount, serial);
+            if let Some(j) = &self.journal {
+                j.admitted(
+                    &counter.name,
+                    counter.scope.as_str(),
+                    &e.key,
+                    e.amount,
+                    serial,
+                );
+            }
+            logged += 1;
+        }
+        logged
+    }
+
+    /// Hand the journal the admissions that still count at `now`, to replace what it holds.
+    pub fn compact_journal(&mut self, now: Instant) {
+        let Some(journal) = self.journal.clone() else {
+            return;
+        };
+        let mut live = Vec::new();
+        for counter in &mut self.counters {
+            counter.sweep(now);
+            for (key, log) in &counter.by_key {
+                for e in log {
+                    live.push((
+                        e.serial,
+                        Restored {
+                            counter: counter.name.clone(),
+                            scope: counter.scope.as_str().to_owned(),
+                            key: key.clone(),
+                            amount: e.amount,
+                            age: now.saturating_duration_since(e.at),
+                        },
+                    ));
+                }
+            }
+        }
+        journal.rewrite(&live);
+    }
+
     fn remove(&mut self, name: &str, scope: Scope, key: &str, serial: u64) {
         let Some(counter) = self
             .counters
@@ -243,6 +350,9 @@ impl CounterStore {
             Some(log) => {
                 if let Some(at) = log.iter().position(|e| e.serial == serial) {
                     log.remove(at);
+                    if let Some(j) = &self.journal {
+                        j.released(serial);
+                    }
                 }
                 log.is_empty()
             }

@@ -146,7 +146,8 @@ fn assert_refused_at_once(rig: &Rig, tool: &str) {
 
 /// (150) kill -9: the programs stay attached (pinned), calls from the cgroup fail at once and
 /// reach the server neither inspected nor direct; a new agent adopts the pinned maps and links,
-/// with the same counters' window, and calls resume.
+/// rebuilds the counters from their journal (a 10-per-minute limit half spent before the kill
+/// is half spent after), and calls resume.
 #[test]
 fn kill9_fails_closed_and_the_next_agent_adopts_the_datapath() {
     let pins = PinsGuard::new("kill9");
@@ -155,6 +156,22 @@ fn kill9_fails_closed_and_the_next_agent_adopts_the_datapath() {
     let run = rig.client(&["call", &url, "echo", r#"{"message":"before"}"#]);
     run.assert_success();
     assert_eq!(rig.server.calls("echo"), 1);
+    // Half of a 10-per-minute limit spent before the kill.
+    let scans = |n: usize| -> Vec<String> {
+        let mut args = vec!["call".to_string(), url.clone()];
+        for _ in 0..n {
+            args.extend(["start_security_scan".into(), r#"{"cluster":"prod"}"#.into()]);
+        }
+        args
+    };
+    let args = scans(5);
+    let run = rig.client(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    run.assert_success();
+    assert!(
+        run.json_lines().iter().all(|l| !is_error_result(l)),
+        "{}",
+        run.describe()
+    );
 
     rig.agent.kill9();
     let attached = bpf::attached(&rig.app);
@@ -189,6 +206,28 @@ fn kill9_fails_closed_and_the_next_agent_adopts_the_datapath() {
         log.contains("links_created=0"),
         "no link is made anew:\n{log}"
     );
+    assert!(
+        log.contains("rate-limit counters restored from the journal")
+            && log.contains("admissions=5"),
+        "{log}"
+    );
+    // Still half spent: five more pass, the sixth is refused.
+    let args = scans(6);
+    let run = rig.client(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    run.assert_success();
+    let lines = run.json_lines();
+    assert!(
+        lines[..5].iter().all(|l| !is_error_result(l)),
+        "{}",
+        run.describe()
+    );
+    assert!(is_error_result(&lines[5]), "{}", run.describe());
+    assert!(
+        result_text(&lines[5]).contains("rate limit"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(rig.server.calls("start_security_scan"), 10);
     let run = rig.client(&["call", &url, "echo", r#"{"message":"after"}"#]);
     run.assert_success();
     assert_eq!(rig.server.calls("echo"), 2);
