@@ -279,7 +279,7 @@ impl CounterStore {
     pub fn restore(&mut self, entries: &[Restored], now: Instant) -> usize {
         let mut sorted: Vec<&Restored> = entries.iter().collect();
         // Oldest first, so that each key's log is appended in order.
-        sorted.sort_by(|a, b| b.age.cmp(&a.age));
+        sorted.sort_by_key(|e| std::cmp::Reverse(e.age));
         let mut logged = 0;
         for e in sorted {
             let Some(counter) = self
@@ -289,7 +289,7 @@ impl CounterStore {
             else {
                 continue;
             };
-            if e.age > counter.retention || !(e.amount > 0.0) {
+            if e.age > counter.retention || e.amount.is_nan() || e.amount <= 0.0 {
                 continue;
             }
             let Some(at) = now.checked_sub(e.age) else {

@@ -220,7 +220,7 @@ impl Redirector {
                 .with_context(|| format!("creating {}", maps_dir.display()))?;
             map_paths = MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
             for (name, path) in &map_paths {
-                loader.map_pin_path(*name, path.as_path());
+                loader.map_pin_path(name, path.as_path());
             }
         }
         let mut ebpf = loader
