@@ -29,7 +29,7 @@ use crate::{
 /// on SIGHUP), then stop.
 pub async fn run(config: Config) -> Result<()> {
     let nofile = raise_nofile_limit();
-    let agent = Agent::start(&config).await?;
+    let mut agent = Agent::start(&config).await?;
     tracing::info!(
         listen = ?agent.listen,
         cgroup = %agent.redirector.attach_point().display(),
@@ -43,7 +43,15 @@ pub async fn run(config: Config) -> Result<()> {
     // SAFETY: mi_collect only releases free memory of the calling thread's heap; it is a no-op
     // when the process's allocator is not mimalloc (the heap is empty).
     unsafe { libmimalloc_sys::mi_collect(true) };
-    agent.run_until_signal().await?;
+    if agent.run_until_signal().await? == Stopped::HandedOver {
+        agent.drain(config.drain).await;
+        // Under Kubernetes the kubelet would restart an agent that exited: this one waits for
+        // its own SIGTERM, detaching and removing nothing (the new agent runs the programs).
+        agent.run_until_signal().await?;
+        tracing::info!("signal received: exiting after the hand-over");
+        agent.stop().await;
+        return Ok(());
+    }
     match config.failure_mode {
         FailureMode::Closed => tracing::info!(
             "signal received: exiting; the programs stay attached (failure_mode: closed)"
@@ -52,6 +60,14 @@ pub async fn run(config: Config) -> Result<()> {
     }
     agent.stop().await;
     Ok(())
+}
+
+/// Why [`Agent::run_until_signal`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Signal,
+    /// A new agent took the listeners over.
+    HandedOver,
 }
 
 /// A running agent. Dropping it stops the interceptor and detaches the eBPF programs.
@@ -63,8 +79,13 @@ pub struct Agent {
     tasks: Vec<JoinHandle<()>>,
     /// The reload thread's queue.
     reloader: std::sync::mpsc::Sender<reload::Msg>,
-    /// The `mcpwarden-netns` thread.
-    _coverage: Coverage,
+    /// The `mcpwarden-netns` thread (stopped after a hand-over).
+    coverage: Option<Coverage>,
+    interceptor: Arc<Interceptor>,
+    /// The accept loop's control channel.
+    accept: tokio::sync::mpsc::UnboundedSender<crate::netns::ListenerMsg>,
+    /// Notified when a new agent has taken the listeners over.
+    handed_over: Arc<tokio::sync::Notify>,
 }
 
 impl Agent {
@@ -102,6 +123,19 @@ impl Agent {
         let attach = cgroup::resolve(&mount, &config.cgroup)?;
         let agent_cgroup = settle_agent_cgroup(&mount, &attach, &config.agent_cgroup)?;
         let agent_cgroup_id = cgroup::id_of(&agent_cgroup)?;
+
+        // Another agent active: take its listeners over (it keeps serving until this one is
+        // ready), rather than bind new ones.
+        let start = crate::handover::begin(&config.ca.state_dir)?;
+        let (inherited, mut takeover, mut active) = match start {
+            crate::handover::Start::Fresh(a) => (Default::default(), None, Some(a)),
+            crate::handover::Start::Takeover(mut t) => {
+                let n: usize = t.listeners.values().map(Vec::len).sum();
+                tracing::info!(from_pid = t.from_pid, listeners = n, namespaces = t.listeners.len(), "taking the listening sockets over from the running agent");
+                (std::mem::take(&mut t.listeners), Some(t), None)
+            }
+        };
+        let registry = Arc::new(crate::handover::Registry::default());
 
         crate::netns::init_own().context("recording the agent's own network namespace")?;
         let host_netns = crate::netns::Netns::host_cookie()
@@ -163,6 +197,7 @@ impl Agent {
             sessions: Arc::default(),
             routing: policies.routing(),
             pods: Arc::default(),
+            drain: Arc::default(),
         });
         let (reloader, _) = reload::spawn(policies, config.flags.clone())?;
         let (identity_for_reset, audit_for_reset) = (identity.clone(), audit.clone());
@@ -176,11 +211,13 @@ impl Agent {
                 attach: attach.clone(),
                 host_addrs,
                 resolve_again: resolve_again.clone(),
+                inherited: std::sync::Mutex::new(inherited),
+                registry: registry.clone(),
             },
             Parts {
                 redirector: redirector.clone(),
                 events,
-                accept: listeners_tx,
+                accept: listeners_tx.clone(),
                 audit: audit.clone(),
                 identity: identity.clone(),
             },
@@ -263,25 +300,39 @@ impl Agent {
                 );
             }));
         }
+        // Serving: the previous agent (if any) stops accepting and unlocks; this one answers
+        // the next.
+        if let Some(t) = takeover.take() {
+            active = Some(t.ready()?);
+            tracing::info!("the previous agent was told to stop accepting: this agent is the active one");
+        }
+        let handed_over = Arc::new(tokio::sync::Notify::new());
+        if let Some(a) = active {
+            a.serve(registry, mount.clone(), attach.clone(), handed_over.clone())?;
+        }
         Ok(Agent {
             listen,
             redirector,
             tasks,
             reloader,
-            _coverage: coverage,
+            coverage: Some(coverage),
+            interceptor,
+            accept: listeners_tx,
+            handed_over,
         })
     }
 
     /// Waits for SIGTERM or SIGINT; each SIGHUP meanwhile reloads the policies and config.
-    pub async fn run_until_signal(&self) -> Result<()> {
+    pub async fn run_until_signal(&self) -> Result<Stopped> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         loop {
             tokio::select! {
-                _ = term.recv() => return Ok(()),
-                _ = int.recv() => return Ok(()),
+                _ = term.recv() => return Ok(Stopped::Signal),
+                _ = int.recv() => return Ok(Stopped::Signal),
+                () = self.handed_over.notified() => return Ok(Stopped::HandedOver),
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading policies and config");
                     self.reload();
@@ -302,6 +353,33 @@ impl Agent {
             // Cancelled or finished: either way the task's future has been dropped.
             let _ = t.await;
         }
+    }
+
+    /// After a hand-over: accept nothing more, stop watching namespaces and endpoints (the new
+    /// agent does), let the connections still open finish within `within` — HTTP/1.1 answers
+    /// close their connections, HTTP/2 ones get GOAWAY — and close what is left then.
+    pub async fn drain(&mut self, within: std::time::Duration) {
+        let open = self.interceptor.connections.open();
+        tracing::info!(connections = open, within_s = within.as_secs(), "handed over to a new agent: no longer accepting; draining");
+        let _ = self.accept.send(crate::netns::ListenerMsg::StopAccepting);
+        self.coverage = None;
+        // The endpoint resolver: the new agent keeps the shared maps up to date.
+        if let Some(t) = self.tasks.first() {
+            t.abort();
+        }
+        self.interceptor.drain.start();
+        let deadline = tokio::time::Instant::now() + within;
+        while self.interceptor.connections.open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let left = self.interceptor.connections.open();
+        if left > 0 {
+            self.interceptor.drain.force();
+            tracing::warn!(connections = left, "drain deadline: closing the connections still open (idle keep-alive connections, SSE streams); their clients reconnect to the new agent");
+        }
+        // The connections' tasks end and write their last records.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tracing::info!(closed_at_deadline = left, "drained: idle until SIGTERM (nothing detached)");
     }
 
     /// Re-read the policy files and the config now (what SIGHUP does).

@@ -19,6 +19,8 @@
 //!                                              # until an agent serves again) or are detached
 //!                                              # (calls go straight to the servers, uninspected)
 //! bpffs_dir: /sys/fs/bpf/mcpwarden             # where programs' links and maps are pinned
+//! drain_seconds: 30                            # after handing over to a new agent: how long
+//!                                              # connections still open may finish
 //! max_body_bytes: 4194304
 //! workers: 2                                   # interceptor threads (default: one per CPU)
 //! state_dir: /var/lib/mcpwarden                # the generated CA lives here
@@ -177,6 +179,9 @@ pub enum FailureMode {
     Open,
 }
 
+/// How long connections may finish after a hand-over, unless configured.
+pub const DEFAULT_DRAIN_SECONDS: u64 = 30;
+
 /// Where the pinned datapath lives unless configured.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mcpwarden";
 
@@ -217,6 +222,8 @@ pub struct Config {
     /// Mixed into the map layout id (`--layout-salt`, for tests only): a second build with a
     /// different map layout, without building one.
     pub layout_salt: String,
+    /// After a hand-over, how long the connections still open may finish.
+    pub drain: std::time::Duration,
     pub max_body_bytes: usize,
     /// Interceptor worker threads, each a single-threaded runtime serving its own connections.
     pub workers: usize,
@@ -373,6 +380,10 @@ pub struct Flags {
     /// /sys/fs/bpf if it is not) [default: /sys/fs/bpf/mcpwarden].
     #[arg(long = "bpffs-dir", value_name = "DIR")]
     pub bpffs_dir: Option<PathBuf>,
+    /// After handing the listeners over to a new agent: how long connections still open may
+    /// finish before they are closed [default: 30].
+    #[arg(long = "drain-seconds", value_name = "N")]
+    pub drain_seconds: Option<u64>,
     /// Tests only: mixed into the map layout id, as a build with other maps would change it.
     #[arg(long = "layout-salt", hide = true, default_value = "")]
     pub layout_salt: String,
@@ -407,6 +418,7 @@ struct FileConfig {
     raw_sockets: Option<RawSockets>,
     failure_mode: Option<FailureMode>,
     bpffs_dir: Option<PathBuf>,
+    drain_seconds: Option<u64>,
     max_body_bytes: Option<usize>,
     workers: Option<usize>,
     state_dir: Option<PathBuf>,
@@ -526,7 +538,7 @@ impl Config {
         let (mut state_dir, mut file_ca, mut tls_prewarm) = (None, None, None);
         let (mut bindings, mut identity_wait_ms) = (Vec::new(), None);
         let (mut netns_dirs, mut raw_sockets) = (Vec::new(), None);
-        let (mut failure_mode, mut bpffs_dir) = (None, None);
+        let (mut failure_mode, mut bpffs_dir, mut drain_seconds) = (None, None, None);
         let mut limits = Limits::default();
         let mut audit_stall_ms = None;
         if let Some(f) = file {
@@ -597,6 +609,7 @@ impl Config {
             raw_sockets = f.raw_sockets;
             failure_mode = f.failure_mode;
             bpffs_dir = f.bpffs_dir;
+            drain_seconds = f.drain_seconds;
             max_body = f.max_body_bytes;
             workers = f.workers;
         }
@@ -658,6 +671,12 @@ impl Config {
                 .or(bpffs_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS_DIR)),
             layout_salt: flags.layout_salt.clone(),
+            drain: std::time::Duration::from_secs(
+                flags
+                    .drain_seconds
+                    .or(drain_seconds)
+                    .unwrap_or(DEFAULT_DRAIN_SECONDS),
+            ),
             max_body_bytes: flags
                 .max_body_bytes
                 .or(max_body)

@@ -18,6 +18,7 @@ pub mod app;
 pub mod audit;
 pub mod ca;
 pub mod cli;
+pub mod handover;
 pub mod config;
 pub mod identity;
 pub mod intercept;

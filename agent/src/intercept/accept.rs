@@ -278,6 +278,11 @@ impl Interceptor {
                             }
                         }
                     }
+                    Some(ListenerMsg::StopAccepting) => {
+                        for (_, stop) in stops.drain() {
+                            let _ = stop.send(true);
+                        }
+                    }
                     Some(ListenerMsg::Stop { cookie }) => {
                         if let Some(stop) = stops.remove(&cookie) {
                             let _ = stop.send(true);

@@ -234,6 +234,7 @@ pub(super) mod rig {
                 identity_wait: std::time::Duration::ZERO,
             })),
             pods: Arc::default(),
+            drain: Arc::default(),
         });
         let caller = Caller {
             pid: 4242,

@@ -30,6 +30,7 @@ mod call;
 mod choose;
 mod conn;
 mod context;
+pub mod drain;
 mod encoding;
 mod forward;
 mod limits;

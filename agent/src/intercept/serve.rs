@@ -69,11 +69,18 @@ where
         (limits.idle_timeout_ms > 0).then(|| Duration::from_millis(limits.idle_timeout_ms)),
     );
     let requests = activity.clone();
+    let drain = conn.shared.drain.clone();
     let service = service_fn(move |req| {
         let conn = conn.clone();
         let in_flight = requests.request();
         async move {
-            let (head, body) = conn.handle(req).await.into_parts();
+            let (mut head, body) = conn.handle(req).await.into_parts();
+            if !h2 && conn.shared.drain.is_draining() {
+                // Handed over: the client's next request goes on a new connection, which the
+                // new agent accepts.
+                head.headers
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
             let body = Tracked {
                 inner: body,
                 _in_flight: in_flight,
@@ -82,17 +89,30 @@ where
         }
     });
     let result = if h2 {
-        Box::pin(
+        let mut served = Box::pin(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .max_concurrent_streams(limits.h2_max_concurrent_streams)
                 .serve_connection(TokioIo::new(io), service),
-        )
-        .await
+        );
+        tokio::select! {
+            r = served.as_mut() => r,
+            () = drain.started() => {
+                // GOAWAY: streams in flight finish, new ones go to a new connection.
+                served.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = served.as_mut() => r,
+                    () = drain.deadline() => return,
+                }
+            }
+        }
     } else {
-        hyper::server::conn::http1::Builder::new()
+        let served = hyper::server::conn::http1::Builder::new()
             .preserve_header_case(true)
-            .serve_connection(TokioIo::new(io), service)
-            .await
+            .serve_connection(TokioIo::new(io), service);
+        tokio::select! {
+            r = served => r,
+            () = drain.deadline() => return,
+        }
     };
     if activity.cut() == Some(Cut::HeaderTimeout) {
         let reason = format!(

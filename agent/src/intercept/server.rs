@@ -125,4 +125,6 @@ pub struct Interceptor {
     pub routing: Arc<ArcSwap<Routing>>,
     /// Pod metadata of callers, for bindings that select on it.
     pub pods: Arc<identity::Pods>,
+    /// Set after a hand-over: connections finish and close.
+    pub drain: Arc<super::drain::Drain>,
 }

@@ -57,6 +57,8 @@ pub enum ListenerMsg {
     },
     /// Close namespace `cookie`'s listeners and drop what the workers hold for it.
     Stop { cookie: u64 },
+    /// Close every listener (handed over to a new agent); connections being served go on.
+    StopAccepting,
 }
 
 /// What the coverage thread needs.
@@ -71,6 +73,11 @@ pub struct CoverageSettings {
     pub host_addrs: HostAddrs,
     /// Told when the host's addresses change (local endpoints are published again).
     pub resolve_again: Arc<tokio::sync::Notify>,
+    /// Listeners handed over by the previous agent, by namespace cookie: served as they are
+    /// instead of binding new ones.
+    pub inherited: std::sync::Mutex<HashMap<u64, Vec<std::net::TcpListener>>>,
+    /// Every listener served, for the next agent's hand-over.
+    pub registry: Arc<crate::handover::Registry>,
 }
 
 /// What was served once the first pass was done.
@@ -414,7 +421,26 @@ impl State {
         }
         let mut listeners = Vec::new();
         let mut errors = Vec::new();
+        let inherited = self
+            .s
+            .inherited
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&cookie))
+            .unwrap_or_default();
+        for l in inherited {
+            match l.local_addr() {
+                Ok(SocketAddr::V4(a)) if e.v4.is_none() => e.v4 = Some(a),
+                Ok(SocketAddr::V6(a)) if e.v6.is_none() => e.v6 = Some(a),
+                _ => continue,
+            }
+            listeners.push(l);
+        }
         for addr in &self.s.listen {
+            let have = if addr.is_ipv4() { e.v4.is_some() } else { e.v6.is_some() };
+            if have {
+                continue;
+            }
             match bind(&e.netns, *addr) {
                 Ok(l) => {
                     match l.local_addr() {
@@ -455,6 +481,9 @@ impl State {
             .into_iter()
             .collect();
         store_addrs(&self.redirector, e, addrs);
+        for l in &listeners {
+            self.s.registry.add(cookie, l);
+        }
         if self
             .accept
             .send(ListenerMsg::Serve {
@@ -522,6 +551,7 @@ impl State {
                 if let Ok(l) = bind(&e.netns, *addr) {
                     if let Ok(SocketAddr::V6(a)) = l.local_addr() {
                         e.v6 = Some(a);
+                        self.s.registry.add(cookie, &l);
                         let _ = self.accept.send(ListenerMsg::Serve {
                             netns: e.netns.clone(),
                             listeners: vec![l],
@@ -554,6 +584,7 @@ impl State {
             tracing::error!(netns = e.netns.ino, error = %format!("{err:#}"), "removing the namespace from the redirect map failed");
         }
         let _ = self.accept.send(ListenerMsg::Stop { cookie });
+        self.s.registry.remove(cookie);
         tracing::info!(netns = e.netns.ino, cookie, name = %e.netns.name, "network namespace no longer served: {why}");
     }
 

@@ -261,6 +261,7 @@ async fn run() -> Result<()> {
         failure_mode: mcpwarden::config::FailureMode::Open,
         bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
         layout_salt: String::new(),
+        drain: std::time::Duration::from_secs(mcpwarden::config::DEFAULT_DRAIN_SECONDS),
         max_body_bytes: mcpwarden::mcp::DEFAULT_MAX_BODY,
         workers: 1,
         servers: vec![Server {
