@@ -131,7 +131,12 @@ impl Agent {
             crate::handover::Start::Fresh(a) => (Default::default(), None, Some(a)),
             crate::handover::Start::Takeover(mut t) => {
                 let n: usize = t.listeners.values().map(Vec::len).sum();
-                tracing::info!(from_pid = t.from_pid, listeners = n, namespaces = t.listeners.len(), "taking the listening sockets over from the running agent");
+                tracing::info!(
+                    from_pid = t.from_pid,
+                    listeners = n,
+                    namespaces = t.listeners.len(),
+                    "taking the listening sockets over from the running agent"
+                );
                 (std::mem::take(&mut t.listeners), Some(t), None)
             }
         };
@@ -304,7 +309,9 @@ impl Agent {
         // the next.
         if let Some(t) = takeover.take() {
             active = Some(t.ready()?);
-            tracing::info!("the previous agent was told to stop accepting: this agent is the active one");
+            tracing::info!(
+                "the previous agent was told to stop accepting: this agent is the active one"
+            );
         }
         let handed_over = Arc::new(tokio::sync::Notify::new());
         if let Some(a) = active {
@@ -360,7 +367,11 @@ impl Agent {
     /// close their connections, HTTP/2 ones get GOAWAY — and close what is left then.
     pub async fn drain(&mut self, within: std::time::Duration) {
         let open = self.interceptor.connections.open();
-        tracing::info!(connections = open, within_s = within.as_secs(), "handed over to a new agent: no longer accepting; draining");
+        tracing::info!(
+            connections = open,
+            within_s = within.as_secs(),
+            "handed over to a new agent: no longer accepting; draining"
+        );
         let _ = self.accept.send(crate::netns::ListenerMsg::StopAccepting);
         self.coverage = None;
         // The endpoint resolver: the new agent keeps the shared maps up to date.
@@ -379,7 +390,10 @@ impl Agent {
         }
         // The connections' tasks end and write their last records.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        tracing::info!(closed_at_deadline = left, "drained: idle until SIGTERM (nothing detached)");
+        tracing::info!(
+            closed_at_deadline = left,
+            "drained: idle until SIGTERM (nothing detached)"
+        );
     }
 
     /// Re-read the policy files and the config now (what SIGHUP does).

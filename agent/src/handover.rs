@@ -42,8 +42,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use rustix::net::{
-    recvmsg, sendmsg, sockopt, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage,
-    RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketType,
+    recvmsg, sendmsg, sockopt, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -172,7 +172,10 @@ pub fn begin(state_dir: &Path) -> Result<Start> {
         .context("reading the active agent's credentials")?;
     let peer_uid = sockopt::socket_peercred(&stream)?.uid.as_raw();
     if peer_uid != 0 {
-        bail!("the process answering on {} is not root (uid {peer_uid}): refusing its sockets", path.display());
+        bail!(
+            "the process answering on {} is not root (uid {peer_uid}): refusing its sockets",
+            path.display()
+        );
     }
     let listeners = receive(&stream).context("receiving the listening sockets")?;
     Ok(Start::Takeover(Takeover {
@@ -193,7 +196,10 @@ impl Takeover {
         let deadline = Instant::now() + WAIT;
         while !try_lock(&self.lock)? {
             if Instant::now() > deadline {
-                bail!("the previous agent did not unlock {} after the hand-over", self.dir.join(LOCK).display());
+                bail!(
+                    "the previous agent did not unlock {} after the hand-over",
+                    self.dir.join(LOCK).display()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -293,8 +299,13 @@ impl Active {
             if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
                 bail!("too many descriptors for one message");
             }
-            let sent = sendmsg(stream, &[IoSlice::new(&line)], &mut control, SendFlags::empty())
-                .context("sending listening sockets")?;
+            let sent = sendmsg(
+                stream,
+                &[IoSlice::new(&line)],
+                &mut control,
+                SendFlags::empty(),
+            )
+            .context("sending listening sockets")?;
             if sent != line.len() {
                 bail!("a short write on the hand-over socket");
             }
@@ -363,7 +374,10 @@ fn receive(stream: &UnixStream) -> Result<HashMap<u64, Vec<TcpListener>>> {
 /// A received descriptor is used only if it is a listening TCP socket bound where it is said to
 /// be, in the namespace it is said to be in.
 fn check(fd: OwnedFd, d: &Described) -> Result<TcpListener> {
-    let what = format!("the socket said to listen on {} (netns cookie {})", d.addr, d.cookie);
+    let what = format!(
+        "the socket said to listen on {} (netns cookie {})",
+        d.addr, d.cookie
+    );
     if !sockopt::socket_acceptconn(&fd).with_context(|| what.clone())? {
         bail!("{what} is not listening");
     }

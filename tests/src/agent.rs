@@ -187,6 +187,33 @@ impl Agent {
         self.spawn();
     }
 
+    /// A second agent process started with exactly this one's arguments while it still runs
+    /// (an upgrade: it takes the listeners over); its output goes to a log of its own, its
+    /// audit records to the same file. Drop it before this guard.
+    pub fn start_successor(&self, name: &str) -> Agent {
+        let tmp = TempDir::new(&format!("agent-{name}"));
+        let mut next = Agent {
+            child: None,
+            exit: None,
+            log_path: tmp.path().join("agent.log"),
+            audit_path: self.audit_path.clone(),
+            policy_paths: self.policy_paths.clone(),
+            args: self.args.clone(),
+            bpffs_dir: self.bpffs_dir.clone(),
+            owns_bpffs_dir: false,
+            output_shown: false,
+            launch: Launch {
+                bin: self.launch.bin.clone(),
+                stay_in: self.launch.stay_in.clone(),
+                nofile: self.launch.nofile,
+            },
+            generation: 0,
+            tmp,
+        };
+        next.spawn();
+        next
+    }
+
     /// Spawn the child process and wait (≤ 60 s) for `mcpwarden ready`.
     fn spawn(&mut self) {
         let Launch {
@@ -258,6 +285,11 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The arguments it was started with (after the binary).
+    pub fn args(&self) -> &[String] {
+        &self.args
     }
 
     /// Where the agent pins its links and maps (`--bpffs-dir`).

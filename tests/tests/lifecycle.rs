@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use mcpwarden_tests::{
-    bpf, free_addr, run_client, spawn_in_cgroup, test_ip, Agent, AgentOpts, LineChild, PinsGuard,
-    TestCgroup, TestServer,
+    bpf, free_addr, require_root, run_client, spawn_in_cgroup, test_ip, Agent, AgentOpts,
+    LineChild, PinsGuard, TestCgroup, TestServer,
 };
 use serde_json::json;
 
@@ -449,4 +449,231 @@ fn a_connection_opened_before_the_agent_is_reset_and_the_next_is_inspected() {
     run.assert_success();
     assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
     assert_eq!(server.calls("drop_cluster"), 0);
+}
+
+/// (154) An upgrade: agent B starts while agent A serves 50 clients making 200 calls each
+/// (keep-alive, every tenth call on a new connection). B takes A's listening sockets over, A
+/// stops accepting and drains (its answers close their connections), and no connection is
+/// refused and no call fails; every call is audited exactly once; A idles after draining, and
+/// answers SIGTERM by exiting without detaching anything.
+#[test]
+fn a_new_agent_takes_the_listeners_over_without_a_failed_call() {
+    let pins = PinsGuard::new("handover");
+    let mut extra = pins_args(&pins);
+    extra.extend(["--drain-seconds".into(), "5".into()]);
+    let rig = Rig::start_with("handover", 154, POLICY, &extra);
+    let url = rig.server.url();
+    let mut cmd = Command::new(CLIENT_BIN);
+    cmd.args(["load", &url, "50", "200"]);
+    spawn_in_cgroup(&mut cmd, &rig.app);
+    let mut load = LineChild::spawn(cmd);
+    load.wait_line(CLIENT_TIMEOUT, |l| l == "started")
+        .expect("the load started");
+    // Let A serve part of the load first.
+    mcpwarden_tests::wait_for(Duration::from_secs(30), || {
+        (rig.server.calls("echo") >= 500).then_some(())
+    })
+    .expect("A served calls");
+    let b = rig.agent.start_successor("handover-b");
+    let blog = b.log();
+    assert!(
+        blog.contains("taking the listening sockets over from the running agent"),
+        "{blog}"
+    );
+    let done = load
+        .wait_line(Duration::from_secs(120), |l| l.starts_with("ok="))
+        .unwrap_or_else(|| panic!("the load did not finish: {:?}", load.seen));
+    let (_, rest) = load.finish();
+    assert_eq!(
+        done,
+        "ok=10000 failed=0",
+        "{rest:?}\nA:\n{}\nB:\n{}",
+        rig.agent.log(),
+        b.log()
+    );
+    assert_eq!(rig.server.calls("echo"), 10000);
+    // Every call audited exactly once, by one agent or the other.
+    let decided = rig
+        .agent
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["event"] == "request" && r["tool"] == "echo" && r["decision"] == "allow")
+        .count();
+    assert_eq!(decided, 10000);
+    // A drained and idles; B is the active agent.
+    let alog = rig.agent.log();
+    assert!(alog.contains("handed over to a new agent"), "{alog}");
+    let drained = mcpwarden_tests::wait_for(Duration::from_secs(15), || {
+        rig.agent
+            .log()
+            .contains("drained: idle until SIGTERM")
+            .then_some(())
+    });
+    assert!(
+        drained.is_some(),
+        "A did not finish draining:\n{}",
+        rig.agent.log()
+    );
+    assert!(!bpf::attached(&rig.app).is_empty());
+    let run = rig.client(&["call", &url, "drop_cluster", r#"{"cluster":"prod"}"#]);
+    run.assert_success();
+    assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
+    if std::env::var_os("SHOW_LOGS").is_some() {
+        eprintln!("A:\n{}\nB:\n{}", rig.agent.log(), b.log());
+    }
+    drop(b);
+}
+
+/// (155) The hand-over socket answers only agents: a root process in a workload cgroup (below
+/// the attach point) that connects is refused and gets no descriptor; a successor that dies
+/// before it is ready (here: it cannot use its bpffs directory) leaves the running agent
+/// serving, as before.
+#[test]
+fn the_hand_over_refuses_a_workload_and_survives_a_successor_that_fails() {
+    let pins = PinsGuard::new("handover-refuse");
+    let rig = Rig::start_with("handover-refuse", 155, POLICY, &pins_args(&pins));
+    let socket = rig.agent.temp_dir().join("state").join("handover.sock");
+    let run = rig.client(&["handover-peer", &socket.display().to_string()]);
+    run.assert_success();
+    run.assert_field("handover-bytes", "0");
+    run.assert_field("handover-fds", "0");
+    let refused = mcpwarden_tests::wait_for(AUDIT_WAIT, || {
+        rig.agent
+            .log()
+            .contains("a workload, not an agent")
+            .then_some(())
+    });
+    assert!(refused.is_some(), "{}", rig.agent.log());
+
+    // A successor that fails after it received the listeners.
+    let mut args: Vec<String> = rig.agent.args().to_vec();
+    let at = args
+        .iter()
+        .position(|a| a == "--bpffs-dir")
+        .expect("--bpffs-dir");
+    args[at + 1] = rig.agent.temp_dir().join("not-bpffs").display().to_string();
+    let out = Command::new(AGENT_BIN)
+        .args(&args)
+        .output()
+        .expect("run the failing successor");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("taking the listening sockets over")
+            && text.contains("not on a bpf filesystem"),
+        "{text}"
+    );
+    let aborted = mcpwarden_tests::wait_for(AUDIT_WAIT, || {
+        rig.agent.log().contains("hand-over aborted").then_some(())
+    });
+    assert!(aborted.is_some(), "{}", rig.agent.log());
+    // Still serving, still enforcing.
+    let run = rig.client(&[
+        "call",
+        &rig.server.url(),
+        "echo",
+        r#"{"text":"still here"}"#,
+    ]);
+    run.assert_success();
+    assert_eq!(result_text(&run.json_lines()[0]), "still here");
+    let run = rig.client(&[
+        "call",
+        &rig.server.url(),
+        "drop_cluster",
+        r#"{"cluster":"prod"}"#,
+    ]);
+    assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
+}
+
+/// (156) A forged "active agent" — something holding the lock and answering on the hand-over
+/// socket — that passes a socket which is not listening: the starting agent checks every
+/// descriptor before use, refuses it, and does not start.
+#[test]
+fn a_forged_hand_over_with_a_socket_that_is_not_listening_is_refused() {
+    use std::os::fd::AsRawFd;
+    require_root();
+    let cg = TestCgroup::new("handover-forged");
+    let app = cg.child("app");
+    let ip = test_ip(156);
+    let server = TestServer::start(SocketAddr::new(IpAddr::V4(ip), 0));
+    let dir = std::env::temp_dir().join(format!("mcpwarden-forged-{}", std::process::id()));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state.join("agent.lock"))
+        .expect("lock file");
+    // SAFETY: flock on a file this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let listener =
+        std::os::unix::net::UnixListener::bind(state.join("handover.sock")).expect("bind");
+    // A connected TCP socket, not a listening one.
+    let peer = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    let connected = std::net::TcpStream::connect(peer.local_addr().unwrap()).expect("connect");
+    let forged = std::thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        let line = format!(
+            "[{{\"cookie\":1,\"addr\":\"{}\"}}]\n",
+            connected.local_addr().unwrap()
+        );
+        let mut iov = libc::iovec {
+            iov_base: line.as_ptr() as *mut _,
+            iov_len: line.len(),
+        };
+        let mut control = [0u8; 64];
+        // SAFETY: a msghdr over buffers that outlive the call, one SCM_RIGHTS message.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), connected.as_raw_fd());
+            assert!(libc::sendmsg(s.as_raw_fd(), &msg, 0) > 0);
+        }
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut &s, &mut rest);
+        rest
+    });
+    let policy = dir.join("policy.json");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let listen = free_addr(ip).to_string();
+    let bpffs = PinsGuard::new("handover-forged");
+    let out = Command::new(AGENT_BIN)
+        .args(["run", "--endpoint", &server.url(), "--policy"])
+        .arg(&policy)
+        .args(["--listen", &listen, "--audit-log"])
+        .arg(dir.join("audit.jsonl"))
+        .arg("--cgroup")
+        .arg(&app)
+        .arg("--agent-cgroup")
+        .arg(cg.path().join("agent"))
+        .arg("--netns-dir")
+        .arg(dir.join("pins"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--bpffs-dir")
+        .arg(&bpffs.0)
+        .output()
+        .expect("run the agent");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the agent started on a forged hand-over:\n{text}"
+    );
+    assert!(text.contains("is not listening"), "{text}");
+    assert!(
+        bpf::attached(&app).is_empty(),
+        "programs attached after a refused hand-over"
+    );
+    let rest = forged.join().expect("the forged agent");
+    assert!(!rest.contains("READY"), "the agent said READY: {rest}");
+    drop(lock);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -991,3 +991,63 @@ fn a_pod_fails_closed_while_the_agent_is_down_and_resumes_after() {
     assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
     rig.server.assert_not_reached("drop_cluster");
 }
+
+/// An upgrade with a pod served: the new agent takes over the pod's listener too (the same
+/// socket, so the programs' map entry stays right), and the pod's calls go on under policy.
+#[test]
+fn a_new_agent_takes_over_a_pods_listener() {
+    let pins = PinsGuard::new("pods-handover");
+    let pin_args = vec![
+        "--bpffs-dir".to_string(),
+        pins.0.display().to_string(),
+        "--drain-seconds".into(),
+        "2".into(),
+    ];
+    let mut rig = PodRig::start_with("pods-handover", 144, PODS_POLICY, &pin_args, |ip| {
+        TestServer::start(SocketAddr::new(IpAddr::V4(ip), 0))
+    });
+    let pod = rig.pod("a");
+    rig.wait_ready(&pod);
+    let url = rig.server.url();
+    let call = |tool: &str| {
+        pod.client(
+            CLIENT_BIN,
+            &["call", &url, tool, r#"{"text":"x","cluster":"prod"}"#],
+            CLIENT_TIMEOUT,
+        )
+    };
+    call("echo").assert_success();
+    let port_before = listen_port(&rig, &pod);
+    let b = rig.agent.start_successor("pods-handover-b");
+    let log = b.log();
+    assert!(
+        log.contains("taking the listening sockets over") && log.contains("namespaces=2"),
+        "the host's and the pod's listeners are handed over:\n{log}"
+    );
+    let drained = wait_for(Duration::from_secs(15), || {
+        rig.agent
+            .log()
+            .contains("drained: idle until SIGTERM")
+            .then_some(())
+    });
+    assert!(drained.is_some(), "{}", rig.agent.log());
+    let port_of = |line: String| {
+        line.split("v4=Some(")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.port())
+    };
+    assert_eq!(
+        port_of(b.wait_netns_ready(pod.ino())),
+        Some(port_before),
+        "the new agent serves the pod on the same listener"
+    );
+    let run = call("echo");
+    run.assert_success();
+    assert_eq!(rig.server.calls("echo"), 2);
+    let run = call("drop_cluster");
+    assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
+    rig.server.assert_not_reached("drop_cluster");
+    drop(b);
+}

@@ -78,8 +78,10 @@ where
             if !h2 && conn.shared.drain.is_draining() {
                 // Handed over: the client's next request goes on a new connection, which the
                 // new agent accepts.
-                head.headers
-                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                head.headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
             }
             let body = Tracked {
                 inner: body,

@@ -437,7 +437,11 @@ impl State {
             listeners.push(l);
         }
         for addr in &self.s.listen {
-            let have = if addr.is_ipv4() { e.v4.is_some() } else { e.v6.is_some() };
+            let have = if addr.is_ipv4() {
+                e.v4.is_some()
+            } else {
+                e.v6.is_some()
+            };
             if have {
                 continue;
             }

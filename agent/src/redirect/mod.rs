@@ -244,11 +244,23 @@ impl Redirector {
             .context("writing the redirect config")?;
         let mut agents: HashMap<_, u64, u32> =
             HashMap::try_from(take_map(&mut ebpf, MAP_AGENT_CGROUPS)?)?;
-        sync_map(
-            &mut agents,
-            &BTreeMap::from([(settings.agent_cgroup.1, 0u32)]),
-        )
-        .context("exempting the agent's cgroup")?;
+        // This agent's cgroup, and those of agents still running (a hand-over: the previous
+        // agent dials upstream until it has drained); cgroups that are gone are dropped.
+        let mut keep = BTreeMap::from([(settings.agent_cgroup.1, 0u32)]);
+        let existing: Vec<u64> = agents.keys().filter_map(|k| k.ok()).collect();
+        if !existing.is_empty() {
+            let live = match cgroup::cgroup2_mount() {
+                Ok(mount) => preexisting::cgroups_below(&mount),
+                Err(_) => BTreeSet::new(),
+            };
+            keep.extend(
+                existing
+                    .into_iter()
+                    .filter(|id| live.contains(id))
+                    .map(|id| (id, 0u32)),
+            );
+        }
+        sync_map(&mut agents, &keep).context("exempting the agent's cgroup")?;
 
         let exact: HashMap<MapData, SockKey, EndpointValue> =
             HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)?;

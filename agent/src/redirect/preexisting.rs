@@ -72,7 +72,7 @@ pub fn reset(
 }
 
 /// The ids of `attach` and every cgroup below it.
-fn cgroups_below(attach: &Path) -> BTreeSet<u64> {
+pub(crate) fn cgroups_below(attach: &Path) -> BTreeSet<u64> {
     use std::os::unix::fs::MetadataExt;
     let mut out = BTreeSet::new();
     let mut stack = vec![attach.to_path_buf()];

@@ -142,6 +142,8 @@ fn main() -> ExitCode {
         "raw-socket" if rest.len() == 1 => raw_socket(&rest[0]),
         "listen" if rest.len() == 1 => listen(&rest[0]),
         "hold" if rest.len() == 1 => hold(&rest[0]),
+        "load" if rest.len() == 3 => load(&rest[0], &rest[1], &rest[2]),
+        "handover-peer" if rest.len() == 1 => handover_peer(&rest[0]),
         "sse-get" if rest.len() == 1 => sse_get(&rest[0]),
         "raw-post-big" if rest.len() == 2 => raw_post_big(&rest[0], &rest[1]),
         "script" if rest.len() == 1 => match mcpwarden_tests::script::run_file(&rest[0]) {
@@ -437,6 +439,124 @@ fn raw_socket(kind: &str) -> ExitCode {
     // SAFETY: fd was just returned by socket().
     unsafe { libc::close(fd) };
     println!("socket=ok");
+    ExitCode::SUCCESS
+}
+
+/// CLIENTS concurrent clients, each making CALLS `tools/call` echo requests one after another
+/// (plain JSON-RPC POSTs, as a stateless client sends them) on a keep-alive connection, with
+/// every tenth on a new connection; prints `started`, then `ok=N failed=M` and the first
+/// failures. A call fails unless it gets a 200 with its own result.
+fn load(url: &str, clients: &str, calls: &str) -> ExitCode {
+    let clients: usize = clients.parse().expect("CLIENTS");
+    let calls: usize = calls.parse().expect("CALLS");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    println!("started");
+    let _ = std::io::stdout().flush();
+    let failures = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let url = url.to_string();
+            tasks.push(tokio::spawn(async move {
+                let mut failures = Vec::new();
+                let mut client = reqwest::Client::builder().http1_only().build().expect("client");
+                for i in 0..calls {
+                    if i % 10 == 9 {
+                        client = reqwest::Client::builder().http1_only().build().expect("client");
+                    }
+                    let id = c * 1_000_000 + i;
+                    let text = format!("{c}-{i}");
+                    let body = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                        "params": {"name": "echo", "arguments": {"text": text}}});
+                    let sent = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("accept", "application/json, text/event-stream")
+                        .body(body.to_string())
+                        .send()
+                        .await;
+                    let outcome = match sent {
+                        Ok(r) if r.status().as_u16() == 200 => match r.text().await {
+                            Ok(t) if t.contains(&format!("\"{text}\"")) => Ok(()),
+                            Ok(t) => Err(format!("call {id}: unexpected answer {t}")),
+                            Err(e) => Err(format!("call {id}: reading the answer: {e}")),
+                        },
+                        Ok(r) => Err(format!("call {id}: status {}", r.status())),
+                        Err(e) => Err(format!("call {id}: {e:?}")),
+                    };
+                    if let Err(e) = outcome {
+                        failures.push(e);
+                    }
+                }
+                failures
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap_or_else(|e| vec![format!("task: {e}")]));
+        }
+        all
+    });
+    println!(
+        "ok={} failed={}",
+        clients * calls - failures.len(),
+        failures.len()
+    );
+    for f in failures.iter().take(5) {
+        println!("failure={f}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Connect to an agent's hand-over socket as a successor would, and report what came:
+/// `handover-bytes=N` and `handover-fds=M` (descriptors passed with SCM_RIGHTS), or
+/// `connect-error=…`.
+fn handover_peer(path: &str) -> ExitCode {
+    use std::os::fd::AsRawFd;
+    let s = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("connect-error={e}");
+            return ExitCode::from(1);
+        }
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let (mut bytes, mut fds) = (0usize, 0usize);
+    loop {
+        let mut buf = [0u8; 4096];
+        let mut control = [0u8; 4096];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: a zeroed msghdr pointing at buffers that outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len();
+        // SAFETY: recvmsg into the buffers above.
+        let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+        if n <= 0 {
+            break;
+        }
+        bytes += n as usize;
+        // SAFETY: walking the control messages the kernel wrote into `control`.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_type == libc::SCM_RIGHTS {
+                    fds += ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+    }
+    println!("handover-bytes={bytes}");
+    println!("handover-fds={fds}");
     ExitCode::SUCCESS
 }
 
