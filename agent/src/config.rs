@@ -1035,6 +1035,53 @@ mod tests {
     }
 
     #[test]
+    fn failure_mode_bpffs_dir_and_drain_come_from_the_file_or_the_flags() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mcpwarden-cfg-fm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("c.yaml");
+        let server =
+            "servers:\n  - name: one\n    url: http://127.0.0.1:1/mcp\n    policy: p.json\n";
+        std::fs::write(
+            &file,
+            format!("failure_mode: open\nbpffs_dir: /sys/fs/bpf/other\ndrain_seconds: 5\n{server}"),
+        )?;
+        let c = Config::assemble(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })?;
+        assert_eq!(c.failure_mode, FailureMode::Open);
+        assert_eq!(c.bpffs_dir, PathBuf::from("/sys/fs/bpf/other"));
+        assert_eq!(c.drain, std::time::Duration::from_secs(5));
+        let c = Config::assemble(Flags {
+            config: Some(file.clone()),
+            failure_mode: Some(FailureMode::Closed),
+            drain_seconds: Some(7),
+            ..Flags::default()
+        })?;
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.drain, std::time::Duration::from_secs(7));
+        std::fs::write(&file, server)?;
+        let plain = Config::assemble(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })?;
+        assert_eq!(plain.failure_mode, FailureMode::Closed, "closed by default");
+        assert_eq!(plain.bpffs_dir, PathBuf::from(DEFAULT_BPFFS_DIR));
+        let relative = Config::assemble(Flags {
+            config: Some(file),
+            bpffs_dir: Some(PathBuf::from("pins")),
+            ..Flags::default()
+        });
+        let err = relative.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err.contains("bpffs_dir") && err.contains("absolute"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn scopes_netns_dirs_raw_sockets_and_loopback_listeners() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("mcpwarden-cfg-ns-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
