@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, Flags};
@@ -32,10 +32,17 @@ enum Command {
     /// Check policy files, or explain the decision for one call.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Remove the pinned datapath (every link, which detaches its program, and every map under
-    /// the bpffs directory) and print what was removed. Stop the agent first: a running agent
-    /// keeps serving, with nothing redirected to it.
-    Uninstall(DatapathArgs),
+    /// Remove what the agent installs: the pinned datapath (every link, which detaches its
+    /// program, and every map under the bpffs directory) and its state files (the counters'
+    /// journal, the lock, the hand-over socket; the CA stays), printing what was removed.
+    /// Refused while an agent runs.
+    Uninstall {
+        #[command(flatten)]
+        args: DatapathArgs,
+        /// The agent's state directory [default: /var/lib/mcpwarden].
+        #[arg(long = "state-dir", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// What is installed on this host.
     Status {
         /// The pinned datapath: map layouts, and each pinned link with the program it runs.
@@ -43,6 +50,9 @@ enum Command {
         datapath: bool,
         #[command(flatten)]
         args: DatapathArgs,
+        /// Also every program attached to this cgroup (BPF_PROG_QUERY), mcpwarden's or not.
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
     },
 }
 
@@ -114,11 +124,23 @@ struct CaArgs {
     state_dir: Option<PathBuf>,
 }
 
-fn uninstall(args: &DatapathArgs) -> Result<()> {
+fn uninstall(args: &DatapathArgs, state_dir: Option<&std::path::Path>) -> Result<()> {
+    let state = state_dir.unwrap_or(std::path::Path::new(crate::ca::DEFAULT_STATE_DIR));
+    if crate::handover::lock_held(state)? {
+        anyhow::bail!(
+            "an agent is running ({} is locked): stop it first",
+            state.join("agent.lock").display()
+        );
+    }
     let pins = args.pins();
-    let removed = pins.remove_all()?;
+    let mut removed = pins.remove_all()?;
+    removed.extend(crate::handover::remove_state(state)?);
     if removed.is_empty() {
-        println!("nothing pinned under {}", pins.root().display());
+        println!(
+            "nothing installed under {} or {}",
+            pins.root().display(),
+            state.display()
+        );
     }
     for path in &removed {
         println!("removed {}", path.display());
@@ -126,7 +148,7 @@ fn uninstall(args: &DatapathArgs) -> Result<()> {
     Ok(())
 }
 
-fn datapath_status(args: &DatapathArgs) -> Result<()> {
+fn datapath_status(args: &DatapathArgs, cgroup: Option<&std::path::Path>) -> Result<()> {
     use aya::programs::links::{FdLink, PinnedLink};
     let pins = args.pins();
     println!("bpffs directory: {}", pins.root().display());
@@ -168,6 +190,35 @@ fn datapath_status(args: &DatapathArgs) -> Result<()> {
             Err(e) => println!("link cgroup {cgroup_id} program {program}: unreadable: {e:#}"),
         }
     }
+    let Some(cgroup) = cgroup else {
+        return Ok(());
+    };
+    let ours: std::collections::HashSet<u32> = pins
+        .links()
+        .iter()
+        .filter_map(|(_, _, path)| PinnedLink::from_pin(path).ok())
+        .filter_map(|l| FdLink::from(l).info().ok())
+        .map(|i| i.program_id())
+        .collect();
+    println!("attached to {}:", cgroup.display());
+    for (attach_type, name) in crate::redirect::pin::ATTACH_TYPES {
+        let ids = match crate::redirect::pin::prog_query(cgroup, *attach_type) {
+            Ok(ids) => ids,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(e) => return Err(e).with_context(|| format!("querying {}", cgroup.display())),
+        };
+        for id in ids {
+            let whose = if ours.contains(&id) {
+                "mcpwarden (pinned)"
+            } else {
+                "another owner"
+            };
+            println!(
+                "  {name}: program {id} ({}) — {whose}",
+                programs.get(&id).map_or("?", String::as_str)
+            );
+        }
+    }
     Ok(())
 }
 
@@ -204,8 +255,8 @@ pub fn main() -> ExitCode {
             Command::Run { flags } => crate::app::run(Config::assemble(flags)?).await,
             Command::Ca(cmd) => ca_command(cmd),
             Command::Policy(_) => Ok(()),
-            Command::Uninstall(args) => uninstall(&args),
-            Command::Status { args, .. } => datapath_status(&args),
+            Command::Uninstall { args, state_dir } => uninstall(&args, state_dir.as_deref()),
+            Command::Status { args, cgroup, .. } => datapath_status(&args, cgroup.as_deref()),
         }
     });
     match result {

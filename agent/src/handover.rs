@@ -401,6 +401,44 @@ fn check(fd: OwnedFd, d: &Described) -> Result<TcpListener> {
     Ok(listener)
 }
 
+/// Whether an agent holds the lock in `state_dir` now.
+pub fn lock_held(state_dir: &Path) -> Result<bool> {
+    let f = match fs::OpenOptions::new()
+        .write(true)
+        .open(state_dir.join(LOCK))
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening {}", state_dir.join(LOCK).display()))
+        }
+    };
+    Ok(!try_lock(&f)?)
+}
+
+/// Remove the state files an agent makes besides the CA: the counters' journal, the lock, the
+/// hand-over socket. Returns what was removed.
+pub fn remove_state(state_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let counters = state_dir.join("counters");
+    if let Ok(rd) = fs::read_dir(&counters) {
+        for e in rd.flatten() {
+            fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed.push(e.path());
+        }
+        fs::remove_dir(&counters).with_context(|| format!("removing {}", counters.display()))?;
+    }
+    for name in [SOCKET, LOCK] {
+        let p = state_dir.join(name);
+        if p.exists() {
+            fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+    }
+    Ok(removed)
+}
+
 fn try_lock(f: &fs::File) -> Result<bool> {
     // SAFETY: flock on a descriptor the caller owns.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {

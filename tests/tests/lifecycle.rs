@@ -312,17 +312,47 @@ fn a_new_map_layout_swaps_the_programs_with_no_window() {
     assert_ne!(second, first);
 }
 
-/// (152) `mcpwarden uninstall` removes every pin: nothing stays attached, the directory is gone,
-/// and calls go direct again (there is no agent).
+/// (152) `mcpwarden uninstall` is refused while an agent runs; once none does, it removes every
+/// pin and state file it owns (the counters' journal, the lock, the hand-over socket): nothing
+/// stays attached (BPF_PROG_QUERY), the directory is gone, and calls go direct again.
+/// `status --datapath` first shows the pinned links and, per cgroup, whose programs run there.
 #[test]
 fn uninstall_leaves_nothing_attached_or_pinned() {
     let pins = PinsGuard::new("uninstall");
     let mut rig = Rig::start_with("uninstall", 152, POLICY, &pins_args(&pins));
+    let state = rig.agent.temp_dir().join("state");
+    let uninstall = || {
+        Command::new(AGENT_BIN)
+            .args(["uninstall", "--bpffs-dir"])
+            .arg(&pins.0)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .expect("run mcpwarden uninstall")
+    };
+    // Refused while the agent runs.
+    let out = uninstall();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A call with a limit, so that the counters' journal has something.
+    let run = rig.client(&[
+        "call",
+        &rig.server.url(),
+        "start_security_scan",
+        r#"{"cluster":"prod"}"#,
+    ]);
+    run.assert_success();
     rig.agent.kill9();
     assert!(!bpf::attached(&rig.app).is_empty());
-    let status = std::process::Command::new(AGENT_BIN)
+    let status = Command::new(AGENT_BIN)
         .args(["status", "--datapath", "--bpffs-dir"])
         .arg(&pins.0)
+        .arg("--cgroup")
+        .arg(&rig.app)
         .output()
         .expect("run mcpwarden status");
     let text = String::from_utf8_lossy(&status.stdout);
@@ -331,11 +361,11 @@ fn uninstall_leaves_nothing_attached_or_pinned() {
         text.contains("program mcpw_connect4: runs program"),
         "{text}"
     );
-    let out = std::process::Command::new(AGENT_BIN)
-        .args(["uninstall", "--bpffs-dir"])
-        .arg(&pins.0)
-        .output()
-        .expect("run mcpwarden uninstall");
+    assert!(
+        text.contains("(mcpw_connect4) — mcpwarden (pinned)"),
+        "BPF_PROG_QUERY on the cgroup names mcpwarden's programs: {text}"
+    );
+    let out = uninstall();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -347,7 +377,16 @@ fn uninstall_leaves_nothing_attached_or_pinned() {
         "it prints what it removed: {text}"
     );
     assert!(text.contains("BY_SOCKET"), "maps too: {text}");
+    assert!(
+        text.contains("counters"),
+        "the counters' journal too: {text}"
+    );
+    assert!(
+        text.contains("agent.lock") && text.contains("handover.sock"),
+        "{text}"
+    );
     assert!(!pins.0.exists(), "{} is left", pins.0.display());
+    assert!(!state.join("counters").exists());
     let after = bpf::attached(&rig.app);
     assert!(
         after.is_empty(),

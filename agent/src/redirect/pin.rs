@@ -193,6 +193,45 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     Ok(())
 }
 
+/// The cgroup attach types mcpwarden's programs use (`enum bpf_attach_type`), with names.
+pub const ATTACH_TYPES: &[(u32, &str)] = &[
+    (2, "sock_create"),
+    (3, "sock_ops"),
+    (8, "bind4"),
+    (9, "bind6"),
+    (10, "connect4"),
+    (11, "connect6"),
+    (14, "sendmsg4"),
+    (15, "sendmsg6"),
+    (29, "getpeername4"),
+    (30, "getpeername6"),
+    (43, "lsm_cgroup"),
+];
+
+/// The ids of the programs attached to `cgroup` itself for `attach_type` (`BPF_PROG_QUERY`,
+/// what `bpftool cgroup show` asks), by anyone.
+pub fn prog_query(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let f = fs::File::open(cgroup)?;
+    let mut ids = vec![0u32; 256];
+    // union bpf_attr, query member: target_fd u32 @0, attach_type u32 @4, query_flags u32 @8,
+    // attach_flags u32 @12, prog_ids u64 @16, prog_cnt u32 @24.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(f.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+    attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+    // SAFETY: the attr buffer and the id array outlive the call; the kernel writes at most
+    // `prog_cnt` ids.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let count = u32::from_ne_bytes([attr[24], attr[25], attr[26], attr[27]]) as usize;
+    ids.truncate(count.min(256));
+    Ok(ids)
+}
+
 fn on_bpffs(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
