@@ -34,21 +34,17 @@ fn sigterm_with_failure_mode_open_detaches_everything() {
     );
     let url = rig.server.url();
 
-    let attached = bpf::attached(&rig.app);
-    let names: Vec<&str> = attached.iter().map(|(n, _)| *n).collect();
-    for want in [
-        "cgroup_inet4_connect",
-        "cgroup_inet6_connect",
-        "cgroup_sock_ops",
-        "cgroup_inet4_getpeername",
-        "cgroup_inet6_getpeername",
-    ] {
-        assert!(
-            names.contains(&want),
-            "while running, {want} must be attached to {}: {attached:?}",
-            rig.app.display()
-        );
-    }
+    assert_attached(
+        &rig.app,
+        &[
+            "cgroup_inet4_connect",
+            "cgroup_inet6_connect",
+            "cgroup_sock_ops",
+            "cgroup_inet4_getpeername",
+            "cgroup_inet6_getpeername",
+        ],
+        "while running",
+    );
     // Attached at --cgroup only, not at its parent.
     assert!(
         bpf::attached(rig.cg.path()).is_empty(),
@@ -117,6 +113,19 @@ fn sigterm_with_failure_mode_open_detaches_everything() {
     assert_eq!(rig.server.calls("drop_cluster"), 1);
 }
 
+/// Each of `want` (attach type names) has a program attached to `cgroup`.
+fn assert_attached(cgroup: &std::path::Path, want: &[&str], when: &str) {
+    let attached = bpf::attached(cgroup);
+    let names: Vec<&str> = attached.iter().map(|(n, _)| *n).collect();
+    for w in want {
+        assert!(
+            names.contains(w),
+            "{when}, {w} must be attached to {}: {attached:?}",
+            cgroup.display()
+        );
+    }
+}
+
 fn pins_args(pins: &PinsGuard) -> Vec<String> {
     vec!["--bpffs-dir".into(), pins.0.display().to_string()]
 }
@@ -174,19 +183,16 @@ fn kill9_fails_closed_and_the_next_agent_adopts_the_datapath() {
     );
 
     rig.agent.kill9();
-    let attached = bpf::attached(&rig.app);
-    let names: Vec<&str> = attached.iter().map(|(n, _)| *n).collect();
-    for want in [
-        "cgroup_inet4_connect",
-        "cgroup_inet6_connect",
-        "cgroup_sock_ops",
-        "cgroup_inet4_bind",
-    ] {
-        assert!(
-            names.contains(&want),
-            "after kill -9, {want} must stay attached: {attached:?}"
-        );
-    }
+    assert_attached(
+        &rig.app,
+        &[
+            "cgroup_inet4_connect",
+            "cgroup_inet6_connect",
+            "cgroup_sock_ops",
+            "cgroup_inet4_bind",
+        ],
+        "after kill -9",
+    );
     assert_refused_at_once(&rig, "echo");
     assert_refused_at_once(&rig, "drop_cluster");
     assert_eq!(
