@@ -86,6 +86,8 @@ pub struct Agent {
     accept: tokio::sync::mpsc::UnboundedSender<crate::netns::ListenerMsg>,
     /// Notified when a new agent has taken the listeners over.
     handed_over: Arc<tokio::sync::Notify>,
+    /// The endpoint resolver's task (stopped after a hand-over).
+    resolver: Option<JoinHandle<()>>,
 }
 
 impl Agent {
@@ -205,7 +207,6 @@ impl Agent {
             drain: Arc::default(),
         });
         let (reloader, _) = reload::spawn(policies, config.flags.clone())?;
-        let (identity_for_reset, audit_for_reset) = (identity.clone(), audit.clone());
         let (listeners_tx, listeners_rx) = tokio::sync::mpsc::unbounded_channel();
         // The workers first: if they cannot start, nothing has been spawned yet.
         let serve = interceptor.clone().serve(listeners_rx, config.workers)?;
@@ -265,8 +266,8 @@ impl Agent {
             &started.namespaces,
             &attach,
             agent_cgroup_id,
-            &identity_for_reset,
-            &audit_for_reset,
+            &identity,
+            &audit,
         );
         let forgotten = redirector.forget_inherited_netns()?;
         if !forgotten.is_empty() {
@@ -282,10 +283,9 @@ impl Agent {
             .map(|(_, l)| listen_addrs(&l))
             .unwrap_or_default();
 
-        let mut tasks = vec![
-            tokio::spawn(resolver.run(redirector.clone(), routes.clone(), resolve_again)),
-            tokio::spawn(serve),
-        ];
+        let resolver =
+            tokio::spawn(resolver.run(redirector.clone(), routes.clone(), resolve_again));
+        let mut tasks = vec![tokio::spawn(serve)];
         if let Some(terminator) = interceptor
             .terminator
             .clone()
@@ -326,6 +326,7 @@ impl Agent {
             interceptor,
             accept: listeners_tx,
             handed_over,
+            resolver: Some(resolver),
         })
     }
 
@@ -352,7 +353,8 @@ impl Agent {
     /// deferred audit records written), the programs detached once the last reference to the
     /// maps and links is gone. Dropping an `Agent` only starts this.
     pub async fn stop(mut self) {
-        let tasks = std::mem::take(&mut self.tasks);
+        let mut tasks = std::mem::take(&mut self.tasks);
+        tasks.extend(self.resolver.take());
         for t in &tasks {
             t.abort();
         }
@@ -374,9 +376,9 @@ impl Agent {
         );
         let _ = self.accept.send(crate::netns::ListenerMsg::StopAccepting);
         self.coverage = None;
-        // The endpoint resolver: the new agent keeps the shared maps up to date.
-        if let Some(t) = self.tasks.first() {
-            t.abort();
+        // The new agent keeps the shared maps up to date.
+        if let Some(resolver) = self.resolver.take() {
+            resolver.abort();
         }
         self.interceptor.drain.start();
         let deadline = tokio::time::Instant::now() + within;
@@ -405,7 +407,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.reloader.send(reload::Msg::Stop);
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.resolver) {
             t.abort();
         }
     }
