@@ -195,6 +195,33 @@ fn kill9_fails_closed_and_the_next_agent_adopts_the_datapath() {
     );
     assert_refused_at_once(&rig, "echo");
     assert_refused_at_once(&rig, "drop_cluster");
+    // How fast a bare connect() is refused (a figure for the log, not a timed assertion).
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        "import socket,sys,time\n\
+         host,port=sys.argv[1],int(sys.argv[2]);ts=[]\n\
+         for _ in range(200):\n\
+         \ts=socket.socket();t=time.perf_counter()\n\
+         \ttry: s.connect((host,port)); print('connected'); sys.exit(1)\n\
+         \texcept ConnectionRefusedError: ts.append(time.perf_counter()-t)\n\
+         \ts.close()\n\
+         ts.sort();print('refused=%d p50_us=%.1f p99_us=%.1f'%(len(ts),ts[100]*1e6,ts[197]*1e6))",
+        &rig.server.addr().ip().to_string(),
+        &rig.server.addr().port().to_string(),
+    ]);
+    spawn_in_cgroup(&mut cmd, &rig.app);
+    let out = cmd.output().expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("refused=200"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "with no agent serving, connect() to the endpoint: {}",
+        text.trim()
+    );
     assert_eq!(
         rig.server.calls("echo"),
         1,
@@ -570,7 +597,8 @@ fn a_new_agent_takes_the_listeners_over_without_a_failed_call() {
 }
 
 /// (155) The hand-over socket answers only agents: a root process in a workload cgroup (below
-/// the attach point) that connects is refused and gets no descriptor; a successor that dies
+/// the attach point), or a process that is not root, that connects is refused and gets no
+/// descriptor; a successor that dies
 /// before it is ready (here: it cannot use its bpffs directory) leaves the running agent
 /// serving, as before.
 #[test]
@@ -589,6 +617,40 @@ fn the_hand_over_refuses_a_workload_and_survives_a_successor_that_fails() {
             .then_some(())
     });
     assert!(refused.is_some(), "{}", rig.agent.log());
+
+    // A process that is not root: the 0700 state directory keeps it out; opened up here (as a
+    // mistaken chmod would), the agent still refuses it by its credentials (SO_PEERCRED).
+    use std::os::unix::fs::PermissionsExt;
+    let state = socket.parent().expect("state dir").to_path_buf();
+    let opened = [(state.clone(), 0o711), (socket.clone(), 0o666)];
+    for (path, mode) in &opened {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode)).expect("chmod");
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            CLIENT_BIN,
+        ])
+        .arg("handover-peer")
+        .arg(&socket)
+        .output()
+        .expect("run setpriv");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("handover-fds=0"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = mcpwarden_tests::wait_for(AUDIT_WAIT, || {
+        rig.agent
+            .log()
+            .contains("is not root (uid 65534)")
+            .then_some(())
+    });
+    assert!(refused.is_some(), "{}", rig.agent.log());
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
 
     // A successor that fails after it received the listeners.
     let mut args: Vec<String> = rig.agent.args().to_vec();
