@@ -131,6 +131,15 @@ impl Agent {
         let start = crate::handover::begin(&config.ca.state_dir)?;
         let (inherited, mut takeover, mut active) = match start {
             crate::handover::Start::Fresh(a) => (Default::default(), None, Some(a)),
+            crate::handover::Start::Takeover(_) if config.failure_mode == FailureMode::Open => {
+                // Without pins each agent would run its own programs against its own maps, and
+                // the records one agent's programs write, the other could not read.
+                anyhow::bail!(
+                    "another agent is running (it holds {}/agent.lock): with failure_mode: open \
+                     stop it first; handing over needs the pinned datapath (failure_mode: closed)",
+                    config.ca.state_dir.display()
+                );
+            }
             crate::handover::Start::Takeover(mut t) => {
                 let n: usize = t.listeners.values().map(Vec::len).sum();
                 tracing::info!(

@@ -674,6 +674,20 @@ fn the_hand_over_refuses_a_workload_and_survives_a_successor_that_fails() {
         rig.agent.log().contains("hand-over aborted").then_some(())
     });
     assert!(aborted.is_some(), "{}", rig.agent.log());
+    // A successor with failure_mode: open does not take over (its programs would run against
+    // maps of its own).
+    let mut open_args = rig.agent.args().to_vec();
+    open_args.extend(["--failure-mode".into(), "open".into()]);
+    let out = Command::new(AGENT_BIN)
+        .args(&open_args)
+        .output()
+        .expect("run the open-mode successor");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("with failure_mode: open stop it first"),
+        "{text}"
+    );
     // Still serving, still enforcing.
     let run = rig.client(&[
         "call",
