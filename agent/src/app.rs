@@ -495,12 +495,7 @@ fn listen_addrs(l: &mcpwarden_common::Listeners) -> Vec<SocketAddr> {
 fn settle_agent_cgroup(mount: &Path, attach: &Path, given: &Path) -> Result<PathBuf> {
     let own = given == Path::new(AGENT_CGROUP_SELF);
     let dir = if own {
-        let rel = std::fs::read_to_string("/proc/self/cgroup")
-            .context("reading /proc/self/cgroup")?
-            .lines()
-            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
-            .ok_or_else(|| anyhow::anyhow!("the agent is in no cgroup v2 (/proc/self/cgroup)"))?;
-        mount.join(rel.trim_start_matches('/'))
+        cgroup::of_process(mount, "self")?
     } else {
         cgroup::resolve(mount, given)?
     };

@@ -167,10 +167,10 @@ pub fn begin(state_dir: &Path) -> Result<Start> {
         }
     };
     stream.set_read_timeout(Some(WAIT))?;
-    let from_pid = sockopt::socket_peercred(&stream)
-        .map(|c| c.pid.as_raw_nonzero().get() as u32)
-        .context("reading the active agent's credentials")?;
-    let peer_uid = sockopt::socket_peercred(&stream)?.uid.as_raw();
+    let cred =
+        sockopt::socket_peercred(&stream).context("reading the active agent's credentials")?;
+    let from_pid = cred.pid.as_raw_nonzero().get() as u32;
+    let peer_uid = cred.uid.as_raw();
     if peer_uid != 0 {
         bail!(
             "the process answering on {} is not root (uid {peer_uid}): refusing its sockets",
@@ -266,7 +266,7 @@ impl Active {
         if cred.uid.as_raw() != 0 {
             bail!("peer pid {pid} is not root (uid {})", cred.uid.as_raw());
         }
-        let cgroup = process_cgroup(mount, pid)?;
+        let cgroup = crate::redirect::cgroup::of_process(mount, &pid.to_string())?;
         if cgroup.starts_with(attach) {
             bail!(
                 "peer pid {pid} runs in {} below the attach point: a workload, not an agent",
@@ -454,15 +454,4 @@ fn try_lock(f: &fs::File) -> Result<bool> {
 fn write_pid(f: &fs::File) {
     let _ = f.set_len(0);
     let _ = (&*f).write_all(format!("{}\n", std::process::id()).as_bytes());
-}
-
-/// The cgroup directory of process `pid`.
-fn process_cgroup(mount: &Path, pid: u32) -> Result<PathBuf> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .with_context(|| format!("reading /proc/{pid}/cgroup"))?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| anyhow::anyhow!("process {pid} is in no cgroup v2"))?;
-    Ok(mount.join(rel.trim().trim_start_matches('/')))
 }

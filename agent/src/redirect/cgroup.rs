@@ -87,6 +87,39 @@ pub fn id_of(dir: &Path) -> Result<u64> {
         .ino())
 }
 
+/// The ids of `dir` and of every cgroup below it (at most [`MAX_WALK`] directories).
+pub fn ids_below(dir: &Path) -> std::collections::BTreeSet<u64> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if out.len() >= MAX_WALK {
+            break;
+        }
+        if let Ok(m) = fs::metadata(&d) {
+            out.insert(m.ino());
+        }
+        if let Ok(rd) = fs::read_dir(&d) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out
+}
+
+/// The cgroup directory of process `pid` (`self` for this one), from `/proc/PID/cgroup`.
+pub fn of_process(mount: &Path, pid: &str) -> Result<PathBuf> {
+    let file = format!("/proc/{pid}/cgroup");
+    let text = fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| anyhow::anyhow!("process {pid} is in no cgroup v2 ({file})"))?;
+    Ok(mount.join(rel.trim().trim_start_matches('/')))
+}
+
 /// Create `dir` if needed and move this whole process (every thread) into it.
 pub fn join(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating cgroup {}", dir.display()))?;

@@ -146,7 +146,6 @@ pub struct Redirector {
     netns: Mutex<Served>,
     by_socket: Mutex<HashMap<MapData, u64, ConnRecord>>,
     events: Mutex<Option<RingBuf<MapData>>>,
-    attach: PathBuf,
     /// Whether `AF_PACKET` sockets are refused (the BPF LSM is active).
     packet_guard: bool,
 }
@@ -250,7 +249,7 @@ impl Redirector {
         let existing: Vec<u64> = agents.keys().filter_map(|k| k.ok()).collect();
         if !existing.is_empty() {
             let live = match cgroup::cgroup2_mount() {
-                Ok(mount) => preexisting::cgroups_below(&mount),
+                Ok(mount) => cgroup::ids_below(&mount),
                 Err(_) => BTreeSet::new(),
             };
             keep.extend(
@@ -328,7 +327,6 @@ impl Redirector {
             netns: Mutex::new(netns),
             by_socket: Mutex::new(by_socket),
             events: Mutex::new(Some(events)),
-            attach: settings.attach.clone(),
             packet_guard,
         })
     }
@@ -437,7 +435,7 @@ impl Redirector {
 
     /// The cgroup the programs are attached to.
     pub fn attach_point(&self) -> &Path {
-        &self.attach
+        &self.settings.attach
     }
 
     /// Whether `AF_PACKET` sockets are refused below the attach point.
@@ -675,28 +673,20 @@ fn attach_program(
     // Cgroup bpf_links are multi-attach by nature: each link is one more program in the
     // cgroup's effective array, next to whatever else (Cilium, Istio) is attached there.
     // `Single` is what bpf_link_create accepts for that (AllowMultiple gives EINVAL).
+    // The three program types differ only in their link types.
+    macro_rules! attach_single {
+        ($p:expr) => {{
+            let id = $p.attach(cgroup, CgroupAttachMode::Single)?;
+            take.then(|| $p.take_link(id))
+                .transpose()?
+                .map(FdLink::try_from)
+                .transpose()?
+        }};
+    }
     let link: Option<FdLink> = match prog {
-        Program::CgroupSockAddr(p) => {
-            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
-            take.then(|| p.take_link(id))
-                .transpose()?
-                .map(FdLink::try_from)
-                .transpose()?
-        }
-        Program::CgroupSock(p) => {
-            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
-            take.then(|| p.take_link(id))
-                .transpose()?
-                .map(FdLink::try_from)
-                .transpose()?
-        }
-        Program::SockOps(p) => {
-            let id = p.attach(cgroup, CgroupAttachMode::Single)?;
-            take.then(|| p.take_link(id))
-                .transpose()?
-                .map(FdLink::try_from)
-                .transpose()?
-        }
+        Program::CgroupSockAddr(p) => attach_single!(p),
+        Program::CgroupSock(p) => attach_single!(p),
+        Program::SockOps(p) => attach_single!(p),
         Program::LsmCgroup(p) => {
             let id = p.attach(cgroup)?;
             take.then(|| p.take_link(id)).transpose()?.map(FdLink::from)

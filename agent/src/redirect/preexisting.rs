@@ -30,7 +30,7 @@ pub fn reset(
     attach: &Path,
     agent_cgroup: u64,
 ) -> (Vec<Found>, Vec<(Arc<Netns>, String)>) {
-    let below = cgroups_below(attach);
+    let below = super::cgroup::ids_below(attach);
     let mut candidates: Vec<(Arc<Netns>, diag::TcpSock)> = Vec::new();
     let mut failed = Vec::new();
     for ns in namespaces {
@@ -69,26 +69,6 @@ pub fn reset(
         })
         .collect();
     (found, failed)
-}
-
-/// The ids of `attach` and every cgroup below it.
-pub(crate) fn cgroups_below(attach: &Path) -> BTreeSet<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = BTreeSet::new();
-    let mut stack = vec![attach.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        if let Ok(m) = std::fs::metadata(&dir) {
-            out.insert(m.ino());
-        }
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Which process holds each socket inode (the first found), with its name.
