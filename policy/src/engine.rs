@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::condition::{Condition, WrongType};
 use super::limits::{self, CounterStore, Reservation, Want};
-use super::load::{Checks, ToolRule};
+use super::load::{Checks, Limit, ToolRule};
 use super::schema::{location_or_root, Scope, ToolAction};
 use super::{CallerScope, Decision, Outcome, Policy};
 
@@ -53,6 +53,33 @@ pub struct Explanation {
     pub decision: Decision,
     /// One line per check, in order.
     pub steps: Vec<String>,
+}
+
+/// How much of a limit's counter one scope key has used, for metrics and `policy status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Usage {
+    /// The counter's name.
+    pub counter: String,
+    /// The counter's scope: `grant`, `process`, `session` or `server`.
+    pub scope: String,
+    /// The scope key (who): a grant, a process, a session, or `""` for `server`.
+    pub key: String,
+    /// JSON Pointer to the limit, as a refusal by it names it: `/tools/<name>/limits/<i>` or
+    /// `/all_tools/limits/<i>`.
+    pub rule: String,
+    pub window_secs: f64,
+    pub max: f64,
+    /// What the key has used within the window.
+    pub used: f64,
+}
+
+/// Whether a decision counts the call against its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Count {
+    /// Record the admission (and hand back a [`Reservation`]).
+    Reserve,
+    /// Only check whether there is room: nothing is recorded.
+    Peek,
 }
 
 /// Collects explanation lines; the hot path uses [`Silent`], which compiles them away.
@@ -133,13 +160,41 @@ impl Engine {
     /// did not run the call, and otherwise drops it.
     #[must_use]
     pub fn decide_call(&self, call: &Call<'_>, caller: &CallerScope<'_>, now: Instant) -> Decision {
-        self.dry_run(self.decide(call, caller, now, &mut Silent))
+        self.dry_run(self.decide(call, caller, now, Count::Reserve, &mut Silent))
     }
 
     /// Like [`Engine::decide_call`], with a line per check saying what it found.
+    ///
+    /// Like `decide_call`, an allowed call with limits is counted: the decision's
+    /// `reservation` holds the admission, which stays counted when dropped; give it back with
+    /// `if let Some(r) = explanation.decision.reservation.take() { r.release() }`. To explain
+    /// against a live engine without counting, use [`Engine::explain_dry`].
     pub fn explain(&self, call: &Call<'_>, caller: &CallerScope<'_>, now: Instant) -> Explanation {
+        self.explain_counting(call, caller, now, Count::Reserve)
+    }
+
+    /// What the next call would get, without counting: [`Engine::explain`] against the live
+    /// counters, where limits are only checked for room. Nothing is recorded (not even for a
+    /// moment, so a concurrent call is never refused because of it), pruned or journalled, and
+    /// the decision carries no reservation.
+    pub fn explain_dry(
+        &self,
+        call: &Call<'_>,
+        caller: &CallerScope<'_>,
+        now: Instant,
+    ) -> Explanation {
+        self.explain_counting(call, caller, now, Count::Peek)
+    }
+
+    fn explain_counting(
+        &self,
+        call: &Call<'_>,
+        caller: &CallerScope<'_>,
+        now: Instant,
+        count: Count,
+    ) -> Explanation {
         let mut steps = Vec::new();
-        let decision = self.dry_run(self.decide(call, caller, now, &mut steps));
+        let decision = self.dry_run(self.decide(call, caller, now, count, &mut steps));
         if let Some(would) = &decision.would {
             steps.push(format!(
                 "mode dry_run: the call is forwarded; enforcing would have answered {would:?}"
@@ -162,6 +217,7 @@ impl Engine {
         call: &Call<'_>,
         caller: &CallerScope<'_>,
         now: Instant,
+        count: Count,
         trace: &mut T,
     ) -> Decision {
         let tool = call.tool;
@@ -188,7 +244,15 @@ impl Engine {
             if let Some(refusal) = near_miss(policy, args, "/default", trace) {
                 return refusal;
             }
-            return self.check(&[&policy.all_tools], args, caller, now, trace, "/default");
+            return self.check(
+                &[&policy.all_tools],
+                args,
+                caller,
+                now,
+                count,
+                trace,
+                "/default",
+            );
         };
         trace.step(|| {
             if rule.name == tool {
@@ -236,6 +300,7 @@ impl Engine {
             args,
             caller,
             now,
+            count,
             trace,
             &rule.pointer,
         )
@@ -250,6 +315,7 @@ impl Engine {
         args: &Value,
         caller: &CallerScope<'_>,
         now: Instant,
+        count: Count,
         trace: &mut T,
         allow_rule: &str,
     ) -> Decision {
@@ -258,7 +324,7 @@ impl Engine {
                 return refusal;
             }
         }
-        let reservation = match self.reserve(sets, args, caller, now, trace) {
+        let reservation = match self.reserve(sets, args, caller, now, count, trace) {
             Ok(reservation) => reservation,
             Err(refusal) => return refusal,
         };
@@ -272,13 +338,15 @@ impl Engine {
         }
     }
 
-    /// Reserves every limit of `sets` together, or refuses naming the first without room.
+    /// Reserves every limit of `sets` together, or refuses naming the first without room;
+    /// with [`Count::Peek`], only checks that there is room.
     fn reserve<T: Trace>(
         &self,
         sets: &[&Checks],
         args: &Value,
         caller: &CallerScope<'_>,
         now: Instant,
+        count: Count,
         trace: &mut T,
     ) -> Result<Option<Reservation>, Decision> {
         let limits = sets
@@ -365,7 +433,14 @@ impl Engine {
                 });
             }
         }
-        match store.try_reserve(&self.counters, &wants, now) {
+        let admitted = match count {
+            Count::Reserve => store.try_reserve(&self.counters, &wants, now),
+            Count::Peek => store.would_admit(&wants, now).map(|()| {
+                trace.step(|| "limits have room; explained without counting this call".to_owned());
+                None
+            }),
+        };
+        match admitted {
             Ok(reservation) => Ok(reservation),
             Err(failed) => {
                 let Some((checks, index, limit)) = owners.get(failed) else {
@@ -396,6 +471,86 @@ impl Engine {
                 ))
             }
         }
+    }
+
+    /// How full each limit is: for every limit of the policy and every scope key with
+    /// something counted within its window at `now`, one entry; the fullest (`used / max`)
+    /// first, ties by counter then key then rule, at most `max_entries` of them.
+    ///
+    /// A pure read under one hold of the counters' lock: nothing is recorded or pruned. Keys
+    /// whose admissions all fall outside a limit's window are not listed for that limit.
+    pub fn usage(&self, now: Instant, max_entries: usize) -> Vec<Usage> {
+        if max_entries == 0 {
+            return Vec::new();
+        }
+        let policy = &self.policy;
+        let limits: Vec<(String, &Limit)> = std::iter::once(&policy.all_tools)
+            .chain(policy.rules.iter().map(|r| &r.checks))
+            .flat_map(|checks| {
+                checks.limits.iter().enumerate().map(move |(index, limit)| {
+                    (format!("{}/limits/{index}", checks.pointer), limit)
+                })
+            })
+            .collect();
+        let store = limits::lock(&self.counters);
+        // (fullness, index into `limits`, key, used), borrowing the keys from the store.
+        let mut found: Vec<(f64, usize, &str, f64)> = Vec::new();
+        for (at, (_, limit)) in limits.iter().enumerate() {
+            let Some(counter) = policy.counters.get(limit.counter) else {
+                continue;
+            };
+            let id = if store.generation() == self.generation {
+                Some(limit.counter)
+            } else {
+                // A reload refitted the store: find the counter by name and scope, as
+                // deciding does.
+                store.find(&counter.name, counter.scope)
+            };
+            let Some(id) = id else {
+                continue;
+            };
+            for (key, used) in store.usage(id, limit.window.duration(), now) {
+                let fullness = if limit.max > 0.0 {
+                    used / limit.max
+                } else {
+                    f64::INFINITY
+                };
+                found.push((fullness, at, key, used));
+            }
+        }
+        let name = |at: usize| {
+            limits
+                .get(at)
+                .map_or("", |(_, l)| self.counter_name(l.counter))
+        };
+        let rule = |at: usize| limits.get(at).map_or("", |(r, _)| r.as_str());
+        let order = |a: &(f64, usize, &str, f64), b: &(f64, usize, &str, f64)| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| name(a.1).cmp(name(b.1)))
+                .then_with(|| a.2.cmp(b.2))
+                .then_with(|| rule(a.1).cmp(rule(b.1)))
+        };
+        if found.len() > max_entries {
+            found.select_nth_unstable_by(max_entries - 1, order);
+            found.truncate(max_entries);
+        }
+        found.sort_unstable_by(order);
+        found
+            .into_iter()
+            .filter_map(|(_, at, key, used)| {
+                let (rule, limit) = limits.get(at)?;
+                let counter = policy.counters.get(limit.counter)?;
+                Some(Usage {
+                    counter: counter.name.clone(),
+                    scope: counter.scope.as_str().to_owned(),
+                    key: key.to_owned(),
+                    rule: rule.clone(),
+                    window_secs: limit.window.duration().as_secs_f64(),
+                    max: limit.max,
+                    used,
+                })
+            })
+            .collect()
     }
 
     fn counter_name(&self, id: usize) -> &str {

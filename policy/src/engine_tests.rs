@@ -2771,3 +2771,205 @@ fn journal_and_restore_keep_a_window_across_processes() {
         ]
     );
 }
+
+// ---------------------------------------------------------------------------
+// Usage and explanations that do not count
+// ---------------------------------------------------------------------------
+
+const TWO: CallerScope<'static> = CallerScope {
+    grant: "7",
+    process: "pid:18",
+    session: "session:b",
+};
+
+/// `counter scope key rule used/max per window_secs`, one per entry.
+fn usage_lines(engine: &Engine, now: Instant, max_entries: usize) -> Vec<String> {
+    engine
+        .usage(now, max_entries)
+        .iter()
+        .map(|u| {
+            format!(
+                "{} {} {} {} {}/{} per {}",
+                u.counter, u.scope, u.key, u.rule, u.used, u.max, u.window_secs
+            )
+        })
+        .collect()
+}
+
+fn usage_engine() -> Engine {
+    engine_json(&json!({"version": "1", "default": "deny",
+    "all_tools": {"limits": [{"counter": "all", "window": "minute", "max": 10, "scope": "server"}]},
+    "tools": {
+        "create_charge": {"limits": [
+            {"counter": "calls", "window": "minute", "max": 4, "scope": "grant"},
+            {"counter": "spend", "window": "hour", "max": 100, "scope": "grant", "increment_from": "args.amount"}]},
+        "get_*": {"limits": [{"counter": "calls", "window": 10, "max": 2, "scope": "grant"}]}
+    }}))
+}
+
+#[test]
+fn usage_lists_each_limit_and_key_fullest_first() {
+    let engine = usage_engine();
+    let t0 = Instant::now();
+    assert!(engine.usage(t0, 100).is_empty(), "nothing counted yet");
+    for amount in [30, 20] {
+        let d = decide_args(
+            &engine,
+            "create_charge",
+            &json!({"amount": amount}),
+            &ONE,
+            t0,
+        );
+        assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+    }
+    assert!(is_allowed(&engine, "get_x", &TWO, t0));
+
+    let all = [
+        // 2 of 2: the fullest.
+        "calls grant 4242 /tools/get_*/limits/0 2/2 per 10",
+        // Ties at a half: by counter, then key.
+        "calls grant 4242 /tools/create_charge/limits/0 2/4 per 60",
+        "calls grant 7 /tools/get_*/limits/0 1/2 per 10",
+        "spend grant 4242 /tools/create_charge/limits/1 50/100 per 3600",
+        "all server  /all_tools/limits/0 3/10 per 60",
+        "calls grant 7 /tools/create_charge/limits/0 1/4 per 60",
+    ];
+    let t1 = t0 + secs(1);
+    assert_eq!(usage_lines(&engine, t1, 100), all);
+    // Bounded: the fullest first.
+    assert_eq!(usage_lines(&engine, t1, 2), all[..2]);
+    assert_eq!(usage_lines(&engine, t1, 6), all);
+    assert!(engine.usage(t1, 0).is_empty());
+
+    // The pointer is the one a refusal by that limit names.
+    let refused = decide(&engine, "get_y", &ONE, t1);
+    assert_eq!(refused.outcome, Outcome::Deny);
+    assert_eq!(refused.rule, engine.usage(t1, 1)[0].rule);
+
+    // Once the 10 s window has passed, its limit has nothing left to report.
+    assert_eq!(
+        usage_lines(&engine, t0 + secs(11), 100),
+        [
+            "calls grant 4242 /tools/create_charge/limits/0 2/4 per 60",
+            "spend grant 4242 /tools/create_charge/limits/1 50/100 per 3600",
+            "all server  /all_tools/limits/0 3/10 per 60",
+            "calls grant 7 /tools/create_charge/limits/0 1/4 per 60",
+        ]
+    );
+
+    let first = serde_json::to_value(&engine.usage(t1, 1)[0]).unwrap();
+    assert_eq!(
+        first,
+        json!({"counter": "calls", "scope": "grant", "key": "4242",
+               "rule": "/tools/get_*/limits/0", "window_secs": 10.0, "max": 2.0, "used": 2.0})
+    );
+}
+
+#[test]
+fn usage_is_a_pure_read() {
+    let engine = usage_engine();
+    let t0 = Instant::now();
+    assert!(is_allowed(&engine, "get_x", &ONE, t0));
+    let keys = engine.with_counters(|c| c.tracked_keys());
+    // Long after every window: nothing to report, and nothing pruned or forgotten either.
+    assert!(engine.usage(t0 + secs(7200), 100).is_empty());
+    assert_eq!(engine.with_counters(|c| c.tracked_keys()), keys);
+    // Nor did the late instant move the store's clock: at t0 + 1 s the window still holds.
+    assert!(is_allowed(&engine, "get_x", &ONE, t0 + secs(1)));
+    assert!(!is_allowed(&engine, "get_x", &ONE, t0 + secs(1)));
+}
+
+#[test]
+fn usage_of_an_engine_replaced_by_a_reload_finds_its_counters_by_name() {
+    let before = one_limit_policy("c", 4, "grant");
+    let old = engine_json(&before);
+    let now = Instant::now();
+    assert!(is_allowed(&old, "t", &ONE, now));
+    // The new policy's first counter is another one: the old engine's indices are stale.
+    let mut after = before.clone();
+    after["all_tools"] =
+        json!({"limits": [{"counter": "first", "window": "minute", "max": 9, "scope": "server"}]});
+    let new = reload(&after, &old);
+    let line = "c grant 4242 /tools/t/limits/0 1/4 per 60";
+    assert_eq!(usage_lines(&old, now, 10), [line]);
+    assert_eq!(usage_lines(&new, now, 10), [line]);
+}
+
+#[test]
+fn explain_counts_like_decide_call_until_released() {
+    let engine = one_limit("c", 1, "grant");
+    let now = Instant::now();
+    let call = Call {
+        tool: "t",
+        arguments: None,
+    };
+    let mut e = engine.explain(&call, &ONE, now);
+    assert_eq!(e.decision.outcome, Outcome::Allow);
+    assert!(decide(&engine, "t", &ONE, now).outcome == Outcome::Deny);
+    e.decision.reservation.take().expect("reserved").release();
+    assert!(is_allowed(&engine, "t", &ONE, now));
+}
+
+#[test]
+fn explaining_without_counting_near_a_limit_takes_no_quota() {
+    let engine = one_limit("c", 2, "grant");
+    let journal = Arc::new(Recorder::default());
+    engine.set_journal(journal.clone());
+    let t0 = Instant::now();
+    let call = Call {
+        tool: "t",
+        arguments: None,
+    };
+    assert!(is_allowed(&engine, "t", &ONE, t0));
+    for _ in 0..2 {
+        let e = engine.explain_dry(&call, &ONE, t0);
+        assert_decision(&e.decision, Outcome::Allow, "/tools/t", None);
+        assert!(e.decision.reservation.is_none());
+        assert!(steps_contain(&e.steps, "has used 1 of 2"), "{:#?}", e.steps);
+        assert!(
+            steps_contain(&e.steps, "without counting"),
+            "{:#?}",
+            e.steps
+        );
+    }
+    assert_eq!(journal.0.lock().unwrap().len(), 1, "only the decided call");
+    // The last slot is still there, and then explaining says what the next call gets.
+    assert!(is_allowed(&engine, "t", &ONE, t0));
+    let e = engine.explain_dry(&call, &ONE, t0);
+    let d = decide(&engine, "t", &ONE, t0);
+    assert_decision(
+        &e.decision,
+        d.outcome,
+        "/tools/t/limits/0",
+        d.reason.as_deref(),
+    );
+    // A later instant does not move the store's clock: the window still holds at t0 + 1 s.
+    let later = engine.explain_dry(&call, &ONE, t0 + secs(120));
+    assert_eq!(later.decision.outcome, Outcome::Allow);
+    assert!(!is_allowed(&engine, "t", &ONE, t0 + secs(1)));
+    assert_eq!(journal.0.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn explaining_a_spend_without_counting_checks_the_amount() {
+    let engine = engine_with_tools(
+        r#"{"pay": {"limits": [{"counter": "spend", "window": "day", "max": 100, "scope": "grant", "increment_from": "args.amount"}]}}"#,
+    );
+    let now = Instant::now();
+    let spend = |amount: u32| json!({"amount": amount});
+    assert!(decide_args(&engine, "pay", &spend(60), &ONE, now).outcome == Outcome::Allow);
+    let explain = |amount: u32| {
+        let args = spend(amount);
+        let call = Call {
+            tool: "pay",
+            arguments: Some(&args),
+        };
+        engine.explain_dry(&call, &ONE, now).decision
+    };
+    for _ in 0..3 {
+        assert_eq!(explain(40).outcome, Outcome::Allow);
+        assert_eq!(explain(41).rule, "/tools/pay/limits/0");
+    }
+    assert!(decide_args(&engine, "pay", &spend(40), &ONE, now).outcome == Outcome::Allow);
+    assert_eq!(explain(1).outcome, Outcome::Deny);
+}

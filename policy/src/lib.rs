@@ -34,7 +34,7 @@ mod load_tests;
 #[cfg(test)]
 mod window_props;
 
-pub use engine::{Call, Engine, Explanation};
+pub use engine::{Call, Engine, Explanation, Usage};
 pub use limits::{Journal, Reservation, Restored};
 pub use load::{Policy, PolicySource, Warning};
 

@@ -196,20 +196,8 @@ impl CounterStore {
                 counter.prune_key(want.key, now);
             }
         }
-        let recorded = |counter: usize| {
-            wants
-                .iter()
-                .filter(|w| w.counter == counter)
-                .map(|w| w.amount)
-                .fold(0.0_f64, f64::max)
-        };
-        for (index, want) in wants.iter().enumerate() {
-            let used = self.counters.get(want.counter).map_or(0.0, |counter| {
-                counter.used_within(want.key, want.window, now)
-            });
-            if used + recorded(want.counter) > want.max {
-                return Err(index);
-            }
+        if let Some(index) = self.first_without_room(wants, now) {
+            return Err(index);
         }
         let mut entries = Vec::new();
         for (index, want) in wants.iter().enumerate() {
@@ -217,7 +205,7 @@ impl CounterStore {
             if wants[..index].iter().any(|w| w.counter == want.counter) {
                 continue;
             }
-            let amount = recorded(want.counter);
+            let amount = recorded(wants, want.counter);
             let serial = self.next_serial;
             let Some(counter) = self.counters.get_mut(want.counter) else {
                 continue;
@@ -247,6 +235,47 @@ impl CounterStore {
             entries,
             at: now,
         }))
+    }
+
+    /// Whether [`CounterStore::try_reserve`] would admit `wants` at `now`: `Err` with the index
+    /// of the first limit without room, as it would give. A pure read: nothing is recorded,
+    /// pruned or swept, and the store's latest instant does not move.
+    pub fn would_admit(&self, wants: &[Want<'_>], now: Instant) -> Result<(), usize> {
+        let now = self.latest.map_or(now, |latest| latest.max(now));
+        match self.first_without_room(wants, now) {
+            Some(index) => Err(index),
+            None => Ok(()),
+        }
+    }
+
+    /// The index of the first of `wants` without room at `now` (already the store's decision
+    /// instant). Reads the logs as pruned at `now`, whether or not they were.
+    fn first_without_room(&self, wants: &[Want<'_>], now: Instant) -> Option<usize> {
+        wants.iter().position(|want| {
+            let used = self
+                .counters
+                .get(want.counter)
+                .map_or(0.0, |counter| counter.counted(want.key, want.window, now));
+            used + recorded(wants, want.counter) > want.max
+        })
+    }
+
+    /// Every scope key with something counted in counter `id` within `window` at `now`, and
+    /// how much: a pure read, for [`Engine::usage`](super::Engine::usage). Keys whose log holds
+    /// only admissions outside the window (not yet pruned, or kept for a longer window of the
+    /// same counter) are left out.
+    pub fn usage(
+        &self,
+        id: usize,
+        window: Duration,
+        now: Instant,
+    ) -> impl Iterator<Item = (&str, f64)> + '_ {
+        self.counters.get(id).into_iter().flat_map(move |counter| {
+            counter.by_key.keys().filter_map(move |key| {
+                let used = counter.counted(key, window, now);
+                (used > 0.0).then_some((key.as_str(), used))
+            })
+        })
     }
 
     /// Which [`CounterStore::fit`] the store is at.
@@ -435,6 +464,13 @@ impl CounterLogs {
         log.range(first..).map(|e| e.amount).sum()
     }
 
+    /// What a check at `now` counts of `key`'s log within `window`: as [`Self::used_within`]
+    /// after pruning at `now`, without pruning (the admissions older than the retention would
+    /// be gone, so the window is cut at it).
+    fn counted(&self, key: &str, window: Duration, now: Instant) -> f64 {
+        self.used_within(key, window.min(self.retention), now)
+    }
+
     /// Logs an admission, keeping the log sorted by instant and within its bound.
     fn record(&mut self, key: &str, at: Instant, amount: f64, serial: u64) {
         let entry = Entry { at, amount, serial };
@@ -475,6 +511,16 @@ impl CounterLogs {
             self.by_key.shrink_to_fit();
         }
     }
+}
+
+/// What a call records in `counter`: the largest amount any of its `wants` of that counter
+/// asks for.
+fn recorded(wants: &[Want<'_>], counter: usize) -> f64 {
+    wants
+        .iter()
+        .filter(|w| w.counter == counter)
+        .map(|w| w.amount)
+        .fold(0.0_f64, f64::max)
 }
 
 /// Drops the admissions logged strictly before `keep_from`.

@@ -178,6 +178,11 @@ impl Policy {
         self.hide_all || self.hidden.contains(tool) || self.hidden_patterns.find(tool).is_some()
     }
 
+    /// `mode: dry_run`: decisions are audited, everything is forwarded.
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+
     /// Whether every tool is visible (nothing hidden, unlisted tools allowed, or a dry run):
     /// listings are then the same for every caller under this policy.
     pub fn visible_all(&self) -> bool {
@@ -199,6 +204,21 @@ impl Policy {
     /// Rules that are valid but can never apply, or apply less than they seem to.
     pub fn warnings(&self) -> &[Warning] {
         &self.warnings
+    }
+
+    /// The tool names the policy spells out: keys of `tools` and entries of `hide` that are not
+    /// patterns (a pattern is a name with a `*`, the only wildcard: `?` and `[...]` are
+    /// ordinary characters), sorted and without duplicates. A bounded set, for labels.
+    pub fn listed_tools(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .exact
+            .keys()
+            .chain(self.hidden.iter())
+            .cloned()
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 
     /// Whether the policy only audits (`mode: dry_run`).

@@ -1100,3 +1100,22 @@ fn a_byte_order_mark_is_skipped() {
     };
     assert_eq!((err.line, err.column), (1, 14), "{err}");
 }
+
+#[test]
+fn listed_tools_are_the_literal_names_of_tools_and_hide() {
+    let policy = parse(
+        r#"{"version": "1", "default": "deny",
+            "hide": ["secret", "admin_*", "echo", "what?", "[x]"],
+            "tools": {"echo": {}, "get_*": {}, "a/b~c": {"action": "deny"}, "*": {}, "zap": {}}}"#,
+    );
+    // `*` is the only wildcard: `?` and `[...]` are ordinary characters.
+    assert_eq!(
+        policy.listed_tools(),
+        ["[x]", "a/b~c", "echo", "secret", "what?", "zap"]
+    );
+    let all = parse(r#"{"version": "1", "default": "allow", "hide": "*", "tools": {"b": {}}}"#);
+    assert_eq!(all.listed_tools(), ["b"]);
+    assert!(parse(r#"{"version": "1", "default": "allow"}"#)
+        .listed_tools()
+        .is_empty());
+}
