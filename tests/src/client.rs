@@ -181,18 +181,7 @@ pub fn run_client_with(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // The client must talk to the addresses it is given, never to a proxy from the environment.
-    for v in [
-        "http_proxy",
-        "HTTP_PROXY",
-        "https_proxy",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd.env("NO_PROXY", "*");
+    without_proxies(&mut cmd);
     if let Some(dir) = at.cgroup {
         spawn_in_cgroup(&mut cmd, dir);
     }
@@ -322,4 +311,19 @@ impl Drop for LineChild {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The client must talk to the addresses it is given, never to a proxy from the environment.
+pub fn without_proxies(cmd: &mut Command) {
+    for v in [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.env("NO_PROXY", "*");
 }

@@ -260,9 +260,11 @@ fn setup() -> Result<()> {
             .env("PATH", path))?;
     }
     lenient_servers()?;
+    // The audit pipeline's integration tests rotate the agent's audit log with the real thing.
+    apt_install(&["logrotate".to_owned()])?;
     eprintln!(
         "xtask: setup complete (nightly rust-src, LLVM {major}, bpf-linker {BPF_LINKER_VERSION}, \
-         Go, Node and Python for tests/lenient)"
+         Go, Node and Python for tests/lenient, logrotate)"
     );
     Ok(())
 }

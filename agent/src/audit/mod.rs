@@ -2,15 +2,23 @@
 //! every decision, written before anything it gates is forwarded.
 //!
 //! [`record`] is what a line says, built in parts (caller once per connection, request once per
-//! request, message and decision once per message); [`sink`] is where lines go. Argument values
-//! are never written; their top-level keys and a sha256 of their canonical JSON are. The fields of
-//! each event are listed in `docs/audit.md`.
+//! request, message and decision once per message); [`sink`] is where lines go: reopened on
+//! SIGUSR1 or when its path is renamed or removed, rotated by size if configured, bounded in how
+//! long a record waits for it (`audit.stall_ms`, `audit.on_stall`). Argument values are written
+//! only for servers with `log_arguments: true`, redacted; otherwise their top-level keys and a
+//! sha256 of their canonical JSON are. No HTTP header value is ever written. The fields of each
+//! event are listed in `docs/audit.md`.
 
 mod record;
 mod sink;
 
+pub use record::StallPart;
 pub use record::{
     clip, now, Aggregated, CallerPart, Event, Head, HttpVersion, MessagePart, PolicyRef, Record,
-    RequestPart, Tls, Transport, Verdict, SCHEMA_VERSION,
+    Refusal, RequestPart, Tls, Transport, Verdict, SCHEMA_VERSION,
 };
-pub use sink::{AuditLog, WorkerAudit, DEFAULT_STALL, DEFER_AT_MOST};
+pub use sink::{
+    redacted, AuditLog, Observer, OnStall, Options, Rotate, SinkKind, SinkState, SinkStats,
+    WorkerAudit, DEFAULT_REDACT_KEYS, DEFAULT_STALL, DEFER_AT_MOST, REDACTED, WATCH_INTERVAL,
+    WRITE_LATENCY_BOUNDS,
+};

@@ -41,10 +41,73 @@ pub enum Event {
     /// redirected, never inspected), reset at start so that the client's next attempt is;
     /// `reason` says whether the reset worked.
     PreexistingReset,
+    /// The audit sink took records again after a stall (a full disk, a reader that stopped):
+    /// for how long it did not, and what became of the records meanwhile (`stall`, `reason`).
+    AuditStall,
+    /// A peer of the admin socket refused: not root and not in the admin group (`pid`, `uid`,
+    /// `reason`).
+    AdminRefused,
 }
 
 /// The decision, as `policy` names its outcomes.
 pub use crate::policy::Verdict;
+
+/// What kind of refusal a `refused` record is (`kind`): the label of
+/// `mcpwarden_refusals_total`, and a field log pipelines can group by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The policy refused a call (a rule, a limit, an unknown or hidden tool, an unresolved
+    /// caller's binding).
+    Policy,
+    /// Not valid MCP or HTTP the interceptor will pass: bad JSON-RPC, bad headers, an encoding
+    /// that cannot be inspected, a path or method not served.
+    Malformed,
+    /// A size or count limit: body, headers, batch, pending calls.
+    TooLarge,
+    /// A connection limit or a read deadline (`limits:`).
+    Limit,
+    /// TLS: an SNI not configured, a failed handshake, a Host naming another server.
+    Tls,
+    /// A connection without a redirect record, or to no configured server.
+    Connection,
+    /// Refused in the kernel: a bind to the interceptor's port, UDP or a raw socket.
+    Kernel,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::Policy,
+        Refusal::Malformed,
+        Refusal::TooLarge,
+        Refusal::Limit,
+        Refusal::Tls,
+        Refusal::Connection,
+        Refusal::Kernel,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Policy => "policy",
+            Refusal::Malformed => "malformed",
+            Refusal::TooLarge => "too_large",
+            Refusal::Limit => "limit",
+            Refusal::Tls => "tls",
+            Refusal::Connection => "connection",
+            Refusal::Kernel => "kernel",
+        }
+    }
+
+    /// The kind of a refusal answered with HTTP `status` before any policy ran.
+    pub fn for_status(status: u16) -> Refusal {
+        match status {
+            413 | 431 => Refusal::TooLarge,
+            408 | 429 | 503 => Refusal::Limit,
+            421 => Refusal::Tls,
+            _ => Refusal::Malformed,
+        }
+    }
+}
 
 /// How a TLS connection was handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -164,6 +227,10 @@ pub struct MessagePart {
     pub arg_keys: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub args_sha256: Option<String>,
+    /// `tools/call` to a server with `log_arguments: true`: `params.arguments`, with the value
+    /// of every key containing a redaction term replaced by `"[redacted]"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
 }
 
 /// What records of one request (or one message) share, immutable once built.
@@ -270,6 +337,9 @@ pub struct Record {
     pub v: u32,
     pub ts: String,
     pub event: Event,
+    /// `refused` records: what kind of refusal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Refusal>,
     #[serde(flatten)]
     pub head: Arc<Head>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -318,6 +388,23 @@ pub struct Record {
     /// whole line would have exceeded [`MAX_RECORD_BYTES`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clipped: Option<bool>,
+    /// `audit_stall`: the stall that ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall: Option<StallPart>,
+}
+
+/// How long the audit sink took no record, and what became of the records meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StallPart {
+    /// Milliseconds from the first failed write to the first that went through again.
+    pub ms: u64,
+    /// The last error (`No space left on device (os error 28)`, …).
+    pub error: String,
+    /// Records refused meanwhile (`on_stall: deny`): their requests got 503.
+    pub refused: u64,
+    /// Records that went to the agent's standard error instead meanwhile, their calls
+    /// forwarded (`on_stall: allow`).
+    pub forwarded_unrecorded: u64,
 }
 
 impl Record {
@@ -327,6 +414,7 @@ impl Record {
             v: SCHEMA_VERSION,
             ts: now(),
             event,
+            kind: None,
             head,
             decision: None,
             rule: None,
@@ -344,6 +432,7 @@ impl Record {
             repeats: None,
             aggregated: None,
             clipped: None,
+            stall: None,
         }
     }
 
@@ -388,6 +477,8 @@ impl Record {
             tool: text(&m.tool),
             arg_keys: list(&m.arg_keys),
             args_sha256: m.args_sha256.clone(),
+            // Bounded by nothing but the body: left out of a clipped line.
+            arguments: None,
         });
         Record {
             head: Arc::new(Head {
@@ -416,6 +507,12 @@ impl Record {
     pub fn denied(mut self, reason: impl Into<String>) -> Self {
         self.decision = Some(Verdict::Deny);
         self.reason = Some(reason.into());
+        self
+    }
+
+    /// A refusal of `kind`.
+    pub fn kind(mut self, kind: Refusal) -> Self {
+        self.kind = Some(kind);
         self
     }
 
@@ -513,5 +610,230 @@ mod tests {
             head.request.as_ref().expect("request"),
             &request
         ));
+    }
+
+    /// A record of each event with the fields docs/audit.md says it carries, serialised and
+    /// checked against docs/audit.schema.json (which has `additionalProperties: false`: a field
+    /// added here and not to the schema fails). The match has no wildcard: a new event needs a
+    /// typical record here, and the schema an entry.
+    #[test]
+    fn a_record_of_every_event_matches_the_schema() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/audit.schema.json"))
+                .expect("docs/audit.schema.json is JSON");
+        let validator = jsonschema::draft202012::options()
+            .build(&schema)
+            .expect("docs/audit.schema.json is a valid JSON Schema");
+        let sha = |c: char| c.to_string().repeat(64);
+        let caller = Arc::new(CallerPart {
+            dst: Some("10.0.0.5:8080".into()),
+            pid: Some(48213),
+            comm: Some("python3".into()),
+            uid: Some(1000),
+            cgroup: Some("/system.slice/agent.service".into()),
+            cgroup_id: Some(7342),
+            netns: Some(4026531840),
+            ..CallerPart::default()
+        });
+        let tls_caller = Arc::new(CallerPart {
+            sni: Some("mcp.example.com".into()),
+            tls: Some(Tls::Terminated),
+            ..(*caller).clone()
+        });
+        let request = Arc::new(RequestPart {
+            server: Some("tools".into()),
+            http_version: Some(HttpVersion::Http11),
+            http_method: Some("POST".into()),
+            path: Some("/mcp".into()),
+            query: Some("session_id=*".into()),
+        });
+        let exchange = Head {
+            transport: Some(Transport::StreamableHttp),
+            revision: Some("2025-06-18".into()),
+            ..Head::request(&caller, &request)
+        };
+        let call = Arc::new(exchange.with_message(MessagePart {
+            method: Some("tools/call".into()),
+            id: Some(7.into()),
+            tool: Some("start_security_scan".into()),
+            arg_keys: Some(vec!["target".into()]),
+            args_sha256: Some(sha('a')),
+            ..MessagePart::default()
+        }));
+        let policy = || PolicyRef {
+            file: "/etc/mcpwarden/policy.json".into(),
+            sha256: sha('b'),
+        };
+        let typical = |event: Event| -> Vec<Record> {
+            match event {
+                Event::Request => {
+                    let mut allowed = Record::new(event, call.clone());
+                    allowed.decision = Some(Verdict::Allow);
+                    allowed.rule = Some("/tools/start_security_scan".into());
+                    allowed.policy = Some(policy());
+                    allowed.binding = Some("/bindings/1".into());
+                    let logged = Arc::new(exchange.with_message(MessagePart {
+                        arguments: Some(
+                            serde_json::json!({"target": "prod", "token": "[redacted]"}),
+                        ),
+                        ..call.message.clone().unwrap_or_default()
+                    }));
+                    let mut with_arguments = Record::new(event, logged);
+                    with_arguments.decision = Some(Verdict::Allow);
+                    with_arguments.rule = Some("/tools/start_security_scan".into());
+                    with_arguments.policy = Some(policy());
+                    let mut dry_run = allowed.clone().because("destructive");
+                    dry_run.would = Some(Verdict::Deny);
+                    let listing = Arc::new(exchange.with_message(MessagePart {
+                        method: Some("tools/list".into()),
+                        id: Some("c-1".into()),
+                        ..MessagePart::default()
+                    }));
+                    let mut other = Record::new(event, listing);
+                    other.decision = Some(Verdict::Allow);
+                    let mut batch = Record::new(event, Arc::new(exchange.clone()));
+                    batch.decision = Some(Verdict::Allow);
+                    batch.aggregated = Some(Aggregated {
+                        notifications: 2,
+                        responses: 1,
+                        methods: vec!["notifications/progress".into()],
+                    });
+                    vec![allowed, with_arguments, dry_run, other, batch]
+                }
+                Event::Response => {
+                    let mut answered = Record::new(event, call.clone());
+                    answered.status = Some(200);
+                    answered.latency_ms = Some(42.871304);
+                    answered.is_error = Some(true);
+                    answered.error_code = Some(-32602);
+                    answered.result_type = Some("complete".into());
+                    answered.quota_released = Some(true);
+                    let mut listing = Record::new(event, call.clone());
+                    listing.status = Some(200);
+                    listing.latency_ms = Some(3.4);
+                    listing.is_error = Some(false);
+                    listing.hidden_tools = Some(vec!["drop_database".into()]);
+                    let cancelled = Record::new(event, call.clone())
+                        .because("cancelled by the client (notifications/cancelled)");
+                    vec![answered, listing, cancelled]
+                }
+                Event::Refused => {
+                    let mut by_policy = Record::new(event, call.clone())
+                        .denied("destructive")
+                        .kind(Refusal::Policy);
+                    by_policy.rule = Some("/tools/drop_cluster/action".into());
+                    by_policy.policy = Some(policy());
+                    by_policy.decision = Some(Verdict::RequireApproval);
+                    let mut too_large =
+                        Record::new(event, Arc::new(Head::request(&tls_caller, &request)))
+                            .denied("body too large")
+                            .kind(Refusal::TooLarge);
+                    too_large.status = Some(413);
+                    too_large.repeats = Some(3);
+                    too_large.clipped = Some(true);
+                    vec![
+                        Record::bare(event)
+                            .denied("no redirect record for the connection")
+                            .kind(Refusal::Connection),
+                        by_policy,
+                        too_large,
+                    ]
+                }
+                Event::NonMcp => vec![Record::new(event, Arc::new(exchange.clone()))],
+                Event::Passthrough => {
+                    let passing = Arc::new(CallerPart {
+                        tls: Some(Tls::Passthrough),
+                        ..(*tls_caller).clone()
+                    });
+                    let head = Head {
+                        request: Some(Arc::new(RequestPart {
+                            server: Some("partner".into()),
+                            ..RequestPart::default()
+                        })),
+                        ..Head::caller(&passing)
+                    };
+                    let mut rec = Record::new(event, Arc::new(head))
+                        .because("tls: passthrough — forwarded untouched, not inspected");
+                    rec.decision = Some(Verdict::Allow);
+                    vec![rec]
+                }
+                Event::ServerMessage => {
+                    let head = exchange.with_message(MessagePart {
+                        method: Some("sampling/createMessage".into()),
+                        id: Some(serde_json::json!({"any": "value"})),
+                        ..MessagePart::default()
+                    });
+                    vec![Record::new(event, Arc::new(head))]
+                }
+                Event::PolicyReload => {
+                    let mut rec = Record::bare(event).because("loaded: in force from now on");
+                    rec.policy = Some(policy());
+                    let mut failed = Record::bare(event)
+                        .because("/p.json:0:0: cannot read policy file: gone (not loaded: the previous version stays in force)");
+                    failed.policy = Some(PolicyRef {
+                        file: "/p.json".into(),
+                        sha256: String::new(),
+                    });
+                    vec![rec, failed]
+                }
+                Event::UnpreparedNetns => vec![Record::new(event, Arc::new(Head::caller(&caller)))
+                    .denied("connect from a network namespace not served yet")],
+                Event::PreexistingReset => {
+                    vec![Record::new(event, Arc::new(Head::caller(&caller)))
+                        .because("a connection opened before mcpwarden attached was reset")]
+                }
+                Event::AuditStall => {
+                    let mut rec = Record::bare(event).because("the audit log took records again");
+                    rec.stall = Some(StallPart {
+                        ms: 1500,
+                        error: "No space left on device (os error 28)".into(),
+                        refused: 3,
+                        forwarded_unrecorded: 0,
+                    });
+                    vec![rec]
+                }
+                Event::AdminRefused => {
+                    let peer = Arc::new(CallerPart {
+                        pid: Some(4242),
+                        uid: Some(1000),
+                        ..CallerPart::default()
+                    });
+                    vec![Record::new(event, Arc::new(Head::caller(&peer)))
+                        .because("not root and not in the admin group")]
+                }
+            }
+        };
+        let events = [
+            Event::Request,
+            Event::Response,
+            Event::Refused,
+            Event::NonMcp,
+            Event::Passthrough,
+            Event::ServerMessage,
+            Event::PolicyReload,
+            Event::UnpreparedNetns,
+            Event::PreexistingReset,
+            Event::AuditStall,
+            Event::AdminRefused,
+        ];
+        for event in events {
+            for record in typical(event) {
+                let line = serde_json::to_value(&record).expect("a record serialises");
+                let errors: Vec<String> = validator
+                    .iter_errors(&line)
+                    .map(|e| format!("{e} (at {})", e.instance_path().as_str()))
+                    .collect();
+                assert!(errors.is_empty(), "{event:?}: {errors:?}\n{line}");
+                // The clipped form of a record is a record too.
+                let clipped = serde_json::to_value(record.clipped()).expect("serialises");
+                assert!(validator.is_valid(&clipped), "{event:?} clipped: {clipped}");
+            }
+        }
+        // And what the schema refuses, it refuses: a request that is not allowed.
+        let mut denied_request = Record::new(Event::Request, call.clone()).denied("no");
+        denied_request.rule = Some("/default".into());
+        denied_request.policy = Some(policy());
+        let line = serde_json::to_value(&denied_request).expect("serialises");
+        assert!(!validator.is_valid(&line), "{line}");
     }
 }
