@@ -4,14 +4,18 @@
 //! Starts a sample MCP server (rmcp, Streamable HTTP) on 127.0.0.1, writes a sample policy, runs
 //! the agent (`mcpwarden::app::Agent`) attached to a fresh cgroup, and starts an unmodified MCP
 //! client (rmcp) inside that cgroup. The client makes an allowed, a denied, an unlisted and two
-//! rate-limited calls; the audit lines print as they happen. Everything the demo creates is
-//! removed when it ends. It lives here, not in the agent, so that rmcp and reqwest stay out of
-//! the production binary.
+//! rate-limited calls; the audit log prints as it happens, one line per call, as
+//! `mcpwarden audit tail --follow` prints it (`mcpwarden::audit_tail`). Everything the demo
+//! creates is removed when it ends. It lives here, not in the agent, so that rmcp and reqwest
+//! stay out of the production binary.
 //!
 //! ```text
 //! mcpwarden-demo              the demo (needs root)
 //! mcpwarden-demo client URL   its MCP client: started by the demo, in the redirected cgroup
 //! ```
+//!
+//! `MCPWARDEN_DEMO_AUDIT=FILE` keeps the audit log (JSON Lines) in FILE instead of the demo's
+//! temporary directory.
 
 use std::{
     convert::Infallible,
@@ -242,6 +246,12 @@ async fn run() -> Result<()> {
     let policy = dir.join("policy.json");
     std::fs::write(&policy, DEMO_POLICY)?;
 
+    // The audit log: a file, followed and printed one line per call while the demo runs.
+    let audit = match std::env::var_os("MCPWARDEN_DEMO_AUDIT") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => dir.join("audit.jsonl"),
+    };
+
     let server = TcpListener::bind("127.0.0.1:0").await?;
     let server_addr = server.local_addr()?;
     let server_task = tokio::spawn(serve_sample(server));
@@ -249,8 +259,9 @@ async fn run() -> Result<()> {
 
     let config = Config {
         listen: vec![SocketAddr::from(([127, 0, 0, 1], 0)), "[::1]:0".parse()?],
-        audit: PathBuf::from("-"),
+        audit: audit.clone(),
         audit_stall: mcpwarden::audit::DEFAULT_STALL,
+        audit_options: Default::default(),
         cgroup: clients.clone(),
         agent_cgroup: agent_cg.clone(),
         // The demo's clients share the agent's network namespace: no pins to watch.
@@ -272,6 +283,7 @@ async fn run() -> Result<()> {
             upstream_ca: None,
             passthrough_paths: Vec::new(),
             scope: None,
+            log_arguments: false,
         }],
         // A plaintext demo needs no CA; the state dir would only be used for https servers.
         ca: mcpwarden::ca::CaSettings {
@@ -286,6 +298,12 @@ async fn run() -> Result<()> {
         limits: Default::default(),
         // No config file: a reload re-reads the policy file only.
         flags: mcpwarden::config::Flags::default(),
+        // Its own admin socket; no metrics listener (nothing to scrape a demo).
+        operate: mcpwarden::config::Operate {
+            admin_socket: dir.join("admin.sock"),
+            admin_group: None,
+            metrics_listen: None,
+        },
     };
     println!("mcpwarden demo");
     println!("  sample MCP server : {url}");
@@ -301,7 +319,11 @@ async fn run() -> Result<()> {
         "  client            : an unmodified rmcp client in {}, dialling {url}\n",
         clients.display()
     );
-    println!("audit log (one JSON line per MCP message, as it happens):");
+    println!(
+        "audit log ({}: one line per call, as it happens; `mcpwarden audit tail --follow` prints it so):",
+        audit.display()
+    );
+    let tail = follow_audit(&audit);
 
     let exe = std::env::current_exe().context("finding the mcpwarden-demo binary")?;
     let procs = clients.join("cgroup.procs");
@@ -318,12 +340,61 @@ async fn run() -> Result<()> {
         .await
         .context("the demo client did not finish within 60 s")??;
     agent.stop().await;
+    tail.finish().await;
     server_task.abort();
     if !status.success() {
         bail!("the demo client failed: {status}");
     }
     println!("\ndemo finished: the programs are detached and the demo cgroups removed");
     Ok(())
+}
+
+/// The audit log printed as it grows, on a thread of its own; stopped when dropped.
+struct Tail {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+fn follow_audit(path: &Path) -> Tail {
+    use mcpwarden::audit_tail;
+    println!("{}", audit_tail::header());
+    let opts = audit_tail::Options {
+        file: Some(path.to_owned()),
+        follow: true,
+        color: audit_tail::ColorWhen::Auto.enabled(),
+        poll: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = tokio::task::spawn_blocking(move || {
+        audit_tail::run(&opts, &mut std::io::stdout(), Some(&flag))
+    });
+    Tail {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+impl Tail {
+    /// Print what is left (the agent has stopped: its last records are written) and stop.
+    async fn finish(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        match thread.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("mcpwarden-demo: reading the audit log: {e}"),
+            Err(e) => eprintln!("mcpwarden-demo: the audit log reader failed: {e}"),
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// The demo's client: plain rmcp, no knowledge of mcpwarden.
