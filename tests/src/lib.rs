@@ -20,6 +20,7 @@ pub mod peer;
 pub mod pods;
 pub mod rawhttp;
 pub mod replay;
+pub mod schema;
 pub mod script;
 pub mod server;
 pub mod sse;
