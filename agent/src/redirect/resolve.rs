@@ -1,8 +1,8 @@
 //! Endpoint names → addresses in the endpoint maps.
 //!
 //! Every configured server URL names a host (a name or an IP literal) and a port. Names are
-//! resolved with hickory-resolver (system resolv.conf; /etc/hosts as read at start), A and AAAA
-//! separately, and each name is resolved again when its TTL runs out. Holes are what matter here,
+//! resolved with hickory-resolver (system resolv.conf and /etc/hosts, read again whenever a lookup
+//! fails or a name has no address), A and AAAA separately, and each name is resolved again when its TTL runs out. Holes are what matter here,
 //! since an address missing from the map is traffic that bypasses the interceptor:
 //! - a family whose lookup fails (timeout, SERVFAIL) keeps its previous addresses, and is retried
 //!   soon; only an answer ("these records", or "no such records") changes a family's set;
@@ -228,6 +228,8 @@ impl EndpointResolver {
     /// Resolve whatever is due, then publish the map and the routes. Returns when to call again.
     pub async fn refresh(&mut self, sink: &dyn EndpointSink, routes: &Routes) -> Result<Instant> {
         let now = Instant::now();
+        // A lookup failed, or a name has no address: read the configuration again.
+        let mut reread = false;
         for (target, state) in self.targets.iter().zip(self.state.iter_mut()) {
             if state.due.is_some_and(|due| due > now) {
                 continue;
@@ -253,9 +255,13 @@ impl EndpointResolver {
                                     ip.is_ipv4() != family_v4 || now.duration_since(*last) < GRACE
                                 });
                             }
-                            Answer::Failed => next = next.min(now + RETRY),
+                            Answer::Failed => {
+                                reread = true;
+                                next = next.min(now + RETRY);
+                            }
                         }
                     }
+                    reread |= state.seen.is_empty();
                     // Wake up when an address in its grace period is due to leave.
                     if let Some(expiry) = state
                         .seen
@@ -269,6 +275,16 @@ impl EndpointResolver {
                 }
             }
             state.due = Some(next);
+        }
+        if reread && self.resolver.is_some() {
+            // The retry reads resolv.conf and /etc/hosts afresh: a name added to either since
+            // (a node's hosts file, a changed DNS server) is found then.
+            match TokioResolver::builder_tokio().and_then(|b| b.build()) {
+                Ok(r) => self.resolver = Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-reading the resolver configuration failed; keeping the previous one")
+                }
+            }
         }
         self.publish(sink, routes)?;
         Ok(self
