@@ -248,8 +248,7 @@ impl Engine {
                 &[&policy.all_tools],
                 args,
                 caller,
-                now,
-                count,
+                (now, count),
                 trace,
                 "/default",
             );
@@ -299,8 +298,7 @@ impl Engine {
             &[&policy.all_tools, &rule.checks],
             args,
             caller,
-            now,
-            count,
+            (now, count),
             trace,
             &rule.pointer,
         )
@@ -314,8 +312,7 @@ impl Engine {
         sets: &[&Checks],
         args: &Value,
         caller: &CallerScope<'_>,
-        now: Instant,
-        count: Count,
+        (now, count): (Instant, Count),
         trace: &mut T,
         allow_rule: &str,
     ) -> Decision {
