@@ -305,6 +305,7 @@ fn decision_record() -> Record {
         args_sha256: Some(
             "3b7e1f0c9a8d2e4f6b1c3a5d7e9f0b2c4d6e8f1a3b5c7d9e0f2a4b6c8d0e1f3a".into(),
         ),
+        arguments: None,
     });
     let mut record = Record::new(Event::Request, Arc::new(head));
     record.decision = Some(Verdict::Allow);
@@ -348,6 +349,25 @@ fn audit_benches(c: &mut Criterion) {
             }
             timed
         });
+    });
+    group.finish();
+
+    // What metrics add to every record: the observer (per-worker atomics, the tool label
+    // looked up in a table loaded without a lock).
+    let tools: Vec<String> = (0..200)
+        .map(|i| format!("tool_{i}"))
+        .chain(["start_security_scan".into()])
+        .collect();
+    let metrics = mcpwarden::metrics::Metrics::new(
+        2,
+        vec!["security-scanner".into()],
+        &tools,
+        mcpwarden::admin::health::Health::default(),
+    );
+    mcpwarden::metrics::set_shard(1);
+    let mut group = c.benchmark_group("metrics");
+    group.bench_function("observe_decision", |b| {
+        b.iter(|| mcpwarden::audit::Observer::observe(&metrics, black_box(&record)));
     });
     group.finish();
 

@@ -43,11 +43,19 @@ pub async fn run(config: Config) -> Result<()> {
     // SAFETY: mi_collect only releases free memory of the calling thread's heap; it is a no-op
     // when the process's allocator is not mimalloc (the heap is empty).
     unsafe { libmimalloc_sys::mi_collect(true) };
-    if agent.run_until_signal().await? == Stopped::HandedOver {
-        agent.drain(config.drain).await;
+    // Installed once: a signal that arrives while the agent drains is not lost.
+    let mut signals = Signals::install()?;
+    if agent.run_until_signal(&mut signals).await? == Stopped::HandedOver {
+        let stopped = tokio::select! {
+            () = agent.drain(config.drain) => false,
+            _ = signals.term.recv() => true,
+            _ = signals.int.recv() => true,
+        };
         // Under Kubernetes the kubelet would restart an agent that exited: this one waits for
         // its own SIGTERM, detaching and removing nothing (the new agent runs the programs).
-        agent.run_until_signal().await?;
+        if !stopped {
+            agent.run_until_signal(&mut signals).await?;
+        }
         tracing::info!("signal received: exiting after the hand-over");
         agent.stop().await;
         return Ok(());
@@ -60,6 +68,26 @@ pub async fn run(config: Config) -> Result<()> {
     }
     agent.stop().await;
     Ok(())
+}
+
+/// The signals the agent answers, installed once for its whole run.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?,
+        })
+    }
 }
 
 /// Why [`Agent::run_until_signal`] returned.
@@ -88,6 +116,16 @@ pub struct Agent {
     handed_over: Arc<tokio::sync::Notify>,
     /// The endpoint resolver's task (stopped after a hand-over).
     resolver: Option<JoinHandle<()>>,
+    /// The audit log (reopened on SIGUSR1).
+    audit: Arc<AuditLog>,
+    /// Readiness (`/readyz`, `mcpwarden health`).
+    health: crate::admin::health::Health,
+    /// Tells the metrics listener to stop accepting (after a hand-over, the successor has it).
+    metrics_stop: Arc<tokio::sync::Notify>,
+    /// The admin socket; dropping it removes the path (unless a successor bound its own).
+    _admin: Option<crate::admin::socket::AdminSocket>,
+    /// The metrics listener's address, when there is one.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Agent {
@@ -96,11 +134,21 @@ impl Agent {
     /// after one.
     pub async fn start(config: &Config) -> Result<Agent> {
         let audit = Arc::new(
-            AuditLog::open_with(&config.audit, config.audit_stall)
+            AuditLog::for_config(config)
                 .with_context(|| format!("opening the audit log {}", config.audit.display()))?,
         );
         // Policies first: a bad file stops the agent before it touches the host.
         let policies = Arc::new(Policies::load(config, audit.clone())?);
+        let health = crate::admin::health::Health::default();
+        health.policies_loaded();
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            config.workers,
+            config.servers.iter().map(|s| s.name.clone()).collect(),
+            &policies.listed_tools(),
+            health.clone(),
+        ));
+        audit.set_observer(metrics.clone());
+        policies.set_metrics(metrics.clone());
         let mut servers = Vec::new();
         for s in &config.servers {
             servers.push(Server {
@@ -152,6 +200,37 @@ impl Agent {
             }
         };
         let registry = Arc::new(crate::handover::Registry::default());
+        // The metrics listener first: probes get an answer (not ready) while the rest starts.
+        let metrics_stop = Arc::new(tokio::sync::Notify::new());
+        let inherited_metrics = takeover.as_mut().and_then(|t| t.metrics.take());
+        let mut tasks = Vec::new();
+        let metrics_listen = match config.operate.metrics_listen {
+            None => None,
+            Some(want) => {
+                let listener = match inherited_metrics {
+                    Some(l)
+                        if l.local_addr().is_ok_and(|a| {
+                            a.ip() == want.ip() && (want.port() == 0 || a.port() == want.port())
+                        }) =>
+                    {
+                        l
+                    }
+                    _ => std::net::TcpListener::bind(want).with_context(|| {
+                        format!("binding the metrics listener {want} (--metrics-listen; `off` for none)")
+                    })?,
+                };
+                registry.set_metrics(&listener)?;
+                let (addr, task) = crate::admin::listener::serve(
+                    listener,
+                    metrics.clone(),
+                    health.clone(),
+                    metrics_stop.clone(),
+                )?;
+                tasks.push(task);
+                tracing::info!(%addr, "metrics listener: /metrics, /healthz, /readyz");
+                Some(addr)
+            }
+        };
 
         crate::netns::init_own().context("recording the agent's own network namespace")?;
         let host_netns = crate::netns::Netns::host_cookie()
@@ -214,8 +293,9 @@ impl Agent {
             routing: policies.routing(),
             pods: Arc::default(),
             drain: Arc::default(),
+            metrics: metrics.clone(),
         });
-        let (reloader, _) = reload::spawn(policies, config.flags.clone())?;
+        let (reloader, _) = reload::spawn(policies.clone(), config.flags.clone())?;
         let (listeners_tx, listeners_rx) = tokio::sync::mpsc::unbounded_channel();
         // The workers first: if they cannot start, nothing has been spawned yet.
         let serve = interceptor.clone().serve(listeners_rx, config.workers)?;
@@ -239,6 +319,11 @@ impl Agent {
         )?;
         // The host's addresses are known now: endpoints on one of them are local too.
         resolver.refresh(redirector.as_ref(), &routes).await?;
+        health.maps_synced();
+        {
+            let (routes, config) = (routes.clone(), config.clone());
+            health.set_unresolved(move || crate::control::Control::unresolved(&routes, &config));
+        }
         tracing::info!(
             count = started.served.len(),
             namespaces = ?started
@@ -254,6 +339,7 @@ impl Agent {
         // Resolve first, attach second: the endpoints and the namespaces' listeners are in the
         // maps before any program runs, so no connect made from now on goes direct.
         let attached = redirector.attach()?;
+        health.attached();
         tracing::info!(
             failure_mode = ?config.failure_mode,
             bpffs_dir = %config.bpffs_dir.display(),
@@ -294,13 +380,14 @@ impl Agent {
 
         let resolver =
             tokio::spawn(resolver.run(redirector.clone(), routes.clone(), resolve_again));
-        let mut tasks = vec![tokio::spawn(serve)];
+        tasks.push(tokio::spawn(serve));
         if let Some(terminator) = interceptor
             .terminator
             .clone()
             .filter(|_| config.tls_prewarm)
         {
             let interceptor = interceptor.clone();
+            let routes = routes.clone();
             let host = started.host.clone();
             tasks.push(tokio::spawn(async move {
                 let started = std::time::Instant::now();
@@ -323,6 +410,31 @@ impl Agent {
             );
         }
         let handed_over = Arc::new(tokio::sync::Notify::new());
+        let control = Arc::new(crate::control::Control {
+            config: config.clone(),
+            started: std::time::Instant::now(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            redirector: redirector.clone(),
+            routes: routes.clone(),
+            policies: policies.clone(),
+            audit: audit.clone(),
+            interceptor: interceptor.clone(),
+            reloader: std::sync::Mutex::new(reloader.clone()),
+            agent_cgroup: agent_cgroup.display().to_string(),
+            metrics_listen,
+        });
+        {
+            let control = control.clone();
+            metrics.set_source(move || control.snapshot());
+        }
+        let access = crate::admin::socket::Access {
+            group: config.operate.admin_group,
+        };
+        let mut admin =
+            crate::admin::socket::AdminSocket::bind(&config.operate.admin_socket, access)?;
+        tasks.extend(admin.serve(control, access));
+        tracing::info!(path = %admin.path().display(), group = ?access.group, "admin socket: mcpwarden status, reload, policy explain --live");
         if let Some(a) = active {
             a.serve(registry, mount.clone(), attach.clone(), handed_over.clone())?;
         }
@@ -336,23 +448,30 @@ impl Agent {
             accept: listeners_tx,
             handed_over,
             resolver: Some(resolver),
+            audit,
+            health,
+            metrics_stop,
+            _admin: Some(admin),
+            metrics_listen,
         })
     }
 
-    /// Waits for SIGTERM or SIGINT; each SIGHUP meanwhile reloads the policies and config.
-    pub async fn run_until_signal(&self) -> Result<Stopped> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    /// Waits for SIGTERM or SIGINT; each SIGHUP meanwhile reloads the policies and config, each
+    /// SIGUSR1 reopens the audit log (after logrotate renamed it).
+    pub async fn run_until_signal(&self, signals: &mut Signals) -> Result<Stopped> {
         loop {
             tokio::select! {
-                _ = term.recv() => return Ok(Stopped::Signal),
-                _ = int.recv() => return Ok(Stopped::Signal),
+                _ = signals.term.recv() => return Ok(Stopped::Signal),
+                _ = signals.int.recv() => return Ok(Stopped::Signal),
                 () = self.handed_over.notified() => return Ok(Stopped::HandedOver),
-                _ = hup.recv() => {
+                _ = signals.hup.recv() => {
                     tracing::info!("SIGHUP: reloading policies and config");
                     self.reload();
+                }
+                _ = signals.usr1.recv() => {
+                    if let Err(e) = self.audit.reopen() {
+                        tracing::error!(error = %e, "SIGUSR1: reopening the audit log failed; writing on to the file open before");
+                    }
                 }
             }
         }
@@ -384,6 +503,8 @@ impl Agent {
             "handed over to a new agent: no longer accepting; draining"
         );
         let _ = self.accept.send(crate::netns::ListenerMsg::StopAccepting);
+        self.health.handed_over();
+        self.metrics_stop.notify_one();
         self.coverage = None;
         // The new agent keeps the shared maps up to date.
         if let Some(resolver) = self.resolver.take() {

@@ -32,6 +32,9 @@ enum Command {
     /// Check policy files, or explain the decision for one call.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Remove what the agent installs: the pinned datapath (every link, which detaches its
     /// program, and every map under the bpffs directory) and its state files (the counters'
     /// journal, the lock, the hand-over socket; the CA stays), printing what was removed.
@@ -43,17 +46,56 @@ enum Command {
         #[arg(long = "state-dir", value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// What is installed on this host.
+    /// What the running agent is doing (asked on its admin socket): programs, endpoints,
+    /// namespaces, policies, counters near their limits, the audit sink, connections. With
+    /// --datapath: what is pinned on this host, agent or not.
     Status {
-        /// The pinned datapath: map layouts, and each pinned link with the program it runs.
-        #[arg(long, required = true)]
+        /// Print the status as JSON, for scripts.
+        #[arg(long, conflicts_with = "datapath")]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Instead: the pinned datapath (map layouts, each pinned link with the program it
+        /// runs), read from bpffs without an agent.
+        #[arg(long)]
         datapath: bool,
         #[command(flatten)]
         args: DatapathArgs,
-        /// Also every program attached to this cgroup (BPF_PROG_QUERY), mcpwarden's or not.
-        #[arg(long, value_name = "PATH")]
+        /// With --datapath: also every program attached to this cgroup (BPF_PROG_QUERY),
+        /// mcpwarden's or not.
+        #[arg(long, value_name = "PATH", requires = "datapath")]
         cgroup: Option<PathBuf>,
     },
+    /// Ask the running agent to re-read its policies and config now (what SIGHUP does), and
+    /// say what changed or failed (file:line:col). Exits non-zero if a file failed to load.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Ask the running agent whether it is ready (an exec probe): exit 0 when it is, 1 with
+    /// the failing checks when not or when it does not answer.
+    Health {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Liveness only: the agent answers on its admin socket.
+        #[arg(long)]
+        live: bool,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct AdminArgs {
+    /// The running agent's admin socket [default: /run/mcpwarden/admin.sock].
+    #[arg(long = "admin-socket", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::admin::DEFAULT_SOCKET))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,10 +126,20 @@ enum PolicyCommand {
         format: crate::policy_cli::Format,
     },
     /// Decide one tools/call against a policy file: the decision, the rule's JSON Pointer, and
-    /// every check on the way.
+    /// every check on the way. With --live (or without FILE): against the running agent's
+    /// policy and its counters as they are now, without counting the call.
     Explain {
-        #[arg(value_name = "FILE")]
-        file: PathBuf,
+        /// The policy file; with --live, a file the agent has loaded (as configured).
+        #[arg(value_name = "FILE", required_unless_present = "live")]
+        file: Option<PathBuf>,
+        /// Ask the running agent (its admin socket).
+        #[arg(long)]
+        live: bool,
+        /// With --live: the server whose policy decides (needed when there are several).
+        #[arg(long, requires = "live")]
+        server: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// The tool called.
         #[arg(long)]
         tool: String,
@@ -99,6 +151,39 @@ enum PolicyCommand {
         caller: Vec<String>,
         #[arg(long, value_enum, default_value = "text")]
         format: crate::policy_cli::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// One readable line per call: time (UTC), caller, server, tool (or method, or event),
+    /// decision, rule, latency. A call's request is printed with the response that closed it;
+    /// refusals at once. `non_mcp` and `server_message` records only with --all.
+    Tail {
+        /// The audit log (JSON Lines); `-` or none: standard input.
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Keep reading at the end, as `tail -F`: across a rotation (the file renamed or
+        /// removed and created again) and a truncation. A call still unanswered after 2 s is
+        /// printed without its answer (its answer gets a line of its own).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only calls with this decision (a refused call is deny or require_approval).
+        #[arg(long, value_enum)]
+        decision: Option<crate::audit_tail::DecisionFilter>,
+        /// Only calls of this tool (exact name).
+        #[arg(long, value_name = "NAME")]
+        tool: Option<String>,
+        /// Only callers whose comm, pid, uid or cgroup contains TEXT (case-insensitive).
+        #[arg(long, value_name = "TEXT")]
+        caller: Option<String>,
+        /// Colour the decision: auto = when standard output is a terminal and NO_COLOR is not set.
+        #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+        color: crate::audit_tail::ColorWhen,
+        /// Also HTTP requests without MCP messages (`non_mcp`) and the server's own messages
+        /// (`server_message`).
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -229,6 +314,12 @@ pub fn main() -> ExitCode {
     if let Command::Policy(cmd) = &cli.command {
         return policy_command(cmd);
     }
+    if let Command::Audit(cmd) = &cli.command {
+        return audit_command(cmd);
+    }
+    if let Some(code) = agent_command(&cli.command) {
+        return code;
+    }
     // Colours only on a terminal: a log file or a collector gets plain text.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -254,9 +345,9 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run { flags } => crate::app::run(Config::assemble(flags)?).await,
             Command::Ca(cmd) => ca_command(cmd),
-            Command::Policy(_) => Ok(()),
+            Command::Policy(_) | Command::Audit(_) => Ok(()),
             Command::Uninstall { args, state_dir } => uninstall(&args, state_dir.as_deref()),
-            Command::Status { args, cgroup, .. } => datapath_status(&args, cgroup.as_deref()),
+            Command::Status { .. } | Command::Reload { .. } | Command::Health { .. } => Ok(()),
         }
     });
     match result {
@@ -279,10 +370,37 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
         }
         PolicyCommand::Explain {
             file,
+            live: true,
+            server,
+            admin,
             tool,
             args,
             caller,
             format,
+        } => match live_explain(
+            admin,
+            file.as_deref(),
+            server.as_deref(),
+            tool,
+            args.as_deref(),
+            caller,
+        ) {
+            Ok(v) => {
+                crate::policy_cli::print_explanation(&v, *format);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mcpwarden: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        PolicyCommand::Explain {
+            file: Some(file),
+            tool,
+            args,
+            caller,
+            format,
+            ..
         } => match crate::policy_cli::explain(file, tool, args.as_deref(), caller, *format) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -290,6 +408,152 @@ fn policy_command(cmd: &PolicyCommand) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        PolicyCommand::Explain { file: None, .. } => {
+            eprintln!("mcpwarden: error: give a policy FILE, or --live to ask the running agent");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `policy explain --live`: the running agent decides, against its counters, without counting.
+fn live_explain(
+    admin: &AdminArgs,
+    file: Option<&std::path::Path>,
+    server: Option<&str>,
+    tool: &str,
+    args: Option<&str>,
+    caller: &[String],
+) -> Result<serde_json::Value> {
+    let q = crate::policy_cli::Question::parse(tool, args, caller)?;
+    let query = crate::admin::ExplainQuery {
+        server: server.map(str::to_owned),
+        policy: file.map(|f| f.display().to_string()),
+        tool: q.tool,
+        arguments: q.arguments,
+        grant: Some(q.grant),
+        process: Some(q.process),
+        session: Some(q.session),
+    };
+    let (status, v) = crate::admin::client::request(
+        &admin.socket(),
+        http::Method::POST,
+        "/v1/explain",
+        Some(&serde_json::to_value(&query)?),
+    )?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "{}",
+            v["error"].as_str().unwrap_or("the agent refused the query")
+        );
+    }
+    Ok(v)
+}
+
+/// The commands that talk to a running agent (and `status --datapath`): synchronous, no
+/// logging set-up. `None` for the others.
+fn agent_command(cmd: &Command) -> Option<ExitCode> {
+    let result = match cmd {
+        Command::Status {
+            datapath: true,
+            args,
+            cgroup,
+            ..
+        } => datapath_status(args, cgroup.as_deref()).map(|()| ExitCode::SUCCESS),
+        Command::Status { json, admin, .. } => agent_status(admin, *json),
+        Command::Reload { admin } => agent_reload(admin),
+        Command::Health { admin, live } => agent_health(admin, *live),
+        _ => return None,
+    };
+    Some(result.unwrap_or_else(|e| {
+        eprintln!("mcpwarden: error: {e:#}");
+        ExitCode::FAILURE
+    }))
+}
+
+fn agent_status(admin: &AdminArgs, json: bool) -> Result<ExitCode> {
+    let (_, v) =
+        crate::admin::client::request(&admin.socket(), http::Method::GET, "/v1/status", None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let status: crate::admin::status::Status =
+            serde_json::from_value(v).context("reading the agent's status")?;
+        print!("{}", crate::admin::status::render(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn agent_reload(admin: &AdminArgs) -> Result<ExitCode> {
+    let (_, v) =
+        crate::admin::client::request(&admin.socket(), http::Method::POST, "/v1/reload", None)?;
+    let r: crate::admin::Reloaded = serde_json::from_value(v).context("reading the answer")?;
+    for e in &r.errors {
+        eprintln!("{e}");
+    }
+    println!(
+        "reloaded: {} changed file(s) in force, {} failed (the previous version stays)",
+        r.changed,
+        r.errors.len()
+    );
+    Ok(if r.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn agent_health(admin: &AdminArgs, live: bool) -> Result<ExitCode> {
+    let (status, v) =
+        crate::admin::client::request(&admin.socket(), http::Method::GET, "/v1/health", None)?;
+    if live {
+        println!("alive");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let report: crate::admin::health::Report =
+        serde_json::from_value(v).context("reading the answer")?;
+    for c in report.checks.iter().filter(|c| !c.ok) {
+        println!("{}: {}", c.name, c.detail);
+    }
+    if status.is_success() && report.ready {
+        println!("ready");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("not ready");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn audit_command(cmd: &AuditCommand) -> ExitCode {
+    let AuditCommand::Tail {
+        file,
+        follow,
+        decision,
+        tool,
+        caller,
+        color,
+        all,
+    } = cmd;
+    let opts = crate::audit_tail::Options {
+        file: file.clone(),
+        follow: *follow,
+        filter: crate::audit_tail::Filter {
+            decision: *decision,
+            tool: tool.clone(),
+            caller: caller.clone(),
+        },
+        color: color.enabled(),
+        all: *all,
+        ..Default::default()
+    };
+    let mut out = std::io::stdout().lock();
+    match crate::audit_tail::run(&opts, &mut out, None) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `| head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcpwarden: error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

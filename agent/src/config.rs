@@ -2,9 +2,18 @@
 //!
 //! ```yaml
 //! listen: ["127.0.0.1:15001", "[::1]:15001"]   # the interceptor; at most one IPv4 and one IPv6
-//! audit: /var/log/mcpwarden/audit.jsonl        # or "-" for standard output (the default); or
-//!                                              # {path: ..., stall_ms: 1000}: how long a record
-//!                                              # waits for a pipe/FIFO sink before its call gets 503
+//! audit: /var/log/mcpwarden/audit.jsonl        # or "-" for standard output (the default); or:
+//! # audit:
+//! #   path: /var/log/mcpwarden/audit.jsonl     # reopened on SIGUSR1, and when renamed or removed
+//! #   stall_ms: 1000                           # how long a record waits for the sink (a full
+//! #                                            # disk, a pipe/FIFO whose reader stopped)
+//! #   on_stall: deny                           # then: deny (its call gets 503, nothing is
+//! #                                            # forwarded) or allow (forwarded; the record goes
+//! #                                            # to standard error: the file lacks it)
+//! #   rotate: {max_bytes: 104857600, keep: 5}  # optional built-in rotation: PATH.1 … PATH.5
+//! #   redact_keys: [password, token, secret, key, authorization]  # (the default) for
+//! #                                            # log_arguments: keys containing one of these,
+//! #                                            # case-insensitively, are written "[redacted]"
 //! cgroup: kubepods.slice                       # where to attach: relative to the cgroup2 mount,
 //!                                              # or absolute below it (default: the mount root)
 //! agent_cgroup: mcpwarden                      # the agent's own cgroup, never redirected: the
@@ -43,10 +52,18 @@
 //!     upstream_ca: internal-ca.pem             # trusted for this server, besides system roots
 //!     tls: terminate                           # or passthrough: forwarded untouched, not inspected
 //!     passthrough_paths: [/oauth/token, /healthz]  # non-JSON-RPC bodies forwarded here only
+//!     log_arguments: false                     # true: its calls' records carry `arguments`,
+//!                                              # redacted (audit.redact_keys)
 //!     scope: all                               # host | pods | all: which network namespaces
 //!                                              # the address means (default: host for loopback
 //!                                              # and unspecified addresses, all otherwise)
 //! identity_wait_ms: 500                        # how long a call waits for its pod's metadata
+//! admin:                                       # the admin socket (status, reload, explain)
+//!   socket: /run/mcpwarden/admin.sock          # mode 0660, owner root
+//!   group: mcpwarden-admin                     # its group: members may use it (name or gid;
+//!                                              # default: root only)
+//! metrics:
+//!   listen: 127.0.0.1:9478                     # /metrics, /healthz, /readyz; `off`: none
 //! limits:                                      # see the README's table; all optional
 //!   header_read_timeout_ms: 30000
 //!   idle_timeout_ms: 600000                    # 0: off
@@ -200,6 +217,8 @@ pub struct Server {
     pub passthrough_paths: Vec<String>,
     /// `scope`, when configured (the default depends on each address).
     pub scope: Option<Scope>,
+    /// Its calls' records carry their arguments, redacted (`log_arguments`).
+    pub log_arguments: bool,
 }
 
 /// The assembled configuration.
@@ -207,8 +226,10 @@ pub struct Server {
 pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub audit: PathBuf,
-    /// How long a record may wait for a pipe sink (`audit.stall_ms`).
+    /// How long a record may wait for the sink (`audit.stall_ms`).
     pub audit_stall: std::time::Duration,
+    /// `audit.on_stall`, `audit.rotate`, `audit.redact_keys`.
+    pub audit_options: crate::audit::Options,
     /// As given: absolute, or relative to the cgroup2 mount.
     pub cgroup: PathBuf,
     /// As given, or `self` ([`AGENT_CGROUP_SELF`]).
@@ -240,6 +261,28 @@ pub struct Config {
     pub limits: Limits,
     /// What the config was assembled from: a reload assembles it again from the same.
     pub flags: Flags,
+    /// The admin socket and the metrics listener.
+    pub operate: Operate,
+}
+
+/// How the agent is operated: the admin socket and the metrics listener.
+#[derive(Debug, Clone)]
+pub struct Operate {
+    pub admin_socket: PathBuf,
+    /// The group whose members may use the admin socket besides root.
+    pub admin_group: Option<u32>,
+    /// `None`: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for Operate {
+    fn default() -> Self {
+        Operate {
+            admin_socket: PathBuf::from(crate::admin::DEFAULT_SOCKET),
+            admin_group: None,
+            metrics_listen: crate::admin::DEFAULT_METRICS_LISTEN.parse().ok(),
+        }
+    }
 }
 
 /// One entry of `bindings`.
@@ -403,6 +446,16 @@ pub struct Flags {
     /// connection then waits for both (measuring that cold path is what this is for).
     #[arg(long = "no-tls-prewarm")]
     pub no_tls_prewarm: bool,
+    /// The admin socket (`mcpwarden status`, `reload`, `policy explain --live`)
+    /// [default: /run/mcpwarden/admin.sock].
+    #[arg(long = "admin-socket", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Group (name or gid) whose members may use the admin socket besides root [default: none].
+    #[arg(long = "admin-group", value_name = "GROUP")]
+    pub admin_group: Option<String>,
+    /// Where /metrics, /healthz and /readyz are served, or `off` [default: 127.0.0.1:9478].
+    #[arg(long = "metrics-listen", value_name = "ADDR|off")]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,22 +484,113 @@ struct FileConfig {
     identity_wait_ms: Option<u64>,
     #[serde(default)]
     limits: Limits,
+    admin: Option<FileAdmin>,
+    metrics: Option<FileMetrics>,
 }
 
-/// `audit: PATH`, or `audit: {path: PATH, stall_ms: N}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    socket: Option<PathBuf>,
+    group: Option<FileGroup>,
+}
+
+/// A group by name or number.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
+enum FileGroup {
+    Id(u32),
+    Name(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    listen: Option<String>,
+}
+
+/// `ADDR`, or `off`/`none` for no listener.
+fn metrics_listen(text: &str) -> Result<Option<SocketAddr>> {
+    if matches!(text, "off" | "none") {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("metrics listen address {text:?}: {e} (ADDR:PORT, or off)"))
+}
+
+/// `audit: PATH`, or `audit: {path: PATH, stall_ms: N, on_stall: deny|allow, rotate: {..},
+/// redact_keys: [..]}`.
+#[derive(Debug)]
 enum FileAudit {
     Path(PathBuf),
     Settings(FileAuditSettings),
+}
+
+impl<'de> Deserialize<'de> for FileAudit {
+    /// By hand rather than `untagged`: a bad key or value inside the mapping keeps its own
+    /// message and position.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FileAudit;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a path, \"-\", or a mapping with path, stall_ms, on_stall, rotate, redact_keys")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileAudit, E> {
+                Ok(FileAudit::Path(PathBuf::from(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileAudit, A::Error> {
+                FileAuditSettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(FileAudit::Settings)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileAuditSettings {
     path: Option<PathBuf>,
-    /// How long a record may wait for a pipe sink before its request is refused (503).
+    /// How long a record may wait for the sink before it is refused (503) or written to
+    /// standard error (`on_stall`).
     stall_ms: Option<u64>,
+    on_stall: Option<crate::audit::OnStall>,
+    #[serde(default, deserialize_with = "rotate")]
+    rotate: Option<crate::audit::Rotate>,
+    #[serde(default, deserialize_with = "redact_keys")]
+    redact_keys: Option<Vec<String>>,
+}
+
+fn rotate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<crate::audit::Rotate>, D::Error> {
+    let r = crate::audit::Rotate::deserialize(d)?;
+    if r.max_bytes < 4096 {
+        return Err(serde::de::Error::custom(format!(
+            "rotate.max_bytes must be at least 4096 (got {})",
+            r.max_bytes
+        )));
+    }
+    if !(1..=1000).contains(&r.keep) {
+        return Err(serde::de::Error::custom(format!(
+            "rotate.keep must be between 1 and 1000 (got {})",
+            r.keep
+        )));
+    }
+    Ok(Some(r))
+}
+
+fn redact_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let keys = Vec::<String>::deserialize(d)?;
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(serde::de::Error::custom(
+            "redact_keys: an empty term would redact every argument; list non-empty terms, or [] for none",
+        ));
+    }
+    Ok(Some(keys))
 }
 
 #[derive(Debug, Deserialize)]
@@ -496,6 +640,8 @@ struct FileServer {
     #[serde(default)]
     passthrough_paths: Vec<String>,
     scope: Option<Scope>,
+    #[serde(default)]
+    log_arguments: bool,
 }
 
 /// Parse a config file's text; errors name `file:line:column`.
@@ -541,7 +687,20 @@ impl Config {
         let (mut failure_mode, mut bpffs_dir, mut drain_seconds) = (None, None, None);
         let mut limits = Limits::default();
         let mut audit_stall_ms = None;
+        let mut audit_options = crate::audit::Options::default();
+        let mut operate = Operate::default();
+        let mut file_group = None;
         if let Some(f) = file {
+            if let Some(a) = f.admin {
+                if let Some(s) = a.socket {
+                    operate.admin_socket = base.join(s);
+                }
+                file_group = a.group;
+            }
+            if let Some(listen) = f.metrics.and_then(|m| m.listen) {
+                operate.metrics_listen =
+                    metrics_listen(&listen).context("the config's metrics.listen")?;
+            }
             bindings = f
                 .bindings
                 .into_iter()
@@ -587,6 +746,7 @@ impl Config {
                     upstream_ca: s.upstream_ca.map(|p| base.join(p)),
                     passthrough_paths,
                     scope: s.scope,
+                    log_arguments: s.log_arguments,
                 });
             }
             state_dir = f.state_dir;
@@ -600,6 +760,11 @@ impl Config {
                 Some(FileAudit::Settings(a)) => {
                     audit = a.path;
                     audit_stall_ms = a.stall_ms;
+                    audit_options.on_stall = a.on_stall.unwrap_or_default();
+                    audit_options.rotate = a.rotate;
+                    if let Some(keys) = a.redact_keys {
+                        audit_options.redact_keys = keys;
+                    }
                 }
                 None => {}
             }
@@ -630,6 +795,7 @@ impl Config {
                 tls: TlsMode::default(),
                 passthrough_paths: Vec::new(),
                 scope: None,
+                log_arguments: false,
             });
         }
         if servers.is_empty() {
@@ -644,13 +810,29 @@ impl Config {
                 .filter_map(|s| s.parse().ok())
                 .collect();
         }
+        if let Some(s) = &flags.admin_socket {
+            operate.admin_socket = s.clone();
+        }
+        if let Some(l) = &flags.metrics_listen {
+            operate.metrics_listen = metrics_listen(l).context("--metrics-listen")?;
+        }
+        operate.admin_group = match (&flags.admin_group, file_group) {
+            (Some(g), _) => Some(crate::admin::socket::resolve_group(g).context("--admin-group")?),
+            (None, Some(FileGroup::Id(gid))) => Some(gid),
+            (None, Some(FileGroup::Name(g))) => {
+                Some(crate::admin::socket::resolve_group(&g).context("the config's admin.group")?)
+            }
+            (None, None) => None,
+        };
         let config = Config {
+            operate,
             listen,
             audit: flags.audit.or(audit).unwrap_or_else(|| PathBuf::from("-")),
             audit_stall: audit_stall_ms.map_or(
                 crate::audit::DEFAULT_STALL,
                 std::time::Duration::from_millis,
             ),
+            audit_options,
             cgroup: flags.cgroup.or(cgroup).unwrap_or_else(|| PathBuf::from("")),
             agent_cgroup: flags
                 .agent_cgroup
@@ -945,6 +1127,66 @@ mod tests {
         // serde_yaml_ng places errors from a field deserializer at the enclosing mapping.
         assert!(err.starts_with("c.yaml:3:5: ca.next: "), "{err}");
         assert!(err.contains("RFC 3339"), "{err}");
+    }
+
+    #[test]
+    fn the_audit_section_and_log_arguments_parse_and_their_errors_name_line_and_column(
+    ) -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mcpwarden-cfg-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("c.yaml");
+        let servers = "servers:\n  - {name: one, url: http://127.0.0.1:1/mcp, policy: p.json, log_arguments: true}\n  - {name: two, url: http://127.0.0.1:2/mcp, policy: p.json}\n";
+        std::fs::write(
+            &file,
+            format!(
+                "audit:\n  path: /tmp/a.jsonl\n  stall_ms: 250\n  on_stall: allow\n  rotate: {{max_bytes: 1048576, keep: 3}}\n  redact_keys: [Pin, cvv]\n{servers}"
+            ),
+        )?;
+        let c = Config::assemble(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })?;
+        assert_eq!(c.audit, PathBuf::from("/tmp/a.jsonl"));
+        assert_eq!(c.audit_stall, std::time::Duration::from_millis(250));
+        assert_eq!(c.audit_options.on_stall, crate::audit::OnStall::Allow);
+        assert_eq!(
+            c.audit_options.rotate,
+            Some(crate::audit::Rotate {
+                max_bytes: 1048576,
+                keep: 3
+            })
+        );
+        assert_eq!(c.audit_options.redact_keys, ["Pin", "cvv"]);
+        assert!(c.servers[0].log_arguments && !c.servers[1].log_arguments);
+        std::fs::write(&file, format!("audit: /tmp/a.jsonl\n{servers}"))?;
+        let c = Config::assemble(Flags {
+            config: Some(file),
+            ..Flags::default()
+        })?;
+        assert_eq!(c.audit_options, crate::audit::Options::default());
+        assert_eq!(c.audit_options.redact_keys.len(), 5);
+        assert_eq!(c.audit_stall, crate::audit::DEFAULT_STALL);
+        std::fs::remove_dir_all(&dir)?;
+
+        for (text, at, says) in [
+            ("audit:\n  path: a\n  on_stall: maybe\n", "c.yaml:3:", "maybe"),
+            ("audit:\n  path: a\n  colour: red\n", "c.yaml:3:", "colour"),
+            ("audit:\n  rotate: {max_bytes: 10, keep: 1}\n", "c.yaml:2:", "max_bytes"),
+            ("audit:\n  rotate: {max_bytes: 100000, keep: 0}\n", "c.yaml:2:", "keep"),
+            ("audit:\n  rotate: {max_bytes: 100000}\n", "c.yaml:2:", "keep"),
+            ("audit:\n  redact_keys: [token, \"\"]\n", "c.yaml:2:", "empty term"),
+            ("audit:\n  stall_ms: soon\n", "c.yaml:2:", "stall_ms"),
+            ("audit: [a]\n", "c.yaml:1:", "audit"),
+            (
+                "servers:\n  - {url: http://127.0.0.1:1/mcp, policy: p.json, log_arguments: maybe}\n",
+                "c.yaml:2:",
+                "log_arguments",
+            ),
+        ] {
+            let err = load_error(text, "c.yaml");
+            assert!(err.starts_with(at) && err.contains(says), "{text:?}: {err}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -20,7 +20,9 @@
 //! ```
 //!
 //! No `SO_REUSEPORT`: a pod's root could join such a group. The listeners are the same sockets,
-//! so the programs' map entries (ports) stay right throughout.
+//! so the programs' map entries (ports) stay right throughout. The metrics listener (`/metrics`,
+//! `/healthz`, `/readyz`) is handed over the same way, marked `"metrics": true`, so the two
+//! agents never need its port at once.
 
 use std::{
     collections::HashMap,
@@ -60,6 +62,8 @@ const WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug, Default)]
 pub struct Registry {
     by_netns: Mutex<HashMap<u64, Vec<(SocketAddr, OwnedFd)>>>,
+    /// The metrics listener (in the agent's own namespace): `(cookie, address, socket)`.
+    metrics: Mutex<Option<(u64, SocketAddr, OwnedFd)>>,
 }
 
 impl Registry {
@@ -71,6 +75,15 @@ impl Registry {
         self.lock().entry(cookie).or_default().push((addr, fd));
     }
 
+    /// The metrics listener, handed over too.
+    pub fn set_metrics(&self, listener: &TcpListener) -> Result<()> {
+        let cookie = crate::redirect::netns_cookie(listener)?;
+        let addr = listener.local_addr()?;
+        let fd = listener.as_fd().try_clone_to_owned()?;
+        *self.metrics.lock().unwrap_or_else(PoisonError::into_inner) = Some((cookie, addr, fd));
+        Ok(())
+    }
+
     pub fn remove(&self, cookie: u64) {
         self.lock().remove(&cookie);
     }
@@ -78,6 +91,10 @@ impl Registry {
     /// Let go of every listener: after a hand-over this agent accepts nothing more.
     pub fn clear(&self) {
         self.lock().clear();
+        self.metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<(SocketAddr, OwnedFd)>>> {
@@ -109,6 +126,8 @@ pub struct Takeover {
     dir: PathBuf,
     /// Sockets received, by namespace cookie.
     pub listeners: HashMap<u64, Vec<TcpListener>>,
+    /// The metrics listener, if the active agent had one.
+    pub metrics: Option<TcpListener>,
     /// The active agent's pid.
     pub from_pid: u32,
 }
@@ -117,6 +136,9 @@ pub struct Takeover {
 struct Described {
     cookie: u64,
     addr: SocketAddr,
+    /// The metrics listener rather than an interceptor's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    metrics: bool,
 }
 
 /// Take the lock, or the listeners of the agent holding it.
@@ -177,12 +199,13 @@ pub fn begin(state_dir: &Path) -> Result<Start> {
             path.display()
         );
     }
-    let listeners = receive(&stream).context("receiving the listening sockets")?;
+    let (listeners, metrics) = receive(&stream).context("receiving the listening sockets")?;
     Ok(Start::Takeover(Takeover {
         stream,
         lock,
         dir: state_dir.to_path_buf(),
         listeners,
+        metrics,
         from_pid,
     }))
 }
@@ -274,26 +297,40 @@ impl Active {
             );
         }
         tracing::info!(pid, cgroup = %cgroup.display(), "handing the listening sockets over to a new agent");
-        let sockets: Vec<(u64, SocketAddr, OwnedFd)> = registry
+        let mut sockets: Vec<(Described, OwnedFd)> = registry
             .lock()
             .iter()
             .flat_map(|(cookie, ls)| {
                 ls.iter().filter_map(move |(addr, fd)| {
-                    fd.try_clone().ok().map(|fd| (*cookie, *addr, fd))
+                    fd.try_clone().ok().map(|fd| {
+                        let d = Described {
+                            cookie: *cookie,
+                            addr: *addr,
+                            metrics: false,
+                        };
+                        (d, fd)
+                    })
                 })
             })
             .collect();
+        if let Some((cookie, addr, fd)) = registry
+            .metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            let d = Described {
+                cookie: *cookie,
+                addr: *addr,
+                metrics: true,
+            };
+            sockets.push((d, fd.try_clone()?));
+        }
         for batch in sockets.chunks(BATCH) {
-            let described: Vec<Described> = batch
-                .iter()
-                .map(|(cookie, addr, _)| Described {
-                    cookie: *cookie,
-                    addr: *addr,
-                })
-                .collect();
+            let described: Vec<&Described> = batch.iter().map(|(d, _)| d).collect();
             let mut line = serde_json::to_vec(&described)?;
             line.push(b'\n');
-            let fds: Vec<_> = batch.iter().map(|(_, _, fd)| fd.as_fd()).collect();
+            let fds: Vec<_> = batch.iter().map(|(_, fd)| fd.as_fd()).collect();
             let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
             let mut control = SendAncillaryBuffer::new(&mut space);
             if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
@@ -319,8 +356,11 @@ impl Active {
 }
 
 /// Read batches until `END`, checking every descriptor before it is used.
-fn receive(stream: &UnixStream) -> Result<HashMap<u64, Vec<TcpListener>>> {
+type Received = (HashMap<u64, Vec<TcpListener>>, Option<TcpListener>);
+
+fn receive(stream: &UnixStream) -> Result<Received> {
     let mut out: HashMap<u64, Vec<TcpListener>> = HashMap::new();
+    let mut metrics = None;
     let mut pending = Vec::new();
     loop {
         let mut buf = vec![0u8; 64 * 1024];
@@ -353,7 +393,7 @@ fn receive(stream: &UnixStream) -> Result<HashMap<u64, Vec<TcpListener>>> {
             if !fds.is_empty() {
                 bail!("descriptors after the end of the hand-over");
             }
-            return Ok(out);
+            return Ok((out, metrics));
         }
         let described: Vec<Described> =
             serde_json::from_str(&line).context("reading the sockets' description")?;
@@ -366,7 +406,11 @@ fn receive(stream: &UnixStream) -> Result<HashMap<u64, Vec<TcpListener>>> {
         }
         for (d, fd) in described.into_iter().zip(fds) {
             let listener = check(fd, &d)?;
-            out.entry(d.cookie).or_default().push(listener);
+            if d.metrics {
+                metrics = Some(listener);
+            } else {
+                out.entry(d.cookie).or_default().push(listener);
+            }
         }
     }
 }

@@ -8,21 +8,26 @@
 //! `policy` (decide; no I/O) →
 //! `audit` (record every message and decision).
 //! `config` reads the settings, `app` assembles the pieces and runs them, `cli` is the command
-//! line. The demo is `mcpwarden-demo`, in the `tests/` crate.
+//! line (`audit_tail` is `mcpwarden audit tail`, the audit log made readable). The demo is
+//! `mcpwarden-demo`, in the `tests/` crate.
 //!
 //! `mcp` and `policy` are crates of their own (`mcpwarden-mcp`, `mcpwarden-policy`), re-exported
 //! here under their old module names: the compiler keeps them free of sockets, of async and of
 //! each other.
 
+pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod audit_tail;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod handover;
 pub mod identity;
 pub mod intercept;
 pub mod journal;
+pub mod metrics;
 pub use mcpwarden_mcp as mcp;
 pub mod netns;
 pub use mcpwarden_policy as policy;

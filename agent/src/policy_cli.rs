@@ -97,6 +97,81 @@ fn hint(e: &PolicyError) -> &'static str {
     }
 }
 
+/// The call `policy explain` asks about, and the caller's limit scope keys.
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub tool: String,
+    pub arguments: Option<Value>,
+    pub grant: String,
+    pub process: String,
+    pub session: String,
+}
+
+impl Question {
+    /// From the command line: `--args` (a JSON object) and `--caller key=value`s.
+    pub fn parse(tool: &str, args: Option<&str>, caller: &[String]) -> Result<Question> {
+        let arguments: Option<Value> = match args {
+            Some(text) => Some(serde_json::from_str(text).context("--args is not JSON")?),
+            None => None,
+        };
+        let mut q = Question::new(tool, arguments)?;
+        for kv in caller {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--caller {kv:?}: expected key=value");
+            };
+            let slot = match k {
+                "grant" => &mut q.grant,
+                "process" => &mut q.process,
+                "session" => &mut q.session,
+                _ => bail!(
+                    "--caller {k:?}: the keys are grant, process and session (the limit scopes); \
+                     bindings are chosen by the agent's config, not by one policy file"
+                ),
+            };
+            *slot = v.to_owned();
+        }
+        Ok(q)
+    }
+
+    /// `tool` with `arguments` (a JSON object, if any), every scope key `explain`.
+    pub fn new(tool: &str, arguments: Option<Value>) -> Result<Question> {
+        if arguments.as_ref().is_some_and(|v| !v.is_object()) {
+            bail!("--args must be a JSON object (the call's arguments)");
+        }
+        Ok(Question {
+            tool: tool.to_owned(),
+            arguments,
+            grant: "explain".to_owned(),
+            process: "explain".to_owned(),
+            session: "explain".to_owned(),
+        })
+    }
+
+    /// What `engine` decides, and why, as [`explanation_json`] writes it. Limits are checked
+    /// against the engine's counters as they are, and nothing is counted: a live engine's
+    /// quotas are untouched.
+    pub fn answer(&self, engine: &Engine) -> Value {
+        let explained = engine.explain_dry(
+            &Call {
+                tool: &self.tool,
+                arguments: self.arguments.as_ref(),
+            },
+            &CallerScope {
+                grant: &self.grant,
+                process: &self.process,
+                session: &self.session,
+            },
+            Instant::now(),
+        );
+        explanation_json(
+            &self.tool,
+            &explained.decision,
+            engine.policy().source(),
+            &explained.steps,
+        )
+    }
+}
+
 /// Decides one call against a policy file and says why.
 pub fn explain(
     file: &std::path::Path,
@@ -106,80 +181,54 @@ pub fn explain(
     format: Format,
 ) -> Result<()> {
     let policy = Policy::load(file)?;
-    let arguments: Option<Value> = match args {
-        Some(text) => {
-            let v: Value = serde_json::from_str(text).context("--args is not JSON")?;
-            if !v.is_object() {
-                bail!("--args must be a JSON object (the call's arguments)");
-            }
-            Some(v)
-        }
-        None => None,
-    };
-    let (mut grant, mut process, mut session) = (
-        "explain".to_owned(),
-        "explain".to_owned(),
-        "explain".to_owned(),
-    );
-    for kv in caller {
-        let Some((k, v)) = kv.split_once('=') else {
-            bail!("--caller {kv:?}: expected key=value");
-        };
-        match k {
-            "grant" => grant = v.to_owned(),
-            "process" => process = v.to_owned(),
-            "session" => session = v.to_owned(),
-            _ => bail!(
-                "--caller {k:?}: the keys are grant, process and session (the limit scopes); \
-                 bindings are chosen by the agent's config, not by one policy file"
-            ),
-        }
-    }
-    let engine = Engine::new(policy);
-    let explained = engine.explain(
-        &Call {
-            tool,
-            arguments: arguments.as_ref(),
-        },
-        &CallerScope {
-            grant: &grant,
-            process: &process,
-            session: &session,
-        },
-        Instant::now(),
-    );
-    let d = &explained.decision;
-    let source = engine.policy().source();
+    let question = Question::parse(tool, args, caller)?;
+    print_explanation(&question.answer(&Engine::new(policy)), format);
+    Ok(())
+}
+
+/// An explanation as `policy explain --format json` prints it (and the admin API answers).
+pub fn explanation_json(
+    tool: &str,
+    d: &crate::policy::Decision,
+    source: &crate::policy::PolicySource,
+    steps: &[String],
+) -> Value {
+    json!({
+        "tool": tool,
+        "decision": outcome_name(d.outcome),
+        "would": d.would.map(outcome_name),
+        "rule": d.rule,
+        "reason": d.reason,
+        "policy": { "file": source.file, "sha256": source.sha256 },
+        "steps": steps,
+    })
+}
+
+/// Print an explanation (as [`explanation_json`] built it) in `format`.
+pub fn print_explanation(v: &Value, format: Format) {
     match format {
-        Format::Json => println!(
-            "{}",
-            json!({
-                "tool": tool,
-                "decision": outcome_name(d.outcome),
-                "would": d.would.map(outcome_name),
-                "rule": d.rule,
-                "reason": d.reason,
-                "policy": { "file": source.file, "sha256": source.sha256 },
-                "steps": explained.steps,
-            })
-        ),
+        Format::Json => println!("{v}"),
         Format::Text => {
-            println!("decision: {}", outcome_name(d.outcome));
-            if let Some(would) = d.would {
-                println!("would:    {} (mode dry_run)", outcome_name(would));
+            let text = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+            println!("decision: {}", text("decision"));
+            if let Some(would) = v["would"].as_str() {
+                println!("would:    {would} (mode dry_run)");
             }
-            println!("rule:     {}", d.rule);
-            if let Some(reason) = &d.reason {
+            println!("rule:     {}", text("rule"));
+            if let Some(reason) = v["reason"].as_str() {
                 println!("reason:   {reason}");
             }
-            println!("policy:   {} (sha256 {})", source.file, source.sha256);
+            println!(
+                "policy:   {} (sha256 {})",
+                v["policy"]["file"].as_str().unwrap_or(""),
+                v["policy"]["sha256"].as_str().unwrap_or("")
+            );
             println!("why:");
-            for step in &explained.steps {
-                println!("  - {step}");
+            for step in v["steps"].as_array().into_iter().flatten() {
+                println!("  - {}", step.as_str().unwrap_or(""));
             }
         }
     }
-    Ok(())
 }
 
 fn outcome_name(outcome: Outcome) -> &'static str {

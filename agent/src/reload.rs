@@ -43,6 +43,12 @@ pub struct Policies {
     /// Where each policy file's counter journal lives (`<state_dir>/counters`).
     journal_dir: PathBuf,
     journals: Mutex<Vec<(Arc<EngineSlot>, Arc<FileJournal>)>>,
+    /// When each file's version in force took effect (RFC 3339), for `mcpwarden status`.
+    loaded_at: Mutex<HashMap<PathBuf, String>>,
+    /// The errors of the reload in progress (`file:line:col: message`), for the admin API.
+    errors: Mutex<Vec<String>>,
+    /// Told which tool names the policies list after each reload (the `tool` label).
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl Policies {
@@ -59,6 +65,9 @@ impl Policies {
             servers: server_names(config),
             journal_dir: config.ca.state_dir.join("counters"),
             journals: Mutex::default(),
+            loaded_at: Mutex::default(),
+            errors: Mutex::default(),
+            metrics: std::sync::OnceLock::new(),
         };
         let routing = policies.routing_for(config)?;
         policies.routing.store(Arc::new(routing));
@@ -92,6 +101,7 @@ impl Policies {
         let policy = Policy::load(path)?;
         tracing::info!(file = %path.display(), sha256 = policy.source().sha256, "policy loaded");
         let engine = Engine::new(policy);
+        self.stamp(path);
         let slot_journal = self.journal(&engine, path);
         let slot = Arc::new(ArcSwap::from_pointee(engine));
         if let Some(j) = slot_journal {
@@ -214,6 +224,9 @@ impl Policies {
         for (path, slot) in slots {
             changed += usize::from(self.reload_file(&path, &slot));
         }
+        if let Some(m) = self.metrics.get() {
+            m.set_tools(&self.listed_tools());
+        }
         changed
     }
 
@@ -246,6 +259,7 @@ impl Policies {
                 );
                 self.loaded_record(Some(path), Some(engine.policy()));
                 slot.store(Arc::new(engine));
+                self.stamp(path);
                 true
             }
             Err(e) => {
@@ -268,8 +282,156 @@ impl Policies {
         self.write(&rec);
     }
 
+    fn stamp(&self, path: &Path) {
+        self.loaded_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(path.to_owned(), crate::audit::now());
+    }
+
+    /// Every policy file in force: path, version, when it took effect, mode.
+    pub fn status(&self) -> Vec<crate::admin::status::PolicyInfo> {
+        let stamps = self
+            .loaded_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut out: Vec<_> = self
+            .slots()
+            .iter()
+            .map(|(path, slot)| {
+                let engine = slot.load();
+                let policy = engine.policy();
+                crate::admin::status::PolicyInfo {
+                    file: path.display().to_string(),
+                    sha256: policy.source().sha256.clone(),
+                    loaded_at: stamps.get(path).cloned().unwrap_or_default(),
+                    mode: if policy.is_dry_run() {
+                        "dry_run"
+                    } else {
+                        "enforce"
+                    }
+                    .to_owned(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.file.cmp(&b.file));
+        out
+    }
+
+    /// The limit counters of every policy, the fullest first, at most `max`.
+    pub fn usage(&self, max: usize) -> Vec<crate::admin::status::CounterUse> {
+        let now = std::time::Instant::now();
+        let mut out: Vec<crate::admin::status::CounterUse> = self
+            .slots()
+            .iter()
+            .flat_map(|(path, slot)| {
+                let file = path.display().to_string();
+                slot.load().usage(now, max).into_iter().map(move |u| {
+                    crate::admin::status::CounterUse {
+                        policy: file.clone(),
+                        counter: u.counter,
+                        scope: u.scope,
+                        key: u.key,
+                        rule: u.rule,
+                        used: u.used,
+                        max: u.max,
+                        window_secs: u.window_secs,
+                    }
+                })
+            })
+            .collect();
+        let fullness = |c: &crate::admin::status::CounterUse| {
+            if c.max > 0.0 {
+                c.used / c.max
+            } else {
+                f64::INFINITY
+            }
+        };
+        out.sort_by(|a, b| fullness(b).total_cmp(&fullness(a)));
+        out.truncate(max);
+        out
+    }
+
+    /// The tool names the loaded policies list literally.
+    pub fn listed_tools(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .slots()
+            .values()
+            .flat_map(|slot| slot.load().policy().listed_tools())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// After each reload, tell `metrics` which tool names the policies list.
+    pub fn set_metrics(&self, metrics: Arc<crate::metrics::Metrics>) {
+        metrics.set_tools(&self.listed_tools());
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// The engine of a loaded policy file (as configured), or of a server's default policy.
+    pub fn engine(&self, server: Option<&str>, file: Option<&str>) -> Result<Arc<Engine>, String> {
+        match (server, file) {
+            (_, Some(file)) => self
+                .slots()
+                .iter()
+                .find(|(p, _)| p.as_path() == Path::new(file))
+                .map(|(_, s)| s.load_full())
+                .ok_or_else(|| format!("no policy file {file} is loaded by the agent")),
+            (Some(name), None) => {
+                let index = self
+                    .servers
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .ok_or_else(|| format!("no server named {name}"))?;
+                self.routing
+                    .load()
+                    .defaults
+                    .get(index)
+                    .map(|s| s.load_full())
+                    .ok_or_else(|| format!("server {name} has no policy"))
+            }
+            (None, None) if self.servers.len() == 1 => self
+                .routing
+                .load()
+                .defaults
+                .first()
+                .map(|s| s.load_full())
+                .ok_or_else(|| "the server has no policy".to_owned()),
+            (None, None) => Err(format!(
+                "several servers ({}): name one with --server, or a policy file with --policy",
+                self.servers
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+
+    /// Reload now and say what happened.
+    pub fn reload_now(&self, flags: &Flags) -> crate::admin::Reloaded {
+        self.errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        let changed = self.reload(flags);
+        crate::admin::Reloaded {
+            changed,
+            errors: std::mem::take(
+                &mut *self.errors.lock().unwrap_or_else(PoisonError::into_inner),
+            ),
+        }
+    }
+
     /// A file that failed to load: the previous policy stays in force.
     fn failed(&self, file: Option<&Path>, error: &str) {
+        self.errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(error.to_owned());
         tracing::error!(
             error,
             "reload failed: the previous policy and config stay in force"
@@ -297,10 +459,12 @@ impl Policies {
 }
 
 /// What the reload thread is asked to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Msg {
     /// Re-read the files (a file changed, or SIGHUP).
     Reload,
+    /// Re-read them now and send back what happened (the admin socket).
+    ReloadNow(mpsc::Sender<crate::admin::Reloaded>),
     Stop,
 }
 
@@ -368,6 +532,11 @@ pub fn spawn(
             loop {
                 match rx.recv_timeout(COMPACT_CHECK) {
                     Ok(Msg::Reload) => {}
+                    Ok(Msg::ReloadNow(reply)) => {
+                        let _ = reply.send(policies.reload_now(&flags));
+                        watch_dirs(&mut watcher, &mut dirs, policies.watched(&flags));
+                        continue;
+                    }
                     Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         policies.compact_journals();
@@ -378,6 +547,9 @@ pub fn spawn(
                 loop {
                     match rx.recv_timeout(SETTLE) {
                         Ok(Msg::Reload) => {}
+                        Ok(Msg::ReloadNow(reply)) => {
+                            let _ = reply.send(policies.reload_now(&flags));
+                        }
                         Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                         Err(mpsc::RecvTimeoutError::Timeout) => break,
                     }

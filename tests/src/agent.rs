@@ -133,6 +133,16 @@ impl Agent {
             args.push("--state-dir".into());
             args.push(tmp.path().join("state").display().to_string());
         }
+        // Agents run side by side: each its own admin socket, and a metrics port the kernel
+        // picks (the log and `status` say which).
+        if !extra.iter().any(|a| a == "--admin-socket") {
+            args.push("--admin-socket".into());
+            args.push(tmp.path().join("admin.sock").display().to_string());
+        }
+        if !extra.iter().any(|a| a == "--metrics-listen") {
+            args.push("--metrics-listen".into());
+            args.push("127.0.0.1:0".into());
+        }
         // Each agent pins its datapath in a directory of its own, removed with the guard (unless
         // the test names one, to hand it to a second agent).
         let given_bpffs = extra
@@ -293,6 +303,34 @@ impl Agent {
     }
 
     /// Where the agent pins its links and maps (`--bpffs-dir`).
+    /// `--admin-socket`, as passed.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.arg("--admin-socket")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/mcpwarden/admin.sock"))
+    }
+
+    /// The value after `flag` in the arguments (the last one given).
+    pub fn arg(&self, flag: &str) -> Option<String> {
+        self.args
+            .iter()
+            .rposition(|a| a == flag)
+            .and_then(|i| self.args.get(i + 1))
+            .cloned()
+    }
+
+    /// The metrics listener's address, from the log line the agent writes when it listens.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let log = self.log();
+        log.lines()
+            .rev()
+            .filter(|l| l.contains("metrics listener"))
+            .filter_map(|l| l.split("addr=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .find_map(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics listener in the agent's log:\n{log}"))
+    }
+
     pub fn bpffs_dir(&self) -> &Path {
         &self.bpffs_dir
     }
@@ -490,6 +528,9 @@ impl Drop for Agent {
                 self.log()
             );
         }
+        // Last: every line the agent wrote must match docs/audit.schema.json. Panics (or, in a
+        // test already failing, prints) with the file, line number and the validator's message.
+        crate::schema::assert_audit_file_matches_schema(&self.audit_path);
     }
 }
 

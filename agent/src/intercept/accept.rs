@@ -25,7 +25,7 @@ use super::{
     conn::Conn, limits::Over, serve::serve_connection, server::Interceptor, upstream::Upstream,
 };
 use crate::{
-    audit::{Event, Record, WorkerAudit},
+    audit::{Event, Record, Refusal, WorkerAudit},
     netns::{ListenerMsg, Netns},
     redirect::Redirected,
 };
@@ -83,7 +83,10 @@ impl Workers {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("mcpwarden-w{i}"))
-                    .spawn(move || runtime.block_on(worker(shared, rx)))?,
+                    .spawn(move || {
+                        crate::metrics::set_shard(i + 1);
+                        runtime.block_on(worker(shared, rx))
+                    })?,
             );
             queues.push(tx);
         }
@@ -153,7 +156,8 @@ async fn worker(
             conn.write_audit(
                 &conn
                     .record(Event::Refused)
-                    .denied("destination is no longer a configured endpoint"),
+                    .denied("destination is no longer a configured endpoint")
+                    .kind(Refusal::Connection),
             );
             continue;
         }
@@ -182,7 +186,9 @@ fn refuse_over_limit(conn: &Conn, stream: &std::net::TcpStream, over: Over) {
     tracing::warn!(dst = %conn.dst, pid = conn.caller.pid, "{reason}");
     conn.audit_repeated(
         "connection_limit",
-        conn.record(Event::Refused).denied(reason.clone()),
+        conn.record(Event::Refused)
+            .denied(reason.clone())
+            .kind(Refusal::Limit),
     );
     if conn.schemes() == (true, false) {
         let body = crate::mcp::error_response(None, -32603, &reason);
@@ -323,7 +329,8 @@ impl Interceptor {
         let Some(redirected) = redirected else {
             tracing::warn!(%peer, netns = netns.ino, "no redirect record for this connection: refusing it (the interceptor is not an open proxy)");
             let rec = Record::bare(Event::Refused)
-                .denied(format!("no redirect record for connection from {peer}"));
+                .denied(format!("no redirect record for connection from {peer}"))
+                .kind(Refusal::Connection);
             if let Err(e) = self.audit.write(&rec) {
                 tracing::error!(error = %e, "writing an audit record failed");
             }

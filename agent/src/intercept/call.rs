@@ -20,7 +20,7 @@ use super::{
     upstream::Body,
 };
 use crate::{
-    audit::{Aggregated, Event, Head, MessagePart, PolicyRef, Record, Transport, Verdict},
+    audit::{Aggregated, Event, Head, MessagePart, PolicyRef, Record, Refusal, Transport, Verdict},
     identity,
     mcp::{self, Kind, Message, Parsed},
     policy::{Call, CallerScope, Decision, Engine, Outcome},
@@ -99,7 +99,9 @@ impl Conn {
         };
         let session_revision = sessions.any().and_then(|s| s.revision());
         let chosen = self.choose_policy(routed).await;
+        let deciding = Instant::now();
         let judged = self.decide(ctx, &chosen, &sessions, msgs, transport, &session_revision);
+        self.shared.metrics.decided(deciding.elapsed());
         let plan = match self.audit_decisions(&chosen, judged, &sessions, ctx.started) {
             Ok(plan) => plan,
             Err(refusal) => return *refusal,
@@ -206,7 +208,9 @@ impl Conn {
                     ..(*ctx.head).clone()
                 };
                 self.write_audit(
-                    &Record::new(Event::Refused, Arc::new(head)).denied(e.message.clone()),
+                    &Record::new(Event::Refused, Arc::new(head))
+                        .denied(e.message.clone())
+                        .kind(Refusal::Malformed),
                 );
                 if let (Some(s), Some(_)) = (&sessions.legacy, &e.id) {
                     // An HTTP+SSE client reads answers on its stream only.
@@ -222,7 +226,9 @@ impl Conn {
                 if let Err(e) = check_param_headers(routed, &m, &parts.headers) {
                     let head = ctx.head.with_message(message_part(&m));
                     self.write_audit(
-                        &Record::new(Event::Refused, Arc::new(head)).denied(e.message.clone()),
+                        &Record::new(Event::Refused, Arc::new(head))
+                            .denied(e.message.clone())
+                            .kind(Refusal::Malformed),
                     );
                     return Err(Box::new(json_response(e.status, e.response_body())));
                 }
@@ -235,7 +241,9 @@ impl Conn {
                     ms.len(),
                     self.shared.limits.max_batch
                 );
-                let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(&*msg);
+                let mut rec = Record::new(Event::Refused, ctx.head.clone())
+                    .denied(&*msg)
+                    .kind(Refusal::TooLarge);
                 rec.status = Some(StatusCode::PAYLOAD_TOO_LARGE.as_u16());
                 self.write_audit(&rec);
                 return Err(Box::new(json_response(
@@ -297,7 +305,14 @@ impl Conn {
                 let head = Head {
                     transport: Some(transport),
                     revision,
-                    message: Some(message_part(&msg)),
+                    message: Some(MessagePart {
+                        // `log_arguments: true` servers only, redacted.
+                        arguments: self.audit.arguments(
+                            ctx.routed.map(|r| r.server.name.as_str()),
+                            msg.arguments.as_ref().filter(|_| msg.tool.is_some()),
+                        ),
+                        ..message_part(&msg)
+                    }),
                     ..(*ctx.head).clone()
                 };
                 Judged {
@@ -465,6 +480,7 @@ impl Conn {
             answers_max: self.shared.limits.max_buffered_answer_bytes_per_worker,
             audit: self.audit.clone(),
             get_stream: false,
+            metrics: self.shared.metrics.clone(),
         }
     }
 }
@@ -493,7 +509,8 @@ fn check_param_headers(
     }
 }
 
-/// The message part of a record: what it is, never its argument values.
+/// The message part of a record: what it is, never its argument values (`decide` adds them,
+/// redacted, for a server with `log_arguments: true`).
 fn message_part(msg: &Message) -> MessagePart {
     let tool = msg.tool.is_some();
     MessagePart {
@@ -502,12 +519,16 @@ fn message_part(msg: &Message) -> MessagePart {
         tool: msg.tool.clone(),
         arg_keys: tool.then(|| msg.arg_keys.clone()),
         args_sha256: msg.args_sha256.clone().filter(|_| tool),
+        arguments: None,
     }
 }
 
 /// The record of a message's decision (allowed messages that are not tool calls: `allow`).
 fn decision_record(event: Event, chosen: &Chosen, j: &Judged) -> Record {
     let mut rec = Record::new(event, j.head.clone());
+    if event == Event::Refused {
+        rec.kind = Some(Refusal::Policy);
+    }
     rec.decision = Some(Verdict::Allow);
     if let Some(d) = &j.decision {
         rec.decision = Some(d.outcome.verdict());

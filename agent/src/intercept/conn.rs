@@ -8,7 +8,7 @@ use super::{
     upstream::{TlsClient, Upstream},
 };
 use crate::{
-    audit::{CallerPart, Event, Head, Record, Tls, WorkerAudit},
+    audit::{CallerPart, Event, Head, Record, Refusal, Tls, WorkerAudit},
     identity::Caller,
     netns::Netns,
 };
@@ -128,7 +128,8 @@ impl Conn {
         self.write_audit(
             &self
                 .tls_record(Event::Refused, sni, Tls::Terminated)
-                .denied(reason),
+                .denied(reason)
+                .kind(Refusal::Tls),
         );
     }
 
@@ -235,6 +236,12 @@ pub(super) mod rig {
             })),
             pods: Arc::default(),
             drain: Arc::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new(
+                1,
+                Vec::new(),
+                &[],
+                crate::admin::health::Health::default(),
+            )),
         });
         let caller = Caller {
             pid: 4242,

@@ -27,7 +27,7 @@ use super::{
     upstream::Body,
 };
 use crate::{
-    audit::{Event, Head, Record, Transport},
+    audit::{Event, Head, Record, Refusal, Transport},
     mcp,
 };
 
@@ -62,7 +62,9 @@ impl Conn {
             Err(refusal) => return *refusal,
         };
         if let Err(e) = mcp::check_encoding(&parts.headers, &bytes) {
-            let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(&*e.message);
+            let mut rec = Record::new(Event::Refused, ctx.head.clone())
+                .denied(&*e.message)
+                .kind(Refusal::for_status(e.status.as_u16()));
             rec.status = Some(e.status.as_u16());
             self.write_audit(&rec);
             return json_response(e.status, e.response_body());
@@ -84,7 +86,11 @@ impl Conn {
             None => {
                 let msg = "this address serves several MCP endpoints and the request path names none of them: \
                            no policy applies, so it was not forwarded";
-                self.write_audit(&Record::new(Event::Refused, ctx.head.clone()).denied(msg));
+                self.write_audit(
+                    &Record::new(Event::Refused, ctx.head.clone())
+                        .denied(msg)
+                        .kind(Refusal::Malformed),
+                );
                 json_response(
                     StatusCode::BAD_REQUEST,
                     mcp::error_response(None, -32600, msg),
@@ -253,7 +259,9 @@ impl Conn {
                         format!("reading the request body failed: {e}"),
                     ),
                 };
-                let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(&*msg);
+                let mut rec = Record::new(Event::Refused, ctx.head.clone())
+                    .denied(&*msg)
+                    .kind(Refusal::for_status(status.as_u16()));
                 rec.status = Some(status.as_u16());
                 self.write_audit(&rec);
                 return Err(Box::new(json_response(
@@ -283,7 +291,9 @@ impl Conn {
         status: StatusCode,
         reason: &str,
     ) -> Response<Body> {
-        let mut rec = Record::new(Event::Refused, ctx.head.clone()).denied(reason);
+        let mut rec = Record::new(Event::Refused, ctx.head.clone())
+            .denied(reason)
+            .kind(Refusal::for_status(status.as_u16()));
         rec.status = Some(status.as_u16());
         self.write_audit(&rec);
         refused_plain(status, reason)

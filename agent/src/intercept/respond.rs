@@ -37,7 +37,7 @@ use super::{
     upstream::Body,
 };
 use crate::{
-    audit::{Event, Head, MessagePart, Record, Transport, WorkerAudit},
+    audit::{Event, Head, MessagePart, Record, Refusal, Transport, WorkerAudit},
     mcp::{self, Kind, ListingRule, ServerMessage, SseEvent, SseSplitter},
     policy::Policy,
 };
@@ -75,6 +75,8 @@ pub struct Exchange {
     pub audit: Arc<WorkerAudit>,
     /// A GET: its stream may be a 2024-11-05 HTTP+SSE stream.
     pub get_stream: bool,
+    /// Counts the SSE streams open.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The client's batch, element by element.
@@ -530,6 +532,8 @@ pub struct SseBody {
     status: u16,
     /// The stream ended (normally or not): nothing more is read or closed on drop.
     done: bool,
+    /// Counted open while this body lives.
+    _open: crate::metrics::StreamGuard,
 }
 
 impl SseBody {
@@ -541,6 +545,7 @@ impl SseBody {
             }
         }
         SseBody {
+            _open: ex.metrics.sse_stream(),
             inner,
             splitter: SseSplitter::new(ex.max),
             out,
@@ -635,7 +640,9 @@ impl SseBody {
     }
 
     fn refuse_stream(&mut self, reason: String) {
-        let rec = Record::new(Event::Refused, self.ex.base.clone()).denied(&*reason);
+        let rec = Record::new(Event::Refused, self.ex.base.clone())
+            .denied(&*reason)
+            .kind(Refusal::Malformed);
         if let Err(e) = self.ex.audit.write(&rec) {
             tracing::error!(error = %e, "writing an audit record failed");
         }
@@ -886,6 +893,12 @@ mod stream_tests {
                 answers_max: 1 << 20,
                 audit,
                 get_stream,
+                metrics: Arc::new(crate::metrics::Metrics::new(
+                    1,
+                    Vec::new(),
+                    &[],
+                    crate::admin::health::Health::default(),
+                )),
             },
             log,
             tx,

@@ -17,7 +17,7 @@ use super::{
     limits::{Activity, Cut, Timed, Tracked},
     terminate::{Next, HANDSHAKE_TIMEOUT},
 };
-use crate::audit::Event;
+use crate::audit::{Event, Refusal};
 
 /// Every branch's future is boxed: the task is allocated at the size of its largest possible
 /// state, and a TLS handshake or an HTTP/2 connection is several KiB that a plaintext
@@ -124,7 +124,10 @@ where
         );
         audit_conn.audit_repeated(
             "header_timeout",
-            audit_conn.record(Event::Refused).denied(reason),
+            audit_conn
+                .record(Event::Refused)
+                .denied(reason)
+                .kind(Refusal::Limit),
         );
         return;
     }
@@ -138,7 +141,12 @@ where
             } else {
                 format!("malformed HTTP request: {e}")
             };
-            audit_conn.write_audit(&audit_conn.record(Event::Refused).denied(reason));
+            audit_conn.write_audit(
+                &audit_conn
+                    .record(Event::Refused)
+                    .denied(reason)
+                    .kind(Refusal::Malformed),
+            );
         }
         tracing::debug!(%peer, error = %e, "client connection ended");
     }

@@ -127,4 +127,6 @@ pub struct Interceptor {
     pub pods: Arc<identity::Pods>,
     /// Set after a hand-over: connections finish and close.
     pub drain: Arc<super::drain::Drain>,
+    /// Decision time and SSE streams (the rest is counted from the audit records).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

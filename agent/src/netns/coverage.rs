@@ -815,8 +815,9 @@ impl State {
                 0
             }
         };
-        let mut rec =
-            Record::new(Event::Refused, Arc::new(Head::caller(&self.caller(ev)))).denied(reason);
+        let mut rec = Record::new(Event::Refused, Arc::new(Head::caller(&self.caller(ev))))
+            .denied(reason)
+            .kind(crate::audit::Refusal::Kernel);
         rec.repeats = (repeats > 0).then_some(repeats);
         self.write(&rec);
     }

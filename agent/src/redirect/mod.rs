@@ -36,9 +36,10 @@ use mcpwarden_common::{
     ConnRecord, EndpointValue, Listeners, NetnsAddr, ProxyConfig, SockKey, CFG_RAW_ALLOW,
     MAP_AGENT_CGROUPS, MAP_BY_COOKIE, MAP_BY_SOCKET, MAP_BY_TUPLE, MAP_CONFIG, MAP_ENDPOINTS,
     MAP_ENDPOINT_PORTS, MAP_EVENTS, MAP_EVENT_SEEN, MAP_LISTEN_PORTS, MAP_LOCAL_ADDRS,
-    MAP_LOCAL_PORTS, MAP_NETNS, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_GETPEERNAME4, PROG_GETPEERNAME6, PROG_PACKET_CREATE, PROG_SENDMSG4, PROG_SENDMSG6,
-    PROG_SOCK_CREATE, PROG_SOCK_OPS, REC_LOCAL, SCOPE_HOST, SCOPE_PODS,
+    MAP_LOCAL_PORTS, MAP_NETNS, MAX_CONNECTIONS, MAX_ENDPOINTS, MAX_LOCAL_ADDRS, MAX_LOCAL_PORTS,
+    MAX_NETNS, PROG_BIND4, PROG_BIND6, PROG_CONNECT4, PROG_CONNECT6, PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6, PROG_PACKET_CREATE, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SOCK_CREATE,
+    PROG_SOCK_OPS, REC_LOCAL, SCOPE_HOST, SCOPE_PODS,
 };
 
 use crate::identity::Kernel;
@@ -506,6 +507,72 @@ impl Redirector {
     }
 
     /// The namespaces served now, with their listeners.
+    /// The names of the programs loaded (and attached once [`Redirector::attach`] returned).
+    pub fn program_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.ebpf)
+            .map(|e| {
+                e.programs()
+                    .map(|(name, _)| name.to_owned())
+                    // Loaded only where the kernel can run it (BPF LSM).
+                    .filter(|name| self.packet_guard || name != PROG_PACKET_CREATE)
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The map layout in use, and whether it is pinned (`failure_mode: closed`).
+    pub fn layout(&self) -> (&str, bool) {
+        (&self.layout, self.settings.pins.is_some())
+    }
+
+    /// `(map, entries, max_entries)` of the maps the agent holds. The entries are counted on a
+    /// duplicate of each map's descriptor, after its lock is released: a scrape never holds up
+    /// an accept.
+    pub fn occupancy(&self) -> Vec<(&'static str, u64, u64)> {
+        use aya::maps::IterableMap;
+        use std::mem::size_of;
+        type Held = (&'static str, Option<std::os::fd::OwnedFd>, usize, u32);
+        let mut fds: Vec<Held> = Vec::new();
+        let dup = |m: &aya::maps::MapData| m.fd().as_fd().try_clone_to_owned().ok();
+        if let Ok(e) = lock(&self.endpoints) {
+            fds.push((
+                MAP_ENDPOINTS,
+                dup(e.exact.map()),
+                size_of::<SockKey>(),
+                MAX_ENDPOINTS,
+            ));
+            fds.push((
+                MAP_LOCAL_PORTS,
+                dup(e.local.map()),
+                size_of::<u32>(),
+                MAX_LOCAL_PORTS,
+            ));
+        }
+        if let Ok(l) = lock(&self.local_addrs) {
+            let key = size_of::<NetnsAddr>();
+            fds.push((MAP_LOCAL_ADDRS, dup(l.map.map()), key, MAX_LOCAL_ADDRS));
+        }
+        if let Ok(n) = lock(&self.netns) {
+            fds.push((MAP_NETNS, dup(n.map.map()), size_of::<u64>(), MAX_NETNS));
+        }
+        if let Ok(s) = lock(&self.by_socket) {
+            fds.push((
+                MAP_BY_SOCKET,
+                dup(s.map()),
+                size_of::<u64>(),
+                MAX_CONNECTIONS,
+            ));
+        }
+        fds.into_iter()
+            .filter_map(|(name, fd, key_size, max)| {
+                let n = count_keys(fd?.as_fd(), key_size, max as usize);
+                Some((name, n as u64, u64::from(max)))
+            })
+            .collect()
+    }
+
     pub fn served_netns(&self) -> Vec<(u64, Listeners)> {
         lock(&self.netns)
             .map(|m| m.listeners.iter().map(|(c, l)| (*c, *l)).collect())
@@ -734,6 +801,40 @@ where
 
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`), the value
 /// `bpf_get_netns_cookie()` returns for sockets in that namespace.
+/// How many keys the map `fd` holds (`BPF_MAP_GET_NEXT_KEY` from no key), at most `max`.
+fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: usize, max: usize) -> usize {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut n = 0;
+    let mut first = true;
+    while n < max {
+        // union bpf_attr, map element: map_fd u32 @0, key u64 @8, next_key u64 @16.
+        let mut attr = [0u8; 32];
+        attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        if !first {
+            attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+        }
+        attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
+        // SAFETY: `attr`, `key` and `next` (key_size bytes each) outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                attr.as_ptr(),
+                attr.len(),
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+    n
+}
+
 pub fn netns_cookie(socket: &impl AsFd) -> Result<u64> {
     getsockopt_u64(socket, libc::SO_NETNS_COOKIE)
         .context("reading the network namespace cookie (SO_NETNS_COOKIE)")
