@@ -401,15 +401,8 @@ impl Agent {
                 );
             }));
         }
-        // Serving: the previous agent (if any) stops accepting and unlocks; this one answers
-        // the next.
-        if let Some(t) = takeover.take() {
-            active = Some(t.ready()?);
-            tracing::info!(
-                "the previous agent was told to stop accepting: this agent is the active one"
-            );
-        }
-        let handed_over = Arc::new(tokio::sync::Notify::new());
+        // The admin socket before the previous agent is told to stop: a failure here leaves it
+        // serving.
         let control = Arc::new(crate::control::Control {
             config: config.clone(),
             started: std::time::Instant::now(),
@@ -435,6 +428,15 @@ impl Agent {
             crate::admin::socket::AdminSocket::bind(&config.operate.admin_socket, access)?;
         tasks.extend(admin.serve(control, access));
         tracing::info!(path = %admin.path().display(), group = ?access.group, "admin socket: mcpwarden status, reload, policy explain --live");
+        // Serving: the previous agent (if any) stops accepting and unlocks; this one answers
+        // the next.
+        if let Some(t) = takeover.take() {
+            active = Some(t.ready()?);
+            tracing::info!(
+                "the previous agent was told to stop accepting: this agent is the active one"
+            );
+        }
+        let handed_over = Arc::new(tokio::sync::Notify::new());
         if let Some(a) = active {
             a.serve(registry, mount.clone(), attach.clone(), handed_over.clone())?;
         }
