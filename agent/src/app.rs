@@ -28,6 +28,9 @@ use crate::{
 /// The `run` command: start the agent, say it is ready, serve until SIGTERM or SIGINT (reloading
 /// on SIGHUP), then stop.
 pub async fn run(config: Config) -> Result<()> {
+    // First: a SIGHUP or SIGUSR1 (logrotate's postrotate) while the agent starts must not end
+    // it, and a SIGTERM then stops it once started.
+    let mut signals = Signals::install()?;
     let nofile = raise_nofile_limit();
     let mut agent = Agent::start(&config).await?;
     tracing::info!(
@@ -43,8 +46,6 @@ pub async fn run(config: Config) -> Result<()> {
     // SAFETY: mi_collect only releases free memory of the calling thread's heap; it is a no-op
     // when the process's allocator is not mimalloc (the heap is empty).
     unsafe { libmimalloc_sys::mi_collect(true) };
-    // Installed once: a signal that arrives while the agent drains is not lost.
-    let mut signals = Signals::install()?;
     if agent.run_until_signal(&mut signals).await? == Stopped::HandedOver {
         let stopped = tokio::select! {
             () = agent.drain(config.drain) => false,
@@ -204,7 +205,7 @@ impl Agent {
         let metrics_stop = Arc::new(tokio::sync::Notify::new());
         let inherited_metrics = takeover.as_mut().and_then(|t| t.metrics.take());
         let mut tasks = Vec::new();
-        let metrics_listen = match config.operate.metrics_listen {
+        let mut metrics_listener = match config.operate.metrics_listen {
             None => None,
             Some(want) => {
                 let listener = match inherited_metrics {
@@ -215,11 +216,24 @@ impl Agent {
                     {
                         l
                     }
-                    _ => std::net::TcpListener::bind(want).with_context(|| {
-                        format!("binding the metrics listener {want} (--metrics-listen; `off` for none)")
-                    })?,
+                    other => {
+                        // Another address: the previous agent's goes with it.
+                        drop(other);
+                        std::net::TcpListener::bind(want).with_context(|| {
+                            format!("binding the metrics listener {want} (--metrics-listen; `off` for none)")
+                        })?
+                    }
                 };
                 registry.set_metrics(&listener)?;
+                Some(listener)
+            }
+        };
+        let metrics_listen = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let mut serve_metrics = |tasks: &mut Vec<JoinHandle<()>>| -> Result<()> {
+            if let Some(listener) = metrics_listener.take() {
                 let (addr, task) = crate::admin::listener::serve(
                     listener,
                     metrics.clone(),
@@ -228,9 +242,15 @@ impl Agent {
                 )?;
                 tasks.push(task);
                 tracing::info!(%addr, "metrics listener: /metrics, /healthz, /readyz");
-                Some(addr)
             }
+            Ok(())
         };
+        // Started now, probes get an answer (not ready) while the rest starts; one handed over
+        // is served once this agent is the active one (until then the previous agent answers on
+        // it, and two agents never answer on one socket).
+        if takeover.is_none() {
+            serve_metrics(&mut tasks)?;
+        }
 
         crate::netns::init_own().context("recording the agent's own network namespace")?;
         let host_netns = crate::netns::Netns::host_cookie()
@@ -416,6 +436,7 @@ impl Agent {
             reloader: std::sync::Mutex::new(reloader.clone()),
             agent_cgroup: agent_cgroup.display().to_string(),
             metrics_listen,
+            occupancy: std::sync::Mutex::default(),
         });
         {
             let control = control.clone();
@@ -424,10 +445,11 @@ impl Agent {
         let access = crate::admin::socket::Access {
             group: config.operate.admin_group,
         };
+        // Bound beside the path, moved over it once this agent is the active one: a failed
+        // hand-over leaves the previous agent's socket in place.
         let mut admin =
             crate::admin::socket::AdminSocket::bind(&config.operate.admin_socket, access)?;
         tasks.extend(admin.serve(control, access));
-        tracing::info!(path = %admin.path().display(), group = ?access.group, "admin socket: mcpwarden status, reload, policy explain --live");
         // Serving: the previous agent (if any) stops accepting and unlocks; this one answers
         // the next.
         if let Some(t) = takeover.take() {
@@ -435,7 +457,10 @@ impl Agent {
             tracing::info!(
                 "the previous agent was told to stop accepting: this agent is the active one"
             );
+            serve_metrics(&mut tasks)?;
         }
+        admin.publish()?;
+        tracing::info!(path = %admin.path().display(), group = ?access.group, "admin socket: mcpwarden status, reload, policy explain --live");
         let handed_over = Arc::new(tokio::sync::Notify::new());
         if let Some(a) = active {
             a.serve(registry, mount.clone(), attach.clone(), handed_over.clone())?;

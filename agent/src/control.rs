@@ -31,7 +31,14 @@ pub struct Control {
     pub reloader: std::sync::Mutex<mpsc::Sender<reload::Msg>>,
     pub agent_cgroup: String,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The redirect maps' occupancy, counted at most once a second (each count walks a map).
+    pub occupancy: std::sync::Mutex<Option<(Instant, Occupancy)>>,
 }
+
+type Occupancy = Vec<(&'static str, u64, u64)>;
+
+/// How long a count of the maps' entries is reused.
+const OCCUPANCY_FRESH: Duration = Duration::from_secs(1);
 
 /// How long `mcpwarden reload` waits for the reload thread.
 const RELOAD_WAIT: Duration = Duration::from_secs(30);
@@ -41,7 +48,7 @@ impl Control {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             open_connections: self.interceptor.connections.open() as u64,
-            maps: self.redirector.occupancy(),
+            maps: self.occupancy(),
             namespaces: self.redirector.served_netns().len() as u64,
             leaves_minted: self
                 .interceptor
@@ -49,6 +56,22 @@ impl Control {
                 .as_ref()
                 .map_or(0, |t| t.leaves.minted()),
             audit: audit_snapshot(&self.audit),
+        }
+    }
+
+    /// The maps' occupancy, counted again when the last count is older than a second.
+    fn occupancy(&self) -> Occupancy {
+        let mut cached = self
+            .occupancy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cached {
+            Some((at, counts)) if at.elapsed() < OCCUPANCY_FRESH => counts.clone(),
+            _ => {
+                let counts = self.redirector.occupancy();
+                *cached = Some((Instant::now(), counts.clone()));
+                counts
+            }
         }
     }
 
@@ -161,7 +184,6 @@ impl admin::Control for Control {
                 programs,
                 links_pinned,
                 maps: self
-                    .redirector
                     .occupancy()
                     .into_iter()
                     .map(|(name, entries, max)| status::MapUse {

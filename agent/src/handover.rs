@@ -190,9 +190,9 @@ pub fn begin(state_dir: &Path) -> Result<Start> {
     };
     stream.set_read_timeout(Some(WAIT))?;
     let cred =
-        sockopt::socket_peercred(&stream).context("reading the active agent's credentials")?;
-    let from_pid = cred.pid.as_raw_nonzero().get() as u32;
-    let peer_uid = cred.uid.as_raw();
+        crate::identity::peer_cred(&stream).context("reading the active agent's credentials")?;
+    let from_pid = cred.pid;
+    let peer_uid = cred.uid;
     if peer_uid != 0 {
         bail!(
             "the process answering on {} is not root (uid {peer_uid}): refusing its sockets",
@@ -284,10 +284,13 @@ impl Active {
         mount: &Path,
         attach: &Path,
     ) -> Result<bool> {
-        let cred = sockopt::socket_peercred(stream).context("reading the peer's credentials")?;
-        let pid = cred.pid.as_raw_nonzero().get() as u32;
-        if cred.uid.as_raw() != 0 {
-            bail!("peer pid {pid} is not root (uid {})", cred.uid.as_raw());
+        let cred = crate::identity::peer_cred(stream).context("reading the peer's credentials")?;
+        let pid = cred.pid;
+        if cred.uid != 0 {
+            bail!("peer pid {pid} is not root (uid {})", cred.uid);
+        }
+        if pid == 0 {
+            bail!("the peer's process is not visible from this PID namespace: cannot check its cgroup");
         }
         let cgroup = crate::redirect::cgroup::of_process(mount, &pid.to_string())?;
         if cgroup.starts_with(attach) {

@@ -320,10 +320,19 @@ impl Metrics {
         &self.shards[i % self.shards.len()]
     }
 
-    /// The policies changed: the `tool` label now admits `tools`. Counts so far are kept.
+    /// The policies changed: the `tool` label now admits `tools`. Counts so far are kept: the
+    /// replaced table stays and is summed with the new one (a table per change of the listed
+    /// names, not per reload).
     pub fn set_tools(&self, tools: &[String]) {
+        // Swapped and retired under the lock a scrape reads them under: a scrape sees the
+        // old table once, as current or as retired, never twice or not at all.
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.calls.load_full();
-        let mut wanted: Vec<&str> = tools.iter().map(String::as_str).collect();
+        let mut wanted: Vec<&str> = tools
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t != OTHER)
+            .collect();
         wanted.sort_unstable();
         wanted.dedup();
         let mut have: Vec<&str> = current.tools.iter().skip(1).map(String::as_str).collect();
@@ -332,11 +341,7 @@ impl Metrics {
             return;
         }
         let table = Arc::new(CallTable::new(&self.servers, tools, self.shards.len()));
-        let old = self.calls.swap(table);
-        self.retired
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(old);
+        retired.push(self.calls.swap(table));
     }
 
     /// Where scrape-time values come from (set once, by `app`).
@@ -371,13 +376,9 @@ impl Metrics {
     /// Counts of `tools/call` decisions, for status: `(server, tool, decision) → n`.
     pub fn call_totals(&self) -> BTreeMap<(String, String, &'static str), u64> {
         let mut totals = BTreeMap::new();
+        let retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         self.calls.load().totals(&mut totals);
-        for t in self
-            .retired
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
+        for t in retired.iter() {
             t.totals(&mut totals);
         }
         totals

@@ -179,6 +179,11 @@ impl Policies {
     /// Re-reads every policy file in use, and the config when there is one. Returns how many
     /// files changed (including the config's routing).
     pub fn reload(&self, flags: &Flags) -> usize {
+        // The errors of this reload only (`reload_now` reports them).
+        self.errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         let mut changed = 0;
         if flags.config.is_some() {
             match Config::assemble(flags.clone()) {
@@ -413,10 +418,6 @@ impl Policies {
 
     /// Reload now and say what happened.
     pub fn reload_now(&self, flags: &Flags) -> crate::admin::Reloaded {
-        self.errors
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
         let changed = self.reload(flags);
         crate::admin::Reloaded {
             changed,

@@ -18,7 +18,8 @@ pub fn request(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    // An agent that accepts but does not answer (stopped, swapping) must not hang a probe.
+    let exchange = async {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
             .with_context(|| {
@@ -52,6 +53,25 @@ pub fn request(
                 value["error"].as_str().unwrap_or("forbidden")
             );
         }
+        // 503 is a health answer (not ready), not a failure of the request.
+        if !status.is_success() && status != http::StatusCode::SERVICE_UNAVAILABLE {
+            bail!(
+                "the agent answered {status}: {}",
+                value["error"].as_str().unwrap_or("no reason given")
+            );
+        }
         Ok((status, value))
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(TIMEOUT, exchange).await.map_err(|_| {
+            anyhow::anyhow!(
+                "the agent did not answer on {} within {} s",
+                socket.display(),
+                TIMEOUT.as_secs()
+            )
+        })?
     })
 }
+
+/// How long one request to the admin socket may take (a reload waits for the reload thread).
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(40);

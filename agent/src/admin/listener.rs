@@ -53,9 +53,25 @@ pub fn serve(
                 let health = health.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let service = hyper::service::service_fn(move |req| {
-                        let reply = answer(&req, &metrics, &health);
-                        async move { Ok::<_, Infallible>(reply) }
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (metrics, health) = (metrics.clone(), health.clone());
+                        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                        async move {
+                            // A scrape counts map entries (syscalls): off the control plane's
+                            // thread, which also runs the interceptor's accept loop.
+                            let reply = tokio::task::spawn_blocking(move || {
+                                answer(&method, &path, &metrics, &health)
+                            })
+                            .await
+                            .unwrap_or_else(|_| {
+                                text(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    "text/plain; charset=utf-8",
+                                    "the scrape failed\n".into(),
+                                )
+                            });
+                            Ok::<_, Infallible>(reply)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -75,19 +91,26 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(content_type),
     );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        r.headers_mut().insert(
+            http::header::ALLOW,
+            http::HeaderValue::from_static("GET, HEAD"),
+        );
+    }
     r
 }
 
 fn answer(
-    req: &Request<Incoming>,
+    method: &Method,
+    path: &str,
     metrics: &Arc<Metrics>,
     health: &Health,
 ) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
     }
-    match req.uri().path() {
+    match path {
         "/metrics" => match metrics.encode() {
             Ok(body) => text(
                 StatusCode::OK,

@@ -40,9 +40,12 @@ pub struct Access {
     pub group: Option<u32>,
 }
 
-/// The bound socket; dropping it removes the path if it is still this socket's.
+/// The bound socket; dropping it removes its file if the path still names it.
 pub struct AdminSocket {
     path: PathBuf,
+    /// Where it is bound until [`AdminSocket::publish`] moves it to `path`.
+    staged: PathBuf,
+    published: bool,
     /// Device and inode of the socket file this agent bound: a successor binds its own at the
     /// same path, which this one must not remove.
     ino: (u64, u64),
@@ -50,8 +53,9 @@ pub struct AdminSocket {
 }
 
 impl AdminSocket {
-    /// Bind `path` (a stale socket there is replaced; anything else there is an error),
-    /// mode 0660, owner root, group `access.group`.
+    /// Bind a socket for `path`, mode 0660, owner root, group `access.group`: beside it
+    /// (`PATH.PID`) until [`AdminSocket::publish`]. Anything at `path` that is not a socket is
+    /// an error.
     pub fn bind(path: &Path, access: Access) -> Result<AdminSocket> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
@@ -61,8 +65,7 @@ impl AdminSocket {
             }
         }
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-                .with_context(|| format!("removing the stale socket {}", path.display()))?,
+            Ok(m) if m.file_type().is_socket() => {}
             Ok(_) => bail!(
                 "{} exists and is not a socket: refusing to replace it (admin_socket)",
                 path.display()
@@ -70,18 +73,40 @@ impl AdminSocket {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
-        let std_listener = std::os::unix::net::UnixListener::bind(path)
-            .with_context(|| format!("binding the admin socket {}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        std::os::unix::fs::chown(path, Some(0), Some(access.group.unwrap_or(0)))
-            .with_context(|| format!("chown {}", path.display()))?;
-        std_listener.set_nonblocking(true)?;
-        let meta = std::fs::metadata(path)?;
-        Ok(AdminSocket {
+        let mut staged = path.as_os_str().to_owned();
+        staged.push(format!(".{}", std::process::id()));
+        let staged = PathBuf::from(staged);
+        let _ = std::fs::remove_file(&staged);
+        let std_listener = std::os::unix::net::UnixListener::bind(&staged)
+            .with_context(|| format!("binding the admin socket {}", staged.display()))?;
+        let mut socket = AdminSocket {
             path: path.to_owned(),
-            ino: (meta.dev(), meta.ino()),
-            listener: Some(UnixListener::from_std(std_listener)?),
-        })
+            staged: staged.clone(),
+            published: false,
+            ino: (0, 0),
+            listener: None,
+        };
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
+        std::os::unix::fs::chown(&staged, Some(0), Some(access.group.unwrap_or(0)))
+            .with_context(|| format!("chown {}", staged.display()))?;
+        std_listener.set_nonblocking(true)?;
+        let meta = std::fs::metadata(&staged)?;
+        socket.ino = (meta.dev(), meta.ino());
+        socket.listener = Some(UnixListener::from_std(std_listener)?);
+        Ok(socket)
+    }
+
+    /// Move the socket to its path (replacing a previous agent's, or a stale one).
+    pub fn publish(&mut self) -> Result<()> {
+        std::fs::rename(&self.staged, &self.path).with_context(|| {
+            format!(
+                "moving the admin socket {} to {}",
+                self.staged.display(),
+                self.path.display()
+            )
+        })?;
+        self.published = true;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -110,7 +135,11 @@ impl AdminSocket {
                     let verdict = check_peer(stream.as_raw_fd(), access);
                     if let Err((pid, uid, why)) = &verdict {
                         tracing::warn!(pid, uid, "admin socket: {why}");
-                        control.refused(*pid, *uid, why);
+                        // The audit write may wait for a stalled sink: not on this thread.
+                        let (control, pid, uid, why) = (control.clone(), *pid, *uid, why.clone());
+                        let _ =
+                            tokio::task::spawn_blocking(move || control.refused(pid, uid, &why))
+                                .await;
                     }
                     let verdict = Arc::new(verdict.map_err(|(_, _, why)| why));
                     let service = hyper::service::service_fn(move |req| {
@@ -138,9 +167,14 @@ impl AdminSocket {
 impl Drop for AdminSocket {
     fn drop(&mut self) {
         // A successor may have bound its own socket here since: leave that one alone.
-        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+        let path = if self.published {
+            &self.path
+        } else {
+            &self.staged
+        };
+        if let Ok(m) = std::fs::symlink_metadata(path) {
             if (m.dev(), m.ino()) == self.ino {
-                let _ = std::fs::remove_file(&self.path);
+                let _ = std::fs::remove_file(path);
             }
         }
     }
@@ -151,15 +185,14 @@ impl Drop for AdminSocket {
 fn check_peer(fd: std::os::fd::RawFd, access: Access) -> Result<(), (u32, u32, String)> {
     // SAFETY: `fd` is the accepted stream's, open for the duration of this call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    let cred = rustix::net::sockopt::socket_peercred(fd).map_err(|e| {
+    let cred = crate::identity::peer_cred(&fd).map_err(|e| {
         (
             0,
             u32::MAX,
             format!("cannot read the peer's credentials: {e}"),
         )
     })?;
-    let pid = cred.pid.as_raw_nonzero().get() as u32;
-    let uid = cred.uid.as_raw();
+    let (pid, uid) = (cred.pid, cred.uid);
     if uid == 0 {
         return Ok(());
     }
@@ -170,7 +203,7 @@ fn check_peer(fd: std::os::fd::RawFd, access: Access) -> Result<(), (u32, u32, S
             format!("peer pid {pid} uid {uid} refused: only root may use this socket (no admin group is configured)"),
         ));
     };
-    if cred.gid.as_raw() == group {
+    if cred.gid == group {
         return Ok(());
     }
     match peer_groups(fd) {
@@ -263,6 +296,12 @@ async fn route(req: Request<Incoming>, control: Arc<dyn Control>) -> Response<Bo
         (&Method::POST, "/v1/explain") => {
             let bytes = match Limited::new(body, MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the query is larger than {MAX_BODY} bytes"),
+                    )
+                }
                 Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
             };
             let query: super::ExplainQuery = match serde_json::from_slice(&bytes) {
@@ -275,7 +314,15 @@ async fn route(req: Request<Incoming>, control: Arc<dyn Control>) -> Response<Bo
             }
         }
         (_, "/v1/status" | "/v1/health" | "/v1/reload" | "/v1/explain") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            let allow = if matches!(path.as_str(), "/v1/status" | "/v1/health") {
+                "GET"
+            } else {
+                "POST"
+            };
+            let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+            r
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
     }

@@ -352,6 +352,11 @@ impl FileSink {
         if !std::ptr::eq(&**self.current.load(), file) {
             return;
         }
+        // The path must still name this file: after logrotate or another agent renamed it, the
+        // watcher reopens; renaming again would shift someone else's files.
+        if !std::fs::metadata(&self.path).is_ok_and(|m| file.is(&m)) {
+            return;
+        }
         // What others appended counts too (a second agent, a copytruncate).
         match file.file.metadata() {
             Ok(m) if m.len() < r.max_bytes => {
@@ -795,7 +800,16 @@ impl AuditLog {
     /// pipes are kept as they are.
     pub fn reopen(&self) -> io::Result<()> {
         match &self.sink {
-            Sink::File(f) => f.reopen(Why::Asked).map(drop),
+            Sink::File(f) => {
+                let old = f.reopen(Why::Asked)?;
+                // Removed before the signal (`rm`, then SIGUSR1): what was written to it since
+                // the last check is copied into the new file, off the signal's thread.
+                let sink = f.clone();
+                let _ = std::thread::Builder::new()
+                    .name("mcpwarden-audit-salvage".into())
+                    .spawn(move || sink.salvage(old));
+                Ok(())
+            }
             Sink::Stdout | Sink::Pipe(_) => Ok(()),
         }
     }
@@ -848,8 +862,14 @@ impl AuditLog {
     /// the kernel has them. The first `kept` bytes are deferred lines the caller keeps when
     /// the write fails: they are not counted refused.
     fn write_lines(&self, lines: &[u8], kept: usize) -> io::Result<()> {
+        self.write_lines_counted(lines, kept).1
+    }
+
+    /// [`AuditLog::write_lines`], with how many bytes of `lines` are in the sink as whole lines
+    /// (all of them on success).
+    fn write_lines_counted(&self, lines: &[u8], kept: usize) -> (usize, io::Result<()>) {
         if lines.is_empty() {
-            return Ok(());
+            return (0, Ok(()));
         }
         let started = Instant::now();
         let budget = if self.health.stalled.load(R) {
@@ -877,14 +897,17 @@ impl AuditLog {
                 if self.health.failing_since.load(R) != 0 || self.health.stalled.load(R) {
                     self.recovered();
                 }
-                Ok(())
+                (lines.len(), Ok(()))
             }
             Err((whole, error)) => {
                 self.stats.bytes_written.fetch_add(whole as u64, R);
                 self.stats
                     .records_written
                     .fetch_add(count_lines(&lines[..whole]), R);
-                self.not_taken(lines, whole, kept, error, !budget.is_zero())
+                (
+                    whole,
+                    self.not_taken(lines, whole, kept, error, !budget.is_zero()),
+                )
             }
         }
     }
@@ -987,13 +1010,15 @@ impl AuditLog {
     /// A write went through after failures: if they made a stall, say so in the log.
     fn recovered(&self) {
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // Only the writer that ends the stall reads when it began.
+        if !self.health.stalled.swap(false, R) {
+            self.health.failing_since.store(0, R);
+            return;
+        }
         let since = match self.health.failing_since.swap(0, R) {
             0 => now,
             since => since,
         };
-        if !self.health.stalled.swap(false, R) {
-            return;
-        }
         let ms = now.saturating_sub(since) / 1_000_000;
         let refused = self.health.refused.swap(0, R);
         let unrecorded = self.health.unrecorded.swap(0, R);
@@ -1114,13 +1139,15 @@ impl WorkerAudit {
     }
 
     /// Write `pending` (deferred lines, then from `deferred` on the lines being written now).
-    /// On failure the deferred lines are kept for the next write and the others dropped.
+    /// On failure the deferred lines not in the sink yet are kept for the next write (those it
+    /// took, whole, are not written twice) and the others dropped.
     fn write_pending(&self, pending: &mut Vec<u8>, deferred: usize) -> io::Result<()> {
-        let result = self.log.write_lines(pending, deferred);
+        let (written, result) = self.log.write_lines_counted(pending, deferred);
         match &result {
             Ok(()) => pending.clear(),
             Err(_) => {
                 pending.truncate(deferred);
+                pending.drain(..written.min(deferred));
                 if pending.len() > DEFER_KEPT {
                     self.spill(pending, "the sink has refused them too long");
                 }
@@ -1785,6 +1812,42 @@ mod tests {
                 .is_some_and(|r| r.contains("refused")),
             "{stall}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn deferred_records_the_sink_took_before_a_refusal_are_not_written_twice() -> io::Result<()> {
+        let Some(fs) = Tmpfs::mount("deferred", "64k") else {
+            return Ok(());
+        };
+        let path = fs.0 .0.join("audit.jsonl");
+        let log = Arc::new(AuditLog::open_with(&path, Duration::from_millis(50))?);
+        let worker = WorkerAudit::new(log.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        runtime.block_on(async {
+            worker.write(&sized("first-", 1000))?;
+            let filler = fs.fill()?;
+            // 3,096 bytes left on the last page: three deferred lines fit whole, the record
+            // that carries them does not.
+            for mark in ["defer0", "defer1", "defer2"] {
+                worker.write_deferred(&sized(mark, 1000))?;
+            }
+            let refused = worker.write(&sized("refuse", 1000));
+            assert!(refused.is_err(), "the disk is full");
+            std::fs::remove_file(filler)?;
+            worker.write(&sized("after-", 1000))?;
+            worker.flush()
+        })?;
+        drop(runtime);
+        let marks: Vec<String> = std::fs::read_to_string(&path)?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "request")
+            .map(|v| v["reason"].as_str().unwrap_or("").chars().take(6).collect())
+            .collect();
+        assert_eq!(marks, ["first-", "defer0", "defer1", "defer2", "after-"]);
         Ok(())
     }
 
