@@ -495,18 +495,45 @@ struct FileAdmin {
     group: Option<FileGroup>,
 }
 
-/// A group by name or number.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum FileGroup {
-    Id(u32),
-    Name(String),
+/// A group by number, or by name: resolved as the file is read, so that an unknown name is an
+/// error at its line and column.
+#[derive(Debug)]
+struct FileGroup(u32);
+
+impl<'de> Deserialize<'de> for FileGroup {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Id(u32),
+            Name(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Id(gid) => Ok(FileGroup(gid)),
+            Given::Name(name) => crate::admin::socket::resolve_group(&name)
+                .map(FileGroup)
+                .map_err(|e| serde::de::Error::custom(format!("{e:#}"))),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileMetrics {
-    listen: Option<String>,
+    listen: Option<MetricsListen>,
+}
+
+/// `metrics.listen`: an address, or `off`; checked as the file is read.
+#[derive(Debug)]
+struct MetricsListen(Option<SocketAddr>);
+
+impl<'de> Deserialize<'de> for MetricsListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        metrics_listen(&text)
+            .map(MetricsListen)
+            .map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
 }
 
 /// `ADDR`, or `off`/`none` for no listener.
@@ -697,9 +724,8 @@ impl Config {
                 }
                 file_group = a.group;
             }
-            if let Some(listen) = f.metrics.and_then(|m| m.listen) {
-                operate.metrics_listen =
-                    metrics_listen(&listen).context("the config's metrics.listen")?;
+            if let Some(MetricsListen(listen)) = f.metrics.and_then(|m| m.listen) {
+                operate.metrics_listen = listen;
             }
             bindings = f
                 .bindings
@@ -818,10 +844,7 @@ impl Config {
         }
         operate.admin_group = match (&flags.admin_group, file_group) {
             (Some(g), _) => Some(crate::admin::socket::resolve_group(g).context("--admin-group")?),
-            (None, Some(FileGroup::Id(gid))) => Some(gid),
-            (None, Some(FileGroup::Name(g))) => {
-                Some(crate::admin::socket::resolve_group(&g).context("the config's admin.group")?)
-            }
+            (None, Some(FileGroup(gid))) => Some(gid),
             (None, None) => None,
         };
         let config = Config {
@@ -1127,6 +1150,33 @@ mod tests {
         // serde_yaml_ng places errors from a field deserializer at the enclosing mapping.
         assert!(err.starts_with("c.yaml:3:5: ca.next: "), "{err}");
         assert!(err.contains("RFC 3339"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_and_metrics_sections_parse_and_their_errors_name_line_and_column() {
+        for (text, at, says) in [
+            ("metrics:\n  listen: nonsense\n", "c.yaml:2:3: ", "nonsense"),
+            ("metrics:\n  port: 9\n", "c.yaml:2:3: ", "port"),
+            (
+                "admin:\n  group: no-such-group-mcpw\n",
+                "c.yaml:2:3: ",
+                "no group named",
+            ),
+            ("admin:\n  socket: a\n  grup: 5\n", "c.yaml:3:3: ", "grup"),
+        ] {
+            let err = load_error(text, "c.yaml");
+            assert!(err.starts_with(at) && err.contains(says), "{text}: {err}");
+        }
+        let parsed = parse_file(
+            "admin:\n  socket: /run/x.sock\n  group: 0\nmetrics:\n  listen: \"off\"\n",
+            Path::new("c.yaml"),
+        );
+        let parsed = parsed.ok().and_then(|f| Some((f.admin?, f.metrics?)));
+        let Some((admin, metrics)) = parsed else {
+            panic!("the sections did not parse");
+        };
+        assert_eq!(admin.group.map(|g| g.0), Some(0));
+        assert_eq!(metrics.listen.map(|l| l.0), Some(None));
     }
 
     #[test]
