@@ -8,8 +8,10 @@
 //! `policy` (decide; no I/O) →
 //! `audit` (record every message and decision).
 //! `config` reads the settings, `app` assembles the pieces and runs them, `cli` is the command
-//! line (`audit_tail` is `mcpwarden audit tail`, the audit log made readable). The demo is
-//! `mcpwarden-demo`, in the `tests/` crate.
+//! line (`audit_tail` is `mcpwarden audit tail`, the audit log made readable). Beside the flow,
+//! read-only: `metrics` counts what the audit records say (and two things `intercept` tells
+//! it), `admin` serves the admin socket and the metrics listener, `control` is what they read
+//! of the running agent. The demo is `mcpwarden-demo`, in the `tests/` crate.
 //!
 //! `mcp` and `policy` are crates of their own (`mcpwarden-mcp`, `mcpwarden-policy`), re-exported
 //! here under their old module names: the compiler keeps them free of sockets, of async and of
