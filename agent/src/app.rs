@@ -125,8 +125,6 @@ pub struct Agent {
     metrics_stop: Arc<tokio::sync::Notify>,
     /// The admin socket; dropping it removes the path (unless a successor bound its own).
     _admin: Option<crate::admin::socket::AdminSocket>,
-    /// The metrics listener's address, when there is one.
-    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Agent {
@@ -479,7 +477,6 @@ impl Agent {
             health,
             metrics_stop,
             _admin: Some(admin),
-            metrics_listen,
         })
     }
 

@@ -9,38 +9,23 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use mcpwarden_tests::hosts::HostsEntry;
+use mcpwarden_tests::rawhttp::{self, RawOutcome};
 use mcpwarden_tests::script::run_script;
 use mcpwarden_tests::{sha256_hex, wait_for};
 
-/// One GET (or `method`) over a fresh connection: the status code and the body.
+/// One request with `method` over a fresh connection: the status code and the body.
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let url = format!("http://{addr}{path}");
+    match rawhttp::request(method, &url, b"", &[], Duration::from_secs(10)) {
+        RawOutcome::Response(r) => (r.status, String::from_utf8_lossy(&r.body).into_owned()),
+        RawOutcome::NoResponse { reason, .. } => panic!("{method} {url}: {reason}"),
+    }
 }
 
 /// `mcpwarden ARGS...` (the agent binary's CLI), as root.

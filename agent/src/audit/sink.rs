@@ -389,6 +389,30 @@ impl FileSink {
         }
     }
 
+    /// What the watcher found at the path: unless `settled` (checked under the switching lock,
+    /// given the current file and the path's metadata now) says another thread has dealt with
+    /// it, open the path again, then copy into it what went to the old file if that was removed.
+    fn replace(
+        &self,
+        why: Why,
+        settled: impl FnOnce(&OpenFile, io::Result<std::fs::Metadata>) -> bool,
+    ) {
+        let old = {
+            let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
+            if settled(&self.current.load(), std::fs::metadata(&self.path)) {
+                return;
+            }
+            match self.swap_in(why) {
+                Ok(old) => old,
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, "reopening the audit log failed; writing on to the file open before");
+                    return;
+                }
+            }
+        };
+        self.salvage(old);
+    }
+
     /// Open the path again and swap the new file in; returns the one it replaced.
     fn reopen(&self, why: Why) -> io::Result<Arc<OpenFile>> {
         let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
@@ -427,24 +451,10 @@ impl FileSink {
             Ok(_) => {
                 *missing = false;
                 drop(current);
-                let old = {
-                    let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
-                    // A rotation of ours may have swapped it already.
-                    let current = self.current.load_full();
-                    if std::fs::metadata(&self.path).is_ok_and(|m| current.is(&m)) {
-                        return;
-                    }
-                    drop(current);
-                    match self.swap_in(Why::Renamed) {
-                        Ok(old) => old,
-                        Err(e) => {
-                            tracing::error!(path = %self.path.display(), error = %e, "reopening the audit log failed; writing on to the renamed file");
-                            return;
-                        }
-                    }
-                };
-                // Removed, and another file made at the path: what went to it is copied.
-                self.salvage(old);
+                // A rotation of ours may have swapped it already.
+                self.replace(Why::Renamed, |current, path| {
+                    path.is_ok_and(|m| current.is(&m))
+                });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if !std::mem::replace(missing, true) {
@@ -452,20 +462,7 @@ impl FileSink {
                 }
                 *missing = false;
                 drop(current);
-                let old = {
-                    let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
-                    if std::fs::metadata(&self.path).is_ok() {
-                        return;
-                    }
-                    match self.swap_in(Why::Removed) {
-                        Ok(old) => old,
-                        Err(e) => {
-                            tracing::error!(path = %self.path.display(), error = %e, "recreating the removed audit log failed");
-                            return;
-                        }
-                    }
-                };
-                self.salvage(old);
+                self.replace(Why::Removed, |_, path| path.is_ok());
             }
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot check the audit log's path");

@@ -532,45 +532,37 @@ impl Redirector {
     /// an accept.
     pub fn occupancy(&self) -> Vec<(&'static str, u64, u64)> {
         use aya::maps::IterableMap;
-        use std::mem::size_of;
-        type Held = (&'static str, Option<std::os::fd::OwnedFd>, usize, u32);
-        let mut fds: Vec<Held> = Vec::new();
-        let dup = |m: &aya::maps::MapData| m.fd().as_fd().try_clone_to_owned().ok();
-        if let Ok(e) = lock(&self.endpoints) {
-            fds.push((
+        let dup = |m: &MapData| m.fd().as_fd().try_clone_to_owned().ok();
+        // The descriptors under the locks; the walks after them.
+        let (endpoints, local_ports) = match lock(&self.endpoints) {
+            Ok(e) => (dup(e.exact.map()), dup(e.local.map())),
+            Err(_) => (None, None),
+        };
+        let local_addrs = lock(&self.local_addrs).ok().and_then(|l| dup(l.map.map()));
+        let netns = lock(&self.netns).ok().and_then(|n| dup(n.map.map()));
+        let by_socket = lock(&self.by_socket).ok().and_then(|m| dup(m.map()));
+        [
+            (
                 MAP_ENDPOINTS,
-                dup(e.exact.map()),
-                size_of::<SockKey>(),
-                MAX_ENDPOINTS,
-            ));
-            fds.push((
+                count_keys::<SockKey, EndpointValue>(endpoints, MAX_ENDPOINTS),
+            ),
+            (
                 MAP_LOCAL_PORTS,
-                dup(e.local.map()),
-                size_of::<u32>(),
-                MAX_LOCAL_PORTS,
-            ));
-        }
-        if let Ok(l) = lock(&self.local_addrs) {
-            let key = size_of::<NetnsAddr>();
-            fds.push((MAP_LOCAL_ADDRS, dup(l.map.map()), key, MAX_LOCAL_ADDRS));
-        }
-        if let Ok(n) = lock(&self.netns) {
-            fds.push((MAP_NETNS, dup(n.map.map()), size_of::<u64>(), MAX_NETNS));
-        }
-        if let Ok(s) = lock(&self.by_socket) {
-            fds.push((
+                count_keys::<u32, EndpointValue>(local_ports, MAX_LOCAL_PORTS),
+            ),
+            (
+                MAP_LOCAL_ADDRS,
+                count_keys::<NetnsAddr, u32>(local_addrs, MAX_LOCAL_ADDRS),
+            ),
+            (MAP_NETNS, count_keys::<u64, Listeners>(netns, MAX_NETNS)),
+            (
                 MAP_BY_SOCKET,
-                dup(s.map()),
-                size_of::<u64>(),
-                MAX_CONNECTIONS,
-            ));
-        }
-        fds.into_iter()
-            .filter_map(|(name, fd, key_size, max)| {
-                let n = count_keys(fd?.as_fd(), key_size, max as usize);
-                Some((name, n as u64, u64::from(max)))
-            })
-            .collect()
+                count_keys::<u64, ConnRecord>(by_socket, MAX_CONNECTIONS),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, counted)| counted.map(|(n, max)| (name, n, max)))
+        .collect()
     }
 
     pub fn served_netns(&self) -> Vec<(u64, Listeners)> {
@@ -801,38 +793,16 @@ where
 
 /// The cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`), the value
 /// `bpf_get_netns_cookie()` returns for sockets in that namespace.
-/// How many keys the map `fd` holds (`BPF_MAP_GET_NEXT_KEY` from no key), at most `max`.
-fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: usize, max: usize) -> usize {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let mut key = vec![0u8; key_size.max(1)];
-    let mut next = vec![0u8; key_size.max(1)];
-    let mut n = 0;
-    let mut first = true;
-    while n < max {
-        // union bpf_attr, map element: map_fd u32 @0, key u64 @8, next_key u64 @16.
-        let mut attr = [0u8; 32];
-        attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-        if !first {
-            attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
-        }
-        attr[16..24].copy_from_slice(&(next.as_mut_ptr() as u64).to_ne_bytes());
-        // SAFETY: `attr`, `key` and `next` (key_size bytes each) outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                attr.as_ptr(),
-                attr.len(),
-            )
-        };
-        if rc != 0 {
-            break;
-        }
-        n += 1;
-        first = false;
-        std::mem::swap(&mut key, &mut next);
-    }
-    n
+/// How many keys the hash map `fd` holds (aya's key walk on a duplicate of its descriptor), at
+/// most `max`; with `max`.
+fn count_keys<K: aya::Pod, V: aya::Pod>(
+    fd: Option<std::os::fd::OwnedFd>,
+    max: u32,
+) -> Option<(u64, u64)> {
+    let map = aya::maps::Map::from_map_data(MapData::from_fd(fd?).ok()?).ok()?;
+    let map = HashMap::<MapData, K, V>::try_from(map).ok()?;
+    let n = map.keys().take(max as usize).filter(Result::is_ok).count();
+    Some((n as u64, u64::from(max)))
 }
 
 pub fn netns_cookie(socket: &impl AsFd) -> Result<u64> {
