@@ -146,6 +146,8 @@ fn policy_benches(c: &mut Criterion) {
         grant: "cgroup:1234",
         process: "pid:1",
         session: "connection:1",
+        namespace: "",
+        service_account: "",
     };
     let call = |tool| Call {
         tool,
@@ -214,6 +216,8 @@ fn mixed_policy_benches(c: &mut Criterion) {
         grant: "cgroup:1234",
         process: "pid:1",
         session: "connection:1",
+        namespace: "",
+        service_account: "",
     };
     let outcome = |e: Expected| match e {
         Expected::Allow => Outcome::Allow,

@@ -161,6 +161,7 @@ impl Agent {
                     .trim_start_matches('[')
                     .trim_end_matches(']')
                     .to_ascii_lowercase(),
+                aliases: crate::config::host_aliases(&s.url.host),
                 port: s.url.port,
                 passthrough_paths: s.passthrough_paths.clone(),
                 params: Arc::default(),
@@ -278,6 +279,12 @@ impl Agent {
         let routes = Arc::new(Routes::default());
         let host_addrs = HostAddrs::default();
         let resolve_again = Arc::new(tokio::sync::Notify::new());
+        // Callers' pods and Services' backends, from the Kubernetes API when there is one.
+        let pods = Arc::new(crate::identity::Pods::new(
+            config.kubernetes.deleted_pod_grace,
+        ));
+        let backends = crate::k8s::Backends::new(resolve_again.clone());
+        let kube_config = crate::k8s::client_config(&config.kubernetes).await?;
         let mut resolver = EndpointResolver::new(
             config
                 .servers
@@ -289,7 +296,8 @@ impl Agent {
                 })
                 .collect(),
             host_addrs.clone(),
-        )?;
+        )?
+        .with_backends(backends.clone());
         resolver.refresh(redirector.as_ref(), &routes).await?;
         for host in resolver.unresolved() {
             tracing::error!(host, "endpoint resolved to no address: its traffic is not intercepted until it does (retrying)");
@@ -309,11 +317,40 @@ impl Agent {
             terminator,
             sessions: Arc::default(),
             routing: policies.routing(),
-            pods: Arc::default(),
+            pods: pods.clone(),
             drain: Arc::default(),
             metrics: metrics.clone(),
         });
         let (reloader, _) = reload::spawn(policies.clone(), config.flags.clone())?;
+        // The watches start before the datapath: a caller's pod is known as early as can be.
+        // An unreachable API server delays nothing here (the watchers retry on their own).
+        let kube = match kube_config.clone() {
+            Some(kc) => {
+                let services = config
+                    .servers
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| {
+                        crate::k8s::service_of(&s.url.host, s.url.port).map(|svc| (i, svc))
+                    })
+                    .collect();
+                let (kube, watches) = crate::k8s::start(crate::k8s::Watches {
+                    config: kc,
+                    settings: config.kubernetes.clone(),
+                    pods: pods.clone(),
+                    backends: backends.clone(),
+                    services,
+                })?;
+                tasks.extend(watches);
+                let k = kube.clone();
+                health.set_kubernetes(move || k.not_ready());
+                Some(kube)
+            }
+            None => {
+                tracing::info!("no Kubernetes API configured: callers are known by process, cgroup and container");
+                None
+            }
+        };
         let (listeners_tx, listeners_rx) = tokio::sync::mpsc::unbounded_channel();
         // The workers first: if they cannot start, nothing has been spawned yet.
         let serve = interceptor.clone().serve(listeners_rx, config.workers)?;
@@ -435,6 +472,7 @@ impl Agent {
             agent_cgroup: agent_cgroup.display().to_string(),
             metrics_listen,
             occupancy: std::sync::Mutex::default(),
+            kube: kube.clone(),
         });
         {
             let control = control.clone();
@@ -459,6 +497,23 @@ impl Agent {
         }
         admin.publish()?;
         tracing::info!(path = %admin.path().display(), group = ?access.group, "admin socket: mcpwarden status, reload, policy explain --live");
+        // Workload pods may be scheduled here once this agent is ready (pods known included).
+        if let (Some(kube), Some(kc), Some(taint)) =
+            (kube, kube_config, config.kubernetes.remove_taint.clone())
+        {
+            let health = health.clone();
+            tasks.push(tokio::spawn(async move {
+                while !health.check().ready {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                match crate::k8s::remove_taint(kc, kube, taint) {
+                    Ok(task) => {
+                        let _ = task.await;
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot remove the not-ready taint"),
+                }
+            }));
+        }
         let handed_over = Arc::new(tokio::sync::Notify::new());
         if let Some(a) = active {
             a.serve(registry, mount.clone(), attach.clone(), handed_over.clone())?;

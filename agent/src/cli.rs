@@ -197,6 +197,42 @@ enum CaCommand {
     Install(CaArgs),
     /// Remove them from this host's trust store.
     Uninstall,
+    /// Generate a root CA for a cluster, name-constrained to the endpoints of a config file
+    /// (every server's host and the short names of Service hosts): DIR/ca.crt (0644) and
+    /// DIR/ca.key (0600). Keep the key off the nodes: they get intermediates (`ca intermediate`).
+    Init {
+        /// The agent's configuration file: its servers are what the CA may sign for.
+        #[arg(long = "name-constraints-from", value_name = "CONFIG")]
+        config: PathBuf,
+        /// Where to write ca.crt and ca.key (created 0700 if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, value_name = "N", default_value_t = crate::ca::cluster::DEFAULT_ROOT_DAYS)]
+        days: u32,
+        /// Replace an existing ca.crt / ca.key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a short-lived intermediate CA for one node, signed by the root, with the root's name
+    /// constraints: DIR/tls.crt (the intermediate, then the root) and DIR/tls.key (0600).
+    Intermediate {
+        /// The root CA certificate (`ca init`'s ca.crt).
+        #[arg(long = "ca-cert", value_name = "FILE")]
+        ca_cert: PathBuf,
+        /// The root CA key (`ca init`'s ca.key).
+        #[arg(long = "ca-key", value_name = "FILE")]
+        ca_key: PathBuf,
+        /// The node's name (`kubectl get nodes`), in the intermediate's subject.
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        /// Where to write tls.crt and tls.key (replaced if present).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Validity in hours (from an hour ago, never past the root's expiry).
+        #[arg(long, value_name = "N", default_value_t = crate::ca::cluster::DEFAULT_INTERMEDIATE_HOURS)]
+        hours: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -329,6 +365,20 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // In a container: the host's cgroup namespace, before any thread exists (namespaces are
+    // per thread, and threads inherit their creator's).
+    if matches!(cli.command, Command::Run { .. }) {
+        match crate::redirect::cgroup::join_host_cgroup_namespace() {
+            Ok(true) => tracing::info!(
+                "joined the host's cgroup namespace (this agent runs in a container)"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("mcpwarden: error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     // The control plane (accept loop, endpoint resolution, signals) runs on this thread; the
     // interceptor's worker threads have runtimes of their own. The `ca` commands are synchronous.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -433,6 +483,8 @@ fn live_explain(
         grant: Some(q.grant),
         process: Some(q.process),
         session: Some(q.session),
+        namespace: Some(q.namespace),
+        service_account: Some(q.service_account),
     };
     let (status, v) = crate::admin::client::request(
         &admin.socket(),
@@ -576,6 +628,43 @@ fn ca_settings(args: &CaArgs) -> Result<crate::ca::CaSettings> {
     }
 }
 
+/// `ca init`: the root, constrained to the config's endpoints; then what to do with it.
+fn ca_init(config: &std::path::Path, out: &std::path::Path, days: u32, force: bool) -> Result<()> {
+    let config = Config::assemble(Flags {
+        config: Some(config.to_path_buf()),
+        ..Flags::default()
+    })?;
+    let names = crate::ca::cluster::endpoint_names(&config);
+    let root = crate::ca::cluster::init(&names, out, days, force, std::time::SystemTime::now())?;
+    let (cert, key) = (root.cert.display(), root.key.display());
+    println!("wrote {cert} (SHA-256 {})", root.fingerprint);
+    println!("  may sign for: {}", root.permitted);
+    println!("wrote {key} (0600): keep it off the nodes; they get intermediates");
+    println!();
+    println!("Workloads trust the root (the certificate only):");
+    println!("  kubectl -n mcpwarden create configmap mcpwarden-ca --from-file=ca.crt={cert}");
+    println!(
+        "Each node signs with an intermediate of its own, in one Secret (<node>.crt, <node>.key):"
+    );
+    println!("  args=()");
+    println!("  for node in $(kubectl get nodes -o jsonpath='{{.items[*].metadata.name}}'); do");
+    println!("    mcpwarden ca intermediate --ca-cert {cert} --ca-key {key} --node \"$node\" \\");
+    println!(
+        "      --out \"nodes/$node\" --hours {}",
+        crate::ca::cluster::DEFAULT_INTERMEDIATE_HOURS
+    );
+    println!("    args+=(--from-file=\"$node.crt=nodes/$node/tls.crt\" --from-file=\"$node.key=nodes/$node/tls.key\")");
+    println!("  done");
+    println!("  kubectl -n mcpwarden create secret generic mcpwarden-node-ca \"${{args[@]}}\" \\");
+    println!("    --dry-run=client -o yaml | kubectl apply -f -");
+    println!("Configure the agent with ca.cert: /etc/mcpwarden/ca/${{NODE_NAME}}.crt and");
+    println!(
+        "ca.key: /etc/mcpwarden/ca/${{NODE_NAME}}.key; re-issue the intermediates before they"
+    );
+    println!("expire and restart the agents (README, \"The CA in a cluster\").");
+    Ok(())
+}
+
 fn ca_command(cmd: CaCommand) -> Result<()> {
     use crate::ca::{trust, Ca};
     match cmd {
@@ -586,6 +675,15 @@ fn ca_command(cmd: CaCommand) -> Result<()> {
                     "{}: SHA-256 {fingerprint}{}",
                     file.display(),
                     if signing { " (signing)" } else { "" }
+                );
+            }
+            for i in ca.intermediates() {
+                eprintln!(
+                    "{}: signs with the intermediate {:?} (SHA-256 {}), valid until {}; workloads trust the root above",
+                    i.source.display(),
+                    i.subject,
+                    i.fingerprint,
+                    humantime::format_rfc3339_seconds(i.not_after)
                 );
             }
             print!("{}", ca.bundle_pem());
@@ -599,6 +697,49 @@ fn ca_command(cmd: CaCommand) -> Result<()> {
                 .collect();
             for f in trust::detect()?.install(&pems)? {
                 eprintln!("installed {}", f.display());
+            }
+        }
+        CaCommand::Init {
+            config,
+            out,
+            days,
+            force,
+        } => ca_init(&config, &out, days, force)?,
+        CaCommand::Intermediate {
+            ca_cert,
+            ca_key,
+            node,
+            out,
+            hours,
+        } => {
+            let issued = crate::ca::cluster::intermediate(
+                &crate::ca::CaFiles {
+                    cert: ca_cert,
+                    key: ca_key,
+                },
+                &node,
+                &out,
+                hours,
+                std::time::SystemTime::now(),
+            )?;
+            println!(
+                "wrote {} ({}, SHA-256 {}, valid until {}{}), then the root",
+                issued.cert.display(),
+                issued.subject,
+                issued.fingerprint,
+                humantime::format_rfc3339_seconds(issued.not_after),
+                if issued.cut_short {
+                    ": the root expires first"
+                } else {
+                    ""
+                }
+            );
+            println!("wrote {} (0600)", issued.key.display());
+            if !issued.constrained {
+                eprintln!(
+                    "mcpwarden: warning: the root carries no name constraints: agents refuse this \
+                     intermediate unless ca.allow_unconstrained is true"
+                );
             }
         }
         CaCommand::Uninstall => {

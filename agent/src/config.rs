@@ -35,8 +35,15 @@
 //! state_dir: /var/lib/mcpwarden                # the generated CA lives here
 //! tls_prewarm: true                            # probe https servers and mint their leaves at start
 //! ca:                                          # optional: an existing CA instead (e.g. a Secret)
-//!   cert: /etc/mcpwarden/ca/tls.crt
-//!   key: /etc/mcpwarden/ca/tls.key
+//!   cert: /etc/mcpwarden/ca/${NODE_NAME}.crt   # the signing CA first, then the chain above it up
+//!                                              # to the root workloads trust (README, "The CA in
+//!                                              # a cluster"); ${NODE_NAME}: the NODE_NAME
+//!                                              # environment variable (a per-node intermediate)
+//!   key: /etc/mcpwarden/ca/${NODE_NAME}.key
+//!   allow_unconstrained: false                 # true: accept a CA from files without X.509 name
+//!                                              # constraints (refused by default: make one with
+//!                                              # `mcpwarden ca init --name-constraints-from`);
+//!                                              # constraints it has must cover every endpoint
 //!   name_constraints: false                    # generated CAs only: limit it to the endpoints
 //!   next:                                      # rotation: this CA signs from `from` on
 //!     cert: /etc/mcpwarden/next/tls.crt
@@ -64,6 +71,12 @@
 //!                                              # default: root only)
 //! metrics:
 //!   listen: 127.0.0.1:9478                     # /metrics, /healthz, /readyz; `off`: none
+//! kubernetes:                                  # pod identity, Services' backends, the taint
+//!   enabled: auto                              # auto: with a kubeconfig, or in a pod; true; false
+//!   kubeconfig: /etc/mcpwarden/kubeconfig      # default: the pod's service account
+//!   node_name: node-a                          # default: $NODE_NAME, then the host name
+//!   deleted_pod_grace_s: 60                    # a deleted pod's late calls are still its own
+//!   remove_taint: mcpwarden.io/agent-not-ready # removed from this node once ready; "": none
 //! limits:                                      # see the README's table; all optional
 //!   header_read_timeout_ms: 30000
 //!   idle_timeout_ms: 600000                    # 0: off
@@ -155,6 +168,26 @@ impl<'de> Deserialize<'de> for EndpointUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
         EndpointUrl::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The other spellings of a Kubernetes Service host, lower case: `SVC.NS.svc.cluster.local` is
+/// also reached as `SVC.NS` and `SVC.NS.svc` (the pod's DNS search path), and `SVC.NS.svc` as
+/// `SVC.NS` and `SVC.NS.svc.cluster.local`. Any other host has none.
+pub fn host_aliases(host: &str) -> Vec<String> {
+    let host = host.to_ascii_lowercase();
+    let labels: Vec<&str> = host.split('.').collect();
+    match labels.as_slice() {
+        [svc, ns, "svc", "cluster", "local"] if !svc.is_empty() && !ns.is_empty() => {
+            vec![format!("{svc}.{ns}"), format!("{svc}.{ns}.svc")]
+        }
+        [svc, ns, "svc"] if !svc.is_empty() && !ns.is_empty() => {
+            vec![
+                format!("{svc}.{ns}"),
+                format!("{svc}.{ns}.svc.cluster.local"),
+            ]
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -263,6 +296,8 @@ pub struct Config {
     pub flags: Flags,
     /// The admin socket and the metrics listener.
     pub operate: Operate,
+    /// `kubernetes:`: pod identity, Services' backends, the node's not-ready taint.
+    pub kubernetes: crate::k8s::Settings,
 }
 
 /// How the agent is operated: the admin socket and the metrics listener.
@@ -456,6 +491,16 @@ pub struct Flags {
     /// Where /metrics, /healthz and /readyz are served, or `off` [default: 127.0.0.1:9478].
     #[arg(long = "metrics-listen", value_name = "ADDR|off")]
     pub metrics_listen: Option<String>,
+    /// Talk to the Kubernetes API (pod identity, Service backends, the not-ready taint):
+    /// `auto` when a kubeconfig is given or in a pod, `true`, `false` [default: auto].
+    #[arg(long = "kubernetes", value_name = "auto|true|false")]
+    pub kubernetes: Option<crate::k8s::Mode>,
+    /// The kubeconfig to use instead of the pod's service account.
+    #[arg(long = "kubeconfig", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name [default: $NODE_NAME, then the host name].
+    #[arg(long = "node-name", value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -486,6 +531,7 @@ struct FileConfig {
     limits: Limits,
     admin: Option<FileAdmin>,
     metrics: Option<FileMetrics>,
+    kubernetes: Option<crate::k8s::FileSettings>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -631,20 +677,37 @@ struct FileBinding {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileCa {
+    #[serde(default, deserialize_with = "ca_path_opt")]
     cert: Option<PathBuf>,
+    #[serde(default, deserialize_with = "ca_path_opt")]
     key: Option<PathBuf>,
     #[serde(default)]
     name_constraints: bool,
+    #[serde(default)]
+    allow_unconstrained: bool,
     next: Option<FileNextCa>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileNextCa {
+    #[serde(deserialize_with = "ca_path")]
     cert: PathBuf,
+    #[serde(deserialize_with = "ca_path")]
     key: PathBuf,
     #[serde(deserialize_with = "rfc3339")]
     from: std::time::SystemTime,
+}
+
+/// A CA file path: `${NODE_NAME}` is its only placeholder (replaced when the CA is loaded).
+fn ca_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let raw = String::deserialize(d)?;
+    crate::ca::check_placeholders(&raw).map_err(serde::de::Error::custom)?;
+    Ok(PathBuf::from(raw))
+}
+
+fn ca_path_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    ca_path(d).map(Some)
 }
 
 fn rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::SystemTime, D::Error> {
@@ -717,7 +780,11 @@ impl Config {
         let mut audit_options = crate::audit::Options::default();
         let mut operate = Operate::default();
         let mut file_group = None;
+        let mut kubernetes = crate::k8s::Settings::default();
         if let Some(f) = file {
+            if let Some(k) = f.kubernetes {
+                kubernetes = k.settings(&base);
+            }
             if let Some(a) = f.admin {
                 if let Some(s) = a.socket {
                     operate.admin_socket = base.join(s);
@@ -842,6 +909,15 @@ impl Config {
         if let Some(l) = &flags.metrics_listen {
             operate.metrics_listen = metrics_listen(l).context("--metrics-listen")?;
         }
+        if let Some(mode) = flags.kubernetes {
+            kubernetes.mode = mode;
+        }
+        if let Some(path) = &flags.kubeconfig {
+            kubernetes.kubeconfig = Some(path.clone());
+        }
+        if let Some(node) = &flags.node_name {
+            kubernetes.node_name = Some(node.clone());
+        }
         operate.admin_group = match (&flags.admin_group, file_group) {
             (Some(g), _) => Some(crate::admin::socket::resolve_group(g).context("--admin-group")?),
             (None, Some(FileGroup(gid))) => Some(gid),
@@ -849,6 +925,7 @@ impl Config {
         };
         let config = Config {
             operate,
+            kubernetes,
             listen,
             audit: flags.audit.or(audit).unwrap_or_else(|| PathBuf::from("-")),
             audit_stall: audit_stall_ms.map_or(
@@ -1069,7 +1146,12 @@ fn ca_settings(
     let mut names: Vec<String> = servers
         .iter()
         .filter(|s| s.url.https)
-        .map(|s| s.url.host.to_ascii_lowercase())
+        .flat_map(|s| {
+            let host = s.url.host.to_ascii_lowercase();
+            let mut all = host_aliases(&host);
+            all.push(host);
+            all
+        })
         .collect();
     names.sort();
     names.dedup();
@@ -1080,6 +1162,7 @@ fn ca_settings(
     };
     if let Some(ca) = file {
         settings.name_constraints = ca.name_constraints;
+        settings.allow_unconstrained = ca.allow_unconstrained;
         settings.files = match (ca.cert, ca.key) {
             (Some(cert), Some(key)) => Some(CaFiles {
                 cert: base.join(cert),
@@ -1131,6 +1214,65 @@ mod tests {
     }
 
     #[test]
+    fn host_aliases_are_the_other_spellings_of_a_service_host() {
+        assert_eq!(
+            host_aliases("Tools.MCP.svc.cluster.local"),
+            ["tools.mcp", "tools.mcp.svc"]
+        );
+        assert_eq!(
+            host_aliases("tools.mcp.svc"),
+            ["tools.mcp", "tools.mcp.svc.cluster.local"]
+        );
+        for other in [
+            "tools.mcp",
+            "mcp.example.com",
+            "10.0.0.5",
+            "::1",
+            ".mcp.svc",
+            "tools..svc.cluster.local",
+            "a.tools.mcp.svc.cluster.local",
+            "tools.mcp.svc.cluster.local.",
+            "tools.mcp.svc.example.local",
+        ] {
+            assert!(host_aliases(other).is_empty(), "{other}");
+        }
+    }
+
+    #[test]
+    fn the_ca_section_takes_allow_unconstrained_and_node_name_paths() -> Result<()> {
+        let err = load_error(
+            "ca:\n  cert: /etc/ca/${NODE}.crt\n  key: /etc/ca/k\n",
+            "c.yaml",
+        );
+        assert!(err.starts_with("c.yaml:2:"), "{err}");
+        assert!(err.contains("${NODE_NAME}"), "{err}");
+        let dir = std::env::temp_dir().join(format!("mcpwarden-config-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("c.yaml");
+        std::fs::write(
+            &file,
+            "ca:\n  cert: ca/${NODE_NAME}.crt\n  key: ca/${NODE_NAME}.key\n  allow_unconstrained: true\n\
+             servers:\n  - url: https://tools.mcp.svc.cluster.local/mcp\n    policy: p.json\n  \
+             - url: http://plain.example.test/mcp\n    policy: p.json\n",
+        )?;
+        let c = Config::assemble(Flags {
+            config: Some(file),
+            ..Flags::default()
+        })?;
+        std::fs::remove_dir_all(&dir)?;
+        assert!(c.ca.allow_unconstrained);
+        assert_eq!(
+            c.ca.files.map(|f| f.cert),
+            Some(dir.join("ca/${NODE_NAME}.crt"))
+        );
+        assert_eq!(
+            c.ca.names,
+            ["tools.mcp", "tools.mcp.svc", "tools.mcp.svc.cluster.local"]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn file_errors_name_line_and_column() {
         let text =
             "servers:\n  - url: http://127.0.0.1:1/mcp\n    policy: p.json\n    colour: red\n";
@@ -1177,6 +1319,58 @@ mod tests {
         };
         assert_eq!(admin.group.map(|g| g.0), Some(0));
         assert_eq!(metrics.listen.map(|l| l.0), Some(None));
+    }
+
+    #[test]
+    fn the_kubernetes_section_parses_and_its_errors_name_line_and_column() -> Result<()> {
+        for (text, at, says) in [
+            (
+                "kubernetes:\n  enabled: maybe\n",
+                "c.yaml:2:12: ",
+                "expected auto, true or false",
+            ),
+            ("kubernetes:\n  node: a\n", "c.yaml:2:3: ", "node"),
+            (
+                "kubernetes:\n  deleted_pod_grace_s: -1\n",
+                "c.yaml:2:24: ",
+                "deleted_pod_grace_s",
+            ),
+        ] {
+            let err = load_error(text, "c.yaml");
+            assert!(err.starts_with(at) && err.contains(says), "{text}: {err}");
+        }
+        let dir = std::env::temp_dir().join(format!("mcpwarden-cfg-kube-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("c.yaml");
+        std::fs::write(
+            &file,
+            "servers:\n  - {url: http://127.0.0.1:1/mcp, policy: p.json}\n\
+             kubernetes:\n  enabled: true\n  kubeconfig: kc.yaml\n  node_name: n1\n  \
+             deleted_pod_grace_s: 5\n  remove_taint: \"\"\n",
+        )?;
+        let c = Config::assemble(Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        })?;
+        let k = &c.kubernetes;
+        assert_eq!(k.mode, crate::k8s::Mode::On);
+        assert_eq!(k.kubeconfig.as_deref(), Some(dir.join("kc.yaml").as_path()));
+        assert_eq!(k.node_name.as_deref(), Some("n1"));
+        assert_eq!(k.deleted_pod_grace, std::time::Duration::from_secs(5));
+        assert_eq!(k.remove_taint, None);
+        // Flags win; the default removes the usual taint.
+        let c = Config::assemble(Flags {
+            config: Some(file.clone()),
+            kubernetes: Some(crate::k8s::Mode::Off),
+            ..Flags::default()
+        })?;
+        assert_eq!(c.kubernetes.mode, crate::k8s::Mode::Off);
+        assert_eq!(
+            crate::k8s::Settings::default().remove_taint.as_deref(),
+            Some(crate::k8s::DEFAULT_TAINT)
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
     }
 
     #[test]

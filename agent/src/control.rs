@@ -33,6 +33,8 @@ pub struct Control {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The redirect maps' occupancy, counted at most once a second (each count walks a map).
     pub occupancy: std::sync::Mutex<Option<(Instant, Occupancy)>>,
+    /// The Kubernetes API connection, when there is one.
+    pub kube: Option<Arc<crate::k8s::Kube>>,
 }
 
 type Occupancy = Vec<(&'static str, u64, u64)>;
@@ -56,6 +58,7 @@ impl Control {
                 .as_ref()
                 .map_or(0, |t| t.leaves.minted()),
             audit: audit_snapshot(&self.audit),
+            kubernetes: self.kube.as_ref().map(|k| k.report()),
         }
     }
 
@@ -222,6 +225,7 @@ impl admin::Control for Control {
                 write_errors: snap.write_errors,
                 stalls: snap.stalls,
             },
+            kubernetes: self.kube.as_ref().map(|k| k.report()),
             traffic: status::Traffic {
                 open_connections: self.interceptor.connections.open() as u64,
                 sse_streams: self.metrics.sse_streams(),
@@ -269,6 +273,8 @@ impl admin::Control for Control {
             (&mut question.grant, &q.grant),
             (&mut question.process, &q.process),
             (&mut question.session, &q.session),
+            (&mut question.namespace, &q.namespace),
+            (&mut question.service_account, &q.service_account),
         ] {
             if let Some(v) = given {
                 slot.clone_from(v);

@@ -29,6 +29,7 @@ pub mod handover;
 pub mod identity;
 pub mod intercept;
 pub mod journal;
+pub mod k8s;
 pub mod metrics;
 pub use mcpwarden_mcp as mcp;
 pub mod netns;

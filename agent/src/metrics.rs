@@ -257,6 +257,8 @@ pub struct Snapshot {
     pub namespaces: u64,
     pub leaves_minted: u64,
     pub audit: AuditSnapshot,
+    /// With a Kubernetes API.
+    pub kubernetes: Option<crate::k8s::Report>,
 }
 
 /// The audit sink's counters, read at scrape time.
@@ -557,6 +559,39 @@ impl Collector for Scrape {
             "network namespaces served",
             i64::try_from(snap.namespaces).unwrap_or(i64::MAX),
         )?;
+        if let Some(k) = &snap.kubernetes {
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            gauge(
+                &mut e,
+                "mcpwarden_kubernetes_connected",
+                "1 when the last request to the Kubernetes API server succeeded",
+                i64::from(k.connected),
+            )?;
+            gauge(
+                &mut e,
+                "mcpwarden_kubernetes_pods_synced",
+                "1 once this node's pod list has been read",
+                i64::from(k.pods_synced),
+            )?;
+            gauge(
+                &mut e,
+                "mcpwarden_kubernetes_pods",
+                "pods of this node known (deleted ones in their grace period included)",
+                n(k.pods),
+            )?;
+            gauge(
+                &mut e,
+                "mcpwarden_service_backends",
+                "Service backend addresses (EndpointSlices) in the endpoint maps",
+                n(k.service_backends),
+            )?;
+            counter(
+                &mut e,
+                "mcpwarden_kubernetes_watch_errors",
+                "errors watching or calling the Kubernetes API (each retried with backoff)",
+                k.watch_errors,
+            )?;
+        }
         for (name, help, col) in [
             (
                 "mcpwarden_redirect_map_entries",

@@ -105,6 +105,8 @@ pub struct Question {
     pub grant: String,
     pub process: String,
     pub session: String,
+    pub namespace: String,
+    pub service_account: String,
 }
 
 impl Question {
@@ -123,8 +125,11 @@ impl Question {
                 "grant" => &mut q.grant,
                 "process" => &mut q.process,
                 "session" => &mut q.session,
+                "namespace" => &mut q.namespace,
+                "service_account" => &mut q.service_account,
                 _ => bail!(
-                    "--caller {k:?}: the keys are grant, process and session (the limit scopes); \
+                    "--caller {k:?}: the keys are grant, process, session, namespace and \
+                     service_account (the limit scopes); \
                      bindings are chosen by the agent's config, not by one policy file"
                 ),
             };
@@ -144,6 +149,8 @@ impl Question {
             grant: "explain".to_owned(),
             process: "explain".to_owned(),
             session: "explain".to_owned(),
+            namespace: "explain".to_owned(),
+            service_account: "explain".to_owned(),
         })
     }
 
@@ -160,6 +167,8 @@ impl Question {
                 grant: &self.grant,
                 process: &self.process,
                 session: &self.session,
+                namespace: &self.namespace,
+                service_account: &self.service_account,
             },
             Instant::now(),
         );

@@ -382,6 +382,8 @@ impl Engine {
                     Some(Scope::Grant) | None => caller.grant,
                     Some(Scope::Process) => caller.process,
                     Some(Scope::Session) => caller.session,
+                    Some(Scope::Namespace) => caller.namespace,
+                    Some(Scope::ServiceAccount) => caller.service_account,
                     Some(Scope::Server) => "",
                 },
                 window: limit.window.duration(),

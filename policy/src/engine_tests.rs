@@ -16,6 +16,8 @@ const ONE: CallerScope<'static> = CallerScope {
     grant: "4242",
     process: "pid:17",
     session: "session:a",
+    namespace: "",
+    service_account: "",
 };
 
 fn engine(text: &str) -> Engine {
@@ -1862,6 +1864,8 @@ fn scopes_key_counters_by_their_own_field() {
         grant: "g1",
         process: "p1",
         session: "s1",
+        namespace: "",
+        service_account: "",
     };
     let variants = [
         ("same caller", a),
@@ -1874,6 +1878,8 @@ fn scopes_key_counters_by_their_own_field() {
                 grant: "g2",
                 process: "p2",
                 session: "s2",
+                namespace: "",
+                service_account: "",
             },
         ),
         // Keys of one scope never mix with another scope's: "p1" as a grant is not process p1.
@@ -1883,6 +1889,8 @@ fn scopes_key_counters_by_their_own_field() {
                 grant: "p1",
                 process: "s1",
                 session: "g1",
+                namespace: "",
+                service_account: "",
             },
         ),
     ];
@@ -2780,6 +2788,8 @@ const TWO: CallerScope<'static> = CallerScope {
     grant: "7",
     process: "pid:18",
     session: "session:b",
+    namespace: "",
+    service_account: "",
 };
 
 /// `counter scope key rule used/max per window_secs`, one per entry.

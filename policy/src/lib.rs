@@ -73,6 +73,12 @@ pub struct CallerScope<'a> {
     /// `session`: the MCP session id, or the connection for revisions
     /// without sessions.
     pub session: &'a str,
+    /// `namespace`: the caller's Kubernetes namespace (its `grant` when it is not in a
+    /// known pod).
+    pub namespace: &'a str,
+    /// `service_account`: the caller's namespace and service account (its `grant` when it
+    /// is not in a known pod).
+    pub service_account: &'a str,
 }
 
 /// What the caller should do with a tool call.

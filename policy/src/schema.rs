@@ -707,6 +707,10 @@ impl<'de> Deserialize<'de> for Max {
     }
 }
 
+/// The scopes a limit may name, as an error lists them.
+const SCOPES: &str =
+    "\"grant\", \"process\", \"session\", \"namespace\", \"service_account\" or \"server\"";
+
 /// A limit's `scope`: whose calls share a counter's log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Scope {
@@ -716,6 +720,10 @@ pub(crate) enum Scope {
     Process,
     /// The MCP session (per connection when the revision has no sessions).
     Session,
+    /// The caller's Kubernetes namespace (else, outside a known pod, like `grant`).
+    Namespace,
+    /// The caller's namespace and service account (else like `grant`).
+    ServiceAccount,
     /// Every caller on this node.
     Server,
 }
@@ -726,6 +734,8 @@ impl Scope {
             Scope::Grant => "grant",
             Scope::Process => "process",
             Scope::Session => "session",
+            Scope::Namespace => "namespace",
+            Scope::ServiceAccount => "service_account",
             Scope::Server => "server",
         }
     }
@@ -737,21 +747,21 @@ impl<'de> Deserialize<'de> for Scope {
         impl Visitor<'_> for V {
             type Value = Scope;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"grant\", \"process\", \"session\" or \"server\"")
+                f.write_str(SCOPES)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Scope, E> {
                 match v {
                     "grant" => Ok(Scope::Grant),
                     "process" => Ok(Scope::Process),
                     "session" => Ok(Scope::Session),
+                    "namespace" => Ok(Scope::Namespace),
+                    "service_account" => Ok(Scope::ServiceAccount),
                     "server" => Ok(Scope::Server),
                     "cluster" => Err(E::custom(
                         "scope \"cluster\" needs a counter store shared by every node (Redis), \
                          which this version does not have; use \"server\" for a per-node limit",
                     )),
-                    _ => Err(E::custom(format!(
-                        "unknown scope {v:?}: expected \"grant\", \"process\", \"session\" or \"server\""
-                    ))),
+                    _ => Err(E::custom(format!("unknown scope {v:?}: expected {SCOPES}"))),
                 }
             }
         }

@@ -19,6 +19,8 @@ const CALLER: CallerScope<'static> = CallerScope {
     grant: "grant",
     process: "process",
     session: "session",
+    namespace: "",
+    service_account: "",
 };
 
 /// Float sums of the same amounts in another order may differ in the last bits.

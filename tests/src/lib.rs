@@ -8,12 +8,14 @@
 //! skip: a test that cannot run fails with a message saying why.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bpf;
 pub mod cgroup;
 pub mod client;
 pub mod echo;
 pub mod held;
 pub mod hosts;
+pub mod image;
 pub mod lenient;
 pub mod netns;
 pub mod peer;
@@ -27,6 +29,7 @@ pub mod sse;
 pub mod tls;
 
 pub use agent::{Agent, AgentOpts, PinsGuard};
+pub use apiserver::ApiServer;
 pub use cgroup::{cgroup2_mount, spawn_in_cgroup, TestCgroup};
 pub use client::{run_client, run_client_env, ClientRun, LineChild};
 pub use echo::{TcpEcho, UdpEcho};

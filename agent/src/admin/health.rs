@@ -12,6 +12,7 @@ use std::sync::{
 use serde::{Deserialize, Serialize};
 
 type Unresolved = Box<dyn Fn() -> Vec<String> + Send + Sync>;
+type NotReady = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -22,6 +23,8 @@ struct State {
     unresolved: OnceLock<Unresolved>,
     /// Whether the maps have been written once (endpoints resolved, namespaces served).
     maps_synced: AtomicBool,
+    /// With a Kubernetes API: why this node's pods are not known yet, if they are not.
+    kubernetes: OnceLock<NotReady>,
 }
 
 /// Shared readiness state: cheap to clone, set by the parts that know.
@@ -72,11 +75,16 @@ impl Health {
         let _ = self.0.unresolved.set(Box::new(source));
     }
 
+    /// Where to learn whether this node's pods are known (checked only when set).
+    pub fn set_kubernetes(&self, source: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        let _ = self.0.kubernetes.set(Box::new(source));
+    }
+
     pub fn check(&self) -> Report {
         let s = &self.0;
         let unresolved = s.unresolved.get().map(|f| f()).unwrap_or_default();
         let flag = |b: &AtomicBool| b.load(Ordering::Acquire);
-        let checks = vec![
+        let mut checks = vec![
             Check {
                 name: "policies".into(),
                 ok: flag(&s.policies_loaded),
@@ -119,6 +127,14 @@ impl Health {
                 },
             },
         ];
+        if let Some(kube) = s.kubernetes.get() {
+            let why = kube();
+            checks.push(Check {
+                name: "kubernetes".into(),
+                ok: why.is_none(),
+                detail: why.unwrap_or_else(|| "this node's pods are known".into()),
+            });
+        }
         Report {
             healthy: true,
             ready: checks.iter().all(|c| c.ok),

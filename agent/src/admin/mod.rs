@@ -58,11 +58,15 @@ pub struct ExplainQuery {
     pub tool: String,
     #[serde(default)]
     pub arguments: Option<serde_json::Value>,
-    /// Limit scope keys: `grant`, `process`, `session`.
+    /// Limit scope keys: `grant`, `process`, `session`, `namespace`, `service_account`.
     #[serde(default)]
     pub grant: Option<String>,
     #[serde(default)]
     pub process: Option<String>,
     #[serde(default)]
     pub session: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub service_account: Option<String>,
 }

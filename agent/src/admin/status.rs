@@ -19,6 +19,9 @@ pub struct Status {
     pub counters: Vec<CounterUse>,
     pub audit: AuditInfo,
     pub traffic: Traffic,
+    /// The Kubernetes API connection: absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::k8s::Report>,
 }
 
 /// Counters listed at most.
@@ -277,6 +280,31 @@ pub fn render(s: &Status) -> String {
         au.stalls,
         au.on_stall
     );
+    match &s.kubernetes {
+        Some(k) => {
+            let _ = writeln!(
+                o,
+                "kubernetes: node {}, API {}, pods {} ({}), {} service backends, {} watch errors, taint {}{}",
+                k.node,
+                if k.connected { "connected" } else { "NOT CONNECTED" },
+                k.pods,
+                if k.pods_synced { "synced" } else { "NOT SYNCED" },
+                k.service_backends,
+                k.watch_errors,
+                if k.taint_removed { "removed" } else { "not removed" },
+                k.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "kubernetes: not configured (callers known by process, cgroup and container)"
+            );
+        }
+    }
     let t = &s.traffic;
     let _ = writeln!(
         o,

@@ -8,7 +8,7 @@
 //! Fields that do not apply are left out of the line (`docs/audit.md` lists every event and
 //! the fields it carries).
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use serde::Serialize;
 
@@ -165,6 +165,12 @@ pub struct CallerPart {
     pub cgroup: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
+    /// The container the caller runs in, as its cgroup path names it (pod or not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The caller's Kubernetes pod, once the node knows it.
+    #[serde(flatten)]
+    pub pod: PodSlot,
     /// The caller's network namespace: its inode, as `ls -l /proc/PID/ns/net` shows it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netns: Option<u64>,
@@ -190,9 +196,74 @@ impl CallerPart {
             uid: Some(caller.uid),
             cgroup: caller.cgroup.as_deref().map(str::to_owned),
             cgroup_id: Some(caller.cgroup_id),
+            container_id: caller.workload.container_id.clone(),
+            pod: PodSlot::of(caller.pod.as_deref()),
             netns,
             sni: None,
             tls: None,
+        }
+    }
+}
+
+/// Which pod a caller runs in (Kubernetes' names: bounded by the API server).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PodPart {
+    pub pod: String,
+    pub namespace: String,
+    pub pod_uid: String,
+    pub service_account: String,
+    /// The container's name, when the pod's status lists the caller's container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node: String,
+}
+
+impl PodPart {
+    pub fn of(info: &crate::identity::PodInfo) -> PodPart {
+        PodPart {
+            pod: info.meta.name.clone(),
+            namespace: info.meta.namespace.clone(),
+            pod_uid: info.meta.uid.clone(),
+            service_account: info.meta.service_account.clone(),
+            container: info.meta.container.clone(),
+            node: info.node.clone(),
+        }
+    }
+}
+
+/// A connection's pod, set once: when the pod becomes known only while a call waits for it,
+/// the connection's records from then on name it.
+#[derive(Debug, Clone, Default)]
+pub struct PodSlot(OnceLock<Arc<PodPart>>);
+
+impl PodSlot {
+    pub fn of(info: Option<&crate::identity::PodInfo>) -> PodSlot {
+        let slot = PodSlot::default();
+        if let Some(info) = info {
+            slot.set(info);
+        }
+        slot
+    }
+
+    /// Names the pod, unless one is named already.
+    pub fn set(&self, info: &crate::identity::PodInfo) {
+        if self.0.get().is_none() {
+            let _ = self.0.set(Arc::new(PodPart::of(info)));
+        }
+    }
+
+    pub fn get(&self) -> Option<&PodPart> {
+        self.0.get().map(|p| &**p)
+    }
+}
+
+impl Serialize for PodSlot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.0.get() {
+            Some(part) => part.serialize(s),
+            None => s.serialize_map(Some(0))?.end(),
         }
     }
 }

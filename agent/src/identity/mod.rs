@@ -7,13 +7,15 @@
 
 mod cgroup;
 mod pods;
+pub mod workload;
 
 use std::{path::Path, sync::Arc};
 
 use anyhow::Result;
 
 pub use cgroup::CgroupNames;
-pub use pods::Pods;
+pub use pods::{PodInfo, PodRecord, Pods, DEFAULT_DELETED_GRACE};
+pub use workload::{Runtime, Workload};
 
 use crate::policy::bindings::PodMeta;
 
@@ -42,6 +44,11 @@ pub struct Caller {
     pub cgroup_id: u64,
     /// Path relative to the cgroup2 mount ("/a/b"), when the cgroup still exists.
     pub cgroup: Option<Arc<str>>,
+    /// What the cgroup path says: pod UID, runtime, container id.
+    pub workload: Workload,
+    /// The caller's pod, when the node knows it (looked up at accept; a call that needs it
+    /// and finds it missing waits for it: see `intercept::choose`).
+    pub pod: Option<Arc<PodInfo>>,
 }
 
 impl Caller {
@@ -57,6 +64,16 @@ impl Caller {
     pub fn process_key(&self) -> String {
         format!("pid:{}", self.pid)
     }
+}
+
+/// The `namespace` scope key of a caller in a known pod.
+pub fn namespace_key(pod: &PodMeta) -> String {
+    format!("namespace:{}", pod.namespace)
+}
+
+/// The `service_account` scope key of a caller in a known pod.
+pub fn service_account_key(pod: &PodMeta) -> String {
+    format!("sa:{}/{}", pod.namespace, pod.service_account)
 }
 
 /// The `session` scope key of a Streamable HTTP or HTTP+SSE session.
@@ -85,13 +102,16 @@ impl Resolver {
     /// The caller behind `kernel`: its process name (falling back to the thread's when the
     /// process is gone) and its cgroup's path.
     pub fn caller(&self, kernel: &Kernel) -> Caller {
+        let cgroup = self.names.path_of(kernel.cgroup_id);
         Caller {
             pid: kernel.pid,
             uid: kernel.uid,
             gid: kernel.gid,
             comm: process_comm(kernel.pid).unwrap_or_else(|| kernel.comm.clone()),
             cgroup_id: kernel.cgroup_id,
-            cgroup: self.names.path_of(kernel.cgroup_id),
+            workload: cgroup.as_deref().map(workload::parse).unwrap_or_default(),
+            cgroup,
+            pod: None,
         }
     }
 }
@@ -117,6 +137,8 @@ mod tests {
             comm: "agent".into(),
             cgroup_id: 99,
             cgroup: None,
+            workload: Workload::default(),
+            pod: None,
         };
         assert_eq!(caller.grant_key(None), "cgroup:99");
         let pod = PodMeta {

@@ -136,7 +136,8 @@ async fn worker(
                 continue;
             }
         };
-        let caller = shared.identity.caller(&a.redirected.kernel);
+        let mut caller = shared.identity.caller(&a.redirected.kernel);
+        caller.pod = shared.pods.lookup(caller.cgroup_id, &caller.workload);
         let dst = a.redirected.orig_dst;
         let servers = shared
             .routes

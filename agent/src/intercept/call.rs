@@ -267,7 +267,15 @@ impl Conn {
         session_revision: &Option<String>,
     ) -> Vec<Judged> {
         let caller = &self.caller;
-        let grant = caller.grant_key(self.shared.pods.get(caller.cgroup_id).as_deref());
+        let pod = chosen.pod.as_deref().map(|p| &p.meta);
+        let grant = caller.grant_key(pod);
+        let (namespace, service_account) = match pod {
+            Some(pod) => (
+                identity::namespace_key(pod),
+                identity::service_account_key(pod),
+            ),
+            None => (grant.clone(), grant.clone()),
+        };
         let process = caller.process_key();
         // Revisions without sessions count a `session` limit per connection.
         let session_key = match (&sessions.header, &sessions.legacy) {
@@ -279,6 +287,8 @@ impl Conn {
             grant: &grant,
             process: &process,
             session: &session_key,
+            namespace: &namespace,
+            service_account: &service_account,
         };
         let now = Instant::now();
         msgs.into_iter()

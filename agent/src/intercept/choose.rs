@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{conn::Conn, context::Routed};
+use crate::identity::PodInfo;
 use crate::policy::{
     bindings::{CallerFacts, Choice, PodFacts},
     Decision, Engine,
@@ -17,6 +18,8 @@ pub(super) struct Chosen {
     /// Set when the caller's identity could not be resolved in time: every call is refused
     /// with this decision, and listings are emptied (`engine` then hides everything).
     pub unresolved: Option<Decision>,
+    /// The caller's pod, when known.
+    pub pod: Option<Arc<PodInfo>>,
 }
 
 impl Conn {
@@ -25,21 +28,29 @@ impl Conn {
     /// it up to `identity_wait_ms`, then refuses: never another policy in its place.
     pub(super) async fn choose_policy(&self, routed: Routed<'_>) -> Chosen {
         let caller = &self.caller;
-        let is_pod = caller
-            .cgroup
-            .as_deref()
-            .is_some_and(crate::policy::bindings::is_pod_cgroup);
+        let is_pod = caller.workload.pod_uid.is_some()
+            || caller
+                .cgroup
+                .as_deref()
+                .is_some_and(crate::policy::bindings::is_pod_cgroup);
         let mut deadline = None;
         loop {
             let changed = self.shared.pods.changed();
             let routing = self.shared.routing.load();
-            let pod = self.shared.pods.get(caller.cgroup_id);
+            let pod = match &caller.pod {
+                Some(pod) => Some(pod.clone()),
+                None => self.shared.pods.lookup(caller.cgroup_id, &caller.workload),
+            };
+            if let Some(pod) = &pod {
+                // Learnt while this connection was open: its records name the pod from now on.
+                self.who.pod.set(pod);
+            }
             let facts = CallerFacts {
                 uid: caller.uid,
                 comm: &caller.comm,
                 cgroup: caller.cgroup.as_deref(),
                 pod: match (&pod, is_pod) {
-                    (Some(p), _) => PodFacts::Known(p),
+                    (Some(p), _) => PodFacts::Known(&p.meta),
                     (None, true) => PodFacts::Pending,
                     (None, false) => PodFacts::NotAPod,
                 },
@@ -50,6 +61,7 @@ impl Conn {
                         engine,
                         binding: binding.map(|b| format!("/bindings/{b}")),
                         unresolved: None,
+                        pod,
                     }
                 }
                 Choice::Unresolved { binding } => binding,
@@ -67,6 +79,7 @@ impl Conn {
                     engine: crate::policy::bindings::unresolved_engine(),
                     binding: Some(unresolved.rule.clone()),
                     unresolved: Some(unresolved),
+                    pod: None,
                 };
             }
         }

@@ -96,13 +96,16 @@ impl Conn {
 
     /// The connection is TLS-terminated from now on: its records say so, with the SNI.
     pub fn terminated(&mut self, session: TlsSession) {
-        self.who = Arc::new(caller_part(
-            self.dst,
-            &self.caller,
-            &self.netns,
-            session.sni.clone(),
-            Some(Tls::Terminated),
-        ));
+        self.who = Arc::new(CallerPart {
+            pod: self.who.pod.clone(),
+            ..caller_part(
+                self.dst,
+                &self.caller,
+                &self.netns,
+                session.sni.clone(),
+                Some(Tls::Terminated),
+            )
+        });
         self.tls = Some(session);
     }
 
@@ -205,6 +208,7 @@ pub(super) mod rig {
             tls: None,
             origin: format!("{name}:80"),
             host: name.into(),
+            aliases: Vec::new(),
             port: 80,
             passthrough_paths: Vec::new(),
             params: Arc::default(),
@@ -250,6 +254,8 @@ pub(super) mod rig {
             comm: "agent".into(),
             cgroup_id: 7,
             cgroup: Some("/apps/agent".into()),
+            workload: Default::default(),
+            pod: None,
         };
         Conn::new(
             1,

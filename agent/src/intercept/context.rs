@@ -175,7 +175,10 @@ impl Conn {
             .shared
             .servers
             .iter()
-            .map(|s| s.origin.clone())
+            .flat_map(|s| {
+                std::iter::once(s.origin.clone())
+                    .chain(s.aliases.iter().map(|a| format!("{a}:{}", s.port)))
+            })
             .collect();
         let dst = self.dst;
         origins.push(dst.to_string().to_ascii_lowercase());
@@ -263,7 +266,7 @@ fn names_server(
     {
         return port_ok(dst.port());
     }
-    host.eq_ignore_ascii_case(&server.host) && port_ok(server.port)
+    server.is_named(host) && port_ok(server.port)
 }
 
 /// The authority the client addressed: the URI's (h2 `:authority`, absolute form), else Host.
@@ -307,6 +310,21 @@ mod tests {
         conn::rig::{conn, server},
         session::SessionKey,
     };
+
+    #[test]
+    fn a_service_is_named_by_its_host_and_its_short_names_only() {
+        let mut s = server("tools.mcp.svc.cluster.local", "/mcp");
+        s.aliases = crate::config::host_aliases("tools.mcp.svc.cluster.local");
+        let dst: std::net::SocketAddr = "10.1.0.5:9000".parse().expect("an address");
+        let names = |a: &str| super::names_server(&a.parse().expect("an authority"), &s, dst);
+        assert!(names("tools.mcp.svc.cluster.local:80"));
+        assert!(names("TOOLS.mcp:80"));
+        assert!(names("tools.mcp.svc"));
+        assert!(names("10.1.0.5:9000"), "the backend's own address");
+        assert!(!names("tools.other:80"));
+        assert!(!names("tools:80"), "a bare name could be any namespace's");
+        assert!(!names("tools.mcp:81"));
+    }
 
     fn parts(target: &str) -> http::request::Parts {
         Request::post(target)

@@ -43,11 +43,22 @@ pub struct Server {
     pub origin: String,
     /// The configured host, lower case, without brackets: what Host must name on plaintext.
     pub host: String,
+    /// Other spellings of `host` clients may use: a Service's short names (`tools.mcp`,
+    /// `tools.mcp.svc`), accepted in SNI and Host.
+    pub aliases: Vec<String>,
     pub port: u16,
     /// `passthrough_paths`, normalised: where a body that is not JSON-RPC may be forwarded.
     pub passthrough_paths: Vec<String>,
     /// `Mcp-Param-*` designations learnt from this server's listings.
     pub params: Arc<ParamTable>,
+}
+
+impl Server {
+    /// Whether `name` (a Host's host or an SNI) names this server: its host or an alias.
+    pub fn is_named(&self, name: &str) -> bool {
+        self.host.eq_ignore_ascii_case(name)
+            || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+    }
 }
 
 /// How an `https://` server is reached.

@@ -112,11 +112,7 @@ impl Conn {
         // (the client dialled an address), every https server here.
         let candidates: Vec<usize> = self
             .servers_here()
-            .filter(|(_, s)| {
-                s.tls
-                    .as_ref()
-                    .is_some_and(|t| sni.as_deref().is_none_or(|n| t.host == n))
-            })
+            .filter(|(_, s)| s.tls.is_some() && sni.as_deref().is_none_or(|n| s.is_named(n)))
             .map(|(i, _)| i)
             .collect();
         let Some(&first) = candidates.first() else {

@@ -524,6 +524,8 @@ mod tests {
                 },
                 from,
             }),
+            // A generated CA configured from files: unconstrained, accepted for this test.
+            allow_unconstrained: true,
             ..CaSettings::default()
         })?;
         let leaves = leaves(ca);

@@ -57,6 +57,53 @@ fn unescape_octal(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The inode of one of `pid`'s namespaces (`/proc/PID/ns/KIND`), if readable.
+fn namespace_of(pid: &str, kind: &str) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/ns/{kind}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Whether this process runs in a mount namespace other than the host's init's (a container
+/// with the host's PID namespace: PID 1 is the host's init). False when PID 1's namespaces
+/// cannot be read: then there is nothing to compare with.
+pub fn in_container() -> bool {
+    match (namespace_of("self", "mnt"), namespace_of("1", "mnt")) {
+        (Some(own), Some(init)) => own != init,
+        _ => false,
+    }
+}
+
+/// In a container, runtimes give the process a cgroup namespace of its own (cgroup v2): its
+/// cgroup path reads `/` and callers' paths are relative to it. The agent needs the host's
+/// view (its own cgroup, the attach point, callers' pods), so it joins the cgroup namespace of
+/// the host's init (PID 1, with the host's PID namespace; needs CAP_SYS_ADMIN). Namespaces are
+/// per thread: call this before any thread is started. Returns whether it moved.
+pub fn join_host_cgroup_namespace() -> Result<bool> {
+    let (Some(own), Some(init)) = (namespace_of("self", "cgroup"), namespace_of("1", "cgroup"))
+    else {
+        return Ok(false);
+    };
+    if own == init {
+        return Ok(false);
+    }
+    let file = fs::File::open("/proc/1/ns/cgroup")
+        .context("opening /proc/1/ns/cgroup (the host's cgroup namespace; hostPID is needed)")?;
+    // SAFETY: setns on a descriptor this function owns; it changes only the calling thread's
+    // cgroup namespace, and no other thread exists yet.
+    let rc = unsafe {
+        libc::setns(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::CLONE_NEWCGROUP,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("joining the host's cgroup namespace (CAP_SYS_ADMIN is needed)");
+    }
+    Ok(true)
+}
+
 /// A cgroup given on the command line: absolute, or relative to the cgroup2 mount. Relative paths
 /// may not climb out of the mount.
 pub fn resolve(mount: &Path, given: &Path) -> Result<PathBuf> {

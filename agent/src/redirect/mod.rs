@@ -761,11 +761,18 @@ fn bpf_lsm_active() -> Option<bool> {
     const LSM: &str = "/sys/kernel/security/lsm";
     let read = || std::fs::read_to_string(LSM).ok();
     let list = read().or_else(|| {
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "securityfs", "securityfs", "/sys/kernel/security"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        mounted.then(read).flatten()
+        // The syscall, not mount(8): the agent's image has no mount binary.
+        // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                c"securityfs".as_ptr(),
+                c"/sys/kernel/security".as_ptr(),
+                c"securityfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        (rc == 0).then(read).flatten()
     })?;
     Some(list.trim().split(',').any(|m| m == "bpf"))
 }

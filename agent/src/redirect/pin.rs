@@ -97,6 +97,16 @@ impl PinDir {
                     self.root.display()
                 );
             }
+            if super::cgroup::in_container() {
+                bail!(
+                    "{} is not a bpf filesystem and this agent runs in a container: a bpffs \
+                     mounted here would vanish with the container, and with it the pinned \
+                     datapath that keeps callers from going around the interceptor while no \
+                     agent runs. Mount bpffs at /sys/fs/bpf on the node (systemd does at boot) \
+                     and give the container that directory (a hostPath)",
+                    sys.display()
+                );
+            }
             mount_bpffs(sys)?;
         }
         fs::create_dir_all(&self.root)

@@ -196,6 +196,8 @@ pub struct EndpointResolver {
     resolver: Option<TokioResolver>,
     state: Vec<TargetState>,
     host_addrs: HostAddrs,
+    /// Backend addresses of servers configured by Service name (from EndpointSlices).
+    backends: crate::k8s::Backends,
 }
 
 impl EndpointResolver {
@@ -212,7 +214,15 @@ impl EndpointResolver {
             resolver,
             state,
             host_addrs,
+            backends: crate::k8s::Backends::default(),
         })
+    }
+
+    /// Also publish these Services' backend addresses with their servers' (a change to them
+    /// should wake [`EndpointResolver::run`]'s `again`).
+    pub fn with_backends(mut self, backends: crate::k8s::Backends) -> Self {
+        self.backends = backends;
+        self
     }
 
     /// Names that currently have no address at all (their traffic is not intercepted).
@@ -312,8 +322,13 @@ impl EndpointResolver {
             v.scope |= scope;
         }
         for (i, (target, state)) in self.targets.iter().zip(&self.state).enumerate() {
-            for ip in state.seen.keys() {
-                let dst = normalize(SocketAddr::new(*ip, target.port));
+            let backends = self.backends.of(i);
+            let resolved = state
+                .seen
+                .keys()
+                .map(|ip| SocketAddr::new(*ip, target.port));
+            let dsts: BTreeSet<SocketAddr> = resolved.chain(backends).map(normalize).collect();
+            for dst in dsts {
                 let scope = scope_bits(target.scope, dst.ip());
                 table
                     .exact
@@ -328,11 +343,11 @@ impl EndpointResolver {
                         Some(_) => scope,
                         None => SCOPE_HOST,
                     };
-                    let routes = table.local.entry(target.port).or_default();
+                    let routes = table.local.entry(dst.port()).or_default();
                     if !routes.iter().any(|r| r.server == i) {
                         routes.push(Route { server: i, scope });
                     }
-                    add(&mut local, target.port, i, scope);
+                    add(&mut local, dst.port(), i, scope);
                 }
             }
         }

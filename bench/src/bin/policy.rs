@@ -129,6 +129,8 @@ fn main() -> Result<()> {
         grant: "bench-pod",
         process: "4242",
         session: "session-1",
+        namespace: "",
+        service_account: "",
     };
     // Every call must take the path its kind is named after.
     for (kind, tool, arguments, want) in &calls {

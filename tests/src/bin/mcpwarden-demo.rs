@@ -299,6 +299,10 @@ async fn run() -> Result<()> {
         // No config file: a reload re-reads the policy file only.
         flags: mcpwarden::config::Flags::default(),
         // Its own admin socket; no metrics listener (nothing to scrape a demo).
+        kubernetes: mcpwarden::k8s::Settings {
+            mode: mcpwarden::k8s::Mode::Off,
+            ..Default::default()
+        },
         operate: mcpwarden::config::Operate {
             admin_socket: dir.join("admin.sock"),
             admin_group: None,
