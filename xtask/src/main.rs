@@ -260,6 +260,8 @@ fn setup() -> Result<()> {
             .env("PATH", path))?;
     }
     lenient_servers()?;
+    kubernetes_validate()?;
+    image_tools()?;
     // The audit pipeline's integration tests rotate the agent's audit log with the real thing.
     apt_install(&["logrotate".to_owned()])?;
     eprintln!(
@@ -267,6 +269,13 @@ fn setup() -> Result<()> {
          Go, Node and Python for tests/lenient, logrotate)"
     );
     Ok(())
+}
+
+/// What the container image's test (tests/tests/image.rs) builds deploy/Containerfile with:
+/// Debian's buildah, and podman, which the test tries `podman run` with (where the runtime can
+/// set rlimits; elsewhere it proves the image by running it chrooted from `buildah mount`).
+fn image_tools() -> Result<()> {
+    apt_install(&["buildah".to_owned(), "podman".to_owned()])
 }
 
 fn on_path(cmd: &str) -> bool {
@@ -306,6 +315,60 @@ fn lenient_servers() -> Result<()> {
     Ok(())
 }
 
+/// What tests/tests/deploy.rs checks the Kubernetes manifests (deploy/kustomize/) with, offline:
+/// `kubectl kustomize` renders them (kubectl comes with the machine, not from Debian, whose
+/// kubectl is too old for kustomize v5: only checked here), and PyPI's `kubernetes-validate`, at
+/// a pinned version, validates the result against the API schemas of a Kubernetes release. It
+/// is installed into its own venv, `<target>/venv-kv`, and only when that venv does not already
+/// report the pinned version.
+fn kubernetes_validate() -> Result<()> {
+    /// 1.37.0 ships the schemas of Kubernetes 1.25 to 1.37 (the test validates against 1.32).
+    const VERSION: &str = "1.37.0";
+    if !on_path("kubectl") {
+        eprintln!(
+            "xtask: warning: kubectl not found: tests/tests/deploy.rs renders deploy/kustomize with \
+             `kubectl kustomize` and will fail; install kubectl 1.27 or later"
+        );
+    }
+    let venv = target_dir().join("venv-kv");
+    let bin = venv.join("bin/kubernetes-validate");
+    let installed = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == VERSION)
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    // Debian's python3 makes venvs only with python3-venv (ensurepip) installed.
+    let venv_ok = Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !venv_ok {
+        apt_install(&["python3-venv".to_owned()])?;
+    }
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={VERSION}"),
+    ]))?;
+    let reported = output(Command::new(&bin).arg("--version"))?;
+    if reported.trim() != VERSION {
+        bail!(
+            "{} reports version {:?}, expected {VERSION}",
+            bin.display(),
+            reported.trim()
+        );
+    }
+    Ok(())
+}
+
 fn build_ebpf() -> Result<()> {
     run(Command::new("cargo")
         .current_dir(workspace_root())
@@ -325,8 +388,19 @@ fn test(extra: &[String]) -> Result<()> {
         // Privileged tests cannot run, and a skipped test must never look like a passed one.
         bail!("cargo xtask test runs privileged eBPF tests and must run as root");
     }
+    // The image test (tests/tests/image.rs) builds deploy/Containerfile from the release agent.
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "mcpwarden",
+        "--bin",
+        "mcpwarden",
+    ]))?;
+    let image_binary = target_dir().join("release/mcpwarden");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
+        .env("MCPWARDEN_IMAGE_BINARY", &image_binary)
         .args(["test", "--no-fail-fast"])
         .arg("--")
         .args(extra)
