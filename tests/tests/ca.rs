@@ -14,14 +14,19 @@ fn mcpwarden(args: &[&str]) -> Output {
     mcpwarden_with(args, &[])
 }
 
-/// `mcpwarden ARGS` with extra environment variables; it must succeed.
-fn mcpwarden_with(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = Command::new(AGENT_BIN)
+/// `mcpwarden ARGS` with extra environment variables (and no NODE_NAME but theirs).
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(AGENT_BIN)
         .args(args)
         .env_remove("NODE_NAME")
         .envs(env.iter().copied())
         .output()
-        .unwrap_or_else(|e| panic!("run {AGENT_BIN} {args:?}: {e}"));
+        .unwrap_or_else(|e| panic!("run {AGENT_BIN} {args:?}: {e}"))
+}
+
+/// `mcpwarden ARGS` with extra environment variables; it must succeed.
+fn mcpwarden_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = run(args, env);
     assert!(
         out.status.success(),
         "mcpwarden {args:?} failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -34,12 +39,7 @@ fn mcpwarden_with(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// `mcpwarden ARGS` must fail; its standard error.
 fn mcpwarden_fails(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = Command::new(AGENT_BIN)
-        .args(args)
-        .env_remove("NODE_NAME")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap_or_else(|e| panic!("run {AGENT_BIN} {args:?}: {e}"));
+    let out = run(args, env);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success(),

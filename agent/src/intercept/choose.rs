@@ -37,10 +37,14 @@ impl Conn {
         loop {
             let changed = self.shared.pods.changed();
             let routing = self.shared.routing.load();
-            let pod = match &caller.pod {
-                Some(pod) => Some(pod.clone()),
-                None => self.shared.pods.lookup(caller.cgroup_id, &caller.workload),
-            };
+            // Looked up per request (a hash look-up once the cgroup is cached), so that a change
+            // to the pod (its labels) applies to connections already open; the pod known at
+            // accept stands in once a deleted pod's grace period is over.
+            let pod = self
+                .shared
+                .pods
+                .lookup(caller.cgroup_id, &caller.workload)
+                .or_else(|| caller.pod.clone());
             if let Some(pod) = &pod {
                 // Learnt while this connection was open: its records name the pod from now on.
                 self.who.pod.set(pod);
