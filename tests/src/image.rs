@@ -271,18 +271,11 @@ pub struct Rootfs {
     scripts: TempDir,
 }
 
-/// What the DaemonSet mounts into the agent's container, from the host at the same path,
-/// where the host has it: the host's /proc (hostPID) and /sys (with the cgroup2 mount,
-/// /sys/fs/bpf and securityfs below it, at the paths the host's /proc/mounts names), /dev, the
-/// runtime's pinned network namespaces, and the name service files a runtime provides.
-pub const DAEMONSET_MOUNTS: &[&str] = &[
-    "/proc",
-    "/sys",
-    "/dev",
-    "/run/netns",
-    "/etc/resolv.conf",
-    "/etc/hosts",
-];
+/// What the container runtime gives every container of the DaemonSet, from the host at the
+/// same path: the host's /proc (hostPID), /sys (with securityfs below it), /dev, and the name
+/// service files. The DaemonSet's own hostPath volumes come on top: the image test reads them
+/// from the rendered manifest and passes them to [`Rootfs::launcher`].
+pub const RUNTIME_MOUNTS: &[&str] = &["/proc", "/sys", "/dev", "/etc/resolv.conf", "/etc/hosts"];
 
 fn shell_quote(p: &Path) -> String {
     let s = String::from_utf8_lossy(p.as_os_str().as_bytes()).into_owned();
@@ -301,14 +294,14 @@ impl Rootfs {
 
     /// A script that runs the image's `/usr/local/bin/mcpwarden` with its arguments: in a new
     /// mount namespace (mounts of the host that are shared stay visible as they change: the
-    /// HostToContainer propagation of the DaemonSet), with [`DAEMONSET_MOUNTS`] and `binds`
+    /// HostToContainer propagation of the DaemonSet), with [`RUNTIME_MOUNTS`] and `binds`
     /// (directories or files of the host, at the same path inside) bound in recursively, then
     /// chrooted into the image. Every step `exec`s: the process started is the agent.
     pub fn launcher(&self, binds: &[&Path]) -> PathBuf {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let inner = self.scripts.path().join(format!("in-namespace-{n}.sh"));
         let outer = self.scripts.path().join(format!("mcpwarden-{n}"));
-        let mut paths: Vec<PathBuf> = DAEMONSET_MOUNTS.iter().map(PathBuf::from).collect();
+        let mut paths: Vec<PathBuf> = RUNTIME_MOUNTS.iter().map(PathBuf::from).collect();
         paths.extend(binds.iter().map(|p| p.to_path_buf()));
         let list: Vec<String> = paths.iter().map(|p| shell_quote(p)).collect();
         let inner_text = format!(

@@ -1,14 +1,14 @@
 //! The container image (deploy/Containerfile, test index 180): built offline with buildah from
 //! the release agent binary (`MCPWARDEN_IMAGE_BINARY`, which `cargo xtask test` sets), then
 //! the agent FROM THE IMAGE — its own binary, libraries and files, chrooted into the image's
-//! root in a mount namespace of its own with what the DaemonSet mounts (see
-//! `mcpwarden_tests::image`) — checks policies, and attaches its programs so that a pod's calls
+//! root in a mount namespace of its own with what the container runtime provides and the
+//! hostPath volumes of the rendered DaemonSet (read from `kubectl kustomize`) — checks policies, and attaches its programs so that a pod's calls
 //! are decided and audited. `podman run` is tried too, where the runtime can run at all.
 
 mod common;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use mcpwarden_tests::{
     free_addr, require_root, test_ip, wait_for, Agent, AgentOpts, PodNet, TempDir, TestCgroup,
     TestServer,
 };
+use serde::Deserialize;
 use serde_json::Value;
 
 const INDEX: u8 = 180;
@@ -49,6 +50,57 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The host paths the rendered DaemonSet (deploy/kustomize/base) mounts into the agent's
+/// container: its hostPath volumes, each mounted at the same path inside, as the launcher binds
+/// them.
+fn daemonset_host_paths() -> Vec<PathBuf> {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kustomize/base");
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&base)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("kubectl kustomize (cargo xtask setup checks for kubectl): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        describe(&out)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let daemonset = serde_yaml_ng::Deserializer::from_str(&text)
+        .filter_map(|doc| serde_yaml_ng::Value::deserialize(doc).ok())
+        .find(|doc| doc["kind"] == "DaemonSet" && doc["metadata"]["name"] == "mcpwarden")
+        .expect("the rendered base has the mcpwarden DaemonSet");
+    let spec = &daemonset["spec"]["template"]["spec"];
+    let mounts = spec["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .expect("the agent's volumeMounts");
+    let mut paths = Vec::new();
+    for volume in spec["volumes"].as_sequence().expect("volumes") {
+        let Some(host) = volume["hostPath"]["path"].as_str() else {
+            continue;
+        };
+        let inside = mounts
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap_or_else(|| panic!("hostPath volume {host} is not mounted"));
+        assert_eq!(
+            inside, host,
+            "the launcher binds host paths at the same path inside"
+        );
+        paths.push(PathBuf::from(host));
+    }
+    for needed in ["/sys/fs/bpf", "/sys/fs/cgroup", "/run/netns"] {
+        assert!(
+            paths.iter().any(|p| p == Path::new(needed)),
+            "the DaemonSet mounts {needed}: {paths:?}"
+        );
+    }
+    paths
 }
 
 fn run(launcher: &Path, args: &[&str]) -> Output {
@@ -133,7 +185,10 @@ fn the_image_runs_its_agent_and_checks_policies() {
 
     let files = TempDir::new("image-policies");
     let tmp = std::env::temp_dir();
-    let launcher = rootfs.launcher(&[tmp.as_path()]);
+    let host_paths = daemonset_host_paths();
+    let mut binds: Vec<&Path> = host_paths.iter().map(PathBuf::as_path).collect();
+    binds.push(tmp.as_path());
+    let launcher = rootfs.launcher(&binds);
     let out = run(&launcher, &["--version"]);
     let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(
@@ -189,7 +244,10 @@ fn the_agent_from_the_image_decides_and_audits_a_pods_calls() {
     let ip = net.remote_ip;
     let server = net.on_remote(move || TestServer::start(SocketAddr::new(IpAddr::V4(ip), 0)));
     let tmp = std::env::temp_dir();
-    let launcher = rootfs.launcher(&[tmp.as_path(), net.pins.path()]);
+    let host_paths = daemonset_host_paths();
+    let mut binds: Vec<&Path> = host_paths.iter().map(PathBuf::as_path).collect();
+    binds.extend([tmp.as_path(), net.pins.path()]);
+    let launcher = rootfs.launcher(&binds);
     let pin_dir = net.pins.path().display().to_string();
     let mut agent = Agent::start_with(
         launcher.to_str().expect("a UTF-8 path"),
