@@ -204,11 +204,13 @@ impl Selector {
                     && self
                         .container
                         .as_deref()
-                        .is_none_or(|c| pod.container.as_deref() == Some(c));
-                if ok {
-                    Match::Yes
-                } else {
-                    Match::No
+                        .is_none_or(|c| pod.container.as_deref().is_none_or(|have| have == c));
+                match (ok, &self.container, &pod.container) {
+                    (false, _, _) => Match::No,
+                    // The pod is known but not yet which of its containers calls (its status
+                    // lists a container's id shortly after it starts): not passed over.
+                    (true, Some(_), None) => Match::Unresolved,
+                    (true, _, _) => Match::Yes,
                 }
             }
         }
@@ -305,7 +307,8 @@ pub fn unresolved_engine() -> Arc<Engine> {
 pub fn is_pod_cgroup(path: &str) -> bool {
     let mut below_kubepods = false;
     for segment in path.split('/') {
-        if segment.starts_with("kubepods") {
+        // `contains`: a kubelet with a cgroup root of its own prefixes it (`kubelet-kubepods`).
+        if segment.contains("kubepods") {
             if segment.contains("-pod") {
                 return true;
             }
@@ -409,10 +412,33 @@ mod tests {
             s.matches("x", &facts("a", None, PodFacts::NotAPod)),
             Match::No
         );
+        // The container not known yet: a container selector waits; without one the pod decides.
+        pod.container = None;
+        assert_eq!(
+            s.matches("x", &facts("a", None, PodFacts::Known(&pod))),
+            Match::Unresolved
+        );
+        assert_eq!(
+            selector("{labels: {app: agent}}")
+                .matches("x", &facts("a", None, PodFacts::Known(&pod))),
+            Match::Yes
+        );
+        pod.container = Some("side".into());
+        assert_eq!(
+            s.matches("x", &facts("a", None, PodFacts::Known(&pod))),
+            Match::No
+        );
+        pod.container = Some("main".into());
         pod.labels.remove("app");
         assert_eq!(
             s.matches("x", &facts("a", None, PodFacts::Known(&pod))),
             Match::No
+        );
+        pod.container = None;
+        assert_eq!(
+            s.matches("x", &facts("a", None, PodFacts::Known(&pod))),
+            Match::No,
+            "a label that fails decides before the container is known"
         );
         // A plain selector that fails decides before pod metadata is needed.
         let s = selector("{comm: python3, namespace: pay}");
@@ -459,6 +485,9 @@ mod tests {
             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1234.slice/cri-containerd-ab.scope"
         ));
         assert!(is_pod_cgroup("/kubepods/burstable/pod1234/abcd"));
+        assert!(is_pod_cgroup(
+            "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod12.slice/cri-containerd-ab.scope"
+        ));
         assert!(!is_pod_cgroup("/system.slice/sshd.service"));
         assert!(!is_pod_cgroup("/kubepods.slice"));
         assert!(!is_pod_cgroup("/user.slice/pod-ish"));

@@ -278,6 +278,35 @@ fn pod_callers_are_named_by_their_pod_and_bound_by_its_labels() {
         "known from the cgroup path: {d}"
     );
 
+    // A process in cgroups a user made (a delegated subtree), named like pod a's: not pod a.
+    // It gets no pod, so the label binding cannot pass it over and it is refused, and the
+    // server never sees its call.
+    let spoof_cg = rig.attach.join("user-1000");
+    let spoof_leaf = kubelet_cgroup(&spoof_cg, uid_a, &id_a);
+    let spoof = rig.pod("spoof", spoof_leaf.clone());
+    let mut dir = spoof_cg.clone();
+    for part in spoof_leaf
+        .strip_prefix(&spoof_cg)
+        .expect("below the user's cgroup")
+        .components()
+    {
+        std::os::unix::fs::chown(&dir, Some(1000), Some(1000)).expect("chown the user's cgroup");
+        dir = dir.join(part);
+    }
+    std::os::unix::fs::chown(&dir, Some(1000), Some(1000)).expect("chown the user's cgroup");
+    let echoes = rig.server.calls("echo");
+    let (pid, lines) = rig.call(&spoof, &url, "echo", r#"{"text":"i am pod a"}"#);
+    assert!(is_error_result(&lines[0]), "{lines:?}");
+    let d = rig.decision(pid, "echo");
+    assert_eq!(d["decision"], "deny", "{d}");
+    assert!(d.get("pod").is_none(), "not attributed to pod a: {d}");
+    assert!(d.get("container_id").is_none(), "{d}");
+    assert_eq!(
+        rig.server.calls("echo"),
+        echoes,
+        "the spoofed call never ran"
+    );
+
     // The watch expires (410 Gone): the agent lists again, and keeps following. A bookmark
     // on the way changes nothing.
     rig.api.bookmark();
@@ -344,10 +373,12 @@ fn a_service_backend_dialled_directly_is_intercepted() {
         json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": "tools-x1", "namespace": "mcp",
-                         "labels": {"kubernetes.io/service-name": "tools"}},
+                         "labels": {"kubernetes.io/service-name": "tools",
+                                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
             "addressType": "IPv4",
             "ports": [{"name": "mcp", "port": backend.port(), "protocol": "TCP"}],
-            "endpoints": addresses.iter().map(|a| json!({"addresses": [a], "conditions": {"ready": true}})).collect::<Vec<_>>()
+            "endpoints": addresses.iter().map(|a| json!({"addresses": [a], "conditions": {"ready": true},
+                                                         "targetRef": {"kind": "Pod", "namespace": "mcp", "name": format!("tools-{a}")}})).collect::<Vec<_>>()
         })
     };
     // At first the slice lists another backend only.
@@ -361,10 +392,21 @@ fn a_service_backend_dialled_directly_is_intercepted() {
     );
     assert_eq!(
         seen.param("labelSelector").as_deref(),
-        Some("kubernetes.io/service-name=tools"),
+        Some("kubernetes.io/service-name=tools,endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io"),
         "{seen:?}"
     );
+    // A slice someone made by hand for the Service, pointing at the backend: not followed.
+    let mut forged = slice(&[backend.ip().to_string()]);
+    forged["metadata"]["name"] = json!("tools-forged");
+    forged["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = json!("someone");
+    rig.api.apply_endpointslice(forged);
     let a = rig.pod("a", rig.attach.join("a"));
+    std::thread::sleep(Duration::from_secs(1));
+    let status = status_json(&rig.agent);
+    assert_eq!(
+        status["kubernetes"]["service_backends"], 1,
+        "the controller's slice only: {status}"
+    );
     let direct = format!("http://{backend}/mcp");
     // Not a backend yet: the call goes straight through, as any non-MCP destination would.
     let (_, lines) = rig.call(&a, &direct, "add", r#"{"a":1,"b":2}"#);

@@ -63,6 +63,33 @@ impl Constraints {
         self.permitted.iter().any(matches) && !self.excluded.iter().any(matches)
     }
 
+    /// Whether DNS names and IP addresses are both closed: each kind has permitted subtrees
+    /// (and no empty DNS subtree, which permits every name), or is excluded whole (an empty DNS
+    /// subtree; 0.0.0.0/0 and ::/0).
+    pub fn closes_every_type(&self) -> bool {
+        let dns_open_permit = self
+            .permitted
+            .iter()
+            .any(|s| matches!(s, Subtree::Dns(d) if d.is_empty()));
+        let dns_permitted = self.permitted.iter().any(|s| matches!(s, Subtree::Dns(_)));
+        let dns_excluded_whole = self
+            .excluded
+            .iter()
+            .any(|s| matches!(s, Subtree::Dns(d) if d.is_empty()));
+        let dns_closed = dns_excluded_whole || (dns_permitted && !dns_open_permit);
+        let ip_permitted = self
+            .permitted
+            .iter()
+            .any(|s| matches!(s, Subtree::Ip { .. }));
+        let whole = |len: usize| {
+            self.excluded.iter().any(|s| {
+                matches!(s, Subtree::Ip { addr, mask } if addr.len() == len && mask.iter().all(|b| *b == 0))
+            })
+        };
+        let ip_closed = ip_permitted || (whole(4) && whole(16));
+        dns_closed && ip_closed
+    }
+
     /// The permitted subtrees, for messages: `tools.mcp, 10.0.0.5/32`.
     pub fn describe_permitted(&self) -> String {
         let shown: Vec<String> = self.permitted.iter().map(show).collect();
@@ -205,5 +232,24 @@ mod tests {
         };
         assert!(!dns_only.covers("10.0.0.1"));
         assert_eq!(c.describe_permitted(), "tools.mcp, .corp.test, 10.1.0.0/16");
+    }
+
+    #[test]
+    fn a_constraint_must_close_dns_names_and_ip_addresses_both() {
+        let dns = Subtree::Dns("tools.mcp".into());
+        let every_name = Subtree::Dns(String::new());
+        let c = |permitted: Vec<Subtree>, excluded: Vec<Subtree>| Constraints {
+            permitted,
+            excluded,
+        };
+        assert!(c(vec![dns.clone(), ip("10.1.0.0", 16)], vec![]).closes_every_type());
+        // What `ca init` writes for DNS endpoints only: every IP address excluded.
+        assert!(c(vec![dns.clone()], vec![ip("0.0.0.0", 0), ip("::", 0)]).closes_every_type());
+        // Open: IP addresses unconstrained, or only IPv4 excluded, or every DNS name permitted.
+        assert!(!c(vec![dns.clone()], vec![]).closes_every_type());
+        assert!(!c(vec![dns.clone()], vec![ip("0.0.0.0", 0)]).closes_every_type());
+        assert!(!c(vec![every_name.clone(), ip("10.1.0.0", 16)], vec![]).closes_every_type());
+        assert!(!c(vec![ip("10.1.0.0", 16)], vec![]).closes_every_type());
+        assert!(c(vec![ip("10.1.0.0", 16)], vec![every_name]).closes_every_type());
     }
 }

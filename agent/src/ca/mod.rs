@@ -378,6 +378,14 @@ fn check_configured(a: &Authority, settings: &CaSettings) -> Result<()> {
             a.source.display()
         );
     }
+    // Constraints that leave a whole kind of name open (DNS names constrained, IP addresses not,
+    // or an empty DNS subtree that permits every name) constrain nothing there.
+    if !settings.allow_unconstrained && !a.constraints.iter().any(|(_, c)| c.closes_every_type()) {
+        bail!(
+            "{}: this CA's name constraints leave DNS names or IP addresses open (each kind must              have permitted subtrees, or be excluded whole, as `mcpwarden ca init              --name-constraints-from CONFIG` writes): it could sign names beyond the endpoints.              Generate one with `mcpwarden ca init`, or set `ca.allow_unconstrained: true`",
+            a.source.display()
+        );
+    }
     for (subject, c) in &a.constraints {
         if let Some(n) = settings.names.iter().find(|n| !c.covers(n)) {
             bail!(

@@ -9,9 +9,14 @@ mod cgroup;
 mod pods;
 pub mod workload;
 
-use std::{path::Path, sync::Arc};
+use std::{
+    num::NonZeroUsize,
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Result;
+use lru::LruCache;
 
 pub use cgroup::CgroupNames;
 pub use pods::{PodInfo, PodRecord, Pods, DEFAULT_DELETED_GRACE};
@@ -66,6 +71,10 @@ impl Caller {
     }
 }
 
+/// The `namespace` and `service_account` scope keys of every caller in a pod not known yet.
+pub const UNKNOWN_NAMESPACE: &str = "namespace:?";
+pub const UNKNOWN_SERVICE_ACCOUNT: &str = "sa:?";
+
 /// The `namespace` scope key of a caller in a known pod.
 pub fn namespace_key(pod: &PodMeta) -> String {
     format!("namespace:{}", pod.namespace)
@@ -89,14 +98,60 @@ pub fn connection_key(connection: u64) -> String {
 /// Turns kernel records into callers.
 pub struct Resolver {
     names: CgroupNames,
+    mount: std::path::PathBuf,
+    /// What each cgroup's path says, once checked (see [`Resolver::workload`]).
+    workloads: Mutex<LruCache<u64, Workload>>,
 }
+
+/// Cgroups whose workload is remembered (least recently used dropped).
+const WORKLOADS_MAX: NonZeroUsize = match NonZeroUsize::new(4096) {
+    Some(n) => n,
+    None => NonZeroUsize::MIN,
+};
 
 impl Resolver {
     /// Cgroup ids are resolved below `mount`, the cgroup2 mount.
     pub fn new(mount: &Path) -> Result<Resolver> {
         Ok(Resolver {
             names: CgroupNames::new(mount)?,
+            mount: mount.to_path_buf(),
+            workloads: Mutex::new(LruCache::new(WORKLOADS_MAX)),
         })
+    }
+
+    /// What cgroup `id`'s path says of the workload in it, believed only where root made the
+    /// directories: a user given a cgroup subtree of their own (systemd delegation, rootless
+    /// containers) can create directories named like kubelet's (`…-pod<uid>.slice/
+    /// cri-containerd-<id>.scope`) and move processes there, but cannot make root own them. The
+    /// pod is believed only when its directory is root's, the container only when the caller's
+    /// cgroup is. Checked once per cgroup (the answer is cached by id).
+    fn workload(&self, id: u64, path: &str) -> Workload {
+        let cache = || {
+            self.workloads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(w) = cache().get(&id) {
+            return w.clone();
+        }
+        let mut w = workload::parse(path);
+        let root_owns = |rel: &str| {
+            !rel.split('/').any(|s| s == "..")
+                && std::fs::metadata(self.mount.join(rel.trim_start_matches('/')))
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        };
+        if w.pod_dir.as_deref().is_some_and(|dir| !root_owns(dir)) {
+            tracing::warn!(
+                cgroup = path,
+                "a cgroup named like a pod's but not made by root: not attributed to the pod"
+            );
+            w = Workload::default();
+        } else if w.container_id.is_some() && !root_owns(path) {
+            w.container_id = None;
+            w.runtime = None;
+        }
+        cache().put(id, w.clone());
+        w
     }
 
     /// The caller behind `kernel`: its process name (falling back to the thread's when the
@@ -109,7 +164,10 @@ impl Resolver {
             gid: kernel.gid,
             comm: process_comm(kernel.pid).unwrap_or_else(|| kernel.comm.clone()),
             cgroup_id: kernel.cgroup_id,
-            workload: cgroup.as_deref().map(workload::parse).unwrap_or_default(),
+            workload: cgroup
+                .as_deref()
+                .map(|p| self.workload(kernel.cgroup_id, p))
+                .unwrap_or_default(),
             cgroup,
             pod: None,
         }
@@ -153,6 +211,47 @@ mod tests {
         assert_eq!(caller.process_key(), "pid:12");
         assert_eq!(session_key("abc"), "session:abc");
         assert_eq!(connection_key(7), "connection:7");
+    }
+
+    #[test]
+    fn a_pod_is_believed_only_from_directories_root_made() -> Result<()> {
+        use std::os::unix::fs::{chown, MetadataExt};
+        let mount = std::env::temp_dir().join(format!("mcpwarden-identity-{}", std::process::id()));
+        let uid = "3f1c2a9e_8d4b_4c1e_9a7f_0b5e6d2c1a44";
+        let id = "ab".repeat(32);
+        let pod =
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice");
+        let leaf = format!("{pod}/cri-containerd-{id}.scope");
+        std::fs::create_dir_all(mount.join(&leaf))?;
+        let resolver = Resolver::new(&mount)?;
+        let path = format!("/{leaf}");
+        // Made by root (this test runs as root, as the agent does): the pod and the container.
+        assert_eq!(std::fs::metadata(mount.join(&pod))?.uid(), 0, "run as root");
+        let w = resolver.workload(1, &path);
+        assert_eq!(w.pod_uid.as_deref(), Some(uid.replace('_', "-").as_str()));
+        assert_eq!(w.container_id.as_deref(), Some(id.as_str()));
+        // The same names in a user's delegated subtree: neither.
+        let user = format!("user.slice/delegated/{leaf}");
+        std::fs::create_dir_all(mount.join(&user))?;
+        let mut dir = mount.join("user.slice/delegated");
+        for part in leaf.split('/') {
+            dir = dir.join(part);
+            chown(&dir, Some(1000), Some(1000))?;
+        }
+        assert_eq!(
+            resolver.workload(2, &format!("/{user}")),
+            Workload::default()
+        );
+        // A container leaf the user made (rootless): no container id.
+        let rootless = format!("user.slice/libpod-{id}.scope");
+        std::fs::create_dir_all(mount.join(&rootless))?;
+        chown(mount.join(&rootless), Some(1000), Some(1000))?;
+        assert_eq!(
+            resolver.workload(3, &format!("/{rootless}")),
+            Workload::default()
+        );
+        std::fs::remove_dir_all(&mount)?;
+        Ok(())
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct PodRecord {
     /// Container id (without the `containerd://` scheme) → container name, from the pod's
     /// status (init, regular and ephemeral containers).
     pub containers: HashMap<String, String>,
+    /// The UID its cgroups carry: the pod's, or for a static pod's mirror the static pod's
+    /// (its `kubernetes.io/config.mirror` annotation).
+    pub cgroup_uid: String,
 }
 
 /// The pod of one caller: its pod's metadata with the caller's container.
@@ -125,7 +128,7 @@ impl Pods {
         let uid = record.meta.uid.clone();
         inner.by_cgroup.retain(|_, info| info.meta.uid != uid);
         inner.by_uid.insert(
-            uid,
+            record.cgroup_uid.clone(),
             Known {
                 record,
                 deleted: None,
@@ -135,7 +138,8 @@ impl Pods {
         self.changed.notify_waiters();
     }
 
-    /// A pod was deleted at `now`: it stays known for the grace period.
+    /// A pod (by the UID its cgroups carry) was deleted at `now`: it stays known for the grace
+    /// period.
     pub fn delete(&self, uid: &str, now: Instant) {
         if let Some(known) = self.write().by_uid.get_mut(uid) {
             known.deleted.get_or_insert(now);
@@ -143,7 +147,7 @@ impl Pods {
     }
 
     /// The watch listed every pod anew (after a restart or an expired watch): pods not in
-    /// `uids` were deleted meanwhile.
+    /// `uids` (the UIDs their cgroups carry) were deleted meanwhile.
     pub fn relisted(&self, uids: &std::collections::HashSet<String>, now: Instant) {
         for (uid, known) in self.write().by_uid.iter_mut() {
             if !uids.contains(uid) {
@@ -157,12 +161,12 @@ impl Pods {
         let mut inner = self.write();
         let grace = self.grace;
         let mut gone = Vec::new();
-        inner.by_uid.retain(|uid, known| {
+        inner.by_uid.retain(|_, known| {
             let keep = known
                 .deleted
                 .is_none_or(|at| now.saturating_duration_since(at) < grace);
             if !keep {
-                gone.push(uid.clone());
+                gone.push(known.record.meta.uid.clone());
             }
             keep
         });
@@ -207,6 +211,7 @@ mod tests {
             },
             node: "node-a".into(),
             containers: [("c0ffee00c0ffee".to_owned(), "main".to_owned())].into(),
+            cgroup_uid: UID.into(),
         }
     }
 
@@ -215,6 +220,7 @@ mod tests {
             pod_uid: Some(UID.into()),
             runtime: None,
             container_id: Some(container.into()),
+            pod_dir: None,
         }
     }
 

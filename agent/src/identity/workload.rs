@@ -34,16 +34,22 @@ pub struct Workload {
     pub runtime: Option<Runtime>,
     /// The container id (64 hex digits for the runtimes above).
     pub container_id: Option<String>,
+    /// The path up to the segment that names the pod (`/kubepods.slice/…-pod<uid>.slice`): the
+    /// directory whose owner says whether kubelet made it (see `identity::Resolver`).
+    pub pod_dir: Option<String>,
 }
 
 /// Reads a cgroup path (relative to the cgroup2 mount, or as `/proc/PID/cgroup` shows it).
 pub fn parse(path: &str) -> Workload {
     let mut w = Workload::default();
     let mut below_kubepods = false;
+    let mut prefix = String::with_capacity(path.len());
     for segment in path.split('/') {
         if segment.is_empty() {
             continue;
         }
+        prefix.push('/');
+        prefix.push_str(segment);
         // Inside a cgroup namespace, the path climbs out of the namespace's root first: what
         // follows is a pod's when it names one (the kubepods part is above the root).
         if segment == ".." {
@@ -57,6 +63,7 @@ pub fn parse(path: &str) -> Workload {
         };
         if let Some(uid) = pod_uid(head, below_kubepods) {
             w.pod_uid = Some(uid);
+            w.pod_dir = Some(prefix.clone());
             w.runtime = None;
             w.container_id = None;
             if let Some(tail) = tail {
@@ -64,7 +71,7 @@ pub fn parse(path: &str) -> Workload {
             }
             continue;
         }
-        if head.starts_with("kubepods") {
+        if head.contains("kubepods") {
             below_kubepods = true;
             continue;
         }
@@ -77,7 +84,8 @@ pub fn parse(path: &str) -> Workload {
 /// The pod UID a kubepods segment names: `kubepods-…-pod<uid>.slice` (systemd, `_` for `-`) or
 /// `pod<uid>` below a `kubepods` segment (cgroupfs).
 fn pod_uid(segment: &str, below_kubepods: bool) -> Option<String> {
-    let candidate = if segment.starts_with("kubepods") {
+    // `contains`: a kubelet with a cgroup root of its own prefixes it (kind: `kubelet-kubepods-…`).
+    let candidate = if segment.contains("kubepods") {
         let at = segment.rfind("-pod")?;
         segment[at + 4..].strip_suffix(".slice")?
     } else if below_kubepods {
@@ -89,8 +97,12 @@ fn pod_uid(segment: &str, below_kubepods: bool) -> Option<String> {
     is_uid(&uid).then_some(uid)
 }
 
-/// A UUID as Kubernetes writes pod UIDs (8-4-4-4-12 hex digits).
+/// A UUID as Kubernetes writes pod UIDs (8-4-4-4-12 hex digits), or the 32 hex digits kubelet
+/// gives static pods (the hash of their manifest).
 fn is_uid(s: &str) -> bool {
+    if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return true;
+    }
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
         && groups
@@ -147,6 +159,7 @@ mod tests {
             pod_uid: pod.map(str::to_owned),
             runtime,
             container_id: id.map(str::to_owned),
+            pod_dir: None,
         }
     }
 
@@ -184,6 +197,13 @@ mod tests {
             (format!("/../../pod{UID}/{ID}"), w(Some(UID), None, Some(ID))),
             (format!("/../kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope"),
              w(Some(UID), Some(Containerd), Some(ID))),
+            // kind: kubelet's cgroup root `/kubelet` with the systemd driver.
+            (format!("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope"),
+             w(Some(UID), Some(Containerd), Some(ID))),
+            (format!("/kubelet/kubepods/burstable/pod{UID}/{ID}"), w(Some(UID), None, Some(ID))),
+            // A static pod: its UID is the hash of its manifest.
+            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f3c9d2e8b7a61544c2d1e0f9a8b7c6d.slice/cri-containerd-{ID}.scope"),
+             w(Some("0f3c9d2e8b7a61544c2d1e0f9a8b7c6d"), Some(Containerd), Some(ID))),
             // Below a test's or a nested attach point.
             (format!("/mcpwarden-tests/t1/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/cri-containerd-{ID}.scope"),
              w(Some(UID), Some(Containerd), Some(ID))),
@@ -201,7 +221,26 @@ mod tests {
             ("/kubepods.slice/kubepods-pod1234.slice".into(), w(None, None, None)),
         ];
         for (path, want) in table {
-            assert_eq!(parse(&path), want, "{path}");
+            let got = parse(&path);
+            assert_eq!(
+                Workload {
+                    pod_dir: None,
+                    ..got.clone()
+                },
+                want,
+                "{path}"
+            );
+            // The pod's directory is the path up to the segment naming the pod.
+            if let Some(dir) = &got.pod_dir {
+                assert!(path.starts_with(dir.as_str()), "{path}: {dir}");
+                let uid = got.pod_uid.clone().unwrap_or_default();
+                let last = dir.rsplit('/').next().unwrap_or_default();
+                assert!(
+                    last.contains(&uid.replace('-', "_")) || last.contains(&uid),
+                    "{dir}"
+                );
+            }
+            assert_eq!(got.pod_dir.is_some(), got.pod_uid.is_some(), "{path}");
         }
     }
 

@@ -274,6 +274,12 @@ impl Conn {
                 identity::namespace_key(pod),
                 identity::service_account_key(pod),
             ),
+            // A pod not known yet (the API server unreachable): one shared count for all such
+            // callers, never a fresh one per cgroup that a namespace quota would not see.
+            None if chosen.in_pod => (
+                identity::UNKNOWN_NAMESPACE.to_owned(),
+                identity::UNKNOWN_SERVICE_ACCOUNT.to_owned(),
+            ),
             None => (grant.clone(), grant.clone()),
         };
         let process = caller.process_key();

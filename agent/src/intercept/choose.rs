@@ -20,6 +20,8 @@ pub(super) struct Chosen {
     pub unresolved: Option<Decision>,
     /// The caller's pod, when known.
     pub pod: Option<Arc<PodInfo>>,
+    /// The caller runs in a pod (by its cgroup), known or not.
+    pub in_pod: bool,
 }
 
 impl Conn {
@@ -66,6 +68,7 @@ impl Conn {
                         binding: binding.map(|b| format!("/bindings/{b}")),
                         unresolved: None,
                         pod,
+                        in_pod: is_pod,
                     }
                 }
                 Choice::Unresolved { binding } => binding,
@@ -84,6 +87,7 @@ impl Conn {
                     binding: Some(unresolved.rule.clone()),
                     unresolved: Some(unresolved),
                     pod: None,
+                    in_pod: is_pod,
                 };
             }
         }

@@ -147,6 +147,8 @@ pub struct Kube {
     errors: AtomicU64,
     last_error: Mutex<Option<String>>,
     taint_removed: AtomicBool,
+    /// Services whose EndpointSlices have not been listed yet.
+    services_pending: std::sync::atomic::AtomicUsize,
     pods: Arc<Pods>,
     backends: Backends,
 }
@@ -187,17 +189,29 @@ impl Kube {
     /// Why the agent is not ready as far as Kubernetes goes, if it is not.
     pub fn not_ready(&self) -> Option<String> {
         if self.pods_synced.load(Ordering::Relaxed) {
-            return None;
+            // Until a Service's slices are read, its backends can be dialled around the
+            // interceptor: not ready (nor is the taint removed) before.
+            return match self.services_pending.load(Ordering::Relaxed) {
+                0 => None,
+                n => Some(format!(
+                    "the EndpointSlices of {n} Service(s) named as endpoints are not read yet{}",
+                    self.last_error()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                )),
+            };
         }
-        let error = self
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        Some(match error {
+        Some(match self.last_error() {
             Some(e) => format!("the pod list of node {} is not read yet: {e}", self.node),
             None => format!("reading the pod list of node {}", self.node),
         })
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn ok(&self) {
@@ -290,6 +304,7 @@ pub fn start(w: Watches) -> Result<(Arc<Kube>, Vec<tokio::task::JoinHandle<()>>)
         node: node.clone(),
         pods: w.pods.clone(),
         backends: w.backends.clone(),
+        services_pending: w.services.len().into(),
         ..Kube::default()
     });
     tracing::info!(

@@ -47,7 +47,7 @@ pub(super) async fn watch(
                 kube.ok();
                 if let Some(record) = record(&pod) {
                     if let Some(seen) = listing.as_mut() {
-                        seen.insert(record.meta.uid.clone());
+                        seen.insert(record.cgroup_uid.clone());
                     }
                     pods.apply(record);
                 }
@@ -69,8 +69,8 @@ pub(super) async fn watch(
             }
             Ok(watcher::Event::Delete(pod)) => {
                 kube.ok();
-                if let Some(uid) = pod.metadata.uid.as_deref() {
-                    pods.delete(uid, Instant::now());
+                if let Some(record) = record(&pod) {
+                    pods.delete(&record.cgroup_uid, Instant::now());
                 }
             }
             Err(e) => kube.failed("watching this node's pods", &e),
@@ -100,7 +100,16 @@ fn record(pod: &Pod) -> Option<PodRecord> {
             Some((id.to_owned(), c.name.clone()))
         })
         .collect();
+    // A static pod's cgroups carry the UID kubelet gave it (the hash of its manifest); the API
+    // server knows its mirror pod, which names that UID in an annotation.
+    let cgroup_uid = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("kubernetes.io/config.mirror"))
+        .cloned()
+        .unwrap_or_else(|| uid.clone());
     Some(PodRecord {
+        cgroup_uid,
         meta: PodMeta {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
@@ -145,6 +154,18 @@ mod tests {
             2,
             "a container not started has no id yet"
         );
+        assert_eq!(r.cgroup_uid, r.meta.uid);
+        let mirror: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "etcd-node-a", "namespace": "kube-system", "uid": "1d2c3b4a-0000-4000-8000-000000000001",
+                         "annotations": {"kubernetes.io/config.mirror": "0f3c9d2e8b7a61544c2d1e0f9a8b7c6d"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "etcd"}]}
+        }))?;
+        let r = record(&mirror).expect("has a uid");
+        assert_eq!(
+            r.cgroup_uid, "0f3c9d2e8b7a61544c2d1e0f9a8b7c6d",
+            "found by its cgroups' UID"
+        );
+        assert_eq!(r.meta.uid, "1d2c3b4a-0000-4000-8000-000000000001");
         Ok(())
     }
 }

@@ -16,6 +16,10 @@ use tokio::sync::Notify;
 
 use super::Kube;
 
+/// The label naming who made an EndpointSlice, and the value of Kubernetes' own controller.
+const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const CONTROLLER: &str = "endpointslice-controller.k8s.io";
+
 /// A Service, from an endpoint host `SVC.NS.svc.cluster.local` or `SVC.NS.svc`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceName {
@@ -119,8 +123,14 @@ pub(super) async fn watch(
     kube: Arc<Kube>,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &service.namespace);
-    let config =
-        watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", service.name));
+    // Only slices Kubernetes' own controller made from the Service's selector: a slice anyone
+    // with write access to the namespace hand-made could otherwise point every node's
+    // interceptor at any address (the API server's, say).
+    let config = watcher::Config::default().labels(&format!(
+        "kubernetes.io/service-name={},{MANAGED_BY}={CONTROLLER}",
+        service.name
+    ));
+    let mut synced = false;
     let mut events = watcher(api, config).default_backoff().boxed();
     let mut listing: Option<BTreeSet<String>> = None;
     while let Some(event) = events.next().await {
@@ -140,6 +150,10 @@ pub(super) async fn watch(
                 kube.ok();
                 if let Some(seen) = listing.take() {
                     backends.keep_only(server, &seen);
+                }
+                if !std::mem::replace(&mut synced, true) {
+                    kube.services_pending
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Ok(watcher::Event::Delete(slice)) => {
@@ -180,6 +194,12 @@ fn addresses(slice: &EndpointSlice, service: &ServiceName) -> BTreeSet<SocketAdd
     slice
         .endpoints
         .iter()
+        // Pods only: the controller names each endpoint's pod.
+        .filter(|e| {
+            e.target_ref
+                .as_ref()
+                .is_some_and(|r| r.kind.as_deref() == Some("Pod"))
+        })
         .flat_map(|e| e.addresses.iter())
         .filter_map(|a| a.parse::<IpAddr>().ok())
         .flat_map(|ip| ports.iter().map(move |p| SocketAddr::new(ip, *p)))
@@ -207,8 +227,9 @@ mod tests {
         let slice = |ports: serde_json::Value| -> Result<EndpointSlice, serde_json::Error> {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "tools-abc"}, "addressType": "IPv4", "ports": ports,
-                "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": true}},
-                              {"addresses": ["10.1.0.6"], "conditions": {"ready": false}}]}))
+                "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "a"}},
+                              {"addresses": ["10.1.0.6"], "conditions": {"ready": false}, "targetRef": {"kind": "Pod", "name": "b"}},
+                              {"addresses": ["10.96.0.1"], "conditions": {"ready": true}}]}))
         };
         let one = addresses(
             &slice(serde_json::json!([{"port": 9000, "protocol": "TCP"}]))?,

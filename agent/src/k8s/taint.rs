@@ -1,5 +1,6 @@
-//! The boot window: after a reboot the pins are gone and workload pods can be scheduled before
-//! the agent is back. Nodes register with a NoSchedule taint the agent tolerates; once ready,
+//! The boot window: until the agent has attached, nothing redirects a node's pods. New nodes
+//! register with a NoSchedule taint the agent tolerates (kubelet applies it only when it creates
+//! the Node: a reboot is not covered, see the README); once ready,
 //! the agent removes it from its own node with a JSON Patch that first tests the taints are
 //! what it read (a concurrent change fails the test and the agent reads again).
 
