@@ -96,10 +96,20 @@ impl Pods {
 
     /// The pod of the caller in cgroup `cgroup_id`, whose path says `workload`, when known.
     pub fn lookup(&self, cgroup_id: u64, workload: &Workload) -> Option<Arc<PodInfo>> {
-        if let Some(found) = self.read().by_cgroup.get(&cgroup_id) {
-            return Some(found.clone());
-        }
-        let uid = workload.pod_uid.as_deref()?;
+        let uid = {
+            let inner = self.read();
+            if let Some(found) = inner.by_cgroup.get(&cgroup_id) {
+                return Some(found.clone());
+            }
+            // A pod not known (yet): answered under the read lock, as every waiting call asks.
+            let uid = workload.pod_uid.as_deref()?;
+            if !inner.by_uid.contains_key(uid) {
+                return None;
+            }
+            uid
+        };
+        // Built and cached under the write lock, so that a change applied meanwhile is not
+        // overwritten by what was read before it.
         let mut inner = self.write();
         let known = inner.by_uid.get(uid)?;
         let container = workload
