@@ -290,6 +290,7 @@ impl Routing {
             rule: pointer,
             would: None,
             reservation: None,
+            approval: None,
         }
     }
 }

@@ -78,6 +78,8 @@ pub struct Usage {
 enum Count {
     /// Record the admission (and hand back a [`Reservation`]).
     Reserve,
+    /// As `Reserve`, for a call an approver let through: `require_approval` passes.
+    Approved,
     /// Only check whether there is room: nothing is recorded.
     Peek,
 }
@@ -161,6 +163,19 @@ impl Engine {
     #[must_use]
     pub fn decide_call(&self, call: &Call<'_>, caller: &CallerScope<'_>, now: Instant) -> Decision {
         self.dry_run(self.decide(call, caller, now, Count::Reserve, &mut Silent))
+    }
+
+    /// Decides again a call that was held for an approval and approved: `action:
+    /// require_approval` now passes, everything else is decided as for any call against this
+    /// (possibly reloaded) policy, and only now are its limits counted.
+    #[must_use]
+    pub fn decide_approved_call(
+        &self,
+        call: &Call<'_>,
+        caller: &CallerScope<'_>,
+        now: Instant,
+    ) -> Decision {
+        self.dry_run(self.decide(call, caller, now, Count::Approved, &mut Silent))
     }
 
     /// Like [`Engine::decide_call`], with a line per check saying what it found.
@@ -274,17 +289,37 @@ impl Engine {
                         .unwrap_or_else(|| format!("tool {tool} is denied by policy")),
                 );
             }
+            ToolAction::RequireApproval if count == Count::Approved => {
+                trace.step(|| "action: require_approval, and approved".to_owned());
+            }
             ToolAction::RequireApproval => {
                 trace.step(|| "action: require_approval".to_owned());
-                return refuse(
+                // Nobody is asked to approve a call its checks would refuse: they run first,
+                // limits only checked for room (counted once approved).
+                let checked = near_miss(policy, args, &rule.pointer, trace)
+                    .or_else(|| check_schema(rule, tool, args, trace))
+                    .unwrap_or_else(|| {
+                        self.check(
+                            &[&policy.all_tools, &rule.checks],
+                            args,
+                            caller,
+                            (now, Count::Peek),
+                            trace,
+                            &rule.pointer,
+                        )
+                    });
+                if checked.outcome != Outcome::Allow {
+                    return checked;
+                }
+                let mut held = refuse(
                     Outcome::ApprovalRequired,
                     format!("{}/action", rule.pointer),
-                    rule.reason.clone().unwrap_or_else(|| {
-                        format!(
-                            "tool {tool} requires approval, and no approval channel is configured on this node"
-                        )
-                    }),
+                    rule.reason
+                        .clone()
+                        .unwrap_or_else(|| format!("tool {tool} requires approval")),
                 );
+                held.approval = Some(rule.approval.clone());
+                return held;
             }
             ToolAction::Allow => {}
         }
@@ -332,6 +367,7 @@ impl Engine {
             rule: allow_rule.to_owned(),
             reason: None,
             reservation,
+            approval: None,
         }
     }
 
@@ -433,7 +469,7 @@ impl Engine {
             }
         }
         let admitted = match count {
-            Count::Reserve => store.try_reserve(&self.counters, &wants, now),
+            Count::Reserve | Count::Approved => store.try_reserve(&self.counters, &wants, now),
             Count::Peek => store.would_admit(&wants, now).map(|()| {
                 trace.step(|| "limits have room; explained without counting this call".to_owned());
                 None
@@ -666,6 +702,7 @@ fn refuse(outcome: Outcome, rule: String, reason: String) -> Decision {
         rule,
         reason: Some(reason),
         reservation: None,
+        approval: None,
     }
 }
 

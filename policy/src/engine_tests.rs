@@ -2983,3 +2983,72 @@ fn explaining_a_spend_without_counting_checks_the_amount() {
     assert!(decide_args(&engine, "pay", &spend(40), &ONE, now).outcome == Outcome::Allow);
     assert_eq!(explain(1).outcome, Outcome::Deny);
 }
+
+/// A held call: its checks run before anyone is asked (limits only peeked), and its limits are
+/// counted only when it is decided again after the approval.
+#[test]
+fn require_approval_checks_first_and_counts_only_when_approved() {
+    let e = engine_json(&deny_with(json!({
+        "pay": {
+            "action": "require_approval",
+            "approval": {"timeout": "20s", "remember": "5m"},
+            "deny_if": [{"path": "args.amount", "op": "gt", "value": 100}],
+            "limits": [{"counter": "pay", "window": "minute", "max": 1, "scope": "grant"}]
+        }
+    })));
+    let t0 = Instant::now();
+    let big = json!({"amount": 500});
+    let d = decide_args(&e, "pay", &big, &ONE, t0);
+    assert_eq!(d.outcome, Outcome::Deny, "{d:?}");
+    assert!(d.approval.is_none());
+
+    let small = json!({"amount": 5});
+    let held = decide_args(&e, "pay", &small, &ONE, t0);
+    assert_eq!(held.outcome, Outcome::ApprovalRequired, "{held:?}");
+    assert_eq!(held.rule, "/tools/pay/action");
+    assert!(held.reservation.is_none(), "nothing counted while held");
+    let spec = held.approval.clone().unwrap_or_default();
+    assert_eq!(spec.timeout, Some(secs(20)));
+    assert_eq!(spec.remember, Some(secs(300)));
+    // Held again: still room, since nothing was counted.
+    assert_eq!(
+        decide_args(&e, "pay", &small, &ONE, t0).outcome,
+        Outcome::ApprovalRequired
+    );
+
+    let call = Call {
+        tool: "pay",
+        arguments: Some(&small),
+    };
+    let approved = e.decide_approved_call(&call, &ONE, t0);
+    assert_eq!(approved.outcome, Outcome::Allow, "{approved:?}");
+    assert!(approved.reservation.is_some(), "counted once approved");
+    // The limit is now full: the next call is refused before anyone is asked, and an approval
+    // given meanwhile does not pass the limit either.
+    assert_eq!(decide_args(&e, "pay", &small, &ONE, t0).outcome, Outcome::Deny);
+    assert_eq!(e.decide_approved_call(&call, &ONE, t0).outcome, Outcome::Deny);
+}
+
+#[test]
+fn approval_field_only_on_require_approval() {
+    let err = Policy::parse(
+        &deny_with(json!({"pay": {"action": "allow", "approval": "user"}})).to_string(),
+        "policy.json",
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("applies only to a rule with action"), "{err}");
+    let p = Policy::parse(
+        &deny_with(json!({"pay": {"action": "require_approval", "approval": "user"}})).to_string(),
+        "policy.json",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        p.warnings()
+            .iter()
+            .any(|w| w.pointer == "/tools/pay/approval" && w.message.contains("autonomous")),
+        "{:?}",
+        p.warnings()
+    );
+}

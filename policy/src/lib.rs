@@ -17,6 +17,7 @@
 //! Every decision names the rule that made it as a JSON Pointer (RFC 6901)
 //! into the policy file, for the audit log.
 
+mod approval;
 mod args;
 pub mod bindings;
 mod condition;
@@ -34,6 +35,7 @@ mod load_tests;
 #[cfg(test)]
 mod window_props;
 
+pub use approval::{parse_duration, Approval, ApprovalMode};
 pub use engine::{Call, Engine, Explanation, Usage};
 pub use limits::{Journal, Reservation, Restored};
 pub use load::{Policy, PolicySource, Warning};
@@ -94,8 +96,9 @@ pub enum Outcome {
     /// is exhausted: answer with a tool result that has `isError` set and
     /// carries the reason.
     Deny,
-    /// `action: require_approval`. No approval channel exists yet, so the
-    /// call is answered like [`Outcome::Deny`], and audited as this.
+    /// `action: require_approval`, and the call passes every other check (checked without
+    /// counting): the caller holds it for an approval ([`Decision::approval`] says whose),
+    /// and decides it again with [`Engine::decide_approved_call`] once approved.
     ApprovalRequired,
 }
 
@@ -116,7 +119,7 @@ impl Outcome {
 pub enum Verdict {
     Allow,
     Deny,
-    /// `action: require_approval`: refused, as no approval channel exists yet.
+    /// `action: require_approval`: held for an approval (or refused when none came).
     RequireApproval,
 }
 
@@ -135,4 +138,6 @@ pub struct Decision {
     pub would: Option<Outcome>,
     /// The quota this call took, when it is allowed and limited.
     pub reservation: Option<Reservation>,
+    /// [`Outcome::ApprovalRequired`]: how the rule wants it approved.
+    pub approval: Option<Approval>,
 }

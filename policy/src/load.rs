@@ -68,6 +68,9 @@ pub(super) struct ToolRule {
     /// The name or pattern as written.
     pub name: String,
     pub action: ToolAction,
+    /// `action: require_approval`: how it is approved (operator approval with the agent's
+    /// defaults when the rule does not say).
+    pub approval: crate::Approval,
     pub reason: Option<String>,
     pub arguments: Option<ArgSchema>,
     pub checks: Checks,
@@ -294,6 +297,7 @@ fn compile(parsed: PolicyFile, source: PolicySource) -> Policy {
         }
         rules.push(ToolRule {
             action: rule.action.unwrap_or(ToolAction::Allow),
+            approval: rule.approval.unwrap_or_default(),
             reason: rule.reason,
             arguments: rule.arguments,
             checks: Checks {
@@ -437,13 +441,22 @@ fn warnings(policy: &Policy) -> Vec<Warning> {
             || !checks.deny_if.is_empty()
             || !checks.require.is_empty()
             || !checks.limits.is_empty();
-        if rule.action != ToolAction::Allow && has_checks {
+        if rule.action == ToolAction::Deny && has_checks {
             warn(
                 &rule.pointer,
-                format!(
-                    "its arguments, deny_if, require and limits never apply: action {:?} decides first",
-                    if rule.action == ToolAction::Deny { "deny" } else { "require_approval" }
-                ),
+                "its arguments, deny_if, require and limits never apply: action \"deny\" decides first"
+                    .to_owned(),
+            );
+        }
+        if rule.action == ToolAction::RequireApproval
+            && rule.approval.mode == crate::ApprovalMode::User
+        {
+            warn(
+                &format!("{}/approval", rule.pointer),
+                "approval by the client's user: an autonomous client can answer its own \
+                 elicitation, so this approves nothing unless a human answers for that client \
+                 (older revisions, and clients without elicitation, get operator approval)"
+                    .to_owned(),
             );
         }
         if Pattern::new(&rule.name).is_none() {

@@ -1033,9 +1033,9 @@ fn warnings_of_rules_that_never_apply() {
         ),
         (
             r#"{"version": "1", "default": "deny", "tools": {"d": {"action": "require_approval",
-                "arguments": {"type": "object"}}}}"#,
-            "/tools/d",
-            "never apply",
+                "approval": {"mode": "user"}}}}"#,
+            "/tools/d/approval",
+            "autonomous client",
         ),
         (
             r#"{"version": "1", "default": "deny", "tools": {"get_*": {"action": "deny"}, "get_user": {}}}"#,

@@ -298,6 +298,8 @@ pub(super) struct ToolRule {
     pub deny_if: Vec<Condition>,
     pub require: Vec<Condition>,
     pub limits: Vec<Object<LimitSpec>>,
+    /// `approval`: how a `require_approval` call is approved.
+    pub approval: Option<crate::Approval>,
 }
 
 /// The keys a tool rule may have.
@@ -311,6 +313,7 @@ enum RuleField {
     DenyIf,
     Require,
     Limits,
+    Approval,
 }
 
 const RULE_FIELDS: &[&str] = &[
@@ -321,6 +324,7 @@ const RULE_FIELDS: &[&str] = &[
     "deny_if",
     "require",
     "limits",
+    "approval",
 ];
 
 impl RuleField {
@@ -333,6 +337,7 @@ impl RuleField {
             RuleField::DenyIf => "deny_if",
             RuleField::Require => "require",
             RuleField::Limits => "limits",
+            RuleField::Approval => "approval",
         }
     }
 }
@@ -363,6 +368,7 @@ impl<'de> Deserialize<'de> for ToolRule {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ToolRule, A::Error> {
                 let (mut action, mut arguments, mut deny_if, mut require, mut limits) =
                     (None, None, None, None, None);
+                let mut approval: Option<crate::Approval> = None;
                 let mut reason: Option<(&'static str, String)> = None;
                 while let Some(field) = map.next_key::<RuleField>()? {
                     let key = field.name();
@@ -372,6 +378,7 @@ impl<'de> Deserialize<'de> for ToolRule {
                         RuleField::DenyIf => once(&mut map, &mut deny_if, key)?,
                         RuleField::Require => once(&mut map, &mut require, key)?,
                         RuleField::Limits => once(&mut map, &mut limits, key)?,
+                        RuleField::Approval => once(&mut map, &mut approval, key)?,
                         RuleField::Reason | RuleField::OnDeny => {
                             if let Some((first, _)) = &reason {
                                 return Err(if *first == key {
@@ -387,8 +394,14 @@ impl<'de> Deserialize<'de> for ToolRule {
                         }
                     }
                 }
+                if approval.is_some() && action != Some(ToolAction::RequireApproval) {
+                    return Err(de::Error::custom(
+                        "\"approval\" applies only to a rule with action \"require_approval\"",
+                    ));
+                }
                 Ok(ToolRule {
                     action,
+                    approval,
                     reason: reason.map(|(_, text)| text),
                     arguments,
                     deny_if: deny_if.unwrap_or_default(),
