@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod approvals;
 pub mod audit;
 pub mod audit_tail;
 pub mod ca;

@@ -1,0 +1,399 @@
+//! Approval by the client's user, inside the protocol (`approval: user`, 2026-07-28 clients
+//! that declared elicitation).
+//!
+//! The call is answered with `resultType: "input_required"`: an elicitation asking the user to
+//! approve it, and a `requestState` only this node can have made — `mcpw1.<payload>.<mac>`,
+//! the payload (base64url JSON) naming a nonce, the server, the tool, the sha256 of the
+//! canonical arguments, the caller, the policy's sha256 and an expiry, the MAC an
+//! HMAC-SHA256 of it under the node's key (`<state_dir>/approval.key`, so a successor
+//! after a hand-over verifies what its predecessor issued). The retry must carry the same
+//! arguments and an accepted answer; each nonce is accepted once.
+//!
+//! A server's own multi-round-trip is kept whole: when the call that needs approval already
+//! carries a server's `requestState` and `inputResponses`, they travel inside the payload and
+//! are put back when the approved retry is forwarded.
+//!
+//! Written by hand: the format is a MAC over a small JSON payload (ring's HMAC, base64); no
+//! token library is needed for that, and JWT's algorithm choices are a risk we do not need.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use ring::{hmac, rand::SecureRandom};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// The key of mcpwarden's own entry in `inputRequests` / `inputResponses`.
+pub const INPUT_KEY: &str = "mcpwarden_approval";
+/// How a state this node made begins.
+const PREFIX: &str = "mcpw1.";
+/// Default lifetime of a state: the user reads and answers a dialog.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(300);
+/// At most this many unexpired accepted nonces are remembered; past it, retries are refused
+/// (forgetting one early would let it be replayed).
+const MAX_NONCES: usize = 65_536;
+
+/// Fills `buf` from the kernel's random source.
+pub fn random(buf: &mut [u8]) {
+    if ring::rand::SystemRandom::new().fill(buf).is_err() {
+        // getrandom(2) does not fail on Linux once the pool is initialised; if it did, the
+        // ids and nonces must still not be guessable from each other.
+        let _ = getrandom_fallback(buf);
+    }
+}
+
+fn getrandom_fallback(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// What a state binds the retry to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding<'a> {
+    pub server: &'a str,
+    pub tool: &'a str,
+    pub args_sha256: &'a str,
+    /// The caller's `grant` key (pod UID or cgroup id).
+    pub caller: &'a str,
+    pub policy_sha256: &'a str,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    n: String,
+    s: String,
+    t: String,
+    a: String,
+    c: String,
+    p: String,
+    /// Expiry, seconds since the epoch.
+    e: u64,
+    /// A server's own `requestState` and `inputResponses`, put back on the approved retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    is: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ir: Option<Value>,
+}
+
+/// An approved retry: what to forward in place of mcpwarden's state and answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Approved {
+    pub server_state: Option<Value>,
+    pub server_responses: Option<Value>,
+}
+
+/// The node's key and the nonces accepted so far (shared by the workers).
+pub struct UserApprovals {
+    key: hmac::Key,
+    used: Mutex<HashMap<String, u64>>,
+}
+
+impl std::fmt::Debug for UserApprovals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserApprovals(..)")
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl UserApprovals {
+    /// The key from `path` (32 random bytes, 0600), made if missing.
+    pub fn load_or_create(path: &Path) -> Result<UserApprovals> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let bytes = match std::fs::read(path) {
+            Ok(b) if b.len() == 32 => b,
+            Ok(b) => anyhow::bail!(
+                "{}: {} bytes, expected a 32-byte key; remove it to make a new one",
+                path.display(),
+                b.len()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut b = vec![0u8; 32];
+                random(&mut b);
+                let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .with_context(|| format!("creating {}", tmp.display()))?;
+                f.write_all(&b)?;
+                f.sync_all()?;
+                // Two agents starting at once: the first rename wins, both then read it.
+                if std::fs::hard_link(&tmp, path).is_err() && !path.exists() {
+                    std::fs::rename(&tmp, path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                }
+                let _ = std::fs::remove_file(&tmp);
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self::with_key(&bytes))
+    }
+
+    pub fn with_key(bytes: &[u8]) -> UserApprovals {
+        UserApprovals {
+            key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A new state for `binding`, valid for `expiry`, carrying the server's own round-trip.
+    pub fn issue(
+        &self,
+        binding: &Binding<'_>,
+        expiry: Duration,
+        server_state: Option<Value>,
+        server_responses: Option<Value>,
+    ) -> String {
+        let mut nonce = [0u8; 16];
+        random(&mut nonce);
+        let payload = Payload {
+            n: hex(&nonce),
+            s: binding.server.to_owned(),
+            t: binding.tool.to_owned(),
+            a: binding.args_sha256.to_owned(),
+            c: binding.caller.to_owned(),
+            p: binding.policy_sha256.to_owned(),
+            e: unix_now() + expiry.as_secs(),
+            is: server_state,
+            ir: server_responses,
+        };
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&payload).unwrap_or_default());
+        let mac = hmac::sign(&self.key, body.as_bytes());
+        format!("{PREFIX}{body}.{}", URL_SAFE_NO_PAD.encode(mac.as_ref()))
+    }
+
+    /// Whether a `requestState` is one of ours (else it is the server's: passed through).
+    pub fn is_ours(state: &str) -> bool {
+        state.starts_with(PREFIX)
+    }
+
+    /// Checks a retry's state and answer. Err: why it is refused.
+    pub fn verify(
+        &self,
+        state: &str,
+        binding: &Binding<'_>,
+        answer: Option<&Value>,
+    ) -> Result<Approved, String> {
+        let rest = state
+            .strip_prefix(PREFIX)
+            .ok_or("the requestState is not mcpwarden's")?;
+        let (body, mac) = rest
+            .split_once('.')
+            .ok_or("the requestState is malformed")?;
+        let mac = URL_SAFE_NO_PAD
+            .decode(mac)
+            .map_err(|_| "the requestState is malformed")?;
+        hmac::verify(&self.key, body.as_bytes(), &mac)
+            .map_err(|_| "the requestState was not made by this node, or was altered")?;
+        let payload: Payload = URL_SAFE_NO_PAD
+            .decode(body)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("the requestState is malformed")?;
+        let now = unix_now();
+        if payload.e < now {
+            return Err("the approval expired: call the tool again".to_owned());
+        }
+        let same = payload.s == binding.server
+            && payload.t == binding.tool
+            && payload.c == binding.caller;
+        if !same {
+            return Err("the requestState belongs to another call".to_owned());
+        }
+        if payload.a != binding.args_sha256 {
+            return Err(
+                "the arguments changed since they were approved: call the tool again".to_owned(),
+            );
+        }
+        if payload.p != binding.policy_sha256 {
+            return Err("the policy changed since the approval was asked: call the tool again"
+                .to_owned());
+        }
+        let accepted = answer.is_some_and(|a| {
+            a.get("action").and_then(Value::as_str) == Some("accept")
+                && a.pointer("/content/approve") == Some(&Value::Bool(true))
+        });
+        // The nonce is spent by any verified answer, accepted or not: a declined state cannot
+        // be answered again.
+        {
+            let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            used.retain(|_, exp| *exp >= now);
+            if used.contains_key(&payload.n) {
+                return Err("the requestState was already used".to_owned());
+            }
+            if used.len() >= MAX_NONCES {
+                return Err("too many approvals answered recently on this node: try again later"
+                    .to_owned());
+            }
+            used.insert(payload.n.clone(), payload.e);
+        }
+        if !accepted {
+            return Err(match answer.and_then(|a| a.get("action")).and_then(Value::as_str) {
+                Some("decline") => "the user declined the call".to_owned(),
+                Some("cancel") => "the user cancelled the approval".to_owned(),
+                Some(_) => "the user did not approve the call".to_owned(),
+                None => format!("the retry carries no answer to {INPUT_KEY}"),
+            });
+        }
+        Ok(Approved {
+            server_state: payload.is,
+            server_responses: payload.ir,
+        })
+    }
+}
+
+/// The `inputRequests` entry asking the user to approve a call.
+pub fn input_request(server: &str, tool: &str, reason: Option<&str>, arguments: &Value) -> Value {
+    let mut message = format!("mcpwarden: the agent wants to call the tool \"{tool}\" on {server}.");
+    if let Some(r) = reason {
+        message.push_str(&format!(" Policy: {r}."));
+    }
+    message.push_str(&format!(" Arguments: {arguments}. Approve this call?"));
+    json!({
+        "method": "elicitation/create",
+        "params": {
+            "mode": "form",
+            "message": message,
+            "requestedSchema": {
+                "type": "object",
+                "properties": {
+                    "approve": {
+                        "type": "boolean",
+                        "title": "Approve",
+                        "description": format!("Let this call to {tool} run once"),
+                    }
+                },
+                "required": ["approve"],
+            }
+        }
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding<'a>(args: &'a str) -> Binding<'a> {
+        Binding {
+            server: "payments",
+            tool: "pay",
+            args_sha256: args,
+            caller: "pod:1",
+            policy_sha256: "p1",
+        }
+    }
+
+    fn yes() -> Value {
+        json!({"action": "accept", "content": {"approve": true}})
+    }
+
+    #[test]
+    fn accepted_once_and_bound_to_its_call() {
+        let u = UserApprovals::with_key(&[7; 32]);
+        let s = u.issue(&binding("h1"), DEFAULT_EXPIRY, None, None);
+        assert!(UserApprovals::is_ours(&s));
+        // Changed arguments, another tool, another caller, another policy: refused, and the
+        // nonce is not spent by them.
+        assert!(u.verify(&s, &binding("h2"), Some(&yes())).is_err());
+        let other = Binding {
+            caller: "pod:2",
+            ..binding("h1")
+        };
+        assert!(u.verify(&s, &other, Some(&yes())).is_err());
+        let reloaded = Binding {
+            policy_sha256: "p2",
+            ..binding("h1")
+        };
+        assert!(u.verify(&s, &reloaded, Some(&yes())).is_err());
+        assert_eq!(
+            u.verify(&s, &binding("h1"), Some(&yes())),
+            Ok(Approved {
+                server_state: None,
+                server_responses: None
+            })
+        );
+        let again = u.verify(&s, &binding("h1"), Some(&yes()));
+        assert!(again.is_err_and(|e| e.contains("already used")));
+    }
+
+    #[test]
+    fn tampered_declined_foreign_and_expired_are_refused() {
+        let u = UserApprovals::with_key(&[7; 32]);
+        let s = u.issue(&binding("h1"), DEFAULT_EXPIRY, None, None);
+        // Flip one character of the payload.
+        let mut t: Vec<char> = s.chars().collect();
+        let i = PREFIX.len() + 3;
+        t[i] = if t[i] == 'A' { 'B' } else { 'A' };
+        let t: String = t.into_iter().collect();
+        assert!(u
+            .verify(&t, &binding("h1"), Some(&yes()))
+            .is_err_and(|e| e.contains("altered")));
+        let declined = json!({"action": "decline"});
+        assert!(u
+            .verify(&s, &binding("h1"), Some(&declined))
+            .is_err_and(|e| e.contains("declined")));
+        // Declined spends it.
+        assert!(u.verify(&s, &binding("h1"), Some(&yes())).is_err());
+        let other_node = UserApprovals::with_key(&[8; 32]);
+        let s = other_node.issue(&binding("h1"), DEFAULT_EXPIRY, None, None);
+        assert!(u.verify(&s, &binding("h1"), Some(&yes())).is_err());
+        let s = u.issue(&binding("h1"), Duration::ZERO, None, None);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(u
+            .verify(&s, &binding("h1"), Some(&yes()))
+            .is_err_and(|e| e.contains("expired")));
+    }
+
+    #[test]
+    fn a_servers_round_trip_travels_inside() {
+        let u = UserApprovals::with_key(&[7; 32]);
+        let s = u.issue(
+            &binding("h1"),
+            DEFAULT_EXPIRY,
+            Some(json!("server-state")),
+            Some(json!({"confirm": {"action": "accept"}})),
+        );
+        let got = u.verify(&s, &binding("h1"), Some(&yes()));
+        assert_eq!(
+            got.map(|a| (a.server_state, a.server_responses)),
+            Ok((
+                Some(json!("server-state")),
+                Some(json!({"confirm": {"action": "accept"}}))
+            ))
+        );
+    }
+
+    #[test]
+    fn the_key_file_is_made_once() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mcpw-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("approval.key");
+        let a = UserApprovals::load_or_create(&path)?;
+        let b = UserApprovals::load_or_create(&path)?;
+        let s = a.issue(&binding("h1"), DEFAULT_EXPIRY, None, None);
+        assert!(b.verify(&s, &binding("h1"), Some(&yes())).is_ok());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}
