@@ -304,6 +304,18 @@ impl Agent {
         }
 
         let identity = Arc::new(crate::identity::Resolver::new(&mount)?);
+        // Held calls; the user-approval key is kept in the state directory, so that a successor
+        // after a hand-over verifies the states its predecessor issued.
+        let approvals = crate::approvals::Approvals::new(crate::approvals::Settings {
+            node: crate::k8s::node_name(&config.kubernetes),
+            ..config.approvals.clone()
+        });
+        let user_approvals = Arc::new(crate::approvals::user::UserApprovals::load_or_create(
+            &config.ca.state_dir.join("approval.key"),
+        )?);
+        if let Some(webhook) = config.approvals.webhook.clone() {
+            tasks.push(crate::approvals::webhook::spawn(approvals.clone(), webhook)?);
+        }
         let interceptor = Arc::new(Interceptor {
             servers,
             routes: routes.clone(),
@@ -320,6 +332,8 @@ impl Agent {
             pods: pods.clone(),
             drain: Arc::default(),
             metrics: metrics.clone(),
+            approvals,
+            user_approvals,
         });
         let (reloader, _) = reload::spawn(policies.clone(), config.flags.clone())?;
         // The watches start before the datapath: a caller's pod is known as early as can be.
@@ -575,6 +589,11 @@ impl Agent {
     /// agent does), let the connections still open finish within `within` — HTTP/1.1 answers
     /// close their connections, HTTP/2 ones get GOAWAY — and close what is left then.
     pub async fn drain(&mut self, within: std::time::Duration) {
+        // Calls held for an approval keep their connections: they are decided here (this
+        // agent's admin socket and watches stay up) or time out before the deadline.
+        let within = within.max(
+            self.interceptor.approvals.longest_wait() + std::time::Duration::from_secs(1),
+        );
         let open = self.interceptor.connections.open();
         tracing::info!(
             connections = open,

@@ -72,6 +72,11 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Calls held for an approval (`action: require_approval`) on the running agent: list
+    /// them, approve or deny one. The approver is recorded by its uid and groups (and
+    /// --as); an approver in the caller's own cgroup or pod is refused.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
     /// Ask the running agent whether it is ready (an exec probe): exit 0 when it is, 1 with
     /// the failing checks when not or when it does not answer.
     Health {
@@ -80,6 +85,44 @@ enum Command {
         /// Liveness only: the agent answers on its admin socket.
         #[arg(long)]
         live: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApprovalsCommand {
+    /// The held calls, the oldest first: id, time left, caller, server, tool, argument keys.
+    List {
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Let a held call go on: it is decided again against the policy in force now.
+    Approve {
+        /// The approval's id (from `list`).
+        id: String,
+        /// Why, for the audit log.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// Also approve the same tool for the same caller for this long (e.g. 10m).
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: Option<String>,
+        /// Who you are, recorded as `claimed_as` (your uid and groups are recorded anyway).
+        #[arg(long = "as", value_name = "NAME")]
+        as_: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Refuse a held call: its client gets the refusal with your reason.
+    Deny {
+        id: String,
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        #[arg(long = "as", value_name = "NAME")]
+        as_: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -397,7 +440,10 @@ pub fn main() -> ExitCode {
             Command::Ca(cmd) => ca_command(cmd),
             Command::Policy(_) | Command::Audit(_) => Ok(()),
             Command::Uninstall { args, state_dir } => uninstall(&args, state_dir.as_deref()),
-            Command::Status { .. } | Command::Reload { .. } | Command::Health { .. } => Ok(()),
+            Command::Status { .. }
+            | Command::Reload { .. }
+            | Command::Health { .. }
+            | Command::Approvals(_) => Ok(()),
         }
     });
     match result {
@@ -514,6 +560,7 @@ fn agent_command(cmd: &Command) -> Option<ExitCode> {
         Command::Status { json, admin, .. } => agent_status(admin, *json),
         Command::Reload { admin } => agent_reload(admin),
         Command::Health { admin, live } => agent_health(admin, *live),
+        Command::Approvals(cmd) => approvals_command(cmd),
         _ => return None,
     };
     Some(result.unwrap_or_else(|e| {
@@ -552,6 +599,76 @@ fn agent_reload(admin: &AdminArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn approvals_command(cmd: &ApprovalsCommand) -> Result<ExitCode> {
+    let (admin, decide) = match cmd {
+        ApprovalsCommand::List { json, admin } => {
+            let (_, v) = crate::admin::client::request(
+                &admin.socket(),
+                http::Method::GET,
+                "/v1/approvals",
+                None,
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let list: Vec<crate::approvals::Summary> =
+                    serde_json::from_value(v).context("reading the agent's answer")?;
+                print!("{}", crate::approvals::render(&list));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ApprovalsCommand::Approve {
+            id,
+            reason,
+            for_,
+            as_,
+            admin,
+        } => (
+            admin,
+            crate::admin::Decide {
+                id: id.clone(),
+                approve: true,
+                reason: reason.clone(),
+                for_: for_.clone(),
+                as_: as_.clone(),
+            },
+        ),
+        ApprovalsCommand::Deny {
+            id,
+            reason,
+            as_,
+            admin,
+        } => (
+            admin,
+            crate::admin::Decide {
+                id: id.clone(),
+                approve: false,
+                reason: reason.clone(),
+                for_: None,
+                as_: as_.clone(),
+            },
+        ),
+    };
+    let body = serde_json::to_value(&decide)?;
+    let (_, v) = crate::admin::client::request(
+        &admin.socket(),
+        http::Method::POST,
+        "/v1/approvals/decide",
+        Some(&body),
+    )?;
+    let s: crate::approvals::Summary =
+        serde_json::from_value(v).context("reading the agent's answer")?;
+    println!(
+        "{} {}: {} on {} by {}",
+        if decide.approve { "approved" } else { "denied" },
+        s.id,
+        s.tool,
+        s.server,
+        crate::approvals::caller_name(&s.caller)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn agent_health(admin: &AdminArgs, live: bool) -> Result<ExitCode> {

@@ -71,6 +71,14 @@
 //!                                              # default: root only)
 //! metrics:
 //!   listen: 127.0.0.1:9478                     # /metrics, /healthz, /readyz; `off`: none
+//! approvals:                                   # calls held by `action: require_approval`
+//!   timeout_s: 45                              # refused "approval timed out" after (a rule's
+//!                                              # approval.timeout wins)
+//!   max_pending: 64                            # held calls on the node; past it, refused
+//!   max_pending_per_caller: 4                  # per pod (or cgroup outside pods)
+//!   webhook_url: https://hooks.example/mcpw    # optional: each pending approval POSTed, signed
+//!   webhook_secret_file: /etc/mcpwarden/webhook.secret  # the HMAC key (never logged)
+//!   webhook_ca_file: /etc/mcpwarden/hooks-ca.pem        # optional: trusted for the webhook
 //! kubernetes:                                  # pod identity, Services' backends, the taint
 //!   enabled: auto                              # auto: with a kubeconfig, or in a pod; true; false
 //!   kubeconfig: /etc/mcpwarden/kubeconfig      # default: the pod's service account
@@ -298,6 +306,8 @@ pub struct Config {
     pub operate: Operate,
     /// `kubernetes:`: pod identity, Services' backends, the node's not-ready taint.
     pub kubernetes: crate::k8s::Settings,
+    /// `approvals:`: held calls' bounds and timeout, the webhook (`node` is filled at start).
+    pub approvals: crate::approvals::Settings,
 }
 
 /// How the agent is operated: the admin socket and the metrics listener.
@@ -532,6 +542,102 @@ struct FileConfig {
     admin: Option<FileAdmin>,
     metrics: Option<FileMetrics>,
     kubernetes: Option<crate::k8s::FileSettings>,
+    approvals: Option<FileApprovals>,
+}
+
+/// `approvals:`, checked whole as it is read (a webhook URL without its secret is an error at
+/// the section's position).
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "RawApprovals")]
+struct FileApprovals(RawApprovals);
+
+impl TryFrom<RawApprovals> for FileApprovals {
+    type Error = String;
+    fn try_from(raw: RawApprovals) -> Result<Self, String> {
+        match (&raw.webhook_url, &raw.webhook_secret_file) {
+            (Some(_), None) => Err("approvals.webhook_url needs approvals.webhook_secret_file \
+                                    (the HMAC key its receivers check signatures with)"
+                .to_owned()),
+            (None, Some(_)) => {
+                Err("approvals.webhook_secret_file is set but approvals.webhook_url is not"
+                    .to_owned())
+            }
+            _ => Ok(FileApprovals(raw)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprovals {
+    timeout_s: Option<Positive>,
+    max_pending: Option<Positive>,
+    max_pending_per_caller: Option<Positive>,
+    webhook_url: Option<WebhookUrl>,
+    webhook_secret_file: Option<PathBuf>,
+    webhook_ca_file: Option<PathBuf>,
+}
+
+/// A positive integer (a bound or a number of seconds), refused at its line and column
+/// otherwise.
+#[derive(Debug, Clone, Copy)]
+struct Positive(u64);
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u64::deserialize(d)? {
+            0 => Err(serde::de::Error::custom("must be a positive integer, not 0")),
+            n => Ok(Positive(n)),
+        }
+    }
+}
+
+/// An http or https URL with a host.
+#[derive(Debug, Clone)]
+struct WebhookUrl(http::Uri);
+
+impl<'de> Deserialize<'de> for WebhookUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|e| serde::de::Error::custom(format!("webhook_url {text:?}: {e}")))?;
+        match (uri.scheme_str(), uri.host()) {
+            (Some("http" | "https"), Some(_)) => Ok(WebhookUrl(uri)),
+            _ => Err(serde::de::Error::custom(format!(
+                "webhook_url {text:?}: expected an http:// or https:// URL with a host"
+            ))),
+        }
+    }
+}
+
+impl FileApprovals {
+    /// Relative paths are resolved against `base` (the config file's directory).
+    fn settings(self, base: &Path) -> crate::approvals::Settings {
+        let FileApprovals(mut raw) = self;
+        let d = crate::approvals::Settings::default();
+        let webhook = match (raw.webhook_url.take(), raw.webhook_secret_file.take()) {
+            (Some(WebhookUrl(url)), Some(secret)) => Some(crate::approvals::webhook::Settings {
+                url,
+                secret_file: base.join(secret),
+                ca_file: raw.webhook_ca_file.take().map(|p| base.join(p)),
+            }),
+            _ => None,
+        };
+        let size = |p: Option<Positive>, d: usize| {
+            p.map_or(d, |Positive(n)| usize::try_from(n).unwrap_or(usize::MAX))
+        };
+        let this = raw;
+        crate::approvals::Settings {
+            timeout: this
+                .timeout_s
+                .map_or(d.timeout, |Positive(n)| std::time::Duration::from_secs(n)),
+            max_pending: size(this.max_pending, d.max_pending),
+            max_pending_per_caller: size(this.max_pending_per_caller, d.max_pending_per_caller),
+            webhook,
+            node: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -781,9 +887,13 @@ impl Config {
         let mut operate = Operate::default();
         let mut file_group = None;
         let mut kubernetes = crate::k8s::Settings::default();
+        let mut approvals = crate::approvals::Settings::default();
         if let Some(f) = file {
             if let Some(k) = f.kubernetes {
                 kubernetes = k.settings(&base);
+            }
+            if let Some(a) = f.approvals {
+                approvals = a.settings(&base);
             }
             if let Some(a) = f.admin {
                 if let Some(s) = a.socket {
@@ -926,6 +1036,7 @@ impl Config {
         let config = Config {
             operate,
             kubernetes,
+            approvals,
             listen,
             audit: flags.audit.or(audit).unwrap_or_else(|| PathBuf::from("-")),
             audit_stall: audit_stall_ms.map_or(

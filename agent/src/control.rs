@@ -305,4 +305,120 @@ impl admin::Control for Control {
             tracing::error!(error = %e, "writing an audit record failed");
         }
     }
+
+    fn approvals(&self) -> Vec<crate::approvals::Summary> {
+        self.interceptor.approvals.list()
+    }
+
+    fn decide(
+        &self,
+        d: &admin::Decide,
+        peer: &admin::Peer,
+    ) -> Result<crate::approvals::Summary, (u16, String)> {
+        use crate::approvals::{Approver, DecideError, Via};
+        let remember = match d.for_.as_deref() {
+            Some(text) => Some(
+                crate::policy::parse_duration(text).map_err(|e| (400, format!("--for: {e}")))?,
+            ),
+            None => None,
+        };
+        // The approver's own cgroup and pod, for the self-approval check.
+        let mount = crate::redirect::cgroup::cgroup2_mount().ok();
+        let dir = mount
+            .as_deref()
+            .and_then(|m| crate::redirect::cgroup::of_process(m, &peer.pid.to_string()).ok());
+        let cgroup_id = dir
+            .as_deref()
+            .and_then(|d| crate::redirect::cgroup::id_of(d).ok());
+        let pod_uid = match (&mount, &dir) {
+            (Some(m), Some(d)) => d.strip_prefix(m).ok().and_then(|rel| {
+                crate::identity::workload::parse(&format!("/{}", rel.display())).pod_uid
+            }),
+            _ => None,
+        };
+        let Some(cgroup_id) = cgroup_id else {
+            return Err((
+                403,
+                format!(
+                    "approval {} refused: the approver's cgroup (pid {}) cannot be read, so it \
+                     cannot be told apart from the caller's",
+                    d.id, peer.pid
+                ),
+            ));
+        };
+        let by = Approver {
+            via: Via::Cli,
+            uid: Some(peer.uid),
+            gids: std::iter::once(peer.gid)
+                .chain(peer.groups.iter().copied().filter(|g| *g != peer.gid))
+                .collect(),
+            pid: Some(peer.pid),
+            user: None,
+            claimed_as: d.as_.clone(),
+            cgroup_id: Some(cgroup_id),
+            pod_uid,
+        };
+        let pending = self.interceptor.approvals.get(&d.id);
+        match self.interceptor.approvals.decide(
+            &d.id,
+            d.approve,
+            d.reason.clone(),
+            remember,
+            by.clone(),
+        ) {
+            Ok(summary) => Ok((*summary).clone()),
+            Err(e) => {
+                let status = match &e {
+                    DecideError::NotFound(_) => 404,
+                    DecideError::SelfApproval(..) => 403,
+                    DecideError::Abandoned(_) => 409,
+                };
+                if let (DecideError::SelfApproval(..), Some(summary)) = (&e, pending) {
+                    self.audit_refused_approver(&summary, by, &e.to_string());
+                }
+                Err((status, e.to_string()))
+            }
+        }
+    }
+}
+
+impl Control {
+    /// An approver refused (in the caller's own workload): an `approval` record, step
+    /// `refused`, naming the call and who tried.
+    fn audit_refused_approver(
+        &self,
+        summary: &crate::approvals::Summary,
+        by: crate::approvals::Approver,
+        why: &str,
+    ) {
+        let caller = CallerPart {
+            pid: Some(summary.caller.pid),
+            uid: Some(summary.caller.uid),
+            comm: Some(summary.caller.comm.clone()),
+            cgroup_id: Some(summary.caller.cgroup_id),
+            ..CallerPart::default()
+        };
+        let head = Head {
+            message: Some(crate::audit::MessagePart {
+                method: Some("tools/call".to_owned()),
+                tool: Some(summary.tool.clone()),
+                arg_keys: Some(summary.arg_keys.clone()),
+                args_sha256: Some(summary.args_sha256.clone()).filter(|h| !h.is_empty()),
+                ..crate::audit::MessagePart::default()
+            }),
+            ..Head::caller(&Arc::new(caller))
+        };
+        let mut rec = Record::new(Event::Approval, Arc::new(head)).because(why);
+        rec.rule = Some(summary.rule.clone());
+        rec.approval = Some(crate::audit::ApprovalPart {
+            id: Some(summary.id.clone()),
+            step: "refused",
+            mode: "operator",
+            by: Some(by),
+            remember_s: None,
+        });
+        if let Err(e) = self.audit.write(&rec) {
+            tracing::error!(error = %e, "writing an audit record failed");
+        }
+    }
 }

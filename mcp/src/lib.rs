@@ -53,7 +53,8 @@ pub use params::{designations, has_param_headers, Designation};
 pub use path::{is_endpoint_path, normalize_path};
 pub use probe::looks_like_jsonrpc;
 pub use response::{
-    denied_response, error_response, unknown_tool_response, ParseError, HEADER_MISMATCH,
+    denied_response, error_response, input_required_response, progress_notification,
+    unknown_tool_response, with_round_trip, ParseError, HEADER_MISMATCH,
     INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR,
 };
 pub use server::{inspect, Filtered, Inspected, ListingRule, ServerMessage, FILTERED_TTL_CAP_MS};
@@ -114,6 +115,14 @@ pub struct Message {
     pub revision: Option<String>,
     /// `params.requestId` of a `notifications/cancelled`.
     pub cancels: Option<Value>,
+    /// A `tools/call`'s `params.requestState` (2026-07-28 multi-round-trip retry).
+    pub request_state: Option<Value>,
+    /// A `tools/call`'s `params.inputResponses`.
+    pub input_responses: Option<Value>,
+    /// A request's `params._meta.progressToken`.
+    pub progress_token: Option<Value>,
+    /// A 2026-07-28 request whose client declared elicitation in `params._meta`.
+    pub elicitation: bool,
 }
 
 impl Message {
@@ -130,6 +139,10 @@ impl Message {
             stateless_2026,
             revision: None,
             cancels: None,
+            request_state: None,
+            input_responses: None,
+            progress_token: None,
+            elicitation: false,
         }
     }
 
@@ -503,7 +516,10 @@ const PARAMS_FIELDS: &[&str] = &[
     "ref",
     "argument",
     "task",
+    "requestState",
+    "inputResponses",
     META_PROTOCOL_VERSION,
+    META_CLIENT_CAPABILITIES,
 ];
 
 /// The first key of `members` that is not one of `fields` but equals one when case-folded
@@ -571,8 +587,20 @@ fn read_tool_call(
         message.arguments = Some(arguments);
     }
     message.tool = Some(tool);
+    message.request_state = params.get("requestState").cloned();
+    message.input_responses = params.get("inputResponses").cloned();
+    if let Some(Value::Object(meta)) = params.get("_meta") {
+        message.progress_token = meta.get("progressToken").cloned();
+        message.elicitation = meta
+            .get(META_CLIENT_CAPABILITIES)
+            .and_then(|c| c.get("elicitation"))
+            .is_some_and(|e| !e.is_null());
+    }
     Ok(())
 }
+
+/// Where a 2026-07-28 request's `params._meta` declares the client's capabilities.
+pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 
 /// A copy of `raw` if it is a valid JSON-RPC id for MCP: a string or an
 /// integer that fits in 64 bits.

@@ -114,3 +114,55 @@ pub fn error_response(id: Option<&Value>, code: i64, message: &str) -> Vec<u8> {
     out.push_str("}}");
     out.into_bytes()
 }
+
+/// A 2026-07-28 multi-round-trip result asking the client for input:
+/// `{"jsonrpc":"2.0","id":…,"result":{"resultType":"input_required","inputRequests":…,"requestState":…}}`.
+pub fn input_required_response(id: &Value, input_requests: &Value, request_state: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "result": {
+            "resultType": "input_required",
+            "inputRequests": input_requests,
+            "requestState": request_state,
+        }
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// `notifications/progress` for a request that sent a `progressToken`.
+pub fn progress_notification(token: &Value, progress: u64, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/progress",
+        "params": {"progressToken": token, "progress": progress, "message": message}
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// A single `tools/call` body with its `params.requestState` and `params.inputResponses`
+/// replaced (`None` removes them): the approved retry of a call that waited for its client's
+/// user, forwarded as the original call. The rest of the message is the value that was
+/// parsed and decided. `None`: not a single message with object params.
+pub fn with_round_trip(
+    body: &[u8],
+    request_state: Option<&Value>,
+    input_responses: Option<&Value>,
+) -> Option<Vec<u8>> {
+    let mut msg: Value = serde_json::from_slice(body).ok()?;
+    let params = msg.get_mut("params")?.as_object_mut()?;
+    for (key, value) in [
+        ("requestState", request_state),
+        ("inputResponses", input_responses),
+    ] {
+        match value {
+            Some(v) => {
+                params.insert(key.to_owned(), v.clone());
+            }
+            None => {
+                params.remove(key);
+            }
+        }
+    }
+    serde_json::to_vec(&msg).ok()
+}

@@ -35,6 +35,41 @@ pub trait Control: Send + Sync + 'static {
     fn health(&self) -> health::Report;
     /// A peer the admin socket refused, for the audit log.
     fn refused(&self, pid: u32, uid: u32, reason: &str);
+    /// The calls held for an approval on this node, the oldest first.
+    fn approvals(&self) -> Vec<crate::approvals::Summary>;
+    /// Approve or deny a held call, as `peer`. Err: the HTTP status and why not (404 no such
+    /// approval, 403 the approver is the caller's own workload, 400 a bad `for`, 409 its
+    /// client went).
+    fn decide(
+        &self,
+        decision: &Decide,
+        peer: &Peer,
+    ) -> Result<crate::approvals::Summary, (u16, String)>;
+}
+
+/// The admin socket's peer, from the kernel (`SO_PEERCRED`, `SO_PEERGROUPS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// `mcpwarden approvals approve|deny`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Decide {
+    pub id: String,
+    pub approve: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// `--for`: approve the same tool for the same caller for this long ("10m").
+    #[serde(default, rename = "for")]
+    pub for_: Option<String>,
+    /// `--as NAME`: recorded as `claimed_as`.
+    #[serde(default, rename = "as")]
+    pub as_: Option<String>,
 }
 
 /// The outcome of a reload asked for on the admin socket.

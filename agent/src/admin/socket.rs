@@ -10,6 +10,8 @@
 //! | `GET /v1/health` | [`Report`](super::health::Report); 200 when ready, else 503 |
 //! | `POST /v1/reload` | [`Reloaded`](super::Reloaded) |
 //! | `POST /v1/explain` | an [`ExplainQuery`](super::ExplainQuery) in, the decision and its steps out |
+//! | `GET /v1/approvals` | the held calls ([`Summary`](crate::approvals::Summary) list) |
+//! | `POST /v1/approvals/decide` | a [`Decide`](super::Decide) in, the decided call's summary out; 404 unknown id, 403 an approver in the caller's own workload |
 
 use std::{
     convert::Infallible,
@@ -29,7 +31,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
-use super::Control;
+use super::{Control, Peer};
 
 /// Request bodies larger than this are refused (an explain query is small).
 const MAX_BODY: usize = 1 << 20;
@@ -147,7 +149,7 @@ impl AdminSocket {
                         let verdict = verdict.clone();
                         async move {
                             Ok::<_, Infallible>(match &*verdict {
-                                Ok(()) => route(req, control).await,
+                                Ok(peer) => route(req, control, peer).await,
                                 Err(why) => json(
                                     StatusCode::FORBIDDEN,
                                     &serde_json::json!({ "error": why }),
@@ -182,7 +184,7 @@ impl Drop for AdminSocket {
 
 /// Root, or the admin group as primary or supplementary group: `Ok`; otherwise the peer's
 /// pid, uid and why it is refused.
-fn check_peer(fd: std::os::fd::RawFd, access: Access) -> Result<(), (u32, u32, String)> {
+fn check_peer(fd: std::os::fd::RawFd, access: Access) -> Result<Peer, (u32, u32, String)> {
     // SAFETY: `fd` is the accepted stream's, open for the duration of this call.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     let cred = crate::identity::peer_cred(&fd).map_err(|e| {
@@ -193,8 +195,14 @@ fn check_peer(fd: std::os::fd::RawFd, access: Access) -> Result<(), (u32, u32, S
         )
     })?;
     let (pid, uid) = (cred.pid, cred.uid);
+    let peer = |groups: Vec<u32>| Peer {
+        pid,
+        uid,
+        gid: cred.gid,
+        groups,
+    };
     if uid == 0 {
-        return Ok(());
+        return Ok(peer(peer_groups(fd).unwrap_or_default()));
     }
     let Some(group) = access.group else {
         return Err((
@@ -203,11 +211,12 @@ fn check_peer(fd: std::os::fd::RawFd, access: Access) -> Result<(), (u32, u32, S
             format!("peer pid {pid} uid {uid} refused: only root may use this socket (no admin group is configured)"),
         ));
     };
+    let groups = peer_groups(fd);
     if cred.gid == group {
-        return Ok(());
+        return Ok(peer(groups.unwrap_or_default()));
     }
-    match peer_groups(fd) {
-        Ok(groups) if groups.contains(&group) => Ok(()),
+    match groups {
+        Ok(groups) if groups.contains(&group) => Ok(peer(groups)),
         Ok(_) => Err((
             pid,
             uid,
@@ -268,7 +277,30 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
-async fn route(req: Request<Incoming>, control: Arc<dyn Control>) -> Response<Body> {
+/// The body of a POST, at most [`MAX_BODY`] bytes, as JSON.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    body: Incoming,
+) -> Result<T, Box<Response<Body>>> {
+    let bytes = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(Box::new(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {MAX_BODY} bytes"),
+            )))
+        }
+        Err(e) => {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!("reading the body: {e}"),
+            )))
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, format!("the body: {e}"))))
+}
+
+async fn route(req: Request<Incoming>, control: Arc<dyn Control>, peer: &Peer) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     match (&parts.method, path.as_str()) {
@@ -294,27 +326,38 @@ async fn route(req: Request<Incoming>, control: Arc<dyn Control>) -> Response<Bo
             }
         }
         (&Method::POST, "/v1/explain") => {
-            let bytes = match Limited::new(body, MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    return error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("the query is larger than {MAX_BODY} bytes"),
-                    )
-                }
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
-            };
-            let query: super::ExplainQuery = match serde_json::from_slice(&bytes) {
+            let query: super::ExplainQuery = match read_json(body).await {
                 Ok(q) => q,
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("the query: {e}")),
+                Err(r) => return *r,
             };
             match control.explain(&query) {
                 Ok(v) => json(StatusCode::OK, &v),
                 Err(e) => error(StatusCode::BAD_REQUEST, e),
             }
         }
-        (_, "/v1/status" | "/v1/health" | "/v1/reload" | "/v1/explain") => {
-            let allow = if matches!(path.as_str(), "/v1/status" | "/v1/health") {
+        (&Method::GET, "/v1/approvals") => json(StatusCode::OK, &control.approvals()),
+        (&Method::POST, "/v1/approvals/decide") => {
+            let decide: super::Decide = match read_json(body).await {
+                Ok(d) => d,
+                Err(r) => return *r,
+            };
+            let peer = peer.clone();
+            // Writes audit records (a refused approver): not on this thread.
+            match tokio::task::spawn_blocking(move || control.decide(&decide, &peer)).await {
+                Ok(Ok(summary)) => json(StatusCode::OK, &summary),
+                Ok(Err((status, e))) => error(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+                    e,
+                ),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        (
+            _,
+            "/v1/status" | "/v1/health" | "/v1/reload" | "/v1/explain" | "/v1/approvals"
+            | "/v1/approvals/decide",
+        ) => {
+            let allow = if matches!(path.as_str(), "/v1/status" | "/v1/health" | "/v1/approvals") {
                 "GET"
             } else {
                 "POST"

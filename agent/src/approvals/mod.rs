@@ -353,6 +353,17 @@ impl Approvals {
         out.into_iter().map(|(_, s)| s).collect()
     }
 
+    /// How long until the last pending approval times out (a hand-over's drain waits for it).
+    pub fn longest_wait(&self) -> Duration {
+        let now = Instant::now();
+        self.lock()
+            .pending
+            .values()
+            .map(|e| e.deadline.saturating_duration_since(now))
+            .max()
+            .unwrap_or_default()
+    }
+
     /// One pending approval.
     pub fn get(&self, id: &str) -> Option<Arc<Summary>> {
         self.lock().pending.get(id).map(|e| e.summary.clone())
@@ -430,6 +441,48 @@ impl Approvals {
             outcome,
         });
     }
+}
+
+/// How a listing names a caller: its pod (namespace/name), else its cgroup and process.
+pub fn caller_name(c: &CallerSummary) -> String {
+    match (&c.namespace, &c.pod) {
+        (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+        _ => format!(
+            "{} ({} pid {})",
+            c.cgroup.as_deref().unwrap_or("?"),
+            c.comm,
+            c.pid
+        ),
+    }
+}
+
+/// `mcpwarden approvals list`: one line per held call.
+pub fn render(list: &[Summary]) -> String {
+    use std::fmt::Write;
+    if list.is_empty() {
+        return "no calls wait for approval\n".to_owned();
+    }
+    let mut out = String::new();
+    for s in list {
+        let _ = writeln!(
+            out,
+            "{}  {:>4}s left  {}  {}/{}  args [{}] sha256 {}",
+            s.id,
+            s.expires_in_s,
+            caller_name(&s.caller),
+            s.server,
+            s.tool,
+            s.arg_keys.join(", "),
+            s.args_sha256.get(..12).unwrap_or(&s.args_sha256),
+        );
+        if let Some(reason) = &s.reason {
+            let _ = writeln!(out, "          rule {}: {reason}", s.rule);
+        }
+        if let Some(args) = &s.arguments {
+            let _ = writeln!(out, "          arguments {args}");
+        }
+    }
+    out
 }
 
 /// Why `by` may not decide a call of `caller`: it is the caller's own cgroup, pod or service

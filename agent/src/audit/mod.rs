@@ -12,7 +12,7 @@
 mod record;
 mod sink;
 
-pub use record::StallPart;
+pub use record::{ApprovalPart, StallPart};
 pub use record::{
     clip, now, Aggregated, CallerPart, Event, Head, HttpVersion, MessagePart, PolicyRef, Record,
     Refusal, RequestPart, Tls, Transport, Verdict, SCHEMA_VERSION,

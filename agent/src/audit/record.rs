@@ -47,6 +47,11 @@ pub enum Event {
     /// A peer of the admin socket refused: not root and not in the admin group (`pid`, `uid`,
     /// `reason`).
     AdminRefused,
+    /// A step of a held call's approval (`approval.step`): requested, approved, denied (by
+    /// whom: `approval.by`), timed out, abandoned, remembered, or a decision refused (an
+    /// approver in the caller's own cgroup, pod or service account). The call's own
+    /// `request` or `refused` record follows its decision.
+    Approval,
 }
 
 /// The decision, as `policy` names its outcomes.
@@ -462,6 +467,27 @@ pub struct Record {
     /// `audit_stall`: the stall that ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stall: Option<StallPart>,
+    /// `approval`: which approval, which step, who decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalPart>,
+}
+
+/// One step of an approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalPart {
+    /// The approval's id (`mcpwarden approvals approve ID`); absent for a remembered approval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `requested`, `approved`, `denied`, `timed_out`, `abandoned`, `remembered`, `refused`.
+    pub step: &'static str,
+    /// `operator` or `user`.
+    pub mode: &'static str,
+    /// Who decided (approved, denied, refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<crate::approvals::Approver>,
+    /// Approved: the same tool is approved for this caller for this many seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remember_s: Option<u64>,
 }
 
 /// How long the audit sink took no record, and what became of the records meanwhile.
@@ -504,6 +530,7 @@ impl Record {
             aggregated: None,
             clipped: None,
             stall: None,
+            approval: None,
         }
     }
 
@@ -872,6 +899,33 @@ mod tests {
                     vec![Record::new(event, Arc::new(Head::caller(&peer)))
                         .because("not root and not in the admin group")]
                 }
+                Event::Approval => {
+                    let mut requested = Record::new(event, call.clone());
+                    requested.rule = Some("/tools/drop_cluster/action".into());
+                    requested.approval = Some(ApprovalPart {
+                        id: Some("7k3m9q2x".into()),
+                        step: "requested",
+                        mode: "operator",
+                        by: None,
+                        remember_s: None,
+                    });
+                    let mut approved =
+                        Record::new(event, call.clone()).because("change ticket 42");
+                    approved.approval = Some(ApprovalPart {
+                        id: Some("7k3m9q2x".into()),
+                        step: "approved",
+                        mode: "operator",
+                        by: Some(crate::approvals::Approver {
+                            uid: Some(1000),
+                            gids: vec![1000, 27],
+                            pid: Some(4242),
+                            claimed_as: Some("alice".into()),
+                            ..crate::approvals::Approver::default()
+                        }),
+                        remember_s: Some(600),
+                    });
+                    vec![requested, approved]
+                }
             }
         };
         let events = [
@@ -886,6 +940,7 @@ mod tests {
             Event::PreexistingReset,
             Event::AuditStall,
             Event::AdminRefused,
+            Event::Approval,
         ];
         for event in events {
             for record in typical(event) {

@@ -27,11 +27,16 @@ use crate::{
 };
 
 /// What the policy said about one message.
-struct Judged {
-    msg: Message,
-    decision: Option<Decision>,
+pub(super) struct Judged {
+    pub msg: Message,
+    pub decision: Option<Decision>,
     /// The head of every record about this message.
-    head: Arc<Head>,
+    pub head: Arc<Head>,
+    /// mcpwarden's own answer in place of a refusal (user approval's `input_required`).
+    pub answer: Option<Vec<u8>>,
+    /// An approved retry of a user approval: the server's own `requestState` and
+    /// `inputResponses` to forward in place of mcpwarden's.
+    pub round_trip: Option<(Option<Value>, Option<Value>)>,
 }
 
 impl Judged {
@@ -39,6 +44,35 @@ impl Judged {
         self.decision
             .as_ref()
             .is_some_and(|d| d.outcome != Outcome::Allow)
+    }
+
+    /// The rule's approval settings, when the policy holds this call for an approval.
+    pub(super) fn held_for(&self) -> Option<&crate::policy::Approval> {
+        self.decision
+            .as_ref()
+            .filter(|d| d.outcome == Outcome::ApprovalRequired)
+            .and_then(|d| d.approval.as_ref())
+    }
+}
+
+/// A request's scope keys (`grant`, `process`, `session`, `namespace`, `service_account`).
+pub(super) struct ScopeKeys {
+    pub grant: String,
+    process: String,
+    session: String,
+    namespace: String,
+    service_account: String,
+}
+
+impl ScopeKeys {
+    pub(super) fn scope(&self) -> CallerScope<'_> {
+        CallerScope {
+            grant: &self.grant,
+            process: &self.process,
+            session: &self.session,
+            namespace: &self.namespace,
+            service_account: &self.service_account,
+        }
     }
 }
 
@@ -48,6 +82,8 @@ struct Plan {
     elements: Vec<BatchElement>,
     /// Positions of the forwarded messages.
     forwarded: Vec<usize>,
+    /// A single approved retry of a user approval: its round-trip fields to forward.
+    round_trip: Option<(Option<Value>, Option<Value>)>,
     /// Forwarded requests, waiting for their answers.
     calls: Vec<(Value, Pending)>,
 }
@@ -100,8 +136,23 @@ impl Conn {
         let session_revision = sessions.any().and_then(|s| s.revision());
         let chosen = self.choose_policy(routed).await;
         let deciding = Instant::now();
-        let judged = self.decide(ctx, &chosen, &sessions, msgs, transport, &session_revision);
+        let keys = self.scope_keys(ctx, &chosen, &sessions);
+        let judged = self.decide(
+            ctx,
+            routed,
+            &chosen,
+            &keys,
+            msgs,
+            transport,
+            &session_revision,
+        );
         self.shared.metrics.decided(deciding.elapsed());
+        let (chosen, judged) = if judged.iter().any(|j| j.held_for().is_some()) {
+            self.approve_held(ctx, routed, chosen, judged, sessions.legacy.as_ref(), &keys)
+                .await
+        } else {
+            (chosen, judged)
+        };
         let plan = match self.audit_decisions(&chosen, judged, &sessions, ctx.started) {
             Ok(plan) => plan,
             Err(refusal) => return *refusal,
@@ -110,8 +161,26 @@ impl Conn {
             return answer;
         }
 
-        // What goes on: the body as it came, or the batch without its refused elements.
-        let body = if plan.refused_any() {
+        // What goes on: the body as it came, or the batch without its refused elements, or an
+        // approved retry as the original call.
+        let body = if let Some((state, responses)) = &plan.round_trip {
+            match mcp::with_round_trip(&bytes, state.as_ref(), responses.as_ref()) {
+                Some(b) => {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    Bytes::from(b)
+                }
+                None => {
+                    return json_response(
+                        StatusCode::BAD_REQUEST,
+                        mcp::error_response(
+                            None,
+                            mcp::INVALID_REQUEST,
+                            "Invalid Request: the approved call could not be rewritten",
+                        ),
+                    )
+                }
+            }
+        } else if plan.refused_any() {
             match mcp::batch_subset(&bytes, &plan.forwarded) {
                 Some(b) => {
                     parts.headers.remove(header::CONTENT_LENGTH);
@@ -255,17 +324,13 @@ impl Conn {
         })
     }
 
-    /// Step 2: every tool call decided against the chosen policy, at one instant, under the
-    /// caller's scope keys; each message gets the head of its records.
-    fn decide(
+    /// The caller's scope keys for this request.
+    fn scope_keys(
         &self,
         ctx: &RequestCtx<'_>,
         chosen: &Chosen,
         sessions: &RequestSessions,
-        msgs: Vec<Message>,
-        transport: Transport,
-        session_revision: &Option<String>,
-    ) -> Vec<Judged> {
+    ) -> ScopeKeys {
         let caller = &self.caller;
         let pod = chosen.pod.as_deref().map(|p| &p.meta);
         let grant = caller.grant_key(pod);
@@ -282,23 +347,46 @@ impl Conn {
             ),
             None => (grant.clone(), grant.clone()),
         };
-        let process = caller.process_key();
         // Revisions without sessions count a `session` limit per connection.
-        let session_key = match (&sessions.header, &sessions.legacy) {
+        let session = match (&sessions.header, &sessions.legacy) {
             (Some((key, _)), _) => identity::session_key(&key.id),
             (None, Some(_)) => identity::session_key(&ctx.target),
             (None, None) => identity::connection_key(self.id),
         };
-        let scope = CallerScope {
-            grant: &grant,
-            process: &process,
-            session: &session_key,
-            namespace: &namespace,
-            service_account: &service_account,
-        };
+        ScopeKeys {
+            grant,
+            process: caller.process_key(),
+            session,
+            namespace,
+            service_account,
+        }
+    }
+
+    /// Step 2: every tool call decided against the chosen policy, at one instant, under the
+    /// caller's scope keys; each message gets the head of its records. A cancellation also
+    /// gives up the cancelled call's approval, if it is held.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        ctx: &RequestCtx<'_>,
+        routed: Routed<'_>,
+        chosen: &Chosen,
+        keys: &ScopeKeys,
+        msgs: Vec<Message>,
+        transport: Transport,
+        session_revision: &Option<String>,
+    ) -> Vec<Judged> {
+        let scope = keys.scope();
         let now = Instant::now();
         msgs.into_iter()
             .map(|msg| {
+                if let Some(cancelled) = &msg.cancels {
+                    self.shared.approvals.cancel(
+                        &keys.grant,
+                        &routed.server.name,
+                        &cancelled.to_string(),
+                    );
+                }
                 let decision = match (msg.is_tool_call(), &msg.tool, &chosen.unresolved) {
                     (true, Some(_), Some(refusal)) => Some(refusal.clone()),
                     (true, Some(tool), None) => Some(chosen.engine.decide_call(
@@ -335,6 +423,8 @@ impl Conn {
                     msg,
                     decision,
                     head: Arc::new(head),
+                    answer: None,
+                    round_trip: None,
                 }
             })
             .collect()
@@ -350,12 +440,13 @@ impl Conn {
         sessions: &RequestSessions,
         started: Instant,
     ) -> Result<Plan, Box<Response<Body>>> {
+        let batch = judged.len() > 1;
         let mut plan = Plan {
             elements: Vec::with_capacity(judged.len()),
             forwarded: Vec::new(),
             calls: Vec::new(),
+            round_trip: None,
         };
-        let batch = judged.len() > 1;
         // Every decision record reaches the kernel before the request is forwarded: a batch's
         // in one write. A batch's notifications and responses share one record.
         let mut records = Vec::new();
@@ -386,6 +477,9 @@ impl Conn {
                 j.msg.id.clone().filter(|_| j.msg.kind == Kind::Request),
             ));
             plan.forwarded.push(index);
+            if !batch {
+                plan.round_trip = j.round_trip.clone();
+            }
             if let (Kind::Request, Some(id)) = (j.msg.kind, &j.msg.id) {
                 let listing = j
                     .msg
@@ -566,6 +660,9 @@ fn decision_record(event: Event, chosen: &Chosen, j: &Judged) -> Record {
 /// mcpwarden's answer to a refused message (`None` for a notification: nothing to answer).
 fn refusal(j: &Judged) -> Option<Vec<u8>> {
     let id = j.msg.id.as_ref()?;
+    if let Some(answer) = &j.answer {
+        return Some(answer.clone());
+    }
     let body = match &j.decision {
         Some(d) if d.outcome == Outcome::UnknownTool => {
             mcp::unknown_tool_response(id, j.msg.tool.as_deref().unwrap_or(""))

@@ -246,6 +246,8 @@ pub(super) mod rig {
                 &[],
                 crate::admin::health::Health::default(),
             )),
+            approvals: crate::approvals::Approvals::new(Default::default()),
+            user_approvals: Arc::new(crate::approvals::user::UserApprovals::with_key(&[1; 32])),
         });
         let caller = Caller {
             pid: 4242,

@@ -33,6 +33,7 @@ mod context;
 pub mod drain;
 mod encoding;
 mod forward;
+mod hold;
 mod limits;
 mod reply;
 mod request;

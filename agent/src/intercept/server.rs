@@ -140,4 +140,8 @@ pub struct Interceptor {
     pub drain: Arc<super::drain::Drain>,
     /// Decision time and SSE streams (the rest is counted from the audit records).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Calls held for an operator's approval.
+    pub approvals: Arc<crate::approvals::Approvals>,
+    /// Calls approved by their client's user (2026-07-28): the node's key, spent nonces.
+    pub user_approvals: Arc<crate::approvals::user::UserApprovals>,
 }
