@@ -261,12 +261,13 @@ fn setup() -> Result<()> {
     }
     lenient_servers()?;
     kubernetes_validate()?;
+    mcp_python_sdk()?;
     image_tools()?;
     // The audit pipeline's integration tests rotate the agent's audit log with the real thing.
     apt_install(&["logrotate".to_owned()])?;
     eprintln!(
         "xtask: setup complete (nightly rust-src, LLVM {major}, bpf-linker {BPF_LINKER_VERSION}, \
-         Go, Node and Python for tests/lenient, logrotate)"
+         Go, Node and Python for tests/lenient, the MCP Python SDK, logrotate)"
     );
     Ok(())
 }
@@ -340,18 +341,7 @@ fn kubernetes_validate() -> Result<()> {
     if installed {
         return Ok(());
     }
-    // Debian's python3 makes venvs only with python3-venv (ensurepip) installed.
-    let venv_ok = Command::new("python3")
-        .args(["-c", "import ensurepip, venv"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !venv_ok {
-        apt_install(&["python3-venv".to_owned()])?;
-    }
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv))?;
+    fresh_venv(&venv)?;
     run(Command::new(venv.join("bin/pip")).args([
         "install",
         "--quiet",
@@ -367,6 +357,59 @@ fn kubernetes_validate() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What tests/py/approval_client.py runs on: the official MCP Python SDK from PyPI, at a pinned
+/// version, as the 2026-07-28 client whose tool calls mcpwarden holds for user approval (the
+/// tests run `<target>/venv-mcp/bin/python tests/py/approval_client.py ...`). It is installed
+/// into its own venv, `<target>/venv-mcp`, and only when that venv's python cannot import `mcp`
+/// at the pinned version.
+fn mcp_python_sdk() -> Result<()> {
+    /// 2.3.0 speaks 2026-07-28, multi-round-trip results (input_required) included.
+    const VERSION: &str = "2.3.0";
+    let venv = target_dir().join("venv-mcp");
+    let python = venv.join("bin/python");
+    let probe = "import mcp, importlib.metadata as m; print(m.version('mcp'))";
+    let installed = Command::new(&python)
+        .args(["-c", probe])
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == VERSION)
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    fresh_venv(&venv)?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("mcp=={VERSION}"),
+    ]))?;
+    let reported = output(Command::new(&python).args(["-c", probe]))?;
+    if reported.trim() != VERSION {
+        bail!(
+            "{} reports mcp version {:?}, expected {VERSION}",
+            python.display(),
+            reported.trim()
+        );
+    }
+    Ok(())
+}
+
+/// An empty Python venv at `venv` (replacing whatever is there), made with Debian's python3.
+fn fresh_venv(venv: &std::path::Path) -> Result<()> {
+    // Debian's python3 makes venvs only with python3-venv (ensurepip) installed.
+    let venv_ok = Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !venv_ok {
+        apt_install(&["python3-venv".to_owned()])?;
+    }
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(venv))
 }
 
 fn build_ebpf() -> Result<()> {

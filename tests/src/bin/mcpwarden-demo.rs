@@ -299,6 +299,7 @@ async fn run() -> Result<()> {
         // No config file: a reload re-reads the policy file only.
         flags: mcpwarden::config::Flags::default(),
         // Its own admin socket; no metrics listener (nothing to scrape a demo).
+        approvals: mcpwarden::approvals::Settings::default(),
         kubernetes: mcpwarden::k8s::Settings {
             mode: mcpwarden::k8s::Mode::Off,
             ..Default::default()
