@@ -318,7 +318,7 @@ impl Engine {
                         .clone()
                         .unwrap_or_else(|| format!("tool {tool} requires approval")),
                 );
-                held.approval = Some(rule.approval.clone());
+                held.approval = Some(Box::new(rule.approval.clone()));
                 return held;
             }
             ToolAction::Allow => {}

@@ -3007,7 +3007,7 @@ fn require_approval_checks_first_and_counts_only_when_approved() {
     assert_eq!(held.outcome, Outcome::ApprovalRequired, "{held:?}");
     assert_eq!(held.rule, "/tools/pay/action");
     assert!(held.reservation.is_none(), "nothing counted while held");
-    let spec = held.approval.clone().unwrap_or_default();
+    let spec = held.approval.clone().map(|a| *a).unwrap_or_default();
     assert_eq!(spec.timeout, Some(secs(20)));
     assert_eq!(spec.remember, Some(secs(300)));
     // Held again: still room, since nothing was counted.

@@ -139,5 +139,5 @@ pub struct Decision {
     /// The quota this call took, when it is allowed and limited.
     pub reservation: Option<Reservation>,
     /// [`Outcome::ApprovalRequired`]: how the rule wants it approved.
-    pub approval: Option<Approval>,
+    pub approval: Option<Box<Approval>>,
 }

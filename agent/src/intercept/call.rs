@@ -51,7 +51,7 @@ impl Judged {
         self.decision
             .as_ref()
             .filter(|d| d.outcome == Outcome::ApprovalRequired)
-            .and_then(|d| d.approval.as_ref())
+            .and_then(|d| d.approval.as_deref())
     }
 }
 
