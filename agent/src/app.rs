@@ -125,6 +125,14 @@ pub struct Agent {
     metrics_stop: Arc<tokio::sync::Notify>,
     /// The admin socket; dropping it removes the path (unless a successor bound its own).
     _admin: Option<crate::admin::socket::AdminSocket>,
+    /// After a hand-over the admin socket's path is the successor's: this agent serves its
+    /// held calls' approvals at `PATH.PID` while it drains (`mcpwarden approvals` asks both).
+    admin_again: Option<(
+        std::path::PathBuf,
+        crate::admin::socket::Access,
+        Arc<crate::control::Control>,
+    )>,
+    draining_admin: Option<crate::admin::socket::AdminSocket>,
 }
 
 impl Agent {
@@ -499,6 +507,11 @@ impl Agent {
         // hand-over leaves the previous agent's socket in place.
         let mut admin =
             crate::admin::socket::AdminSocket::bind(&config.operate.admin_socket, access)?;
+        let admin_again = Some((
+            config.operate.admin_socket.clone(),
+            access,
+            control.clone(),
+        ));
         tasks.extend(admin.serve(control, access));
         // Serving: the previous agent (if any) stops accepting and unlocks; this one answers
         // the next.
@@ -546,6 +559,8 @@ impl Agent {
             health,
             metrics_stop,
             _admin: Some(admin),
+            admin_again,
+            draining_admin: None,
         })
     }
 
@@ -594,6 +609,16 @@ impl Agent {
         let within = within.max(
             self.interceptor.approvals.longest_wait() + std::time::Duration::from_secs(1),
         );
+        if let Some((path, access, control)) = self.admin_again.take() {
+            match crate::admin::socket::AdminSocket::bind(&path, access) {
+                Ok(mut socket) => {
+                    self.tasks.extend(socket.serve(control, access));
+                    tracing::info!(path = %socket.staged().display(), "admin socket of the draining agent: its held calls are approved here");
+                    self.draining_admin = Some(socket);
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot bind the draining agent's admin socket: its held calls can only time out or be decided through Approval resources"),
+            }
+        }
         let open = self.interceptor.connections.open();
         tracing::info!(
             connections = open,

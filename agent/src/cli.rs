@@ -604,17 +604,31 @@ fn agent_reload(admin: &AdminArgs) -> Result<ExitCode> {
 fn approvals_command(cmd: &ApprovalsCommand) -> Result<ExitCode> {
     let (admin, decide) = match cmd {
         ApprovalsCommand::List { json, admin } => {
-            let (_, v) = crate::admin::client::request(
-                &admin.socket(),
-                http::Method::GET,
-                "/v1/approvals",
-                None,
-            )?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                let list: Vec<crate::approvals::Summary> =
+            // The active agent's, then those of agents still draining after a hand-over.
+            let mut list: Vec<crate::approvals::Summary> = Vec::new();
+            for (i, socket) in crate::admin::socket::with_draining(&admin.socket())
+                .iter()
+                .enumerate()
+            {
+                let answer = crate::admin::client::request(
+                    socket,
+                    http::Method::GET,
+                    "/v1/approvals",
+                    None,
+                );
+                let v = match answer {
+                    Ok((_, v)) => v,
+                    // A draining agent that went meanwhile has nothing held any more.
+                    Err(_) if i > 0 => continue,
+                    Err(e) => return Err(e),
+                };
+                let more: Vec<crate::approvals::Summary> =
                     serde_json::from_value(v).context("reading the agent's answer")?;
+                list.extend(more);
+            }
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
                 print!("{}", crate::approvals::render(&list));
             }
             return Ok(ExitCode::SUCCESS);
@@ -652,12 +666,37 @@ fn approvals_command(cmd: &ApprovalsCommand) -> Result<ExitCode> {
         ),
     };
     let body = serde_json::to_value(&decide)?;
-    let (_, v) = crate::admin::client::request(
-        &admin.socket(),
-        http::Method::POST,
-        "/v1/approvals/decide",
-        Some(&body),
-    )?;
+    // The active agent first; an id it does not hold may be a draining agent's.
+    let sockets = crate::admin::socket::with_draining(&admin.socket());
+    let mut answer = None;
+    let mut first_error = None;
+    for socket in &sockets {
+        match crate::admin::client::request(
+            socket,
+            http::Method::POST,
+            "/v1/approvals/decide",
+            Some(&body),
+        ) {
+            Ok((_, v)) => {
+                answer = Some(v);
+                break;
+            }
+            Err(e) => {
+                let not_here = format!("{e:#}").contains("no pending approval");
+                if first_error.is_none() {
+                    first_error = Some(e);
+                }
+                if !not_here {
+                    break;
+                }
+            }
+        }
+    }
+    let v = match (answer, first_error) {
+        (Some(v), _) => v,
+        (None, Some(e)) => return Err(e),
+        (None, None) => anyhow::bail!("no admin socket answered"),
+    };
     let s: crate::approvals::Summary =
         serde_json::from_value(v).context("reading the agent's answer")?;
     println!(

@@ -525,3 +525,48 @@ fn the_user_approval_state_cannot_be_replayed_forged_or_moved() {
     refused(6, "declined");
     assert_eq!(rig.peer.calls("echo"), 1, "only the accepted retry ran");
 }
+
+/// (194) A call held when a new agent takes over: the old agent keeps it while it drains
+/// (the drain lasts at least the approval's timeout), `mcpwarden approvals` on the usual path
+/// lists it from the draining agent's socket and approves it there; the successor holds the
+/// next call itself.
+#[test]
+fn a_held_call_survives_a_hand_over() {
+    let rig = Rig::start_with(
+        "approve-handover",
+        194,
+        OPERATOR_POLICY,
+        &["--drain-seconds".to_owned(), "1".to_owned()],
+    );
+    let socket = rig.agent.admin_socket();
+    let url = rig.server.url();
+    let held = {
+        let (app, url) = (rig.app.clone(), url.clone());
+        thread::spawn(move || {
+            run_client(
+                CLIENT_BIN,
+                Some(&app),
+                &["call", &url, "echo", r#"{"text":"across"}"#],
+                CLIENT_TIMEOUT,
+            )
+        })
+    };
+    let s = wait_pending(&socket, "echo");
+    let id = s["id"].as_str().unwrap_or_default().to_owned();
+    let next = rig.agent.start_successor("approve-handover-next");
+    // The drain outlasts its 1 s: the held call is still there, served by the old agent.
+    thread::sleep(Duration::from_secs(2));
+    let listed = pending(&next.admin_socket());
+    assert!(
+        listed.iter().any(|p| p["id"] == id.as_str()),
+        "{listed:?}\nold agent:\n{}",
+        rig.agent.log()
+    );
+    let out = cli(&next.admin_socket(), &["approvals", "approve", &id, "--as", "carol"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let run = held.join().expect("client thread");
+    run.assert_success();
+    assert_eq!(result_text(&run.json_lines()[0]), "across", "{}", run.describe());
+    assert_eq!(rig.server.calls("echo"), 1);
+    drop(next);
+}

@@ -115,6 +115,11 @@ impl AdminSocket {
         &self.path
     }
 
+    /// Where it is bound before (or instead of) being published: `PATH.PID`.
+    pub fn staged(&self) -> &Path {
+        &self.staged
+    }
+
     /// Serve until the returned task is aborted.
     pub fn serve(
         &mut self,
@@ -369,6 +374,38 @@ async fn route(req: Request<Incoming>, control: Arc<dyn Control>, peer: &Peer) -
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such path: {path}")),
     }
+}
+
+/// The admin socket at `path` first, then the sockets of agents still draining after a
+/// hand-over beside it (`PATH.PID`), which serve their own held calls.
+pub fn with_draining(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_owned()];
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return out;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let mut more: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.strip_prefix(&prefix)
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+                && e.file_type().is_ok_and(|t| t.is_socket())
+        })
+        .map(|e| e.path())
+        .collect();
+    more.sort();
+    out.extend(more);
+    out
 }
 
 /// The gid of `group`: a number, or a name from the group database (getgrnam_r: NSS, so
