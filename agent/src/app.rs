@@ -47,10 +47,25 @@ pub async fn run(config: Config) -> Result<()> {
     // when the process's allocator is not mimalloc (the heap is empty).
     unsafe { libmimalloc_sys::mi_collect(true) };
     if agent.run_until_signal(&mut signals).await? == Stopped::HandedOver {
-        let stopped = tokio::select! {
-            () = agent.drain(config.drain) => false,
-            _ = signals.term.recv() => true,
-            _ = signals.int.recv() => true,
+        let stopped = {
+            let drain = agent.drain(config.drain);
+            tokio::pin!(drain);
+            tokio::select! {
+                () = &mut drain => false,
+                // Under Kubernetes SIGTERM comes as soon as the new pod is ready: the drain
+                // (calls in flight, calls held for an approval) still runs to its end, within
+                // terminationGracePeriodSeconds; a second signal, or SIGINT, ends it.
+                _ = signals.term.recv() => {
+                    tracing::info!("SIGTERM while draining: exiting once drained (another signal exits now)");
+                    tokio::select! {
+                        () = &mut drain => {}
+                        _ = signals.term.recv() => {}
+                        _ = signals.int.recv() => {}
+                    }
+                    true
+                }
+                _ = signals.int.recv() => true,
+            }
         };
         // Under Kubernetes the kubelet would restart an agent that exited: this one waits for
         // its own SIGTERM, detaching and removing nothing (the new agent runs the programs).
@@ -312,15 +327,21 @@ impl Agent {
         }
 
         let identity = Arc::new(crate::identity::Resolver::new(&mount)?);
-        // Held calls; the user-approval key is kept in the state directory, so that a successor
-        // after a hand-over verifies the states its predecessor issued.
+        // Held calls.
         let approvals = crate::approvals::Approvals::new(crate::approvals::Settings {
             node: crate::k8s::node_name(&config.kubernetes),
             ..config.approvals.clone()
         });
-        let user_approvals = Arc::new(crate::approvals::user::UserApprovals::load_or_create(
-            &config.ca.state_dir.join("approval.key"),
-        )?);
+        {
+            let audit = audit.clone();
+            approvals.on_refused(Box::new(move |summary, by, why| {
+                crate::control::audit_refused_approver(&audit, summary, by, why);
+            }));
+        }
+        // The user-approval key lives in this process only: a state issued by another run
+        // (before a restart or a hand-over) is refused, and its client asks again, so a spent
+        // state cannot be replayed to a successor that never saw it spent.
+        let user_approvals = Arc::new(crate::approvals::user::UserApprovals::new());
         if let Some(webhook) = config.approvals.webhook.clone() {
             tasks.push(crate::approvals::webhook::spawn(approvals.clone(), webhook)?);
         }
@@ -362,6 +383,7 @@ impl Agent {
                     pods: pods.clone(),
                     backends: backends.clone(),
                     services,
+                    approvals: Some(interceptor.approvals.clone()),
                 })?;
                 tasks.extend(watches);
                 let k = kube.clone();

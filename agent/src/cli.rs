@@ -666,10 +666,11 @@ fn approvals_command(cmd: &ApprovalsCommand) -> Result<ExitCode> {
         ),
     };
     let body = serde_json::to_value(&decide)?;
-    // The active agent first; an id it does not hold may be a draining agent's.
+    // The active agent first; an id it does not hold may be a draining agent's. A socket
+    // left by an agent that is gone does not answer: the next is asked.
     let sockets = crate::admin::socket::with_draining(&admin.socket());
     let mut answer = None;
-    let mut first_error = None;
+    let mut errors = Vec::new();
     for socket in &sockets {
         match crate::admin::client::request(
             socket,
@@ -681,21 +682,24 @@ fn approvals_command(cmd: &ApprovalsCommand) -> Result<ExitCode> {
                 answer = Some(v);
                 break;
             }
-            Err(e) => {
-                let not_here = format!("{e:#}").contains("no pending approval");
-                if first_error.is_none() {
-                    first_error = Some(e);
-                }
-                if !not_here {
-                    break;
-                }
-            }
+            Err(e) => errors.push(e),
         }
     }
-    let v = match (answer, first_error) {
-        (Some(v), _) => v,
-        (None, Some(e)) => return Err(e),
-        (None, None) => anyhow::bail!("no admin socket answered"),
+    let v = match answer {
+        Some(v) => v,
+        None => {
+            // The active agent's answer, unless a draining one said more than "not here".
+            let telling = errors.iter().position(|e| {
+                let text = format!("{e:#}");
+                !text.contains("no pending approval") && !text.starts_with("connecting to")
+            });
+            let e = match telling {
+                Some(i) => errors.swap_remove(i),
+                None if !errors.is_empty() => errors.swap_remove(0),
+                None => anyhow::anyhow!("no admin socket answered"),
+            };
+            return Err(e);
+        }
     };
     let s: crate::approvals::Summary =
         serde_json::from_value(v).context("reading the agent's answer")?;

@@ -554,6 +554,9 @@ struct FileApprovals(RawApprovals);
 impl TryFrom<RawApprovals> for FileApprovals {
     type Error = String;
     fn try_from(raw: RawApprovals) -> Result<Self, String> {
+        if raw.timeout_s.is_some_and(|Positive(n)| n > 86_400) {
+            return Err("approvals.timeout_s must be at most 86400 (a day)".to_owned());
+        }
         match (&raw.webhook_url, &raw.webhook_secret_file) {
             (Some(_), None) => Err("approvals.webhook_url needs approvals.webhook_secret_file \
                                     (the HMAC key its receivers check signatures with)"

@@ -57,6 +57,7 @@ impl Control {
                 .terminator
                 .as_ref()
                 .map_or(0, |t| t.leaves.minted()),
+            approvals_pending: self.interceptor.approvals.pending_count() as u64,
             audit: audit_snapshot(&self.audit),
             kubernetes: self.kube.as_ref().map(|k| k.report()),
         }
@@ -337,14 +338,22 @@ impl admin::Control for Control {
             _ => None,
         };
         let Some(cgroup_id) = cgroup_id else {
-            return Err((
-                403,
-                format!(
-                    "approval {} refused: the approver's cgroup (pid {}) cannot be read, so it \
-                     cannot be told apart from the caller's",
-                    d.id, peer.pid
-                ),
-            ));
+            let why = format!(
+                "approval {} refused: the approver's cgroup (pid {}) cannot be read, so it \
+                 cannot be told apart from the caller's",
+                d.id, peer.pid
+            );
+            if let Some(summary) = self.interceptor.approvals.get(&d.id) {
+                let by = Approver {
+                    via: Via::Cli,
+                    uid: Some(peer.uid),
+                    pid: Some(peer.pid),
+                    claimed_as: d.as_.clone(),
+                    ..Approver::default()
+                };
+                self.interceptor.approvals.audit_refused(&summary, &by, &why);
+            }
+            return Err((403, why));
         };
         let by = Approver {
             via: Via::Cli,
@@ -358,39 +367,35 @@ impl admin::Control for Control {
             cgroup_id: Some(cgroup_id),
             pod_uid,
         };
-        let pending = self.interceptor.approvals.get(&d.id);
-        match self.interceptor.approvals.decide(
-            &d.id,
-            d.approve,
-            d.reason.clone(),
-            remember,
-            by.clone(),
-        ) {
+        match self
+            .interceptor
+            .approvals
+            .decide(&d.id, d.approve, d.reason.clone(), remember, by)
+        {
             Ok(summary) => Ok((*summary).clone()),
-            Err(e) => {
-                let status = match &e {
+            // A refused approver is audited by the registry's auditor ([`audit_refused_approver`]).
+            Err(e) => Err((
+                match &e {
                     DecideError::NotFound(_) => 404,
                     DecideError::SelfApproval(..) => 403,
                     DecideError::Abandoned(_) => 409,
-                };
-                if let (DecideError::SelfApproval(..), Some(summary)) = (&e, pending) {
-                    self.audit_refused_approver(&summary, by, &e.to_string());
-                }
-                Err((status, e.to_string()))
-            }
+                },
+                e.to_string(),
+            )),
         }
     }
 }
 
-impl Control {
-    /// An approver refused (in the caller's own workload): an `approval` record, step
-    /// `refused`, naming the call and who tried.
-    fn audit_refused_approver(
-        &self,
-        summary: &crate::approvals::Summary,
-        by: crate::approvals::Approver,
-        why: &str,
-    ) {
+/// An approver refused (in the caller's own workload, or not told apart from it): an
+/// `approval` record, step `refused`, naming the call and who tried. The registry's auditor,
+/// set at start ([`crate::approvals::Approvals::on_refused`]).
+pub fn audit_refused_approver(
+    audit: &AuditLog,
+    summary: &crate::approvals::Summary,
+    by: &crate::approvals::Approver,
+    why: &str,
+) {
+    {
         let caller = CallerPart {
             pid: Some(summary.caller.pid),
             uid: Some(summary.caller.uid),
@@ -414,10 +419,10 @@ impl Control {
             id: Some(summary.id.clone()),
             step: "refused",
             mode: "operator",
-            by: Some(by),
+            by: Some(by.clone()),
             remember_s: None,
         });
-        if let Err(e) = self.audit.write(&rec) {
+        if let Err(e) = audit.write(&rec) {
             tracing::error!(error = %e, "writing an audit record failed");
         }
     }

@@ -147,7 +147,20 @@ struct Shard {
     reloads_failed: AtomicU64,
     preexisting_reset: AtomicU64,
     admin_refused: AtomicU64,
+    /// `approval` records, by step ([`APPROVAL_STEPS`]).
+    approvals: [AtomicU64; APPROVAL_STEPS.len()],
 }
+
+/// The steps of an approval, as `approval` records name them.
+const APPROVAL_STEPS: [&str; 7] = [
+    "requested",
+    "approved",
+    "denied",
+    "timed_out",
+    "abandoned",
+    "remembered",
+    "refused",
+];
 
 impl Shard {
     fn new() -> Shard {
@@ -161,6 +174,7 @@ impl Shard {
             reloads_failed: AtomicU64::new(0),
             preexisting_reset: AtomicU64::new(0),
             admin_refused: AtomicU64::new(0),
+            approvals: Default::default(),
         }
     }
 }
@@ -256,6 +270,8 @@ pub struct Snapshot {
     pub maps: Vec<(&'static str, u64, u64)>,
     pub namespaces: u64,
     pub leaves_minted: u64,
+    /// Calls held for an approval.
+    pub approvals_pending: u64,
     pub audit: AuditSnapshot,
     /// With a Kubernetes API.
     pub kubernetes: Option<crate::k8s::Report>,
@@ -467,6 +483,12 @@ impl crate::audit::Observer for Metrics {
             Event::AdminRefused => {
                 shard.admin_refused.fetch_add(1, Relaxed);
             }
+            Event::Approval => {
+                let step = r.approval.as_ref().map(|a| a.step);
+                if let Some(i) = APPROVAL_STEPS.iter().position(|s| Some(*s) == step) {
+                    shard.approvals[i].fetch_add(1, Relaxed);
+                }
+            }
             _ => {}
         }
     }
@@ -640,6 +662,22 @@ impl Collector for Scrape {
             "mcpwarden_admin_refused",
             "admin socket peers refused (not root, not in the admin group)",
             m.sum(|s| s.admin_refused.load(Relaxed)),
+        )?;
+        let mut approvals = e.encode_descriptor(
+            "mcpwarden_approvals",
+            "steps of held calls' approvals (requested, approved, denied, timed_out, abandoned, remembered, refused)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, step) in APPROVAL_STEPS.iter().enumerate() {
+            let n = m.sum(|s| s.approvals[i].load(Relaxed));
+            ConstCounter::new(n).encode(approvals.encode_family(&[("step", *step)])?)?;
+        }
+        gauge(
+            &mut e,
+            "mcpwarden_approvals_pending",
+            "calls held for an approval now",
+            i64::try_from(snap.approvals_pending).unwrap_or(i64::MAX),
         )?;
         counter(
             &mut e,

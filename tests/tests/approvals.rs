@@ -203,6 +203,34 @@ fn an_operator_approves_denies_and_lets_time_out() {
         .filter(|r| r["event"] == "request" && r["tool"] == "echo")
         .count();
     assert_eq!(forwarded, 2, "{}", rig.agent.audit_text());
+
+    // Counted from the same records.
+    let metrics = format!("http://{}/metrics", rig.agent.metrics_addr());
+    let text = match mcpwarden_tests::rawhttp::request(
+        "GET",
+        &metrics,
+        b"",
+        &[],
+        Duration::from_secs(10),
+    ) {
+        mcpwarden_tests::rawhttp::RawOutcome::Response(r) => {
+            String::from_utf8_lossy(&r.body).into_owned()
+        }
+        mcpwarden_tests::rawhttp::RawOutcome::NoResponse { reason, .. } => panic!("{reason}"),
+    };
+    for (series, n) in [
+        ("mcpwarden_approvals_total{step=\"requested\"}", 3),
+        ("mcpwarden_approvals_total{step=\"approved\"}", 1),
+        ("mcpwarden_approvals_total{step=\"remembered\"}", 1),
+        ("mcpwarden_approvals_total{step=\"timed_out\"}", 1),
+        ("mcpwarden_approvals_total{step=\"denied\"}", 1),
+        ("mcpwarden_approvals_pending", 0),
+    ] {
+        assert!(
+            text.lines().any(|l| l == format!("{series} {n}")),
+            "{series} {n}:\n{text}"
+        );
+    }
 }
 
 /// Runs `mcpwarden ARGS` inside the cgroup `cg` (joined before exec).
@@ -519,7 +547,7 @@ fn the_user_approval_state_cannot_be_replayed_forged_or_moved() {
     };
     refused(2, "already used");
     refused(4, "arguments changed");
-    refused(5, "not made by this node");
+    refused(5, "not made by this agent");
     // rs2 was spent by the changed-arguments attempt? No: a mismatch does not spend it, so the
     // decline is what spends it.
     refused(6, "declined");
@@ -569,4 +597,72 @@ fn a_held_call_survives_a_hand_over() {
     assert_eq!(result_text(&run.json_lines()[0]), "across", "{}", run.describe());
     assert_eq!(rig.server.calls("echo"), 1);
     drop(next);
+}
+
+/// (195) A Streamable HTTP client that sent a progress token and reads SSE hears, while its
+/// call is held, a progress notification every 5 s, then the answer on the same stream; one
+/// that stops reading gives its approval up.
+#[test]
+fn a_held_call_reports_progress_on_its_stream() {
+    let rig = Rig::start("approve-progress", 195, OPERATOR_POLICY);
+    let socket = rig.agent.admin_socket();
+    let url = rig.server.url();
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"text": "slowly"}, "_meta": {"progressToken": "p1"}}})
+    .to_string();
+    let held = {
+        let (app, url, body) = (rig.app.clone(), url.clone(), body.clone());
+        thread::spawn(move || {
+            mcpwarden_tests::script::run_script(
+                CLIENT_BIN,
+                Some(&app),
+                &json!({"steps": [{"op": "request", "url": url, "body": body, "until_id": 1,
+                                   "timeout_ms": 30000}]}),
+                CLIENT_TIMEOUT,
+            )
+        })
+    };
+    let s = wait_pending(&socket, "echo");
+    thread::sleep(Duration::from_millis(6500));
+    let out = cli(&socket, &["approvals", "approve", s["id"].as_str().unwrap_or("?")]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let run = held.join().expect("script thread");
+    let step = run.step(0);
+    assert_eq!(step["status"], 200, "{step}");
+    assert!(
+        step["headers"]["content-type"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("text/event-stream")),
+        "{step}"
+    );
+    let messages = common::peer_rig::event_messages(step);
+    let progress: Vec<&Value> = messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
+    assert!(!progress.is_empty(), "{step}");
+    assert_eq!(progress[0]["params"]["progressToken"], "p1", "{step}");
+    let answer = messages
+        .iter()
+        .find(|m| m["id"] == 1)
+        .unwrap_or_else(|| panic!("no answer on the stream: {step}"));
+    assert_eq!(answer["result"]["content"][0]["text"], "slowly", "{step}");
+    assert_eq!(rig.server.calls("echo"), 1);
+
+    // A reader that stops: the script's 2 s deadline closes its connection.
+    let run = mcpwarden_tests::script::run_script(
+        CLIENT_BIN,
+        Some(&rig.app),
+        &json!({"steps": [{"op": "request", "url": url, "body": body.replace("slowly", "never"),
+                           "until_id": 1, "timeout_ms": 2000}]}),
+        CLIENT_TIMEOUT,
+    );
+    assert_eq!(run.step(0)["timeout"], true, "{}", run.step(0));
+    rig.agent
+        .wait_audit(AUDIT_WAIT, |r| {
+            r["event"] == "approval" && r["approval"]["step"] == "abandoned"
+        })
+        .unwrap_or_else(|| panic!("no abandoned record\n{}", rig.agent.audit_text()));
+    assert!(pending(&socket).is_empty());
+    assert_eq!(rig.server.calls("echo"), 1, "the abandoned call never ran");
 }

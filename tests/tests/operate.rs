@@ -120,6 +120,8 @@ fn a_scrape_names_every_family_and_callers_cannot_grow_the_tool_label() {
         ("mcpwarden_preexisting_resets", "counter"),
         ("mcpwarden_policy_reloads", "counter"),
         ("mcpwarden_admin_refused", "counter"),
+        ("mcpwarden_approvals", "counter"),
+        ("mcpwarden_approvals_pending", "gauge"),
         ("mcpwarden_tls_leaves_minted", "counter"),
         ("mcpwarden_audit_bytes", "counter"),
         ("mcpwarden_audit_records", "counter"),

@@ -185,8 +185,10 @@ pub struct HoldRequest {
     pub caller_key: String,
     /// Kubernetes user of the caller's service account (`system:serviceaccount:NS:SA`).
     pub caller_user: Option<String>,
-    /// The JSON-RPC id and server, so that a `notifications/cancelled` finds it.
+    /// The JSON-RPC id and the session (`session` scope key: the MCP session, or the
+    /// connection), so that a `notifications/cancelled` finds it and no other.
     pub request_id: String,
+    pub session: String,
     pub timeout: Option<Duration>,
 }
 
@@ -195,6 +197,7 @@ struct Entry {
     caller_key: String,
     caller_user: Option<String>,
     request_id: String,
+    session: String,
     deadline: Instant,
     tx: oneshot::Sender<Resolution>,
 }
@@ -220,11 +223,16 @@ impl State {
     }
 }
 
+/// Writes the audit record of an approver refused ([`DecideError::SelfApproval`]): the
+/// call's summary, who tried, why.
+pub type RefusedAuditor = Box<dyn Fn(&Summary, &Approver, &str) + Send + Sync>;
+
 /// The node's pending approvals.
 pub struct Approvals {
     settings: Settings,
     state: Mutex<State>,
     notices: broadcast::Sender<Notice>,
+    refused: std::sync::OnceLock<RefusedAuditor>,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -250,7 +258,21 @@ impl Approvals {
             settings,
             state: Mutex::new(State::default()),
             notices: broadcast::channel(256).0,
+            refused: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Who audits refused approvers, whichever way they came (admin socket, resource). Set
+    /// once, at start.
+    pub fn on_refused(&self, auditor: RefusedAuditor) {
+        let _ = self.refused.set(auditor);
+    }
+
+    /// Audits a refused approver (also used for one whose cgroup could not be read).
+    pub fn audit_refused(&self, summary: &Summary, by: &Approver, why: &str) {
+        if let Some(audit) = self.refused.get() {
+            audit(summary, by, why);
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -284,7 +306,11 @@ impl Approvals {
 
     /// Holds a call. Err: why it cannot be held (the bounds), to refuse it with.
     pub fn hold(self: &Arc<Self>, req: HoldRequest) -> Result<Held, String> {
-        let timeout = req.timeout.unwrap_or(self.settings.timeout);
+        // At most a day (rules and the config are checked for that; this only guards the sum).
+        let timeout = req
+            .timeout
+            .unwrap_or(self.settings.timeout)
+            .min(Duration::from_secs(86_400));
         let now = Instant::now();
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
@@ -309,7 +335,8 @@ impl Approvals {
         let mut summary = req.summary;
         summary.id = id.clone();
         summary.node = self.settings.node.clone();
-        summary.requested_at = crate::audit::now();
+        summary.requested_at =
+            humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         summary.expires_in_s = timeout.as_secs();
         let summary = Arc::new(summary);
         *st.per_caller.entry(req.caller_key.clone()).or_insert(0) += 1;
@@ -320,6 +347,7 @@ impl Approvals {
                 caller_key: req.caller_key,
                 caller_user: req.caller_user,
                 request_id: req.request_id,
+                session: req.session,
                 deadline: now + timeout,
                 tx,
             },
@@ -353,6 +381,11 @@ impl Approvals {
         out.into_iter().map(|(_, s)| s).collect()
     }
 
+    /// How many calls are held now.
+    pub fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+
     /// How long until the last pending approval times out (a hand-over's drain waits for it).
     pub fn longest_wait(&self) -> Duration {
         let now = Instant::now();
@@ -384,7 +417,11 @@ impl Approvals {
             return Err(DecideError::NotFound(id.to_owned()));
         };
         if let Some(why) = self_approval(&e.summary.caller, e.caller_user.as_deref(), &by) {
-            return Err(DecideError::SelfApproval(id.to_owned(), why));
+            let summary = e.summary.clone();
+            drop(st);
+            let err = DecideError::SelfApproval(id.to_owned(), why);
+            self.audit_refused(&summary, &by, &err.to_string());
+            return Err(err);
         }
         let Some(e) = st.remove(id) else {
             return Err(DecideError::NotFound(id.to_owned()));
@@ -417,7 +454,7 @@ impl Approvals {
     }
 
     /// A client's `notifications/cancelled` for a held call: it is given up.
-    pub fn cancel(&self, caller_key: &str, server: &str, request_id: &str) -> bool {
+    pub fn cancel(&self, caller_key: &str, server: &str, session: &str, request_id: &str) -> bool {
         let mut st = self.lock();
         let id = st
             .pending
@@ -425,6 +462,7 @@ impl Approvals {
             .find(|(_, e)| {
                 e.caller_key == caller_key
                     && e.summary.server == server
+                    && e.session == session
                     && e.request_id == request_id
             })
             .map(|(id, _)| id.clone());

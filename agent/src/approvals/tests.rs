@@ -1,3 +1,4 @@
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
@@ -27,6 +28,7 @@ fn request(caller: &str, cgroup_id: u64, request_id: &str) -> HoldRequest {
         caller_key: caller.to_owned(),
         caller_user: Some(format!("system:serviceaccount:ns:{caller}")),
         request_id: request_id.to_owned(),
+        session: "session:s".to_owned(),
         timeout: None,
     }
 }
@@ -72,6 +74,16 @@ async fn approved_denied_and_remembered() {
 #[tokio::test]
 async fn a_workload_cannot_approve_itself() {
     let a = Approvals::new(settings(8, 8));
+    let audited = Arc::new(Mutex::new(Vec::new()));
+    {
+        let audited = audited.clone();
+        a.on_refused(Box::new(move |s, by, why| {
+            audited
+                .lock()
+                .unwrap()
+                .push((s.id.clone(), by.via, why.to_owned()));
+        }));
+    }
     let held = a.hold(request("pod:a", 10, "1")).expect("held");
     let id = held.id().to_owned();
     let same_cgroup = a.decide(&id, true, None, None, cli(10));
@@ -93,8 +105,12 @@ async fn a_workload_cannot_approve_itself() {
         a.decide(&id, true, None, None, own_sa),
         Err(DecideError::SelfApproval(_, "service account"))
     ));
-    // Still pending after the refusals.
+    // Still pending after the refusals, each audited.
     assert_eq!(a.list().len(), 1);
+    let audited = audited.lock().unwrap().clone();
+    assert_eq!(audited.len(), 3, "{audited:?}");
+    assert!(audited.iter().all(|(i, _, why)| *i == id && why.contains("approve itself")));
+    assert_eq!(audited[2].1, Via::Resource);
 }
 
 #[tokio::test]
@@ -132,7 +148,8 @@ async fn timed_out_abandoned_and_cancelled_are_gone() {
     assert!(matches!(a.decide(&id, true, None, None, cli(99)), Err(DecideError::NotFound(_))));
 
     let mut held = a.hold(request("pod:a", 10, "3")).expect("held");
-    assert!(!a.cancel("pod:b", "payments", "3"));
-    assert!(a.cancel("pod:a", "payments", "3"));
+    assert!(!a.cancel("pod:b", "payments", "session:s", "3"));
+    assert!(!a.cancel("pod:a", "payments", "session:other", "3"));
+    assert!(a.cancel("pod:a", "payments", "session:s", "3"));
     assert!(matches!(held.wait().await, Waited::Cancelled));
 }

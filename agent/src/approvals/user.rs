@@ -2,12 +2,13 @@
 //! that declared elicitation).
 //!
 //! The call is answered with `resultType: "input_required"`: an elicitation asking the user to
-//! approve it, and a `requestState` only this node can have made — `mcpw1.<payload>.<mac>`,
+//! approve it, and a `requestState` only this agent can have made — `mcpw1.<payload>.<mac>`,
 //! the payload (base64url JSON) naming a nonce, the server, the tool, the sha256 of the
 //! canonical arguments, the caller, the policy's sha256 and an expiry, the MAC an
-//! HMAC-SHA256 of it under the node's key (`<state_dir>/approval.key`, so a successor
-//! after a hand-over verifies what its predecessor issued). The retry must carry the same
-//! arguments and an accepted answer; each nonce is accepted once.
+//! HMAC-SHA256 of it under a key this process drew at start and never wrote anywhere. The
+//! retry must carry the same arguments and an accepted answer; each nonce is accepted once.
+//! The spent nonces are in memory too: a state from another run (before a restart or a
+//! hand-over) fails the MAC, so none can be replayed to an agent that never saw it spent.
 //!
 //! A server's own multi-round-trip is kept whole: when the call that needs approval already
 //! carries a server's `requestState` and `inputResponses`, they travel inside the payload and
@@ -18,12 +19,10 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
     sync::Mutex,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use ring::{hmac, rand::SecureRandom};
 use serde::{Deserialize, Serialize};
@@ -88,10 +87,34 @@ pub struct Approved {
     pub server_responses: Option<Value>,
 }
 
+/// Why a retry was not approved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The user answered, and not with an approval (declined, cancelled, or `approve` not
+    /// true); else the state or the call is wrong (forged, replayed, expired, moved).
+    pub by_user: bool,
+    pub reason: String,
+}
+
+impl Rejected {
+    fn state(reason: impl Into<String>) -> Rejected {
+        Rejected {
+            by_user: false,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// The node's key and the nonces accepted so far (shared by the workers).
 pub struct UserApprovals {
     key: hmac::Key,
     used: Mutex<HashMap<String, u64>>,
+}
+
+impl Default for UserApprovals {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl std::fmt::Debug for UserApprovals {
@@ -108,40 +131,11 @@ fn unix_now() -> u64 {
 }
 
 impl UserApprovals {
-    /// The key from `path` (32 random bytes, 0600), made if missing.
-    pub fn load_or_create(path: &Path) -> Result<UserApprovals> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let bytes = match std::fs::read(path) {
-            Ok(b) if b.len() == 32 => b,
-            Ok(b) => anyhow::bail!(
-                "{}: {} bytes, expected a 32-byte key; remove it to make a new one",
-                path.display(),
-                b.len()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut b = vec![0u8; 32];
-                random(&mut b);
-                let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .with_context(|| format!("creating {}", tmp.display()))?;
-                f.write_all(&b)?;
-                f.sync_all()?;
-                // Two agents starting at once: the first rename wins, both then read it.
-                if std::fs::hard_link(&tmp, path).is_err() && !path.exists() {
-                    std::fs::rename(&tmp, path)
-                        .with_context(|| format!("creating {}", path.display()))?;
-                }
-                let _ = std::fs::remove_file(&tmp);
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        Ok(Self::with_key(&bytes))
+    /// A fresh random key, in this process only.
+    pub fn new() -> UserApprovals {
+        let mut key = [0u8; 32];
+        random(&mut key);
+        Self::with_key(&key)
     }
 
     pub fn with_key(bytes: &[u8]) -> UserApprovals {
@@ -188,41 +182,43 @@ impl UserApprovals {
         state: &str,
         binding: &Binding<'_>,
         answer: Option<&Value>,
-    ) -> Result<Approved, String> {
+    ) -> Result<Approved, Rejected> {
         let rest = state
             .strip_prefix(PREFIX)
-            .ok_or("the requestState is not mcpwarden's")?;
-        let (body, mac) = rest
-            .split_once('.')
-            .ok_or("the requestState is malformed")?;
-        let mac = URL_SAFE_NO_PAD
-            .decode(mac)
-            .map_err(|_| "the requestState is malformed")?;
-        hmac::verify(&self.key, body.as_bytes(), &mac)
-            .map_err(|_| "the requestState was not made by this node, or was altered")?;
+            .ok_or_else(|| Rejected::state("the requestState is not mcpwarden's"))?;
+        let malformed = || Rejected::state("the requestState is malformed");
+        let (body, mac) = rest.split_once('.').ok_or_else(malformed)?;
+        let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| malformed())?;
+        hmac::verify(&self.key, body.as_bytes(), &mac).map_err(|_| {
+            Rejected::state(
+                "the requestState was not made by this agent (or by one before a restart or \
+                 hand-over), or was altered: call the tool again",
+            )
+        })?;
         let payload: Payload = URL_SAFE_NO_PAD
             .decode(body)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or("the requestState is malformed")?;
+            .ok_or_else(malformed)?;
         let now = unix_now();
         if payload.e < now {
-            return Err("the approval expired: call the tool again".to_owned());
+            return Err(Rejected::state("the approval expired: call the tool again"));
         }
         let same = payload.s == binding.server
             && payload.t == binding.tool
             && payload.c == binding.caller;
         if !same {
-            return Err("the requestState belongs to another call".to_owned());
+            return Err(Rejected::state("the requestState belongs to another call"));
         }
         if payload.a != binding.args_sha256 {
-            return Err(
-                "the arguments changed since they were approved: call the tool again".to_owned(),
-            );
+            return Err(Rejected::state(
+                "the arguments changed since they were approved: call the tool again",
+            ));
         }
         if payload.p != binding.policy_sha256 {
-            return Err("the policy changed since the approval was asked: call the tool again"
-                .to_owned());
+            return Err(Rejected::state(
+                "the policy changed since the approval was asked: call the tool again",
+            ));
         }
         let accepted = answer.is_some_and(|a| {
             a.get("action").and_then(Value::as_str) == Some("accept")
@@ -234,20 +230,27 @@ impl UserApprovals {
             let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             used.retain(|_, exp| *exp >= now);
             if used.contains_key(&payload.n) {
-                return Err("the requestState was already used".to_owned());
+                return Err(Rejected::state("the requestState was already used"));
             }
             if used.len() >= MAX_NONCES {
-                return Err("too many approvals answered recently on this node: try again later"
-                    .to_owned());
+                return Err(Rejected::state(
+                    "too many approvals answered recently on this node: try again later",
+                ));
             }
             used.insert(payload.n.clone(), payload.e);
         }
         if !accepted {
-            return Err(match answer.and_then(|a| a.get("action")).and_then(Value::as_str) {
-                Some("decline") => "the user declined the call".to_owned(),
-                Some("cancel") => "the user cancelled the approval".to_owned(),
-                Some(_) => "the user did not approve the call".to_owned(),
-                None => format!("the retry carries no answer to {INPUT_KEY}"),
+            let action = answer.and_then(|a| a.get("action")).and_then(Value::as_str);
+            return Err(Rejected {
+                by_user: answer.is_some(),
+                reason: match action {
+                    Some("decline") => "the user declined the call".to_owned(),
+                    Some("cancel") => "the user cancelled the approval".to_owned(),
+                    Some(_) | None if answer.is_some() => {
+                        "the user did not approve the call".to_owned()
+                    }
+                    _ => format!("the retry carries no answer to {INPUT_KEY}"),
+                },
             });
         }
         Ok(Approved {
@@ -332,7 +335,7 @@ mod tests {
             })
         );
         let again = u.verify(&s, &binding("h1"), Some(&yes()));
-        assert!(again.is_err_and(|e| e.contains("already used")));
+        assert!(again.is_err_and(|e| !e.by_user && e.reason.contains("already used")));
     }
 
     #[test]
@@ -346,11 +349,11 @@ mod tests {
         let t: String = t.into_iter().collect();
         assert!(u
             .verify(&t, &binding("h1"), Some(&yes()))
-            .is_err_and(|e| e.contains("altered")));
+            .is_err_and(|e| !e.by_user && e.reason.contains("altered")));
         let declined = json!({"action": "decline"});
         assert!(u
             .verify(&s, &binding("h1"), Some(&declined))
-            .is_err_and(|e| e.contains("declined")));
+            .is_err_and(|e| e.by_user && e.reason.contains("declined")));
         // Declined spends it.
         assert!(u.verify(&s, &binding("h1"), Some(&yes())).is_err());
         let other_node = UserApprovals::with_key(&[8; 32]);
@@ -360,7 +363,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         assert!(u
             .verify(&s, &binding("h1"), Some(&yes()))
-            .is_err_and(|e| e.contains("expired")));
+            .is_err_and(|e| e.reason.contains("expired")));
     }
 
     #[test]
@@ -383,17 +386,13 @@ mod tests {
     }
 
     #[test]
-    fn the_key_file_is_made_once() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("mcpw-key-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("approval.key");
-        let a = UserApprovals::load_or_create(&path)?;
-        let b = UserApprovals::load_or_create(&path)?;
+    fn another_run_s_states_are_refused() {
+        let a = UserApprovals::new();
+        let b = UserApprovals::new();
         let s = a.issue(&binding("h1"), DEFAULT_EXPIRY, None, None);
-        assert!(b.verify(&s, &binding("h1"), Some(&yes())).is_ok());
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
-        std::fs::remove_dir_all(&dir)?;
-        Ok(())
+        assert!(b
+            .verify(&s, &binding("h1"), Some(&yes()))
+            .is_err_and(|e| e.reason.contains("restart")));
+        assert!(a.verify(&s, &binding("h1"), Some(&yes())).is_ok());
     }
 }

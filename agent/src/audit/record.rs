@@ -475,7 +475,8 @@ pub struct Record {
 /// One step of an approval.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ApprovalPart {
-    /// The approval's id (`mcpwarden approvals approve ID`); absent for a remembered approval.
+    /// The approval's id (`mcpwarden approvals approve ID`); absent for a remembered approval
+    /// and for approval by the client's user (nothing is held then).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// `requested`, `approved`, `denied`, `timed_out`, `abandoned`, `remembered`, `refused`.

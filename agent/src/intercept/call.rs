@@ -59,7 +59,7 @@ impl Judged {
 pub(super) struct ScopeKeys {
     pub grant: String,
     process: String,
-    session: String,
+    pub session: String,
     namespace: String,
     service_account: String,
 }
@@ -110,12 +110,23 @@ impl RequestSessions {
     }
 }
 
+/// A body's messages, parsed and decided, before any is held, audited or forwarded.
+pub(super) struct Decided {
+    sessions: RequestSessions,
+    batch: bool,
+    transport: Transport,
+    session_revision: Option<String>,
+    chosen: Chosen,
+    judged: Vec<Judged>,
+    keys: ScopeKeys,
+}
+
 impl Conn {
     pub(super) async fn handle_mcp(
-        &self,
+        self: &Arc<Self>,
         ctx: &RequestCtx<'_>,
         routed: Routed<'_>,
-        mut parts: Parts,
+        parts: Parts,
         bytes: Bytes,
     ) -> Response<Body> {
         let sessions = RequestSessions {
@@ -147,9 +158,117 @@ impl Conn {
             &session_revision,
         );
         self.shared.metrics.decided(deciding.elapsed());
+        let decided = Decided {
+            sessions,
+            batch,
+            transport,
+            session_revision,
+            chosen,
+            judged,
+            keys,
+        };
+        if self.waits_with_progress(&parts, &decided) {
+            return self.finish_streaming(ctx, routed, parts, bytes, decided);
+        }
+        self.finish(ctx, routed, parts, bytes, decided, None).await
+    }
+
+    /// A single call held for an operator, whose Streamable HTTP client sent a progress token
+    /// and reads SSE: it is answered on a stream at once, progress notifications while it
+    /// waits, then the answer (its client would otherwise time out in silence).
+    fn waits_with_progress(&self, parts: &Parts, d: &Decided) -> bool {
+        let [j] = d.judged.as_slice() else {
+            return false;
+        };
+        let Some(approval) = j.held_for() else {
+            return false;
+        };
+        let asks_user = approval.mode == crate::policy::ApprovalMode::User
+            && j.msg.stateless_2026
+            && j.msg.elicitation;
+        let reads_sse = parts
+            .headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("text/event-stream")));
+        !d.batch
+            && !asks_user
+            && d.sessions.legacy.is_none()
+            && j.msg.progress_token.is_some()
+            && reads_sse
+    }
+
+    /// [`Conn::finish`] in a task of its own, its answer written on an SSE stream returned now.
+    /// The stream's reader going (the client disconnected) drops the task: a held call is then
+    /// given up, exactly as when a request's connection closes.
+    fn finish_streaming(
+        self: &Arc<Self>,
+        ctx: &RequestCtx<'_>,
+        routed: Routed<'_>,
+        parts: Parts,
+        bytes: Bytes,
+        decided: Decided,
+    ) -> Response<Body> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let conn = self.clone();
+        let detached = ctx.detach();
+        let server = routed.id;
+        let call_id = decided.judged.first().and_then(|j| j.msg.id.clone());
+        tokio::spawn(async move {
+            let ctx = detached.attach(&conn);
+            let Some(routed) = conn.shared.servers.get(server).map(|server_ref| Routed {
+                id: server,
+                server: server_ref,
+            }) else {
+                return;
+            };
+            let sink = super::hold::ProgressSink::Stream(tx.clone());
+            let work = conn.finish(&ctx, routed, parts, bytes, decided, Some(sink));
+            tokio::select! {
+                resp = work => respond::pump_as_events(resp, &tx, call_id.as_ref()).await,
+                () = tx.closed() => {}
+            }
+        });
+        respond::event_stream(rx)
+    }
+
+    /// Steps 2b to 5: held calls approved (or not), every decision audited, refusals answered,
+    /// the rest forwarded and its answer read.
+    async fn finish(
+        &self,
+        ctx: &RequestCtx<'_>,
+        routed: Routed<'_>,
+        mut parts: Parts,
+        bytes: Bytes,
+        decided: Decided,
+        sink: Option<super::hold::ProgressSink>,
+    ) -> Response<Body> {
+        let Decided {
+            sessions,
+            batch,
+            transport,
+            session_revision,
+            chosen,
+            judged,
+            keys,
+        } = decided;
         let (chosen, judged) = if judged.iter().any(|j| j.held_for().is_some()) {
-            self.approve_held(ctx, routed, chosen, judged, sessions.legacy.as_ref(), &keys)
-                .await
+            let sink = sink.or_else(|| {
+                sessions
+                    .legacy
+                    .clone()
+                    .map(super::hold::ProgressSink::Legacy)
+            });
+            self.approve_held(
+                ctx,
+                routed,
+                chosen,
+                judged,
+                sessions.legacy.is_some(),
+                sink.as_ref(),
+                &keys,
+            )
+            .await
         } else {
             (chosen, judged)
         };
@@ -384,6 +503,7 @@ impl Conn {
                     self.shared.approvals.cancel(
                         &keys.grant,
                         &routed.server.name,
+                        &keys.session,
                         &cancelled.to_string(),
                     );
                 }

@@ -47,6 +47,58 @@ pub(super) struct RequestCtx<'a> {
     pub head: Arc<Head>,
 }
 
+/// A request's context without its borrow of the connection, to finish the request in a task
+/// of its own (a held call whose client reads progress on an SSE stream).
+pub(super) struct DetachedCtx {
+    routed: Option<usize>,
+    target: String,
+    normal_path: String,
+    legacy: Option<Arc<Session>>,
+    at_endpoint: bool,
+    authority: Result<Option<http::uri::Authority>, String>,
+    unknown_host: bool,
+    started: Instant,
+    head: Arc<Head>,
+}
+
+impl RequestCtx<'_> {
+    pub(super) fn detach(&self) -> DetachedCtx {
+        DetachedCtx {
+            routed: self.routed.map(|r| r.id),
+            target: self.target.clone(),
+            normal_path: self.normal_path.clone(),
+            legacy: self.legacy.clone(),
+            at_endpoint: self.at_endpoint,
+            authority: self.authority.clone(),
+            unknown_host: self.unknown_host,
+            started: self.started,
+            head: self.head.clone(),
+        }
+    }
+}
+
+impl DetachedCtx {
+    /// The context again, borrowing `conn` (the connection it was detached from).
+    pub(super) fn attach(self, conn: &Conn) -> RequestCtx<'_> {
+        RequestCtx {
+            routed: self.routed.and_then(|id| {
+                conn.shared
+                    .servers
+                    .get(id)
+                    .map(|server| Routed { id, server })
+            }),
+            target: self.target,
+            normal_path: self.normal_path,
+            legacy: self.legacy,
+            at_endpoint: self.at_endpoint,
+            authority: self.authority,
+            unknown_host: self.unknown_host,
+            started: self.started,
+            head: self.head,
+        }
+    }
+}
+
 impl Conn {
     /// Route a request: its server, its HTTP+SSE session, its records' head.
     pub(super) fn context(&self, parts: &Parts, started: Instant) -> RequestCtx<'_> {

@@ -39,6 +39,28 @@ use crate::{
 /// How often a held call whose client sent a progress token hears that it still waits.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
+/// Where a held call's progress notifications go.
+pub(super) enum ProgressSink {
+    /// HTTP+SSE: the session's GET stream, where its answers go too.
+    Legacy(Arc<Session>),
+    /// Streamable HTTP: the SSE stream this request is answered on.
+    Stream(tokio::sync::mpsc::Sender<bytes::Bytes>),
+}
+
+impl ProgressSink {
+    fn send(&self, event: bytes::Bytes) {
+        match self {
+            ProgressSink::Legacy(s) => {
+                s.inject(event);
+            }
+            // Full: this notification is skipped, the next one tells the same.
+            ProgressSink::Stream(tx) => {
+                let _ = tx.try_send(event);
+            }
+        }
+    }
+}
+
 impl Conn {
     /// Resolves every held call of `judged`: `Allow` (approved and decided again), a refusal
     /// with the reason, or (user approval) mcpwarden's `input_required` answer. Returns the
@@ -50,7 +72,8 @@ impl Conn {
         routed: Routed<'_>,
         chosen: Chosen,
         mut judged: Vec<Judged>,
-        legacy: Option<&Arc<Session>>,
+        legacy: bool,
+        sink: Option<&ProgressSink>,
         keys: &ScopeKeys,
     ) -> (Chosen, Vec<Judged>) {
         let mut waits = Vec::new();
@@ -61,7 +84,7 @@ impl Conn {
             let user = approval.mode == ApprovalMode::User
                 && j.msg.stateless_2026
                 && j.msg.elicitation
-                && legacy.is_none();
+                && !legacy;
             if user {
                 self.ask_user(routed, &chosen, j, keys, approval.timeout);
             } else {
@@ -74,7 +97,7 @@ impl Conn {
         // Held concurrently (a batch may hold several); each resolves to approved or not.
         let outcomes = futures_util::future::join_all(waits.iter().map(|(i, approval)| {
             let j = &judged[*i];
-            self.wait_for_operator(routed, &chosen, j, approval, keys, legacy)
+            self.wait_for_operator(routed, &chosen, j, approval, keys, sink)
         }))
         .await;
         let approved_any = outcomes.iter().any(Option::is_none);
@@ -125,7 +148,7 @@ impl Conn {
         j: &Judged,
         approval: &crate::policy::Approval,
         keys: &ScopeKeys,
-        legacy: Option<&Arc<Session>>,
+        sink: Option<&ProgressSink>,
     ) -> Option<Decision> {
         let tool = j.msg.tool.as_deref().unwrap_or_default();
         let server = routed.server.name.as_str();
@@ -149,6 +172,7 @@ impl Conn {
                 )
             }),
             request_id: j.msg.id.as_ref().map(Value::to_string).unwrap_or_default(),
+            session: keys.session.clone(),
             timeout: approval.timeout,
         };
         let mut held = match self.shared.approvals.hold(request) {
@@ -166,7 +190,7 @@ impl Conn {
             id: id.clone(),
             armed: true,
         };
-        let progress = j.msg.progress_token.clone().zip(legacy.cloned());
+        let progress = j.msg.progress_token.as_ref().zip(sink);
         let waited = {
             let wait = held.wait();
             tokio::pin!(wait);
@@ -177,14 +201,14 @@ impl Conn {
                 tokio::select! {
                     w = &mut wait => break w,
                     _ = tick.tick() => {
-                        if let Some((token, session)) = &progress {
+                        if let Some((token, sink)) = progress {
                             n += 1;
                             let note = mcp::progress_notification(
                                 token,
                                 n,
                                 &format!("waiting for approval {id}"),
                             );
-                            session.inject(mcp::message_event(&note));
+                            sink.send(mcp::message_event(&note));
                         }
                     }
                 }
@@ -272,12 +296,9 @@ impl Conn {
                         Some(self.decide_approved(chosen, j, keys, std::time::Instant::now()));
                     j.round_trip = Some((approved.server_state, approved.server_responses));
                 }
-                Err(why) => {
-                    let step = if why.contains("declined") || why.contains("did not approve") {
-                        "denied"
-                    } else {
-                        "refused"
-                    };
+                Err(rejected) => {
+                    let step = if rejected.by_user { "denied" } else { "refused" };
+                    let why = rejected.reason;
                     let rec = self.step_record(&j.head, &held_by, None, step, "user");
                     self.write_step(rec, Some(&why), |p| {
                         p.by = Some(Approver {

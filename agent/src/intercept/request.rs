@@ -41,7 +41,7 @@ enum BodyError {
 
 impl Conn {
     /// Serve one request.
-    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub(super) async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let ctx = self.context(&parts, started);

@@ -1083,3 +1083,65 @@ mod stream_tests {
                 && r["reason"].as_str().unwrap().contains("another origin")));
     }
 }
+
+/// A `text/event-stream` answer whose events come from `rx`; it ends when every sender is
+/// gone.
+pub(super) fn event_stream(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<Body> {
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, hyper::Error>(Frame::data(event)), rx))
+    });
+    let mut resp = Response::new(http_body_util::StreamBody::new(frames).boxed());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// An answer (the server's, already read through [`respond`], or mcpwarden's own) written as
+/// events on a stream that was answered before it was known: an SSE body frame by frame, a
+/// JSON body as one `message` event, anything else as a JSON-RPC error for `id`.
+pub(super) async fn pump_as_events(
+    resp: Response<Body>,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    id: Option<&Value>,
+) {
+    let status = resp.status();
+    let kind = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let mut body = resp.into_body();
+    if status.is_success() && kind.starts_with("text/event-stream") {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return };
+            if let Ok(data) = frame.into_data() {
+                if tx.send(data).await.is_err() {
+                    return;
+                }
+            }
+        }
+        return;
+    }
+    let bytes = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let json = if status.is_success() && kind.starts_with("application/json") && !bytes.is_empty()
+    {
+        bytes.to_vec()
+    } else {
+        mcp::error_response(
+            id,
+            mcp::INTERNAL_ERROR,
+            &format!("the server answered HTTP {status} to the approved call"),
+        )
+    };
+    let _ = tx.send(mcp::message_event(&json)).await;
+}
