@@ -343,7 +343,10 @@ impl Agent {
         // state cannot be replayed to a successor that never saw it spent.
         let user_approvals = Arc::new(crate::approvals::user::UserApprovals::new());
         if let Some(webhook) = config.approvals.webhook.clone() {
-            tasks.push(crate::approvals::webhook::spawn(approvals.clone(), webhook)?);
+            tasks.push(crate::approvals::webhook::spawn(
+                approvals.clone(),
+                webhook,
+            )?);
         }
         let interceptor = Arc::new(Interceptor {
             servers,
@@ -529,11 +532,7 @@ impl Agent {
         // hand-over leaves the previous agent's socket in place.
         let mut admin =
             crate::admin::socket::AdminSocket::bind(&config.operate.admin_socket, access)?;
-        let admin_again = Some((
-            config.operate.admin_socket.clone(),
-            access,
-            control.clone(),
-        ));
+        let admin_again = Some((config.operate.admin_socket.clone(), access, control.clone()));
         tasks.extend(admin.serve(control, access));
         // Serving: the previous agent (if any) stops accepting and unlocks; this one answers
         // the next.
@@ -628,9 +627,8 @@ impl Agent {
     pub async fn drain(&mut self, within: std::time::Duration) {
         // Calls held for an approval keep their connections: they are decided here (this
         // agent's admin socket and watches stay up) or time out before the deadline.
-        let within = within.max(
-            self.interceptor.approvals.longest_wait() + std::time::Duration::from_secs(1),
-        );
+        let within = within
+            .max(self.interceptor.approvals.longest_wait() + std::time::Duration::from_secs(1));
         if let Some((path, access, control)) = self.admin_again.take() {
             match crate::admin::socket::AdminSocket::bind(&path, access) {
                 Ok(mut socket) => {
@@ -638,7 +636,9 @@ impl Agent {
                     tracing::info!(path = %socket.staged().display(), "admin socket of the draining agent: its held calls are approved here");
                     self.draining_admin = Some(socket);
                 }
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot bind the draining agent's admin socket: its held calls can only time out or be decided through Approval resources"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot bind the draining agent's admin socket: its held calls can only time out or be decided through Approval resources")
+                }
             }
         }
         let open = self.interceptor.connections.open();

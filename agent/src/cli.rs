@@ -610,12 +610,8 @@ fn approvals_command(cmd: &ApprovalsCommand) -> Result<ExitCode> {
                 .iter()
                 .enumerate()
             {
-                let answer = crate::admin::client::request(
-                    socket,
-                    http::Method::GET,
-                    "/v1/approvals",
-                    None,
-                );
+                let answer =
+                    crate::admin::client::request(socket, http::Method::GET, "/v1/approvals", None);
                 let v = match answer {
                     Ok((_, v)) => v,
                     // A draining agent that went meanwhile has nothing held any more.

@@ -85,6 +85,7 @@
 //!   node_name: node-a                          # default: $NODE_NAME, then the host name
 //!   deleted_pod_grace_s: 60                    # a deleted pod's late calls are still its own
 //!   remove_taint: mcpwarden.io/agent-not-ready # removed from this node once ready; "": none
+//!   approvals_namespace: mcpwarden             # Approval resources; default: the agent pod's
 //! limits:                                      # see the README's table; all optional
 //!   header_read_timeout_ms: 30000
 //!   idle_timeout_ms: 600000                    # 0: off
@@ -561,10 +562,9 @@ impl TryFrom<RawApprovals> for FileApprovals {
             (Some(_), None) => Err("approvals.webhook_url needs approvals.webhook_secret_file \
                                     (the HMAC key its receivers check signatures with)"
                 .to_owned()),
-            (None, Some(_)) => {
-                Err("approvals.webhook_secret_file is set but approvals.webhook_url is not"
-                    .to_owned())
-            }
+            (None, Some(_)) => Err(
+                "approvals.webhook_secret_file is set but approvals.webhook_url is not".to_owned(),
+            ),
             _ => Ok(FileApprovals(raw)),
         }
     }
@@ -589,7 +589,9 @@ struct Positive(u64);
 impl<'de> Deserialize<'de> for Positive {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match u64::deserialize(d)? {
-            0 => Err(serde::de::Error::custom("must be a positive integer, not 0")),
+            0 => Err(serde::de::Error::custom(
+                "must be a positive integer, not 0",
+            )),
             n => Ok(Positive(n)),
         }
     }

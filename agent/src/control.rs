@@ -351,7 +351,9 @@ impl admin::Control for Control {
                     claimed_as: d.as_.clone(),
                     ..Approver::default()
                 };
-                self.interceptor.approvals.audit_refused(&summary, &by, &why);
+                self.interceptor
+                    .approvals
+                    .audit_refused(&summary, &by, &why);
             }
             return Err((403, why));
         };

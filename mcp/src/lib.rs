@@ -54,8 +54,8 @@ pub use path::{is_endpoint_path, normalize_path};
 pub use probe::looks_like_jsonrpc;
 pub use response::{
     denied_response, error_response, input_required_response, progress_notification,
-    unknown_tool_response, with_round_trip, ParseError, HEADER_MISMATCH,
-    INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR,
+    unknown_tool_response, with_round_trip, ParseError, HEADER_MISMATCH, INTERNAL_ERROR,
+    INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR,
 };
 pub use server::{inspect, Filtered, Inspected, ListingRule, ServerMessage, FILTERED_TTL_CAP_MS};
 pub use sse::{message_event, EventTooLarge, SseEvent, SseSplitter};

@@ -43,9 +43,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         Some(i) => t.split_at(i),
         None => (t, "s"),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: expected e.g. \"45s\", \"10m\", \"1h\""))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("{text:?} is not a duration: expected e.g. \"45s\", \"10m\", \"1h\"")
+    })?;
     let secs = match unit {
         "s" => Some(n),
         "m" => n.checked_mul(60),
@@ -120,7 +120,8 @@ impl<'de> Deserialize<'de> for Approval {
                     }
                     match key.as_str() {
                         "mode" => {
-                            out.mode = mode(&map.next_value::<String>()?).map_err(de::Error::custom)?;
+                            out.mode =
+                                mode(&map.next_value::<String>()?).map_err(de::Error::custom)?;
                         }
                         "timeout" => out.timeout = Some(map.next_value::<Dur>()?.0),
                         "remember" => out.remember = Some(map.next_value::<Dur>()?.0),
@@ -160,9 +161,8 @@ mod tests {
     fn string_or_object() -> Result<(), serde_json::Error> {
         let a: Approval = serde_json::from_str("\"user\"")?;
         assert_eq!(a.mode, ApprovalMode::User);
-        let a: Approval = serde_json::from_str(
-            r#"{"timeout":"30s","remember":"10m","show_arguments":true}"#,
-        )?;
+        let a: Approval =
+            serde_json::from_str(r#"{"timeout":"30s","remember":"10m","show_arguments":true}"#)?;
         assert_eq!(
             a,
             Approval {

@@ -3025,8 +3025,14 @@ fn require_approval_checks_first_and_counts_only_when_approved() {
     assert!(approved.reservation.is_some(), "counted once approved");
     // The limit is now full: the next call is refused before anyone is asked, and an approval
     // given meanwhile does not pass the limit either.
-    assert_eq!(decide_args(&e, "pay", &small, &ONE, t0).outcome, Outcome::Deny);
-    assert_eq!(e.decide_approved_call(&call, &ONE, t0).outcome, Outcome::Deny);
+    assert_eq!(
+        decide_args(&e, "pay", &small, &ONE, t0).outcome,
+        Outcome::Deny
+    );
+    assert_eq!(
+        e.decide_approved_call(&call, &ONE, t0).outcome,
+        Outcome::Deny
+    );
 }
 
 #[test]

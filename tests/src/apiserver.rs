@@ -3,26 +3,38 @@
 //!
 //! [`ApiServer::start`] serves HTTPS on `127.0.0.1:<free port>` with a certificate from a fresh
 //! [`TestCa`] (HTTP/2 or HTTP/1.1 by ALPN), requires `Authorization: Bearer <token>` and writes a
-//! kubeconfig for it. It knows three resources:
+//! kubeconfig for it. It knows four resources:
 //!
 //! - pods (`/api/v1/pods`, `/api/v1/namespaces/NS/pods[/NAME]`),
 //! - endpointslices (`/apis/discovery.k8s.io/v1/[namespaces/NS/]endpointslices[/NAME]`),
 //! - nodes (`/api/v1/nodes[/NAME]`),
+//! - approvals, mcpwarden's custom resource
+//!   (`/apis/mcpwarden.io/v1alpha1/[namespaces/NS/]approvals[/NAME[/status]]`),
 //!
 //! and for each: list (field and label selectors, `limit` and opaque `continue` tokens over a
 //! snapshot, as kube-apiserver pages), watch (chunked JSON lines, replay from a bounded history
 //! by `resourceVersion`, bookmarks when asked for, `timeoutSeconds`, 410 `Expired` ERROR events
 //! for versions older than the history), get, and PATCH (`application/json-patch+json` and
-//! `application/merge-patch+json`). Objects change only through the test's own calls
-//! ([`ApiServer::apply_pod`], ...) and PATCH requests; every change bumps one global
-//! resourceVersion, as etcd's revision does.
+//! `application/merge-patch+json`). Approvals also take POST (create: 201, 409 `AlreadyExists`)
+//! and DELETE (200 with the deleted object, as for custom resources), and have a `status`
+//! subresource as a CRD with `subresources.status` does: a PATCH of the object leaves its
+//! `status` as it was, a PATCH of `/status` changes nothing but `status`, a create drops any
+//! `status`, and `metadata.generation` counts changes of anything but metadata and status.
+//! Objects change only through the test's own calls ([`ApiServer::apply_pod`], ...) and
+//! requests; every change bumps one global resourceVersion, as etcd's revision does.
 //!
 //! Selector-filtered watches behave as kube-apiserver's: an object that starts matching is
 //! sent as ADDED, one that stops matching as DELETED.
 //!
-//! Not implemented: create/update/delete requests (405), strategic-merge and apply patches
-//! (415), `resourceVersion`/`resourceVersionMatch` on lists (a list is always the most recent
-//! state), `sendInitialEvents` (streaming lists), discovery endpoints, protobuf.
+//! Admission is not run on requests (they are the agent's, whose token the kubeconfig holds).
+//! What an approver does goes through [`ApiServer::patch_approval_as`], which emulates the
+//! ValidatingAdmissionPolicy `mcpwarden-approvals` (deploy/kustomize/base/approvals.yaml).
+//!
+//! Not implemented: create and delete of the built-in resources, and update (PUT) of any (405);
+//! strategic-merge and apply patches (415); `resourceVersion`/`resourceVersionMatch` on lists (a
+//! list is always the most recent state); delete preconditions and `generateName`;
+//! `sendInitialEvents` (streaming lists); discovery endpoints; protobuf; schema validation of
+//! approvals (the CRD's OpenAPI schema is not applied).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -59,10 +71,10 @@ type Body = BoxBody<Bytes, Infallible>;
 pub struct Seen {
     /// `GET`, `PATCH`, ...
     pub method: String,
-    /// The kube-apiserver verb: `list`, `watch`, `get`, `patch`, or the lower-case method for
-    /// anything else (unknown paths, unsupported methods).
+    /// The kube-apiserver verb: `list`, `watch`, `get`, `patch`, `create`, `delete`, or the
+    /// lower-case method for anything else (unknown paths, unsupported methods).
     pub verb: String,
-    /// The URL path, e.g. `/api/v1/pods`.
+    /// The URL path, e.g. `/api/v1/pods` (with its subresource: `.../approvals/NAME/status`).
     pub path: String,
     /// The raw query string without `?` (still percent-encoded; see [`Seen::param`]).
     pub query: String,
@@ -101,6 +113,8 @@ enum Kind {
     Pod,
     EndpointSlice,
     Node,
+    /// `approvals.mcpwarden.io`, namespaced, with a status subresource.
+    Approval,
 }
 
 impl Kind {
@@ -109,6 +123,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Approval => "Approval",
         }
     }
 
@@ -117,6 +132,7 @@ impl Kind {
             Kind::Pod => "PodList",
             Kind::EndpointSlice => "EndpointSliceList",
             Kind::Node => "NodeList",
+            Kind::Approval => "ApprovalList",
         }
     }
 
@@ -124,6 +140,7 @@ impl Kind {
         match self {
             Kind::Pod | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Approval => "mcpwarden.io/v1alpha1",
         }
     }
 
@@ -132,6 +149,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
+            Kind::Approval => "approvals",
         }
     }
 
@@ -139,11 +157,30 @@ impl Kind {
         match self {
             Kind::Pod | Kind::Node => None,
             Kind::EndpointSlice => Some("discovery.k8s.io"),
+            Kind::Approval => Some("mcpwarden.io"),
         }
     }
 
     fn namespaced(self) -> bool {
         !matches!(self, Kind::Node)
+    }
+
+    /// Whether clients may create and delete it (the built-in kinds are the test's to change).
+    fn writable(self) -> bool {
+        self == Kind::Approval
+    }
+
+    /// Whether it has a `status` subresource (as far as the stand-in serves it).
+    fn has_status(self) -> bool {
+        self == Kind::Approval
+    }
+
+    /// `plural.group`, as Status messages name a resource.
+    fn resource(self) -> String {
+        match self.group() {
+            Some(g) => format!("{}.{g}", self.plural()),
+            None => self.plural().to_string(),
+        }
     }
 
     /// The field labels kube-apiserver accepts in field selectors for this resource.
@@ -161,13 +198,14 @@ impl Kind {
                 "status.podIP",
                 "status.nominatedNodeName",
             ],
-            Kind::EndpointSlice => &["metadata.name", "metadata.namespace"],
+            // Custom resources: these two only (without `selectableFields`).
+            Kind::EndpointSlice | Kind::Approval => &["metadata.name", "metadata.namespace"],
             Kind::Node => &["metadata.name", "spec.unschedulable"],
         }
     }
 
     fn from_path(group_version: &str, plural: &str) -> Option<Kind> {
-        [Kind::Pod, Kind::EndpointSlice, Kind::Node]
+        [Kind::Pod, Kind::EndpointSlice, Kind::Node, Kind::Approval]
             .into_iter()
             .find(|k| k.api_version() == group_version && k.plural() == plural)
     }
@@ -276,6 +314,9 @@ impl State {
             meta.insert("uid".into(), uid);
         }
         set_type(&mut obj, kind);
+        if kind.has_status() {
+            custom_resource_meta(&mut obj, prev.as_ref());
+        }
         let rv = self.bump();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.objects.insert(key, obj.clone());
@@ -309,6 +350,61 @@ impl State {
         });
         Some(object)
     }
+}
+
+/// What kube-apiserver sets on a custom resource: `creationTimestamp` once, and
+/// `metadata.generation`, 1 at creation and counting every change of anything but `metadata`
+/// and `status`.
+fn custom_resource_meta(obj: &mut Value, prev: Option<&Value>) {
+    let content = |o: &Value| {
+        let mut o = o.clone();
+        if let Some(map) = o.as_object_mut() {
+            map.remove("metadata");
+            map.remove("status");
+        }
+        o
+    };
+    let (generation, created) = match prev {
+        None => (1, now_rfc3339()),
+        Some(p) => {
+            let g = p
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            let created = p
+                .pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str)
+                .map_or_else(now_rfc3339, str::to_string);
+            let changed = content(p) != content(obj);
+            (if changed { g + 1 } else { g }, created)
+        }
+    };
+    obj["metadata"]["generation"] = json!(generation);
+    obj["metadata"]["creationTimestamp"] = json!(created);
+}
+
+/// Now, as kube-apiserver writes timestamps (RFC 3339, seconds, UTC).
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 struct Shared {
@@ -477,6 +573,78 @@ impl ApiServer {
     /// The stored pod.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
         self.object(Kind::Pod, namespace, name)
+    }
+
+    /// As [`ApiServer::apply_pod`], for an `Approval` (mcpwarden.io/v1alpha1), stored whole
+    /// (`status` included) and without admission; sets metadata.generation and
+    /// creationTimestamp as for a custom resource.
+    pub fn apply_approval(&self, approval: Value) -> Value {
+        self.shared.state().apply(Kind::Approval, approval)
+    }
+
+    /// The stored approval (as a GET returns it).
+    pub fn approval(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.object(Kind::Approval, namespace, name)
+    }
+
+    /// Every stored approval in `namespace`, by name.
+    pub fn approvals(&self, namespace: &str) -> Vec<Value> {
+        self.shared
+            .state()
+            .objects
+            .iter()
+            .filter(|((kind, ns, _), _)| *kind == Kind::Approval && ns == namespace)
+            .map(|(_, obj)| obj.clone())
+            .collect()
+    }
+
+    /// As [`ApiServer::delete_pod`], for an approval.
+    pub fn delete_approval(&self, namespace: &str, name: &str) {
+        self.delete(Kind::Approval, namespace, name);
+    }
+
+    /// What `kubectl patch approval NAME --type merge -p PATCH` does when `user` runs it: a
+    /// merge patch of the object (its `status` stays as it was), admitted as the
+    /// ValidatingAdmissionPolicy `mcpwarden-approvals` (deploy/kustomize/base/approvals.yaml)
+    /// admits it, and as the CRD's schema restricts `spec.decision`. Returns the stored object,
+    /// or the API server's refusal (`NotFound: ...`, `Forbidden: ...`, `Invalid: ...`).
+    pub fn patch_approval_as(
+        &self,
+        namespace: &str,
+        name: &str,
+        user: &str,
+        patch: Value,
+    ) -> Result<Value, String> {
+        let mut st = self.shared.state();
+        let key = (Kind::Approval, namespace.to_string(), name.to_string());
+        let Some(current) = st.objects.get(&key).cloned() else {
+            return Err(format!(
+                "NotFound: {} \"{name}\" not found",
+                Kind::Approval.resource()
+            ));
+        };
+        let mut patched = current.clone();
+        json_patch::merge(&mut patched, &patch);
+        let patched = with_status_of(&patched, &current);
+        if let Some(d) = patched.pointer("/spec/decision") {
+            if !matches!(d.as_str(), Some("approve" | "deny")) {
+                return Err(format!(
+                    "Invalid: Approval.mcpwarden.io \"{name}\" is invalid: spec.decision: \
+                     Unsupported value: {d}: supported values: \"approve\", \"deny\""
+                ));
+            }
+        }
+        admit_approval_update(&current, &patched, user).map_err(|why| {
+            format!(
+                "Forbidden: approvals.mcpwarden.io \"{name}\" is forbidden: \
+                 ValidatingAdmissionPolicy 'mcpwarden-approvals' with binding \
+                 'mcpwarden-approvals' denied request: {why}"
+            )
+        })?;
+        if patched == current {
+            return Ok(current);
+        }
+        Ok(st.apply(Kind::Approval, patched))
     }
 
     fn object(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
@@ -863,11 +1031,13 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// A resource path: the kind, the namespace (for namespaced paths), the name (for objects).
+/// A resource path: the kind, the namespace (for namespaced paths), the name (for objects),
+/// the subresource (`status`, for kinds that have it).
 struct Target {
     kind: Kind,
     namespace: Option<String>,
     name: Option<String>,
+    subresource: Option<String>,
 }
 
 fn parse_path(path: &str) -> Option<Target> {
@@ -877,14 +1047,18 @@ fn parse_path(path: &str) -> Option<Target> {
         ["apis", g, v, rest @ ..] => (format!("{g}/{v}"), rest),
         _ => return None,
     };
-    let (namespace, plural, name) = match rest {
-        [plural] => (None, *plural, None),
-        [plural, name] => (None, *plural, Some(*name)),
-        ["namespaces", ns, plural] => (Some(*ns), *plural, None),
-        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+    let (namespace, plural, name, subresource) = match rest {
+        [plural] => (None, *plural, None, None),
+        [plural, name] => (None, *plural, Some(*name), None),
+        ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
+        ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
+        ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
         _ => return None,
     };
     let kind = Kind::from_path(&gv, plural)?;
+    if subresource.is_some_and(|sub| sub != "status" || !kind.has_status()) {
+        return None;
+    }
     if namespace.is_some() && !kind.namespaced() {
         return None;
     }
@@ -898,6 +1072,7 @@ fn parse_path(path: &str) -> Option<Target> {
         kind,
         namespace: namespace.map(percent_decode),
         name: name.map(percent_decode),
+        subresource: subresource.map(str::to_string),
     })
 }
 
@@ -1043,6 +1218,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, Some(t)) if t.name.is_none() => "list".to_string(),
         (&Method::GET, Some(_)) => "get".to_string(),
         (&Method::PATCH, Some(t)) if t.name.is_some() => "patch".to_string(),
+        (&Method::POST, Some(t)) if t.name.is_none() => "create".to_string(),
+        (&Method::DELETE, Some(t)) if t.name.is_some() && t.subresource.is_none() => {
+            "delete".to_string()
+        }
         (m, _) => m.as_str().to_ascii_lowercase(),
     };
 
@@ -1064,6 +1243,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 Ok(body) => patch(&shared, t, content_type.as_deref(), &body.to_bytes()),
                 Err(e) => bad_request(&format!("reading the request body: {e}")),
             },
+            (Some(t), "create") if t.kind.writable() && t.namespace.is_some() => {
+                match req.into_body().collect().await {
+                    Ok(body) => create_request(&shared, t, &body.to_bytes()),
+                    Err(e) => bad_request(&format!("reading the request body: {e}")),
+                }
+            }
+            (Some(t), "delete") if t.kind.writable() => delete_request(&shared, t),
             (Some(_), _) => status_response(
                 405,
                 "MethodNotAllowed",
@@ -1261,16 +1447,20 @@ fn patch(shared: &Shared, t: Target, content_type: Option<&str>, body: &[u8]) ->
     let current_rv = current.pointer("/metadata/resourceVersion").cloned();
     let patched_rv = patched.pointer("/metadata/resourceVersion").cloned();
     if patched_rv.is_some() && patched_rv != current_rv {
-        let resource = match t.kind.group() {
-            Some(g) => format!("{}.{g}", t.kind.plural()),
-            None => t.kind.plural().to_string(),
-        };
+        let resource = t.kind.resource();
         return status_response(
             409,
             "Conflict",
             &format!("Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
             Some(json!({"name": name, "kind": t.kind.plural()})),
         );
+    }
+    if t.kind.has_status() {
+        patched = if t.subresource.is_some() {
+            with_status_of(&current, &patched)
+        } else {
+            with_status_of(&patched, &current)
+        };
     }
     set_type(&mut patched, t.kind);
     patched["metadata"]["resourceVersion"] = current_rv.unwrap_or(Value::Null);
@@ -1281,6 +1471,177 @@ fn patch(shared: &Shared, t: Target, content_type: Option<&str>, body: &[u8]) ->
     let stored = st.apply(t.kind, patched);
     drop(st);
     json_response(StatusCode::OK, &stored)
+}
+
+/// `object` with the `status` of `from` (none if `from` has none): a status subresource's
+/// split between the object's endpoint and `/status`.
+fn with_status_of(object: &Value, from: &Value) -> Value {
+    let mut out = object.clone();
+    if let Some(map) = out.as_object_mut() {
+        match from.get("status") {
+            Some(status) => map.insert("status".into(), status.clone()),
+            None => map.remove("status"),
+        };
+    }
+    out
+}
+
+/// The approver's fields of an `Approval`'s spec; the others are the agent's.
+const APPROVER_FIELDS: [&str; 4] = ["decision", "decidedBy", "decisionReason", "for"];
+
+/// The ValidatingAdmissionPolicy `mcpwarden-approvals` (deploy/kustomize/base/approvals.yaml)
+/// on an UPDATE by `user`, rule by rule: Err with the refused rule's message.
+fn admit_approval_update(old: &Value, new: &Value, user: &str) -> Result<(), String> {
+    let empty = Map::new();
+    let spec = |o: &Value| o.get("spec").and_then(Value::as_object).cloned();
+    let (old_spec, new_spec) = (
+        spec(old).unwrap_or_else(|| empty.clone()),
+        spec(new).unwrap_or_else(|| empty.clone()),
+    );
+    let approver_changed = APPROVER_FIELDS
+        .iter()
+        .any(|k| old_spec.get(*k) != new_spec.get(*k));
+    if approver_changed
+        && new_spec.contains_key("decision")
+        && new_spec.get("decidedBy").and_then(Value::as_str) != Some(user)
+    {
+        return Err(
+            "spec.decidedBy must be your own user name (kubectl auth whoami) when you set spec.decision"
+                .into(),
+        );
+    }
+    let agent_keys = old_spec
+        .keys()
+        .chain(new_spec.keys())
+        .filter(|k| !APPROVER_FIELDS.contains(&k.as_str()));
+    for k in agent_keys {
+        if old_spec.get(k) != new_spec.get(k) {
+            return Err(
+                "only spec.decision, spec.decidedBy, spec.decisionReason and spec.for may be changed"
+                    .into(),
+            );
+        }
+    }
+    let label = |o: &Value| o.pointer("/metadata/labels/mcpwarden.io~1node").cloned();
+    if label(old) != label(new) {
+        return Err("the label mcpwarden.io/node cannot be changed".into());
+    }
+    let refused = old.pointer("/status/state").and_then(Value::as_str) == Some("refused");
+    if old_spec.contains_key("decision") && approver_changed && !refused {
+        return Err(
+            "a decision, once set, cannot be changed (unless the agent refused it: status.state refused)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// POST of a new object (custom resources): 201 with it as stored, 409 if it exists.
+fn create_request(shared: &Shared, t: Target, body: &[u8]) -> Response<Body> {
+    let namespace = t.namespace.unwrap_or_default();
+    let mut obj: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => return bad_request("the request body is not a JSON object"),
+        Err(e) => return bad_request(&e.to_string()),
+    };
+    let kind_ok = obj.get("kind").and_then(Value::as_str) == Some(t.kind.kind())
+        && obj.get("apiVersion").and_then(Value::as_str) == Some(t.kind.api_version());
+    if !kind_ok {
+        return bad_request(&format!(
+            "the API version in the data ({}) and the kind ({}) do not match the request ({}, {})",
+            obj.get("apiVersion").unwrap_or(&Value::Null),
+            obj.get("kind").unwrap_or(&Value::Null),
+            t.kind.api_version(),
+            t.kind.kind(),
+        ));
+    }
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return invalid(
+            t.kind,
+            "",
+            "metadata.name",
+            "name or generateName is required",
+        );
+    };
+    let Some(name) = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+    else {
+        return invalid(
+            t.kind,
+            "",
+            "metadata.name",
+            "name or generateName is required",
+        );
+    };
+    match meta.get("namespace").and_then(Value::as_str) {
+        None => {
+            meta.insert("namespace".into(), json!(namespace));
+        }
+        Some(ns) if ns == namespace => {}
+        Some(_) => return bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ),
+    }
+    // Set by the server alone.
+    for key in ["uid", "resourceVersion", "generation", "creationTimestamp"] {
+        meta.remove(key);
+    }
+    if t.kind.has_status() {
+        if let Some(map) = obj.as_object_mut() {
+            map.remove("status");
+        }
+    }
+    let mut st = shared.state();
+    let key = (t.kind, namespace, name.clone());
+    if st.objects.contains_key(&key) {
+        let mut details = json!({"name": name, "kind": t.kind.plural()});
+        if let Some(group) = t.kind.group() {
+            details["group"] = json!(group);
+        }
+        return status_response(
+            409,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", t.kind.resource()),
+            Some(details),
+        );
+    }
+    let stored = st.apply(t.kind, obj);
+    drop(st);
+    json_response(StatusCode::CREATED, &stored)
+}
+
+/// DELETE of an object (custom resources): 200 with its last state, as a custom resource's
+/// immediate deletion answers.
+fn delete_request(shared: &Shared, t: Target) -> Response<Body> {
+    let name = t.name.unwrap_or_default();
+    let namespace = t.namespace.unwrap_or_default();
+    match shared.state().delete(t.kind, &namespace, &name) {
+        Some(object) => json_response(StatusCode::OK, &object),
+        None => not_found(t.kind, &name),
+    }
+}
+
+fn invalid(kind: Kind, name: &str, field: &str, message: &str) -> Response<Body> {
+    let mut details = json!({
+        "name": name,
+        "kind": kind.kind(),
+        "causes": [{"reason": "FieldValueRequired", "message": message, "field": field}],
+    });
+    if let Some(group) = kind.group() {
+        details["group"] = json!(group);
+    }
+    status_response(
+        422,
+        "Invalid",
+        &format!(
+            "{} \"{name}\" is invalid: {field}: Required value: {message}",
+            kind.kind()
+        ),
+        Some(details),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1498,5 +1859,53 @@ mod tests {
         assert!(parse_path("/api/v1/pods/p").is_none());
         assert!(parse_path("/api/v1/nodes/n").is_some());
         assert!(parse_path("/apis/apps/v1/deployments").is_none());
+        let t =
+            parse_path("/apis/mcpwarden.io/v1alpha1/namespaces/ns/approvals/a1/status").unwrap();
+        assert_eq!(
+            (t.kind, t.name.as_deref(), t.subresource.as_deref()),
+            (Kind::Approval, Some("a1"), Some("status"))
+        );
+        assert!(
+            parse_path("/apis/mcpwarden.io/v1alpha1/namespaces/ns/approvals/a1/scale").is_none()
+        );
+        assert!(parse_path("/api/v1/namespaces/ns/pods/p/status").is_none());
+        assert!(parse_path("/apis/mcpwarden.io/v1alpha1/approvals").is_some());
+    }
+
+    #[test]
+    fn approval_admission() {
+        let old = json!({
+            "metadata": {"name": "a1", "labels": {"mcpwarden.io/node": "n"}},
+            "spec": {"tool": "pay", "node": "n"},
+        });
+        let with = |spec: Value| {
+            let mut o = old.clone();
+            json_patch::merge(&mut o, &json!({ "spec": spec }));
+            o
+        };
+        let alice = with(json!({"decision": "approve", "decidedBy": "alice"}));
+        assert_eq!(admit_approval_update(&old, &alice, "alice"), Ok(()));
+        assert!(
+            admit_approval_update(&old, &alice, "bob").is_err(),
+            "in another's name"
+        );
+        let no_by = with(json!({"decision": "approve"}));
+        assert!(admit_approval_update(&old, &no_by, "alice").is_err());
+        let rewritten =
+            with(json!({"tool": "refund", "decision": "approve", "decidedBy": "alice"}));
+        assert!(admit_approval_update(&old, &rewritten, "alice").is_err());
+        let mut relabelled = alice.clone();
+        relabelled["metadata"]["labels"]["mcpwarden.io/node"] = json!("m");
+        assert!(admit_approval_update(&old, &relabelled, "alice").is_err());
+        // Decided: it stands, unless the agent refused it.
+        let bob = with(json!({"decision": "deny", "decidedBy": "bob"}));
+        assert!(admit_approval_update(&alice, &bob, "bob").is_err());
+        let mut refused = alice.clone();
+        refused["status"] = json!({"state": "refused"});
+        assert_eq!(admit_approval_update(&refused, &bob, "bob"), Ok(()));
+        // An update that leaves the approver's fields alone needs no decidedBy of its own.
+        let mut annotated = alice.clone();
+        annotated["metadata"]["annotations"] = json!({"note": "x"});
+        assert_eq!(admit_approval_update(&alice, &annotated, "carol"), Ok(()));
     }
 }

@@ -107,18 +107,34 @@ fn an_operator_approves_denies_and_lets_time_out() {
     );
     assert_eq!(rig.server.calls("echo"), 0, "held: not forwarded");
     let text = String::from_utf8_lossy(&cli(&socket, &["approvals", "list"]).stdout).into_owned();
-    assert!(text.contains(s["id"].as_str().unwrap_or("?")) && text.contains("echo"), "{text}");
+    assert!(
+        text.contains(s["id"].as_str().unwrap_or("?")) && text.contains("echo"),
+        "{text}"
+    );
     let id = s["id"].as_str().unwrap_or_default().to_owned();
     let out = cli(
         &socket,
         &[
-            "approvals", "approve", &id, "--reason", "ticket 42", "--as", "alice", "--for", "10m",
+            "approvals",
+            "approve",
+            &id,
+            "--reason",
+            "ticket 42",
+            "--as",
+            "alice",
+            "--for",
+            "10m",
         ],
     );
     assert!(out.status.success(), "{}", describe(&out));
     let run = held.join().expect("client thread");
     run.assert_success();
-    assert_eq!(result_text(&run.json_lines()[0]), "hi", "{}", run.describe());
+    assert_eq!(
+        result_text(&run.json_lines()[0]),
+        "hi",
+        "{}",
+        run.describe()
+    );
     assert_eq!(rig.server.calls("echo"), 1);
     // Decided: a second decision finds nothing.
     let again = cli(&socket, &["approvals", "deny", &id]);
@@ -132,7 +148,12 @@ fn an_operator_approves_denies_and_lets_time_out() {
     // --for 10m: the next echo of this caller goes through without asking.
     let run = rig.client(&["call", &url, "echo", r#"{"text":"again"}"#]);
     run.assert_success();
-    assert_eq!(result_text(&run.json_lines()[0]), "again", "{}", run.describe());
+    assert_eq!(
+        result_text(&run.json_lines()[0]),
+        "again",
+        "{}",
+        run.describe()
+    );
     assert_eq!(rig.server.calls("echo"), 2);
 
     // A rule timeout of 2 s: refused with the reason, never forwarded.
@@ -140,7 +161,11 @@ fn an_operator_approves_denies_and_lets_time_out() {
     let run = rig.client(&["call", &url, "add", r#"{"a":1,"b":2}"#]);
     let line = &run.json_lines()[0];
     assert!(is_error_result(line), "{}", run.describe());
-    assert!(result_text(line).contains("approval timed out"), "{}", run.describe());
+    assert!(
+        result_text(line).contains("approval timed out"),
+        "{}",
+        run.describe()
+    );
     assert!(started.elapsed() >= Duration::from_secs(2));
     assert_eq!(rig.server.calls("add"), 0);
 
@@ -157,9 +182,23 @@ fn an_operator_approves_denies_and_lets_time_out() {
         })
     };
     let s = wait_pending(&socket, "start_security_scan");
-    assert!(s.get("arguments").is_none(), "values only with show_arguments: {s}");
+    assert!(
+        s.get("arguments").is_none(),
+        "values only with show_arguments: {s}"
+    );
     let id = s["id"].as_str().unwrap_or_default().to_owned();
-    let out = cli(&socket, &["approvals", "deny", &id, "--reason", "not today", "--as", "bob"]);
+    let out = cli(
+        &socket,
+        &[
+            "approvals",
+            "deny",
+            &id,
+            "--reason",
+            "not today",
+            "--as",
+            "bob",
+        ],
+    );
     assert!(out.status.success(), "{}", describe(&out));
     let run = held.join().expect("client thread");
     let line = &run.json_lines()[0];
@@ -186,11 +225,17 @@ fn an_operator_approves_denies_and_lets_time_out() {
         .unwrap_or_default();
     assert_eq!(approved["approval"]["by"]["via"], "cli", "{approved}");
     assert_eq!(approved["approval"]["by"]["uid"], 0, "{approved}");
-    assert_eq!(approved["approval"]["by"]["claimed_as"], "alice", "{approved}");
+    assert_eq!(
+        approved["approval"]["by"]["claimed_as"], "alice",
+        "{approved}"
+    );
     assert_eq!(approved["approval"]["remember_s"], 600, "{approved}");
     assert_eq!(approved["reason"], "ticket 42", "{approved}");
     assert_eq!(approval_steps(&audit, "add"), ["requested", "timed_out"]);
-    assert_eq!(approval_steps(&audit, "start_security_scan"), ["requested", "denied"]);
+    assert_eq!(
+        approval_steps(&audit, "start_security_scan"),
+        ["requested", "denied"]
+    );
     let refused: Vec<&Value> = audit
         .iter()
         .filter(|r| r["event"] == "refused" && r["tool"] == "add")
@@ -206,18 +251,14 @@ fn an_operator_approves_denies_and_lets_time_out() {
 
     // Counted from the same records.
     let metrics = format!("http://{}/metrics", rig.agent.metrics_addr());
-    let text = match mcpwarden_tests::rawhttp::request(
-        "GET",
-        &metrics,
-        b"",
-        &[],
-        Duration::from_secs(10),
-    ) {
-        mcpwarden_tests::rawhttp::RawOutcome::Response(r) => {
-            String::from_utf8_lossy(&r.body).into_owned()
-        }
-        mcpwarden_tests::rawhttp::RawOutcome::NoResponse { reason, .. } => panic!("{reason}"),
-    };
+    let text =
+        match mcpwarden_tests::rawhttp::request("GET", &metrics, b"", &[], Duration::from_secs(10))
+        {
+            mcpwarden_tests::rawhttp::RawOutcome::Response(r) => {
+                String::from_utf8_lossy(&r.body).into_owned()
+            }
+            mcpwarden_tests::rawhttp::RawOutcome::NoResponse { reason, .. } => panic!("{reason}"),
+        };
     for (series, n) in [
         ("mcpwarden_approvals_total{step=\"requested\"}", 3),
         ("mcpwarden_approvals_total{step=\"approved\"}", 1),
@@ -235,7 +276,10 @@ fn an_operator_approves_denies_and_lets_time_out() {
 
 /// Runs `mcpwarden ARGS` inside the cgroup `cg` (joined before exec).
 fn cli_in_cgroup(cg: &Path, socket: &Path, args: &[&str]) -> Output {
-    let mut cmd = format!("echo $$ > {}/cgroup.procs && exec {AGENT_BIN}", cg.display());
+    let mut cmd = format!(
+        "echo $$ > {}/cgroup.procs && exec {AGENT_BIN}",
+        cg.display()
+    );
     for a in args {
         cmd.push_str(&format!(" '{a}'"));
     }
@@ -303,7 +347,11 @@ fn self_approval_abandonment_bounds_and_reload() {
     let run = held.join().expect("client thread");
     let line = &run.json_lines()[0];
     assert!(is_error_result(line), "{}", run.describe());
-    assert!(result_text(line).contains("echo is retired"), "{}", run.describe());
+    assert!(
+        result_text(line).contains("echo is retired"),
+        "{}",
+        run.describe()
+    );
     assert_eq!(rig.server.calls("echo"), 0);
     std::fs::write(rig.agent.policy_path(0), OPERATOR_POLICY).expect("restore the policy");
     let out = cli(&socket, &["reload"]);
@@ -332,7 +380,11 @@ fn self_approval_abandonment_bounds_and_reload() {
     let late = cli(&socket, &["approvals", "approve", gone_id]);
     assert!(!late.status.success(), "{}", describe(&late));
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(rig.server.calls("start_security_scan"), 0, "abandoned: never forwarded");
+    assert_eq!(
+        rig.server.calls("start_security_scan"),
+        0,
+        "abandoned: never forwarded"
+    );
 
     // At most 4 held per caller (the default): the fifth is refused at once.
     let clients: Vec<_> = (0..4)
@@ -342,7 +394,12 @@ fn self_approval_abandonment_bounds_and_reload() {
                 run_client(
                     CLIENT_BIN,
                     Some(&app),
-                    &["call", &url, "start_security_scan", &format!(r#"{{"cluster":"c{i}"}}"#)],
+                    &[
+                        "call",
+                        &url,
+                        "start_security_scan",
+                        &format!(r#"{{"cluster":"c{i}"}}"#),
+                    ],
                     CLIENT_TIMEOUT,
                 )
             })
@@ -361,7 +418,10 @@ fn self_approval_abandonment_bounds_and_reload() {
         run.describe()
     );
     for s in &four {
-        let out = cli(&socket, &["approvals", "deny", s["id"].as_str().unwrap_or("?")]);
+        let out = cli(
+            &socket,
+            &["approvals", "deny", s["id"].as_str().unwrap_or("?")],
+        );
         assert!(out.status.success(), "{}", describe(&out));
     }
     for c in clients {
@@ -440,7 +500,9 @@ fn the_clients_user_approves_inside_the_protocol() {
     let declined = python_client(&rig, "echo", r#"{"text":"no"}"#, "decline");
     assert_eq!(declined["is_error"], true, "{declined}");
     assert!(
-        declined["text"].as_str().is_some_and(|t| t.contains("declined")),
+        declined["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("declined")),
         "{declined}"
     );
     assert_eq!(rig.peer.calls("echo"), 1, "declined: never forwarded");
@@ -517,13 +579,48 @@ fn the_user_approval_state_cannot_be_replayed_forged_or_moved() {
     second["save"] = json!({"rs2": "/json/result/requestState"});
     let run = rig.script(json!([
         first,
-        step26(&url, call26(2, "one", json!({"requestState": "$var:rs", "inputResponses": yes}))),
-        step26(&url, call26(4, "one", json!({"requestState": "$var:rs", "inputResponses": yes}))),
+        step26(
+            &url,
+            call26(
+                2,
+                "one",
+                json!({"requestState": "$var:rs", "inputResponses": yes})
+            )
+        ),
+        step26(
+            &url,
+            call26(
+                4,
+                "one",
+                json!({"requestState": "$var:rs", "inputResponses": yes})
+            )
+        ),
         second,
-        step26(&url, call26(5, "TWO", json!({"requestState": "$var:rs2", "inputResponses": yes}))),
-        step26(&url, call26(6, "two", json!({"requestState": "mcpw1.e30.AAAA", "inputResponses": yes}))),
-        step26(&url, call26(7, "two", json!({"requestState": "$var:rs2",
-            "inputResponses": {"mcpwarden_approval": {"action": "decline"}}}))),
+        step26(
+            &url,
+            call26(
+                5,
+                "TWO",
+                json!({"requestState": "$var:rs2", "inputResponses": yes})
+            )
+        ),
+        step26(
+            &url,
+            call26(
+                6,
+                "two",
+                json!({"requestState": "mcpw1.e30.AAAA", "inputResponses": yes})
+            )
+        ),
+        step26(
+            &url,
+            call26(
+                7,
+                "two",
+                json!({"requestState": "$var:rs2",
+            "inputResponses": {"mcpwarden_approval": {"action": "decline"}}})
+            )
+        ),
     ]));
     let result = |i: usize| run.step(i)["json"]["result"].clone();
     assert_eq!(result(0)["resultType"], "input_required", "{}", run.step(0));
@@ -540,7 +637,9 @@ fn the_user_approval_state_cannot_be_replayed_forged_or_moved() {
         let r = result(i);
         assert_eq!(r["isError"], true, "step {i}: {}", run.step(i));
         assert!(
-            r["content"][0]["text"].as_str().is_some_and(|t| t.contains(words)),
+            r["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains(words)),
             "step {i} wants {words:?}: {}",
             run.step(i)
         );
@@ -590,11 +689,19 @@ fn a_held_call_survives_a_hand_over() {
         "{listed:?}\nold agent:\n{}",
         rig.agent.log()
     );
-    let out = cli(&next.admin_socket(), &["approvals", "approve", &id, "--as", "carol"]);
+    let out = cli(
+        &next.admin_socket(),
+        &["approvals", "approve", &id, "--as", "carol"],
+    );
     assert!(out.status.success(), "{}", describe(&out));
     let run = held.join().expect("client thread");
     run.assert_success();
-    assert_eq!(result_text(&run.json_lines()[0]), "across", "{}", run.describe());
+    assert_eq!(
+        result_text(&run.json_lines()[0]),
+        "across",
+        "{}",
+        run.describe()
+    );
     assert_eq!(rig.server.calls("echo"), 1);
     drop(next);
 }
@@ -624,7 +731,10 @@ fn a_held_call_reports_progress_on_its_stream() {
     };
     let s = wait_pending(&socket, "echo");
     thread::sleep(Duration::from_millis(6500));
-    let out = cli(&socket, &["approvals", "approve", s["id"].as_str().unwrap_or("?")]);
+    let out = cli(
+        &socket,
+        &["approvals", "approve", s["id"].as_str().unwrap_or("?")],
+    );
     assert!(out.status.success(), "{}", describe(&out));
     let run = held.join().expect("script thread");
     let step = run.step(0);

@@ -479,13 +479,273 @@ const AGENT_INVARIANTS: &[(&str, Check)] = &[
         },
     ),
     (
-        "terminationGracePeriodSeconds outlasts drain_seconds (30)",
+        "terminationGracePeriodSeconds outlasts drain_seconds (30) and the approval timeout (45 s)",
         |docs| match agent_pod(docs)?["terminationGracePeriodSeconds"].as_i64() {
-            Some(n) if n > 30 => Ok(()),
+            Some(n) if n > 46 => Ok(()),
             other => Err(format!("terminationGracePeriodSeconds is {other:?}")),
         },
     ),
+    (
+        "the CRD approvals.mcpwarden.io serves Approval v1alpha1, namespaced, with a status subresource and a structural schema",
+        |docs| approval_crd(docs).map(|_| ()),
+    ),
+    (
+        "the Role mcpwarden-approvals grants exactly create/get/list/watch/delete on approvals and patch on approvals/status, to the agent",
+        |docs| {
+            let role = find(docs, "Role", "mcpwarden-approvals").ok_or("no Role mcpwarden-approvals")?;
+            if role["metadata"]["namespace"].as_str() != Some("mcpwarden") {
+                return Err(format!("its namespace is {:?}", role["metadata"]["namespace"]));
+            }
+            let granted = grants(role)?;
+            let expected: BTreeSet<(String, String, String)> = [
+                ("approvals", "create"),
+                ("approvals", "get"),
+                ("approvals", "list"),
+                ("approvals", "watch"),
+                ("approvals", "delete"),
+                ("approvals/status", "patch"),
+            ]
+            .iter()
+            .map(|(r, v)| ("mcpwarden.io".to_owned(), r.to_string(), v.to_string()))
+            .collect();
+            if granted != expected {
+                return Err(format!("it grants {granted:?}"));
+            }
+            let binding = find(docs, "RoleBinding", "mcpwarden-approvals")
+                .ok_or("no RoleBinding mcpwarden-approvals")?;
+            let subjects = seq(&binding["subjects"]);
+            let to_agent = subjects.len() == 1
+                && subjects[0]["kind"].as_str() == Some("ServiceAccount")
+                && subjects[0]["name"].as_str() == Some("mcpwarden")
+                && subjects[0]["namespace"].as_str() == Some("mcpwarden");
+            if binding["metadata"]["namespace"].as_str() != Some("mcpwarden")
+                || binding["roleRef"]["kind"].as_str() != Some("Role")
+                || binding["roleRef"]["name"].as_str() != Some("mcpwarden-approvals")
+                || !to_agent
+            {
+                return Err(format!("the RoleBinding is {binding:?}"));
+            }
+            Ok(())
+        },
+    ),
+    (
+        "the ValidatingAdmissionPolicy mcpwarden-approvals checks decidedBy and keeps the agent's fields, bound with Deny",
+        |docs| {
+            let text = bound_policy(docs, "mcpwarden-approvals", &["approvals"], &["CREATE", "UPDATE"])?;
+            // The approver's fields, those an UPDATE may change.
+            let policy = find(docs, "ValidatingAdmissionPolicy", "mcpwarden-approvals")
+                .ok_or("no policy")?;
+            let fields = seq(&policy["spec"]["variables"])
+                .iter()
+                .find(|v| v["name"].as_str() == Some("approverFields"))
+                .and_then(|v| v["expression"].as_str())
+                .ok_or("no variable approverFields")?;
+            if fields.replace(' ', "") != "['decision','decidedBy','decisionReason','for']" {
+                return Err(format!("approverFields is {fields}"));
+            }
+            for needle in [
+                "request.userInfo.username",
+                "approverFields",
+                "decisionReason",
+                "oldObject.spec",
+                "'refused'",
+                "mcpwarden.io/node",
+                "system:serviceaccount:mcpwarden:mcpwarden",
+            ] {
+                if !text.contains(needle) {
+                    return Err(format!("its spec never mentions {needle}"));
+                }
+            }
+            Ok(())
+        },
+    ),
+    (
+        "the ValidatingAdmissionPolicy mcpwarden-approvals-node keeps each agent to its own node's approvals, bound with Deny",
+        |docs| {
+            let text = bound_policy(
+                docs,
+                "mcpwarden-approvals-node",
+                &["approvals", "approvals/status"],
+                &["CREATE", "UPDATE", "DELETE"],
+            )?;
+            for needle in [
+                "system:serviceaccount:mcpwarden:mcpwarden",
+                "authentication.kubernetes.io/node-name",
+                "spec['node']",
+            ] {
+                if !text.contains(needle) {
+                    return Err(format!("its spec never mentions {needle}"));
+                }
+            }
+            Ok(())
+        },
+    ),
 ];
+
+/// Every (apiGroup, resource, verb) a Role or ClusterRole grants; a rule with anything but
+/// apiGroups, resources and verbs (resourceNames, nonResourceURLs) is an error.
+fn grants(role: &Value) -> Result<BTreeSet<(String, String, String)>, String> {
+    let mut granted = BTreeSet::new();
+    for rule in seq(&role["rules"]) {
+        let keys: BTreeSet<String> = rule
+            .as_mapping()
+            .map(|m| {
+                m.keys()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !keys
+            .iter()
+            .all(|k| ["apiGroups", "resources", "verbs"].contains(&k.as_str()))
+        {
+            return Err(format!("a rule has {keys:?}"));
+        }
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    granted.insert((group.clone(), resource.clone(), verb));
+                }
+            }
+        }
+    }
+    Ok(granted)
+}
+
+/// A ValidatingAdmissionPolicy with failurePolicy Fail, matching exactly `resources` of
+/// mcpwarden.io for exactly `operations`, bound (a binding of the same name) with Deny; its spec
+/// as YAML text.
+fn bound_policy(
+    docs: &[Value],
+    name: &str,
+    resources: &[&str],
+    operations: &[&str],
+) -> Result<String, String> {
+    let policy = find(docs, "ValidatingAdmissionPolicy", name)
+        .ok_or_else(|| format!("no ValidatingAdmissionPolicy {name}"))?;
+    let binding = find(docs, "ValidatingAdmissionPolicyBinding", name)
+        .ok_or_else(|| format!("no ValidatingAdmissionPolicyBinding {name}"))?;
+    if policy["spec"]["failurePolicy"].as_str() != Some("Fail") {
+        return Err("failurePolicy is not Fail".into());
+    }
+    if binding["spec"]["policyName"].as_str() != Some(name)
+        || strings(&binding["spec"]["validationActions"]) != BTreeSet::from(["Deny".to_owned()])
+        || !binding["spec"]["paramRef"].is_null()
+    {
+        return Err(format!("the binding is {:?}", binding["spec"]));
+    }
+    let rules = seq(&policy["spec"]["matchConstraints"]["resourceRules"]);
+    let want = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    let ok = rules.len() == 1
+        && strings(&rules[0]["apiGroups"]) == want(&["mcpwarden.io"])
+        && strings(&rules[0]["resources"]) == want(resources)
+        && strings(&rules[0]["operations"]) == want(operations);
+    if !ok {
+        return Err(format!("its resourceRules are {rules:?}"));
+    }
+    if seq(&policy["spec"]["validations"]).is_empty() {
+        return Err("it has no validations".into());
+    }
+    Ok(serde_yaml_ng::to_string(&policy["spec"]).unwrap_or_default())
+}
+
+/// The CRD of `Approval`, checked: its names, scope, one version served and stored with a status
+/// subresource, a structural schema (every field typed, or explicitly free-form) with the
+/// approver's fields and the agent's states.
+fn approval_crd(docs: &[Value]) -> Result<&Value, String> {
+    let crd = find(docs, "CustomResourceDefinition", "approvals.mcpwarden.io")
+        .ok_or("no CustomResourceDefinition approvals.mcpwarden.io")?;
+    let spec = &crd["spec"];
+    let names = &spec["names"];
+    if spec["group"].as_str() != Some("mcpwarden.io")
+        || spec["scope"].as_str() != Some("Namespaced")
+        || names["kind"].as_str() != Some("Approval")
+        || names["plural"].as_str() != Some("approvals")
+        || names["singular"].as_str() != Some("approval")
+    {
+        return Err(format!("group, scope or names: {spec:?}"));
+    }
+    let versions = seq(&spec["versions"]);
+    let [version] = versions else {
+        return Err(format!("{} versions", versions.len()));
+    };
+    if version["name"].as_str() != Some("v1alpha1")
+        || version["served"].as_bool() != Some(true)
+        || version["storage"].as_bool() != Some(true)
+    {
+        return Err(format!("the version is {:?}", version["name"]));
+    }
+    if version["subresources"]["status"].is_null() {
+        return Err("no status subresource".into());
+    }
+    let schema = &version["schema"]["openAPIV3Schema"];
+    structural(schema, "openAPIV3Schema")?;
+    let spec_fields = &schema["properties"]["spec"]["properties"];
+    for field in [
+        "node",
+        "server",
+        "tool",
+        "caller",
+        "argKeys",
+        "argsSha256",
+        "arguments",
+        "rule",
+        "reason",
+        "expiresAt",
+        "decision",
+        "decidedBy",
+        "decisionReason",
+        "for",
+    ] {
+        if spec_fields[field].is_null() {
+            return Err(format!("spec.{field} is not in the schema"));
+        }
+    }
+    if strings(&spec_fields["decision"]["enum"])
+        != BTreeSet::from(["approve".to_owned(), "deny".to_owned()])
+    {
+        return Err(format!(
+            "spec.decision's enum is {:?}",
+            spec_fields["decision"]["enum"]
+        ));
+    }
+    let states = strings(&schema["properties"]["status"]["properties"]["state"]["enum"]);
+    for state in [
+        "pending",
+        "approved",
+        "denied",
+        "timed_out",
+        "abandoned",
+        "refused",
+    ] {
+        if !states.contains(state) {
+            return Err(format!("status.state cannot be {state}"));
+        }
+    }
+    Ok(crd)
+}
+
+/// A structural schema: every node has a type, or is explicitly free-form
+/// (x-kubernetes-preserve-unknown-fields); no type is `object` without properties unless
+/// free-form.
+fn structural(schema: &Value, at: &str) -> Result<(), String> {
+    let free = schema["x-kubernetes-preserve-unknown-fields"].as_bool() == Some(true);
+    if schema["type"].is_null() && !free {
+        return Err(format!("{at} has no type"));
+    }
+    if schema["type"].as_str() == Some("object") && schema["properties"].is_null() && !free {
+        return Err(format!("{at} is an object without properties"));
+    }
+    if let Some(props) = schema["properties"].as_mapping() {
+        for (k, v) in props {
+            structural(v, &format!("{at}.{}", k.as_str().unwrap_or("?")))?;
+        }
+    }
+    if !schema["items"].is_null() {
+        structural(&schema["items"], &format!("{at}[]"))?;
+    }
+    Ok(())
+}
 
 /// The invariants `docs` breaks, each as `invariant: why`.
 fn agent_violations(docs: &[Value]) -> Vec<String> {
@@ -616,6 +876,47 @@ fn the_invariant_checks_catch_violations() {
             let ds = find_mut(docs, "DaemonSet", "mcpwarden");
             ds["spec"]["template"]["spec"]["hostNetwork"] = Value::Bool(false);
         }),
+        (
+            "patch on approvals for the agent",
+            "mcpwarden-approvals grants exactly",
+            |docs| {
+                let role = find_mut(docs, "Role", "mcpwarden-approvals");
+                role["rules"][0]["verbs"]
+                    .as_sequence_mut()
+                    .unwrap()
+                    .push(Value::from("patch"));
+            },
+        ),
+        (
+            "no status subresource",
+            "with a status subresource",
+            |docs| {
+                let crd = find_mut(docs, "CustomResourceDefinition", "approvals.mcpwarden.io");
+                crd["spec"]["versions"][0]["subresources"] = Value::Null;
+            },
+        ),
+        (
+            "an untyped field in the schema",
+            "structural schema",
+            |docs| {
+                let crd = find_mut(docs, "CustomResourceDefinition", "approvals.mcpwarden.io");
+                let props = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+                    ["properties"]["spec"]["properties"];
+                props["extra"] = serde_yaml_ng::from_str("{description: untyped}").unwrap();
+            },
+        ),
+        (
+            "the approvals policy in Warn",
+            "mcpwarden-approvals checks decidedBy",
+            |docs| {
+                let b = find_mut(
+                    docs,
+                    "ValidatingAdmissionPolicyBinding",
+                    "mcpwarden-approvals",
+                );
+                b["spec"]["validationActions"] = serde_yaml_ng::from_str("[Warn]").unwrap();
+            },
+        ),
     ];
     for (what, invariant, mutate) in mutations {
         let mut docs = example.clone();
@@ -831,5 +1132,104 @@ fn uninstall_runs_mcpwarden_uninstall_on_every_node() {
     assert!(
         find(docs, "DaemonSet", "mcpwarden").is_none(),
         "the uninstall kustomization must not bring the agent back"
+    );
+}
+
+#[test]
+fn the_example_grants_approvers_patch_on_approvals_only() {
+    let docs = &rendered_named("example").docs;
+    let role = find(docs, "Role", "mcpwarden-approver").expect("Role mcpwarden-approver");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("mcpwarden"));
+    let granted = grants(role).unwrap_or_else(|e| panic!("Role mcpwarden-approver: {e}"));
+    let expected: BTreeSet<(String, String, String)> = ["get", "list", "watch", "patch"]
+        .iter()
+        .map(|v| {
+            (
+                "mcpwarden.io".to_owned(),
+                "approvals".to_owned(),
+                v.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        granted, expected,
+        "approvers read and patch approvals; no status, create or delete"
+    );
+    // Bound by the installer to their own approvers: the example binds nobody.
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["roleRef"]["name"].as_str() == Some("mcpwarden-approver")),
+        "the example must not bind mcpwarden-approver to anyone"
+    );
+}
+
+#[test]
+fn approvals_print_what_an_approver_decides_on() {
+    let docs = &rendered_named("base").docs;
+    let crd = approval_crd(docs).unwrap_or_else(|e| panic!("{e}"));
+    let columns: Vec<(String, String)> =
+        seq(&crd["spec"]["versions"][0]["additionalPrinterColumns"])
+            .iter()
+            .filter(|c| c["priority"].as_i64().unwrap_or(0) == 0)
+            .map(|c| {
+                (
+                    c["name"].as_str().unwrap_or_default().to_owned(),
+                    c["jsonPath"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+    for path in [
+        ".spec.node",
+        ".spec.tool",
+        ".spec.caller.pod",
+        ".spec.decision",
+        ".status.state",
+        ".metadata.creationTimestamp",
+    ] {
+        assert!(
+            columns.iter().any(|(_, p)| p == path),
+            "no printer column shows {path}: {columns:?}"
+        );
+    }
+    assert!(
+        seq(&crd["spec"]["names"]["shortNames"])
+            .iter()
+            .any(|n| n.as_str() == Some("mcpa")),
+        "short name mcpa"
+    );
+}
+
+#[test]
+fn uninstalling_removes_the_approval_crd() {
+    // `kubectl delete -k deploy/kustomize/example` (the uninstall's first step) deletes what the
+    // example renders: the CRD, and with it every Approval, must be among it.
+    let example = &rendered_named("example").docs;
+    assert!(find(
+        example,
+        "CustomResourceDefinition",
+        "approvals.mcpwarden.io"
+    )
+    .is_some());
+    for name in ["mcpwarden-approvals", "mcpwarden-approvals-node"] {
+        assert!(
+            find(example, "ValidatingAdmissionPolicy", name).is_some(),
+            "{name}"
+        );
+        assert!(
+            find(example, "ValidatingAdmissionPolicyBinding", name).is_some(),
+            "{name}"
+        );
+    }
+    // ... and the uninstall kustomization does not bring it back.
+    let uninstall = &rendered_named("uninstall").docs;
+    assert!(
+        !uninstall
+            .iter()
+            .any(|d| d["kind"].as_str() == Some("CustomResourceDefinition")
+                || d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("approv"))),
+        "the uninstall kustomization creates approval objects again"
     );
 }

@@ -359,7 +359,11 @@ async fn route(req: Request<Incoming>, control: Arc<dyn Control>, peer: &Peer) -
         }
         (
             _,
-            "/v1/status" | "/v1/health" | "/v1/reload" | "/v1/explain" | "/v1/approvals"
+            "/v1/status"
+            | "/v1/health"
+            | "/v1/reload"
+            | "/v1/explain"
+            | "/v1/approvals"
             | "/v1/approvals/decide",
         ) => {
             let allow = if matches!(path.as_str(), "/v1/status" | "/v1/health" | "/v1/approvals") {

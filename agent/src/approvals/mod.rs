@@ -173,7 +173,10 @@ pub enum DecideError {
 pub enum Notice {
     Pending(Arc<Summary>),
     /// Decided, timed out or abandoned: `outcome` is the audit's step name.
-    Closed { id: String, outcome: &'static str },
+    Closed {
+        id: String,
+        outcome: &'static str,
+    },
 }
 
 /// A call to hold.
@@ -282,7 +285,9 @@ impl Approvals {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding it leaves nothing half-updated that matters more than
         // refusing every approval from then on.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Pending and closed approvals, for the webhook and the `Approval` resources.

@@ -49,8 +49,14 @@ async fn approved_denied_and_remembered() {
     assert_eq!(a.list().len(), 1);
     assert_eq!(a.list()[0].node, "node-a");
     let id = held.id().to_owned();
-    a.decide(&id, true, Some("ok".into()), Some(Duration::from_secs(60)), cli(99))
-        .expect("decided");
+    a.decide(
+        &id,
+        true,
+        Some("ok".into()),
+        Some(Duration::from_secs(60)),
+        cli(99),
+    )
+    .expect("decided");
     match held.wait().await {
         Waited::Decided(r) => assert!(r.approved && r.reason.as_deref() == Some("ok")),
         other => panic!("{other:?}"),
@@ -87,7 +93,10 @@ async fn a_workload_cannot_approve_itself() {
     let held = a.hold(request("pod:a", 10, "1")).expect("held");
     let id = held.id().to_owned();
     let same_cgroup = a.decide(&id, true, None, None, cli(10));
-    assert!(matches!(same_cgroup, Err(DecideError::SelfApproval(_, "cgroup"))));
+    assert!(matches!(
+        same_cgroup,
+        Err(DecideError::SelfApproval(_, "cgroup"))
+    ));
     let same_pod = Approver {
         pod_uid: Some("uid-pod:a".to_owned()),
         ..cli(11)
@@ -109,7 +118,9 @@ async fn a_workload_cannot_approve_itself() {
     assert_eq!(a.list().len(), 1);
     let audited = audited.lock().unwrap().clone();
     assert_eq!(audited.len(), 3, "{audited:?}");
-    assert!(audited.iter().all(|(i, _, why)| *i == id && why.contains("approve itself")));
+    assert!(audited
+        .iter()
+        .all(|(i, _, why)| *i == id && why.contains("approve itself")));
     assert_eq!(audited[2].1, Via::Resource);
 }
 
@@ -138,14 +149,26 @@ async fn timed_out_abandoned_and_cancelled_are_gone() {
     let wait = tokio::time::timeout(Duration::from_secs(60), held.wait()).await;
     assert!(matches!(wait, Ok(Waited::TimedOut)), "{wait:?}");
     assert!(a.list().is_empty());
-    assert!(matches!(a.decide(&id, true, None, None, cli(99)), Err(DecideError::NotFound(_))));
-    assert!(matches!(notices.recv().await, Ok(Notice::Closed { outcome: "timed_out", .. })));
+    assert!(matches!(
+        a.decide(&id, true, None, None, cli(99)),
+        Err(DecideError::NotFound(_))
+    ));
+    assert!(matches!(
+        notices.recv().await,
+        Ok(Notice::Closed {
+            outcome: "timed_out",
+            ..
+        })
+    ));
 
     let held = a.hold(request("pod:a", 10, "2")).expect("held");
     let id = held.id().to_owned();
     drop(held);
     assert!(a.list().is_empty());
-    assert!(matches!(a.decide(&id, true, None, None, cli(99)), Err(DecideError::NotFound(_))));
+    assert!(matches!(
+        a.decide(&id, true, None, None, cli(99)),
+        Err(DecideError::NotFound(_))
+    ));
 
     let mut held = a.hold(request("pod:a", 10, "3")).expect("held");
     assert!(!a.cancel("pod:b", "payments", "session:s", "3"));

@@ -204,9 +204,8 @@ impl UserApprovals {
         if payload.e < now {
             return Err(Rejected::state("the approval expired: call the tool again"));
         }
-        let same = payload.s == binding.server
-            && payload.t == binding.tool
-            && payload.c == binding.caller;
+        let same =
+            payload.s == binding.server && payload.t == binding.tool && payload.c == binding.caller;
         if !same {
             return Err(Rejected::state("the requestState belongs to another call"));
         }
@@ -227,7 +226,10 @@ impl UserApprovals {
         // The nonce is spent by any verified answer, accepted or not: a declined state cannot
         // be answered again.
         {
-            let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut used = self
+                .used
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             used.retain(|_, exp| *exp >= now);
             if used.contains_key(&payload.n) {
                 return Err(Rejected::state("the requestState was already used"));
@@ -262,7 +264,8 @@ impl UserApprovals {
 
 /// The `inputRequests` entry asking the user to approve a call.
 pub fn input_request(server: &str, tool: &str, reason: Option<&str>, arguments: &Value) -> Value {
-    let mut message = format!("mcpwarden: the agent wants to call the tool \"{tool}\" on {server}.");
+    let mut message =
+        format!("mcpwarden: the agent wants to call the tool \"{tool}\" on {server}.");
     if let Some(r) = reason {
         message.push_str(&format!(" Policy: {r}."));
     }

@@ -809,6 +809,7 @@ mod tests {
             caller_key: "pod:a".to_owned(),
             caller_user: None,
             request_id: "1".to_owned(),
+            session: "session:s".to_owned(),
             timeout: None,
         }
     }

@@ -12,11 +12,11 @@
 mod record;
 mod sink;
 
-pub use record::{ApprovalPart, StallPart};
 pub use record::{
     clip, now, Aggregated, CallerPart, Event, Head, HttpVersion, MessagePart, PolicyRef, Record,
     Refusal, RequestPart, Tls, Transport, Verdict, SCHEMA_VERSION,
 };
+pub use record::{ApprovalPart, StallPart};
 pub use sink::{
     redacted, AuditLog, Observer, OnStall, Options, Rotate, SinkKind, SinkState, SinkStats,
     WorkerAudit, DEFAULT_REDACT_KEYS, DEFAULT_STALL, DEFER_AT_MOST, REDACTED, WATCH_INTERVAL,

@@ -910,8 +910,7 @@ mod tests {
                         by: None,
                         remember_s: None,
                     });
-                    let mut approved =
-                        Record::new(event, call.clone()).because("change ticket 42");
+                    let mut approved = Record::new(event, call.clone()).because("change ticket 42");
                     approved.approval = Some(ApprovalPart {
                         id: Some("7k3m9q2x".into()),
                         step: "approved",

@@ -260,7 +260,6 @@ impl Conn {
                     .map(super::hold::ProgressSink::Legacy)
             });
             self.approve_held(
-                ctx,
                 routed,
                 chosen,
                 judged,

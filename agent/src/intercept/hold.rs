@@ -23,7 +23,7 @@ use super::{
     call::{Judged, ScopeKeys},
     choose::Chosen,
     conn::Conn,
-    context::{RequestCtx, Routed},
+    context::Routed,
     session::Session,
 };
 use crate::{
@@ -68,7 +68,6 @@ impl Conn {
     /// have changed it).
     pub(super) async fn approve_held(
         &self,
-        ctx: &RequestCtx<'_>,
         routed: Routed<'_>,
         chosen: Chosen,
         mut judged: Vec<Judged>,
@@ -115,7 +114,6 @@ impl Conn {
                 None => self.decide_approved(&chosen, j, keys, now),
             });
         }
-        let _ = ctx;
         (chosen, judged)
     }
 
@@ -297,7 +295,11 @@ impl Conn {
                     j.round_trip = Some((approved.server_state, approved.server_responses));
                 }
                 Err(rejected) => {
-                    let step = if rejected.by_user { "denied" } else { "refused" };
+                    let step = if rejected.by_user {
+                        "denied"
+                    } else {
+                        "refused"
+                    };
                     let why = rejected.reason;
                     let rec = self.step_record(&j.head, &held_by, None, step, "user");
                     self.write_step(rec, Some(&why), |p| {
@@ -397,7 +399,12 @@ impl Conn {
         rec
     }
 
-    fn write_step(&self, mut rec: Record, reason: Option<&str>, fill: impl FnOnce(&mut ApprovalPart)) {
+    fn write_step(
+        &self,
+        mut rec: Record,
+        reason: Option<&str>,
+        fill: impl FnOnce(&mut ApprovalPart),
+    ) {
         if let Some(part) = rec.approval.as_mut() {
             fill(part);
         }

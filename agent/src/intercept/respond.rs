@@ -1133,8 +1133,7 @@ pub(super) async fn pump_as_events(
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    let json = if status.is_success() && kind.starts_with("application/json") && !bytes.is_empty()
-    {
+    let json = if status.is_success() && kind.starts_with("application/json") && !bytes.is_empty() {
         bytes.to_vec()
     } else {
         mcp::error_response(

@@ -1,6 +1,7 @@
 //! The Kubernetes API, off the data path: this node's pods (who a caller in a pod is), the
 //! EndpointSlices of Services named as endpoints (the backend addresses a pod can dial
-//! directly), and the node's not-ready taint.
+//! directly), the node's not-ready taint, and the `Approval` resources of held calls
+//! ([`approvals`]).
 //!
 //! One kube client; kube-runtime watchers list, then watch from the list's resourceVersion,
 //! re-list on 410 Gone, resume from the last resourceVersion when a watch ends, and back off
@@ -11,6 +12,7 @@
 //! Without a cluster (no kubeconfig given, not in a pod) nothing here runs: identity stops at
 //! the cgroup and the container.
 
+pub mod approvals;
 mod pods;
 mod services;
 mod taint;
@@ -90,6 +92,9 @@ pub struct Settings {
     /// The NoSchedule taint removed from this node once the agent is ready (`None`: leave
     /// taints alone).
     pub remove_taint: Option<String>,
+    /// Where this node's `Approval` resources are (`None`: the client's default namespace, in a
+    /// pod the agent's own).
+    pub approvals_namespace: Option<String>,
 }
 
 impl Default for Settings {
@@ -100,6 +105,7 @@ impl Default for Settings {
             node_name: None,
             deleted_pod_grace: crate::identity::DEFAULT_DELETED_GRACE,
             remove_taint: Some(DEFAULT_TAINT.to_owned()),
+            approvals_namespace: None,
         }
     }
 }
@@ -114,6 +120,8 @@ pub struct FileSettings {
     pub deleted_pod_grace_s: Option<u64>,
     /// `""`: leave taints alone.
     pub remove_taint: Option<String>,
+    /// `""` or absent: the agent's own namespace.
+    pub approvals_namespace: Option<String>,
 }
 
 impl FileSettings {
@@ -132,6 +140,7 @@ impl FileSettings {
                 Some(t) => Some(t),
                 None => d.remove_taint,
             },
+            approvals_namespace: self.approvals_namespace.filter(|n| !n.is_empty()),
         }
     }
 }
@@ -290,9 +299,13 @@ pub struct Watches {
     pub backends: Backends,
     /// The Services named as endpoints, by server index.
     pub services: Vec<(usize, ServiceName)>,
+    /// The node's held calls: published as `Approval` resources and decided from them (`None`:
+    /// no resources; the admin socket still decides).
+    pub approvals: Option<Arc<crate::approvals::Approvals>>,
 }
 
-/// Starts the watches (pods, EndpointSlices); they run until the returned tasks are aborted.
+/// Starts the watches (pods, EndpointSlices, and with `approvals` the `Approval` resources);
+/// they run until the returned tasks are aborted.
 pub fn start(w: Watches) -> Result<(Arc<Kube>, Vec<tokio::task::JoinHandle<()>>)> {
     let client = kube::Client::try_from(without_client_retries(w.config))
         .context("building the Kubernetes client")?;
@@ -314,7 +327,7 @@ pub fn start(w: Watches) -> Result<(Arc<Kube>, Vec<tokio::task::JoinHandle<()>>)
     );
     let mut tasks = vec![tokio::spawn(pods::watch(
         client.clone(),
-        node,
+        node.clone(),
         w.pods,
         w.settings.deleted_pod_grace,
         kube.clone(),
@@ -327,6 +340,14 @@ pub fn start(w: Watches) -> Result<(Arc<Kube>, Vec<tokio::task::JoinHandle<()>>)
             w.backends.clone(),
             kube.clone(),
         )));
+    }
+    if let Some(registry) = w.approvals {
+        let namespace = w
+            .settings
+            .approvals_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        tasks.extend(approvals::start(client.clone(), namespace, node, registry));
     }
     Ok((kube, tasks))
 }
