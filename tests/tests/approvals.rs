@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::peer_rig::PeerRig;
 use common::*;
-use mcpwarden_tests::client::run_client;
+use mcpwarden_tests::client::{run_client, ClientRun};
 use mcpwarden_tests::{wait_for, PeerOpts};
 use serde_json::{json, Value};
 
@@ -52,6 +52,21 @@ fn wait_pending(socket: &Path, tool: &str) -> Value {
     .unwrap_or_else(|| panic!("no pending approval for {tool}: {:?}", pending(socket)))
 }
 
+/// `mcp-client call URL TOOL ARGS` in the attached cgroup, on a thread of its own: the test
+/// decides the held call meanwhile.
+fn call_in_thread(rig: &Rig, tool: &str, args: &str) -> thread::JoinHandle<ClientRun> {
+    let (app, url) = (rig.app.clone(), rig.server.url());
+    let (tool, args) = (tool.to_owned(), args.to_owned());
+    thread::spawn(move || {
+        run_client(
+            CLIENT_BIN,
+            Some(&app),
+            &["call", &url, &tool, &args],
+            CLIENT_TIMEOUT,
+        )
+    })
+}
+
 fn approval_steps(rig_audit: &[Value], tool: &str) -> Vec<String> {
     rig_audit
         .iter()
@@ -82,17 +97,7 @@ fn an_operator_approves_denies_and_lets_time_out() {
     let url = rig.server.url();
 
     // Held, listed with what the approver needs, approved with --for.
-    let held = {
-        let (app, url) = (rig.app.clone(), url.clone());
-        thread::spawn(move || {
-            run_client(
-                CLIENT_BIN,
-                Some(&app),
-                &["call", &url, "echo", r#"{"text":"hi"}"#],
-                CLIENT_TIMEOUT,
-            )
-        })
-    };
+    let held = call_in_thread(&rig, "echo", r#"{"text":"hi"}"#);
     let s = wait_pending(&socket, "echo");
     assert_eq!(s["arg_keys"], json!(["text"]), "{s}");
     assert_eq!(s["arguments"], json!({"text": "hi"}), "show_arguments: {s}");
@@ -170,17 +175,7 @@ fn an_operator_approves_denies_and_lets_time_out() {
     assert_eq!(rig.server.calls("add"), 0);
 
     // Denied with a reason: the client reads who and why.
-    let held = {
-        let (app, url) = (rig.app.clone(), url.clone());
-        thread::spawn(move || {
-            run_client(
-                CLIENT_BIN,
-                Some(&app),
-                &["call", &url, "start_security_scan", r#"{"cluster":"prod"}"#],
-                CLIENT_TIMEOUT,
-            )
-        })
-    };
+    let held = call_in_thread(&rig, "start_security_scan", r#"{"cluster":"prod"}"#);
     let s = wait_pending(&socket, "start_security_scan");
     assert!(
         s.get("arguments").is_none(),
@@ -302,17 +297,7 @@ fn self_approval_abandonment_bounds_and_reload() {
     let url = rig.server.url();
 
     // Self-approval, from the caller's own cgroup.
-    let held = {
-        let (app, url) = (rig.app.clone(), url.clone());
-        thread::spawn(move || {
-            run_client(
-                CLIENT_BIN,
-                Some(&app),
-                &["call", &url, "echo", r#"{"text":"mine"}"#],
-                CLIENT_TIMEOUT,
-            )
-        })
-    };
+    let held = call_in_thread(&rig, "echo", r#"{"text":"mine"}"#);
     let s = wait_pending(&socket, "echo");
     let id = s["id"].as_str().unwrap_or_default().to_owned();
     let out = cli_in_cgroup(&rig.app, &socket, &["approvals", "approve", &id]);
@@ -389,20 +374,11 @@ fn self_approval_abandonment_bounds_and_reload() {
     // At most 4 held per caller (the default): the fifth is refused at once.
     let clients: Vec<_> = (0..4)
         .map(|i| {
-            let (app, url) = (rig.app.clone(), url.clone());
-            thread::spawn(move || {
-                run_client(
-                    CLIENT_BIN,
-                    Some(&app),
-                    &[
-                        "call",
-                        &url,
-                        "start_security_scan",
-                        &format!(r#"{{"cluster":"c{i}"}}"#),
-                    ],
-                    CLIENT_TIMEOUT,
-                )
-            })
+            call_in_thread(
+                &rig,
+                "start_security_scan",
+                &format!(r#"{{"cluster":"c{i}"}}"#),
+            )
         })
         .collect();
     let four = wait_for(Duration::from_secs(15), || {
@@ -666,18 +642,7 @@ fn a_held_call_survives_a_hand_over() {
         &["--drain-seconds".to_owned(), "1".to_owned()],
     );
     let socket = rig.agent.admin_socket();
-    let url = rig.server.url();
-    let held = {
-        let (app, url) = (rig.app.clone(), url.clone());
-        thread::spawn(move || {
-            run_client(
-                CLIENT_BIN,
-                Some(&app),
-                &["call", &url, "echo", r#"{"text":"across"}"#],
-                CLIENT_TIMEOUT,
-            )
-        })
-    };
+    let held = call_in_thread(&rig, "echo", r#"{"text":"across"}"#);
     let s = wait_pending(&socket, "echo");
     let id = s["id"].as_str().unwrap_or_default().to_owned();
     let next = rig.agent.start_successor("approve-handover-next");

@@ -281,23 +281,8 @@ fn a_pending_call_is_published_and_approved_from_its_resource() {
 
 /// RFC 3339 with `Z`, seconds precision (what the agent writes), to a time.
 fn parse_rfc3339(text: &str) -> SystemTime {
-    let b = text.as_bytes();
-    assert!(
-        text.len() == 20 && b[4] == b'-' && b[10] == b'T' && b[19] == b'Z',
-        "{text}"
-    );
-    let n = |r: std::ops::Range<usize>| -> i64 { text[r].parse().expect("digits") };
-    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
-    // Howard Hinnant's days_from_civil.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
-    SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).expect("after 1970"))
+    assert!(text.len() == 20 && text.ends_with('Z'), "{text}");
+    humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text}: {e}"))
 }
 
 #[test]
@@ -503,22 +488,8 @@ fn objects_left_behind_are_deleted_once_expired_and_others_left_alone() {
 }
 
 fn rfc3339(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).expect("after 1970"));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 #[test]

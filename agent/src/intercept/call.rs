@@ -281,42 +281,33 @@ impl Conn {
 
         // What goes on: the body as it came, or the batch without its refused elements, or an
         // approved retry as the original call.
-        let body = if let Some((state, responses)) = &plan.round_trip {
-            match mcp::with_round_trip(&bytes, state.as_ref(), responses.as_ref()) {
-                Some(b) => {
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                    Bytes::from(b)
-                }
-                None => {
-                    return json_response(
-                        StatusCode::BAD_REQUEST,
-                        mcp::error_response(
-                            None,
-                            mcp::INVALID_REQUEST,
-                            "Invalid Request: the approved call could not be rewritten",
-                        ),
-                    )
-                }
+        let rewritten = match &plan.round_trip {
+            Some((state, responses)) => Some((
+                mcp::with_round_trip(&bytes, state.as_ref(), responses.as_ref()),
+                "the approved call could not be rewritten",
+            )),
+            None if plan.refused_any() => Some((
+                mcp::batch_subset(&bytes, &plan.forwarded),
+                "the batch could not be split",
+            )),
+            None => None,
+        };
+        let body = match rewritten {
+            None => bytes,
+            Some((Some(b), _)) => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Bytes::from(b)
             }
-        } else if plan.refused_any() {
-            match mcp::batch_subset(&bytes, &plan.forwarded) {
-                Some(b) => {
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                    Bytes::from(b)
-                }
-                None => {
-                    return json_response(
-                        StatusCode::BAD_REQUEST,
-                        mcp::error_response(
-                            None,
-                            mcp::INVALID_REQUEST,
-                            "Invalid Request: the batch could not be split",
-                        ),
-                    )
-                }
+            Some((None, why)) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    mcp::error_response(
+                        None,
+                        mcp::INVALID_REQUEST,
+                        &format!("Invalid Request: {why}"),
+                    ),
+                )
             }
-        } else {
-            bytes
         };
         identity_encoding(&mut parts.headers);
         let base = Arc::new(Head {

@@ -152,12 +152,15 @@ impl Conn {
         let server = routed.server.name.as_str();
         let held_by = j.decision.as_ref()?;
         if self.shared.approvals.remembered(&keys.grant, server, tool) {
-            self.audit_step(&j.head, held_by, None, "remembered", "operator", |p| {
-                p.by = Some(Approver {
-                    via: Via::Remembered,
-                    ..Approver::default()
-                });
-            });
+            let by = Approver {
+                via: Via::Remembered,
+                ..Approver::default()
+            };
+            let part = ApprovalPart {
+                by: Some(by),
+                ..step(None, "remembered", "operator")
+            };
+            self.audit_step(&j.head, held_by, part, None);
             return None;
         }
         let request = HoldRequest {
@@ -178,7 +181,12 @@ impl Conn {
             Err(why) => return Some(refused(held_by, why)),
         };
         let id = held.id().to_owned();
-        self.audit_step(&j.head, held_by, Some(&id), "requested", "operator", |_| {});
+        self.audit_step(
+            &j.head,
+            held_by,
+            step(Some(&id), "requested", "operator"),
+            None,
+        );
         // Given up if this future is dropped (the client went): `Held` removes itself, and
         // this guard writes the record.
         let mut guard = Abandoned {
@@ -216,16 +224,20 @@ impl Conn {
         match waited {
             Waited::Decided(r) if r.approved => {
                 let remember = r.remember.map(|d| d.as_secs());
-                let rec = self.step_record(&j.head, held_by, Some(&id), "approved", "operator");
-                self.write_step(rec, r.reason.as_deref(), |p| {
-                    p.by = Some(r.by.clone());
-                    p.remember_s = remember;
-                });
+                let part = ApprovalPart {
+                    by: Some(r.by.clone()),
+                    remember_s: remember,
+                    ..step(Some(&id), "approved", "operator")
+                };
+                self.audit_step(&j.head, held_by, part, r.reason.as_deref());
                 None
             }
             Waited::Decided(r) => {
-                let rec = self.step_record(&j.head, held_by, Some(&id), "denied", "operator");
-                self.write_step(rec, r.reason.as_deref(), |p| p.by = Some(r.by.clone()));
+                let part = ApprovalPart {
+                    by: Some(r.by.clone()),
+                    ..step(Some(&id), "denied", "operator")
+                };
+                self.audit_step(&j.head, held_by, part, r.reason.as_deref());
                 let who = who(&r.by);
                 Some(refused(
                     held_by,
@@ -236,11 +248,21 @@ impl Conn {
                 ))
             }
             Waited::TimedOut => {
-                self.audit_step(&j.head, held_by, Some(&id), "timed_out", "operator", |_| {});
+                self.audit_step(
+                    &j.head,
+                    held_by,
+                    step(Some(&id), "timed_out", "operator"),
+                    None,
+                );
                 Some(refused(held_by, "approval timed out".to_owned()))
             }
             Waited::Cancelled => {
-                self.audit_step(&j.head, held_by, Some(&id), "abandoned", "operator", |_| {});
+                self.audit_step(
+                    &j.head,
+                    held_by,
+                    step(Some(&id), "abandoned", "operator"),
+                    None,
+                );
                 Some(refused(
                     held_by,
                     "approval abandoned: the client cancelled the call".to_owned(),
@@ -283,31 +305,27 @@ impl Conn {
                 .and_then(|r| r.get(user::INPUT_KEY));
             match self.shared.user_approvals.verify(&state, &binding, answer) {
                 Ok(approved) => {
-                    let rec = self.step_record(&j.head, &held_by, None, "approved", "user");
-                    self.write_step(rec, None, |p| {
-                        p.by = Some(Approver {
-                            via: Via::User,
-                            ..Approver::default()
-                        });
-                    });
+                    let part = ApprovalPart {
+                        by: the_user(),
+                        ..step(None, "approved", "user")
+                    };
+                    self.audit_step(&j.head, &held_by, part, None);
                     j.decision =
                         Some(self.decide_approved(chosen, j, keys, std::time::Instant::now()));
                     j.round_trip = Some((approved.server_state, approved.server_responses));
                 }
                 Err(rejected) => {
-                    let step = if rejected.by_user {
+                    let name = if rejected.by_user {
                         "denied"
                     } else {
                         "refused"
                     };
                     let why = rejected.reason;
-                    let rec = self.step_record(&j.head, &held_by, None, step, "user");
-                    self.write_step(rec, Some(&why), |p| {
-                        p.by = Some(Approver {
-                            via: Via::User,
-                            ..Approver::default()
-                        });
-                    });
+                    let part = ApprovalPart {
+                        by: the_user(),
+                        ..step(None, name, "user")
+                    };
+                    self.audit_step(&j.head, &held_by, part, Some(&why));
                     j.decision = Some(refused(&held_by, why));
                 }
             }
@@ -330,7 +348,7 @@ impl Conn {
         );
         let requests = serde_json::json!({ user::INPUT_KEY: request });
         j.answer = Some(mcp::input_required_response(id, &requests, &state));
-        self.audit_step(&j.head, &held_by, None, "requested", "user", |_| {});
+        self.audit_step(&j.head, &held_by, step(None, "requested", "user"), None);
         j.decision = Some(refused(
             &held_by,
             "approval asked of the client's user (input_required)".to_owned(),
@@ -379,51 +397,43 @@ impl Conn {
         }
     }
 
-    fn step_record(
-        &self,
-        head: &Arc<Head>,
-        held_by: &Decision,
-        id: Option<&str>,
-        step: &'static str,
-        mode: &'static str,
-    ) -> Record {
-        let mut rec = Record::new(Event::Approval, head.clone());
-        rec.rule = Some(held_by.rule.clone());
-        rec.approval = Some(ApprovalPart {
-            id: id.map(str::to_owned),
-            step,
-            mode,
-            by: None,
-            remember_s: None,
-        });
-        rec
-    }
-
-    fn write_step(
-        &self,
-        mut rec: Record,
-        reason: Option<&str>,
-        fill: impl FnOnce(&mut ApprovalPart),
-    ) {
-        if let Some(part) = rec.approval.as_mut() {
-            fill(part);
-        }
-        rec.reason = reason.map(str::to_owned);
-        self.write_audit(&rec);
-    }
-
+    /// An `approval` record of the call whose records start with `head`.
     fn audit_step(
         &self,
         head: &Arc<Head>,
         held_by: &Decision,
-        id: Option<&str>,
-        step: &'static str,
-        mode: &'static str,
-        fill: impl FnOnce(&mut ApprovalPart),
+        part: ApprovalPart,
+        reason: Option<&str>,
     ) {
-        let rec = self.step_record(head, held_by, id, step, mode);
-        self.write_step(rec, None, fill);
+        self.write_audit(&step_record(head, &held_by.rule, part, reason));
     }
+}
+
+/// One step of an approval, without an approver (who is added where one decided).
+fn step(id: Option<&str>, step: &'static str, mode: &'static str) -> ApprovalPart {
+    ApprovalPart {
+        id: id.map(str::to_owned),
+        step,
+        mode,
+        by: None,
+        remember_s: None,
+    }
+}
+
+/// The user who answered mcpwarden's elicitation.
+fn the_user() -> Option<Approver> {
+    Some(Approver {
+        via: Via::User,
+        ..Approver::default()
+    })
+}
+
+fn step_record(head: &Arc<Head>, rule: &str, part: ApprovalPart, reason: Option<&str>) -> Record {
+    let mut rec = Record::new(Event::Approval, head.clone());
+    rec.rule = Some(rule.to_owned());
+    rec.reason = reason.map(str::to_owned);
+    rec.approval = Some(part);
+    rec
 }
 
 /// The refusal of a held call that was not approved: audited as `require_approval`.
@@ -463,16 +473,12 @@ struct Abandoned<'a> {
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let mut rec = Record::new(Event::Approval, self.head.clone())
-                .because("the client went before the call was decided");
-            rec.rule = Some(self.rule.clone());
-            rec.approval = Some(ApprovalPart {
-                id: Some(self.id.clone()),
-                step: "abandoned",
-                mode: "operator",
-                by: None,
-                remember_s: None,
-            });
+            let rec = step_record(
+                &self.head,
+                &self.rule,
+                step(Some(&self.id), "abandoned", "operator"),
+                Some("the client went before the call was decided"),
+            );
             self.conn.write_audit_deferred(&rec);
         }
     }
