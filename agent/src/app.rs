@@ -656,9 +656,15 @@ impl Agent {
             resolver.abort();
         }
         self.interceptor.drain.start();
-        let deadline = tokio::time::Instant::now() + within;
+        let mut deadline = tokio::time::Instant::now() + within;
         while self.interceptor.connections.open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // A call held since (a request on a connection still open) may wait longer.
+            let held = self.interceptor.approvals.longest_wait();
+            if !held.is_zero() {
+                deadline = deadline
+                    .max(tokio::time::Instant::now() + held + std::time::Duration::from_secs(1));
+            }
         }
         let left = self.interceptor.connections.open();
         if left > 0 {

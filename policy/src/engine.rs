@@ -309,7 +309,8 @@ impl Engine {
                         )
                     });
                 if checked.outcome != Outcome::Allow {
-                    return checked;
+                    // Worded as the same refusal after an approval would be.
+                    return checked.with_reason_prefix(&rule.pointer, rule.reason.as_deref());
                 }
                 let mut held = refuse(
                     Outcome::ApprovalRequired,

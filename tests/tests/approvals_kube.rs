@@ -74,6 +74,7 @@ fn request(request_id: &str, timeout: Option<Duration>) -> HoldRequest {
         },
         caller_key: CALLER_KEY.to_owned(),
         caller_user: Some(CALLER_USER.to_owned()),
+        caller_in_pod: true,
         request_id: request_id.to_owned(),
         session: "session-1".to_owned(),
         timeout,
@@ -262,8 +263,10 @@ fn a_pending_call_is_published_and_approved_from_its_resource() {
         other => panic!("{other:?}"),
     }
     assert!(
-        rig.approvals.remembered(CALLER_KEY, "payments", "pay"),
-        "approved for 10m: the caller's next calls of the tool are approved"
+        rig.approvals
+            .remembered(CALLER_KEY, "payments", "pay")
+            .is_some_and(|by| by.user.as_deref() == Some("alice")),
+        "approved for 10m by alice: the caller's next calls of the tool are approved"
     );
     // Closed: its outcome written, then deleted.
     rig.gone(&call.id);
@@ -304,7 +307,10 @@ fn a_denial_resolves_the_call_denied() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(!rig.approvals.remembered(CALLER_KEY, "payments", "pay"));
+    assert!(rig
+        .approvals
+        .remembered(CALLER_KEY, "payments", "pay")
+        .is_none());
     rig.gone(&call.id);
 }
 

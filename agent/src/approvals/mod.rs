@@ -162,7 +162,7 @@ pub struct Resolution {
 pub enum DecideError {
     #[error("no pending approval {0} (decided, timed out or abandoned)")]
     NotFound(String),
-    #[error("approval {0} refused: the approver is in the caller's own {1} (a workload must not approve itself)")]
+    #[error("approval {0} refused: {1} (a workload must not approve itself)")]
     SelfApproval(String, &'static str),
     #[error("approval {0}: its call was abandoned by its client")]
     Abandoned(String),
@@ -188,6 +188,9 @@ pub struct HoldRequest {
     pub caller_key: String,
     /// Kubernetes user of the caller's service account (`system:serviceaccount:NS:SA`).
     pub caller_user: Option<String>,
+    /// The caller runs in a pod (by its cgroup), known or not: a Kubernetes approver cannot be
+    /// told apart from it while its service account is unknown.
+    pub caller_in_pod: bool,
     /// The JSON-RPC id and the session (`session` scope key: the MCP session, or the
     /// connection), so that a `notifications/cancelled` finds it and no other.
     pub request_id: String,
@@ -199,6 +202,7 @@ struct Entry {
     summary: Arc<Summary>,
     caller_key: String,
     caller_user: Option<String>,
+    caller_in_pod: bool,
     request_id: String,
     session: String,
     deadline: Instant,
@@ -209,8 +213,8 @@ struct Entry {
 struct State {
     pending: HashMap<String, Entry>,
     per_caller: HashMap<String, usize>,
-    /// (caller key, server, tool) → until when an approval given `--for` holds.
-    remembered: HashMap<(String, String, String), Instant>,
+    /// (caller key, server, tool) → until when an approval given `--for` holds, and who gave it.
+    remembered: HashMap<(String, String, String), (Instant, Approver)>,
 }
 
 impl State {
@@ -295,17 +299,18 @@ impl Approvals {
         self.notices.subscribe()
     }
 
-    /// Whether an approval given `--for` still covers this caller's calls of `tool` on `server`.
-    pub fn remembered(&self, caller_key: &str, server: &str, tool: &str) -> bool {
+    /// Who approved this caller's calls of `tool` on `server` for a while (`--for`, the rule's
+    /// `remember`), if that approval still holds.
+    pub fn remembered(&self, caller_key: &str, server: &str, tool: &str) -> Option<Approver> {
         let mut st = self.lock();
         let key = (caller_key.to_owned(), server.to_owned(), tool.to_owned());
         match st.remembered.get(&key) {
-            Some(until) if *until > Instant::now() => true,
+            Some((until, by)) if *until > Instant::now() => Some(by.clone()),
             Some(_) => {
                 st.remembered.remove(&key);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
     }
 
@@ -351,6 +356,7 @@ impl Approvals {
                 summary: summary.clone(),
                 caller_key: req.caller_key,
                 caller_user: req.caller_user,
+                caller_in_pod: req.caller_in_pod,
                 request_id: req.request_id,
                 session: req.session,
                 deadline: now + timeout,
@@ -421,7 +427,7 @@ impl Approvals {
         let Some(e) = st.pending.get(id) else {
             return Err(DecideError::NotFound(id.to_owned()));
         };
-        if let Some(why) = self_approval(&e.summary.caller, e.caller_user.as_deref(), &by) {
+        if let Some(why) = self_approval(e, &by) {
             let summary = e.summary.clone();
             drop(st);
             let err = DecideError::SelfApproval(id.to_owned(), why);
@@ -433,33 +439,45 @@ impl Approvals {
         };
         let remember = remember
             .or(e.summary.remember_s.map(Duration::from_secs))
-            .filter(|_| approved);
-        if let Some(d) = remember {
-            let key = (
-                e.caller_key.clone(),
-                e.summary.server.clone(),
-                e.summary.tool.clone(),
-            );
-            st.remembered.insert(key, Instant::now() + d);
-            st.remembered.retain(|_, until| *until > Instant::now());
-        }
-        drop(st);
+            .filter(|_| approved)
+            .map(|d| d.min(Duration::from_secs(86_400)));
         let summary = e.summary.clone();
+        let key = (
+            e.caller_key.clone(),
+            e.summary.server.clone(),
+            e.summary.tool.clone(),
+        );
+        // Sent under the lock: a waiter whose deadline passes meanwhile takes the lock to
+        // remove its entry, finds it gone, and then finds this decision waiting for it.
         let sent = e.tx.send(Resolution {
             approved,
-            by,
+            by: by.clone(),
             reason,
             remember,
         });
         if sent.is_err() {
-            // Its client went between our look-up and now: nothing is forwarded.
+            // Its client went between our look-up and now: nothing is forwarded, nothing
+            // remembered.
             return Err(DecideError::Abandoned(id.to_owned()));
+        }
+        if let Some(d) = remember {
+            let now = Instant::now();
+            st.remembered.retain(|_, (until, _)| *until > now);
+            st.remembered.insert(key, (now + d, by));
         }
         Ok(summary)
     }
 
-    /// A client's `notifications/cancelled` for a held call: it is given up.
-    pub fn cancel(&self, caller_key: &str, server: &str, session: &str, request_id: &str) -> bool {
+    /// A client's `notifications/cancelled` for a held call: it is given up. `session`: the
+    /// canceller's MCP session; `None` for a client without one (its cancellation comes on
+    /// another connection than the held request), which matches its calls in any.
+    pub fn cancel(
+        &self,
+        caller_key: &str,
+        server: &str,
+        session: Option<&str>,
+        request_id: &str,
+    ) -> bool {
         let mut st = self.lock();
         let id = st
             .pending
@@ -467,7 +485,7 @@ impl Approvals {
             .find(|(_, e)| {
                 e.caller_key == caller_key
                     && e.summary.server == server
-                    && e.session == session
+                    && session.is_none_or(|s| e.session == s)
                     && e.request_id == request_id
             })
             .map(|(id, _)| id.clone());
@@ -528,24 +546,36 @@ pub fn render(list: &[Summary]) -> String {
     out
 }
 
-/// Why `by` may not decide a call of `caller`: it is the caller's own cgroup, pod or service
-/// account.
-fn self_approval(
-    caller: &CallerSummary,
-    caller_user: Option<&str>,
-    by: &Approver,
-) -> Option<&'static str> {
+/// Why `by` may not decide the held call `e`: it is the caller's own cgroup, pod, uid (but
+/// root's), or a service account of the caller's namespace; or the caller is in a pod whose
+/// service account is not known, so a Kubernetes approver cannot be told apart from it.
+fn self_approval(e: &Entry, by: &Approver) -> Option<&'static str> {
+    let caller = &e.summary.caller;
     if by.cgroup_id.is_some_and(|c| c == caller.cgroup_id) {
-        return Some("cgroup");
+        return Some("the approver is in the caller's own cgroup");
     }
     if let (Some(a), Some(b)) = (&by.pod_uid, &caller.pod_uid) {
         if a == b {
-            return Some("pod");
+            return Some("the approver is in the caller's own pod");
         }
     }
-    if let (Some(a), Some(b)) = (&by.user, caller_user) {
-        if a == b {
-            return Some("service account");
+    if by.via == Via::Cli && by.uid.is_some_and(|u| u != 0 && u == caller.uid) {
+        return Some("the approver runs as the caller's own uid");
+    }
+    if let Some(user) = &by.user {
+        if e.caller_user.as_deref() == Some(user.as_str()) {
+            return Some("the approver is the caller's own service account");
+        }
+        if let Some(ns) = &caller.namespace {
+            if user.starts_with(&format!("system:serviceaccount:{ns}:")) {
+                return Some("the approver is a service account of the caller's namespace");
+            }
+        }
+        if e.caller_in_pod && e.caller_user.is_none() {
+            return Some(
+                "the caller's pod is not known yet, so a Kubernetes approver cannot be told apart \
+                 from it",
+            );
         }
     }
     None
@@ -592,9 +622,12 @@ impl Held {
             Err(_) => {
                 // Timed out: unless a decision won the race for the entry, it is gone now.
                 let removed = self.approvals.lock().remove(&self.id).is_some();
+                // Not removed here: a decision (sent under the same lock) or a cancellation
+                // took it first, and its outcome is already in the channel.
                 match (removed, self.rx.try_recv()) {
                     (false, Ok(r)) => Waited::Decided(r),
-                    _ => Waited::TimedOut,
+                    (false, Err(_)) => Waited::Cancelled,
+                    (true, _) => Waited::TimedOut,
                 }
             }
         };

@@ -27,6 +27,7 @@ fn request(caller: &str, cgroup_id: u64, request_id: &str) -> HoldRequest {
         },
         caller_key: caller.to_owned(),
         caller_user: Some(format!("system:serviceaccount:ns:{caller}")),
+        caller_in_pod: true,
         request_id: request_id.to_owned(),
         session: "session:s".to_owned(),
         timeout: None,
@@ -62,9 +63,14 @@ async fn approved_denied_and_remembered() {
         other => panic!("{other:?}"),
     }
     assert!(a.list().is_empty());
-    assert!(a.remembered("pod:a", "payments", "pay"));
-    assert!(!a.remembered("pod:b", "payments", "pay"));
-    assert!(!a.remembered("pod:a", "payments", "other"));
+    assert_eq!(
+        a.remembered("pod:a", "payments", "pay")
+            .and_then(|by| by.uid),
+        Some(0),
+        "remembered with who approved"
+    );
+    assert!(a.remembered("pod:b", "payments", "pay").is_none());
+    assert!(a.remembered("pod:a", "payments", "other").is_none());
     // Decided once: a second decision finds nothing.
     assert_eq!(
         a.decide(&id, false, None, None, cli(99)).err(),
@@ -95,7 +101,7 @@ async fn a_workload_cannot_approve_itself() {
     let same_cgroup = a.decide(&id, true, None, None, cli(10));
     assert!(matches!(
         same_cgroup,
-        Err(DecideError::SelfApproval(_, "cgroup"))
+        Err(DecideError::SelfApproval(_, w)) if w.contains("cgroup")
     ));
     let same_pod = Approver {
         pod_uid: Some("uid-pod:a".to_owned()),
@@ -103,7 +109,7 @@ async fn a_workload_cannot_approve_itself() {
     };
     assert!(matches!(
         a.decide(&id, true, None, None, same_pod),
-        Err(DecideError::SelfApproval(_, "pod"))
+        Err(DecideError::SelfApproval(_, w)) if w.contains("own pod")
     ));
     let own_sa = Approver {
         via: Via::Resource,
@@ -112,7 +118,7 @@ async fn a_workload_cannot_approve_itself() {
     };
     assert!(matches!(
         a.decide(&id, true, None, None, own_sa),
-        Err(DecideError::SelfApproval(_, "service account"))
+        Err(DecideError::SelfApproval(_, w)) if w.contains("own service account")
     ));
     // Still pending after the refusals, each audited.
     assert_eq!(a.list().len(), 1);
@@ -171,8 +177,69 @@ async fn timed_out_abandoned_and_cancelled_are_gone() {
     ));
 
     let mut held = a.hold(request("pod:a", 10, "3")).expect("held");
-    assert!(!a.cancel("pod:b", "payments", "session:s", "3"));
-    assert!(!a.cancel("pod:a", "payments", "session:other", "3"));
-    assert!(a.cancel("pod:a", "payments", "session:s", "3"));
+    assert!(!a.cancel("pod:b", "payments", Some("session:s"), "3"));
+    assert!(!a.cancel("pod:a", "payments", Some("session:other"), "3"));
+    assert!(a.cancel("pod:a", "payments", Some("session:s"), "3"));
     assert!(matches!(held.wait().await, Waited::Cancelled));
+    // A client without a session cancels from another connection: any of its calls with
+    // that id.
+    let mut held = a.hold(request("pod:a", 10, "4")).expect("held");
+    assert!(!a.cancel("pod:b", "payments", None, "4"));
+    assert!(a.cancel("pod:a", "payments", None, "4"));
+    assert!(matches!(held.wait().await, Waited::Cancelled));
+}
+
+#[tokio::test]
+async fn neighbours_and_unknown_pods_cannot_approve_either() {
+    let a = Approvals::new(settings(8, 8));
+    // A caller outside pods, uid 1000: an approver with the same uid in another cgroup (a
+    // delegated subtree it controls) is refused; root is not.
+    let mut outside = request("cgroup:10", 10, "1");
+    outside.summary.caller.uid = 1000;
+    outside.summary.caller.pod_uid = None;
+    outside.caller_user = None;
+    outside.caller_in_pod = false;
+    let held = a.hold(outside).expect("held");
+    let same_uid = Approver {
+        uid: Some(1000),
+        ..cli(99)
+    };
+    let refused = a.decide(held.id(), true, None, None, same_uid);
+    assert!(
+        matches!(&refused, Err(DecideError::SelfApproval(_, w)) if w.contains("uid")),
+        "{refused:?}"
+    );
+    assert!(a.decide(held.id(), true, None, None, cli(99)).is_ok());
+
+    // A caller in a pod of namespace ns: another service account of ns is refused.
+    let mut in_ns = request("pod:a", 11, "2");
+    in_ns.summary.caller.namespace = Some("ns".to_owned());
+    let held = a.hold(in_ns).expect("held");
+    let neighbour = Approver {
+        via: Via::Resource,
+        user: Some("system:serviceaccount:ns:other".to_owned()),
+        ..Approver::default()
+    };
+    let refused = a.decide(held.id(), true, None, None, neighbour);
+    assert!(
+        matches!(&refused, Err(DecideError::SelfApproval(_, w)) if w.contains("namespace")),
+        "{refused:?}"
+    );
+
+    // A caller in a pod the node does not know yet: no Kubernetes approver can be told apart.
+    let mut unknown = request("cgroup:12", 12, "3");
+    unknown.caller_user = None;
+    let held = a.hold(unknown).expect("held");
+    let alice = Approver {
+        via: Via::Resource,
+        user: Some("alice".to_owned()),
+        ..Approver::default()
+    };
+    let refused = a.decide(held.id(), true, None, None, alice);
+    assert!(
+        matches!(&refused, Err(DecideError::SelfApproval(_, w)) if w.contains("not known yet")),
+        "{refused:?}"
+    );
+    // An operator on the node can still decide it.
+    assert!(a.decide(held.id(), false, None, None, cli(99)).is_ok());
 }

@@ -34,9 +34,10 @@ pub const INPUT_KEY: &str = "mcpwarden_approval";
 const PREFIX: &str = "mcpw1.";
 /// Default lifetime of a state: the user reads and answers a dialog.
 pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(300);
-/// At most this many unexpired accepted nonces are remembered; past it, retries are refused
-/// (forgetting one early would let it be replayed).
+/// At most this many unexpired accepted nonces are remembered, on the node and per caller;
+/// past it, retries are refused (forgetting one early would let it be replayed).
 const MAX_NONCES: usize = 65_536;
+const MAX_NONCES_PER_CALLER: usize = 4_096;
 
 /// Fills `buf` from the kernel's random source.
 pub fn random(buf: &mut [u8]) {
@@ -105,10 +106,40 @@ impl Rejected {
     }
 }
 
+/// The spent nonces: each with its state's expiry and its caller, counted per caller so that
+/// one caller cannot fill the table for everyone.
+#[derive(Default)]
+struct Spent {
+    nonces: HashMap<String, (u64, String)>,
+    per_caller: HashMap<String, usize>,
+    /// When expired nonces were last dropped (at most once a second, not on every retry).
+    pruned: u64,
+}
+
+impl Spent {
+    fn prune(&mut self, now: u64) {
+        if self.pruned == now {
+            return;
+        }
+        self.pruned = now;
+        let per_caller = &mut self.per_caller;
+        self.nonces.retain(|_, (exp, caller)| {
+            let keep = *exp >= now;
+            if !keep {
+                if let Some(n) = per_caller.get_mut(caller.as_str()) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            keep
+        });
+        per_caller.retain(|_, n| *n > 0);
+    }
+}
+
 /// The node's key and the nonces accepted so far (shared by the workers).
 pub struct UserApprovals {
     key: hmac::Key,
-    used: Mutex<HashMap<String, u64>>,
+    used: Mutex<Spent>,
 }
 
 impl Default for UserApprovals {
@@ -141,7 +172,7 @@ impl UserApprovals {
     pub fn with_key(bytes: &[u8]) -> UserApprovals {
         UserApprovals {
             key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
-            used: Mutex::new(HashMap::new()),
+            used: Mutex::new(Spent::default()),
         }
     }
 
@@ -230,16 +261,24 @@ impl UserApprovals {
                 .used
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            used.retain(|_, exp| *exp >= now);
-            if used.contains_key(&payload.n) {
+            if used.nonces.contains_key(&payload.n) {
                 return Err(Rejected::state("the requestState was already used"));
             }
-            if used.len() >= MAX_NONCES {
+            used.prune(now);
+            if used.nonces.len() >= MAX_NONCES {
                 return Err(Rejected::state(
                     "too many approvals answered recently on this node: try again later",
                 ));
             }
-            used.insert(payload.n.clone(), payload.e);
+            let mine = used.per_caller.entry(payload.c.clone()).or_insert(0);
+            if *mine >= MAX_NONCES_PER_CALLER {
+                return Err(Rejected::state(
+                    "too many approvals answered recently by this caller: try again later",
+                ));
+            }
+            *mine += 1;
+            used.nonces
+                .insert(payload.n.clone(), (payload.e, payload.c.clone()));
         }
         if !accepted {
             let action = answer.and_then(|a| a.get("action")).and_then(Value::as_str);

@@ -808,6 +808,7 @@ mod tests {
             },
             caller_key: "pod:a".to_owned(),
             caller_user: None,
+            caller_in_pod: false,
             request_id: "1".to_owned(),
             session: "session:s".to_owned(),
             timeout: None,

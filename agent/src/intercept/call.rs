@@ -60,6 +60,8 @@ pub(super) struct ScopeKeys {
     pub grant: String,
     process: String,
     pub session: String,
+    /// `session` names an MCP session (not the connection).
+    pub in_session: bool,
     namespace: String,
     service_account: String,
 }
@@ -185,7 +187,8 @@ impl Conn {
         };
         let asks_user = approval.mode == crate::policy::ApprovalMode::User
             && j.msg.stateless_2026
-            && j.msg.elicitation;
+            && j.msg.elicitation
+            && !d.batch;
         let reads_sse = parts
             .headers
             .get_all(header::ACCEPT)
@@ -224,8 +227,13 @@ impl Conn {
             };
             let sink = super::hold::ProgressSink::Stream(tx.clone());
             let work = conn.finish(&ctx, routed, parts, bytes, decided, Some(sink));
+            // The reader going ends the task at any point: while held, while forwarding, or
+            // while the answer streams (which then stops being read from the server).
             tokio::select! {
-                resp = work => respond::pump_as_events(resp, &tx, call_id.as_ref()).await,
+                () = async {
+                    let resp = work.await;
+                    respond::pump_as_events(resp, &tx, call_id.as_ref()).await;
+                } => {}
                 () = tx.closed() => {}
             }
         });
@@ -263,7 +271,7 @@ impl Conn {
                 routed,
                 chosen,
                 judged,
-                sessions.legacy.is_some(),
+                sessions.legacy.is_none() && !batch,
                 sink.as_ref(),
                 &keys,
             )
@@ -465,6 +473,7 @@ impl Conn {
         ScopeKeys {
             grant,
             process: caller.process_key(),
+            in_session: sessions.header.is_some() || sessions.legacy.is_some(),
             session,
             namespace,
             service_account,
@@ -490,10 +499,13 @@ impl Conn {
         msgs.into_iter()
             .map(|msg| {
                 if let Some(cancelled) = &msg.cancels {
+                    // Without a session the cancellation comes on another connection than the
+                    // held call: any of this caller's calls on this server with that id.
+                    let session = keys.in_session.then_some(keys.session.as_str());
                     self.shared.approvals.cancel(
                         &keys.grant,
                         &routed.server.name,
-                        &keys.session,
+                        session,
                         &cancelled.to_string(),
                     );
                 }

@@ -63,7 +63,8 @@ impl ProgressSink {
 
 impl Conn {
     /// Resolves every held call of `judged`: `Allow` (approved and decided again), a refusal
-    /// with the reason, or (user approval) mcpwarden's `input_required` answer. Returns the
+    /// with the reason, or (user approval) mcpwarden's `input_required` answer. `user_ok`:
+    /// the body may be answered `input_required` (a single message, not HTTP+SSE). Returns the
     /// policy the calls were decided against last (an approval re-chooses it: a reload may
     /// have changed it).
     pub(super) async fn approve_held(
@@ -71,7 +72,7 @@ impl Conn {
         routed: Routed<'_>,
         chosen: Chosen,
         mut judged: Vec<Judged>,
-        legacy: bool,
+        user_ok: bool,
         sink: Option<&ProgressSink>,
         keys: &ScopeKeys,
     ) -> (Chosen, Vec<Judged>) {
@@ -83,7 +84,7 @@ impl Conn {
             let user = approval.mode == ApprovalMode::User
                 && j.msg.stateless_2026
                 && j.msg.elicitation
-                && !legacy;
+                && user_ok;
             if user {
                 self.ask_user(routed, &chosen, j, keys, approval.timeout);
             } else {
@@ -150,14 +151,27 @@ impl Conn {
     ) -> Option<Decision> {
         let tool = j.msg.tool.as_deref().unwrap_or_default();
         let server = routed.server.name.as_str();
-        let held_by = j.decision.as_ref()?;
-        if self.shared.approvals.remembered(&keys.grant, server, tool) {
-            let by = Approver {
-                via: Via::Remembered,
-                ..Approver::default()
-            };
+        // Only held calls get here; anything else is refused, never let through.
+        let Some(held_by) = j.decision.as_ref() else {
+            return Some(refused(
+                &Decision {
+                    outcome: Outcome::ApprovalRequired,
+                    rule: String::new(),
+                    reason: None,
+                    would: None,
+                    reservation: None,
+                    approval: None,
+                },
+                "approval state lost".to_owned(),
+            ));
+        };
+        if let Some(by) = self.shared.approvals.remembered(&keys.grant, server, tool) {
+            // Who approved it for a while, recorded as such.
             let part = ApprovalPart {
-                by: Some(by),
+                by: Some(Approver {
+                    via: Via::Remembered,
+                    ..by
+                }),
                 ..step(None, "remembered", "operator")
             };
             self.audit_step(&j.head, held_by, part, None);
@@ -172,6 +186,7 @@ impl Conn {
                     p.meta.namespace, p.meta.service_account
                 )
             }),
+            caller_in_pod: chosen.in_pod,
             request_id: j.msg.id.as_ref().map(Value::to_string).unwrap_or_default(),
             session: keys.session.clone(),
             timeout: approval.timeout,

@@ -1139,7 +1139,7 @@ pub(super) async fn pump_as_events(
         mcp::error_response(
             id,
             mcp::INTERNAL_ERROR,
-            &format!("the server answered HTTP {status} to the approved call"),
+            &format!("the call's answer was HTTP {status}, which this stream cannot carry"),
         )
     };
     let _ = tx.send(mcp::message_event(&json)).await;

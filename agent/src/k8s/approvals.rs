@@ -50,6 +50,8 @@ const FIELD_MANAGER: &str = "mcpwarden";
 
 /// How many times a create or delete is tried before it is given up.
 const ATTEMPTS: u32 = 5;
+/// At most this many creations and deletions in flight; notices beyond are dropped.
+const MAX_IN_FLIGHT: usize = 64;
 /// Arguments shown in an `Approval` at most (serialised); larger ones are left out, and
 /// `spec.argumentsOmitted` says so (etcd keeps objects of 1.5 MiB at most).
 const ARGUMENTS_MAX: usize = 64 * 1024;
@@ -213,6 +215,15 @@ async fn publish(
             notice = notices.recv() => notice,
             Some(_) = work.join_next(), if !work.is_empty() => continue,
         };
+        if work.len() >= MAX_IN_FLIGHT {
+            // Holds churning faster than the API server takes them: this notice is dropped
+            // (the call can still be decided on the node; a missed close is swept).
+            tracing::warn!(
+                in_flight = work.len(),
+                "too many Approval resource writes in flight: a notice is dropped"
+            );
+            continue;
+        }
         match notice {
             Ok(Notice::Pending(summary)) => {
                 work.spawn(create(
@@ -474,6 +485,19 @@ pub fn take(approvals: &Approvals, id: &str, spec: &Value) -> Taken {
         Some(Err(why)) => return Taken::Refused(why),
         Some(Ok(r)) => r,
     };
+    // The object must describe the call held under its name: what was approved is what runs.
+    if let Some(held) = approvals.get(id) {
+        let same = spec.get("tool").and_then(Value::as_str) == Some(held.tool.as_str())
+            && spec.get("server").and_then(Value::as_str) == Some(held.server.as_str())
+            && spec.get("argsSha256").and_then(Value::as_str) == Some(held.args_sha256.as_str());
+        if !same {
+            return Taken::Refused(
+                "this Approval does not describe the call held under its name (tool, server \
+                 or arguments differ)"
+                    .to_owned(),
+            );
+        }
+    }
     let by = Approver {
         via: Via::Resource,
         user: Some(request.by.clone()),
@@ -581,18 +605,19 @@ impl Watcher {
         let Some(name) = o.metadata.name.clone() else {
             return;
         };
+        // Every object seen is swept once past its expiry if it is still there then: its
+        // call's `Closed` notice may have been missed (a lagging receiver).
+        let sweep_at = o
+            .data
+            .pointer("/spec/expiresAt")
+            .and_then(Value::as_str)
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+            .map_or(SystemTime::now() + STALE_UNDATED, |t| t + STALE_GRACE);
+        self.stale.entry(name.clone()).or_insert(sweep_at);
         if self.approvals.get(&name).is_none() {
             self.refused.remove(&name);
-            self.stale.entry(name).or_insert_with(|| {
-                o.data
-                    .pointer("/spec/expiresAt")
-                    .and_then(Value::as_str)
-                    .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-                    .map_or(SystemTime::now() + STALE_UNDATED, |t| t + STALE_GRACE)
-            });
             return;
         }
-        self.stale.remove(&name);
         let spec = o.data.get("spec").cloned().unwrap_or(Value::Null);
         let fields = approver_fields(&spec);
         if self.refused.get(&name) == Some(&fields) {
@@ -633,7 +658,7 @@ impl Watcher {
             .collect();
         for name in due {
             if self.approvals.get(&name).is_some() {
-                self.stale.remove(&name);
+                // Still held (a long timeout): looked at again at the next sweep.
                 continue;
             }
             match self.api.delete(&name, &DeleteParams::default()).await {
@@ -820,14 +845,24 @@ mod tests {
                 summary: summary(),
                 caller_key: "pod:uid-1".into(),
                 caller_user: Some("system:serviceaccount:payments:agent-sa".into()),
+                caller_in_pod: true,
                 request_id: "1".into(),
                 session: "s1".into(),
                 timeout: None,
             })
             .expect("held");
         let id = held.id().to_owned();
+        let s = summary();
         let own = json!({"decision": "approve",
-                         "decidedBy": "system:serviceaccount:payments:agent-sa"});
+                         "decidedBy": "system:serviceaccount:payments:agent-sa",
+                         "tool": s.tool, "server": s.server, "argsSha256": s.args_sha256});
+        // An object that does not describe the held call decides nothing.
+        let moved = json!({"decision": "approve", "decidedBy": "alice",
+                           "tool": "other", "server": s.server, "argsSha256": s.args_sha256});
+        match take(&approvals, &id, &moved) {
+            Taken::Refused(why) => assert!(why.contains("does not describe"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         match take(&approvals, &id, &own) {
             Taken::Refused(why) => assert!(why.contains("service account"), "{why}"),
             other => panic!("{other:?}"),
@@ -836,7 +871,8 @@ mod tests {
         let bad_for = json!({"decision": "approve", "decidedBy": "alice", "for": "1y"});
         assert!(matches!(take(&approvals, &id, &bad_for), Taken::Refused(_)));
         assert_eq!(take(&approvals, &id, &json!({})), Taken::Undecided);
-        let alice = json!({"decision": "approve", "decidedBy": "alice"});
+        let alice = json!({"decision": "approve", "decidedBy": "alice",
+                           "tool": s.tool, "server": s.server, "argsSha256": s.args_sha256});
         assert_eq!(take(&approvals, &id, &alice), Taken::Decided);
         assert_eq!(take(&approvals, &id, &alice), Taken::NotPending);
     }
