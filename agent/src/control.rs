@@ -397,35 +397,38 @@ pub fn audit_refused_approver(
     by: &crate::approvals::Approver,
     why: &str,
 ) {
-    {
-        let caller = CallerPart {
-            pid: Some(summary.caller.pid),
-            uid: Some(summary.caller.uid),
-            comm: Some(summary.caller.comm.clone()),
-            cgroup_id: Some(summary.caller.cgroup_id),
-            ..CallerPart::default()
-        };
-        let head = Head {
-            message: Some(crate::audit::MessagePart {
-                method: Some("tools/call".to_owned()),
-                tool: Some(summary.tool.clone()),
-                arg_keys: Some(summary.arg_keys.clone()),
-                args_sha256: Some(summary.args_sha256.clone()).filter(|h| !h.is_empty()),
-                ..crate::audit::MessagePart::default()
-            }),
-            ..Head::caller(&Arc::new(caller))
-        };
-        let mut rec = Record::new(Event::Approval, Arc::new(head)).because(why);
-        rec.rule = Some(summary.rule.clone());
-        rec.approval = Some(crate::audit::ApprovalPart {
-            id: Some(summary.id.clone()),
-            step: "refused",
-            mode: "operator",
-            by: Some(by.clone()),
-            remember_s: None,
-        });
-        if let Err(e) = audit.write(&rec) {
-            tracing::error!(error = %e, "writing an audit record failed");
-        }
+    let caller = CallerPart {
+        pid: Some(summary.caller.pid),
+        uid: Some(summary.caller.uid),
+        comm: Some(summary.caller.comm.clone()),
+        cgroup_id: Some(summary.caller.cgroup_id),
+        ..CallerPart::default()
+    };
+    let request = crate::audit::RequestPart {
+        server: Some(summary.server.clone()),
+        ..crate::audit::RequestPart::default()
+    };
+    let head = Head {
+        request: Some(Arc::new(request)),
+        message: Some(crate::audit::MessagePart {
+            method: Some("tools/call".to_owned()),
+            tool: Some(summary.tool.clone()),
+            arg_keys: Some(summary.arg_keys.clone()),
+            args_sha256: Some(summary.args_sha256.clone()).filter(|h| !h.is_empty()),
+            ..crate::audit::MessagePart::default()
+        }),
+        ..Head::caller(&Arc::new(caller))
+    };
+    let mut rec = Record::new(Event::Approval, Arc::new(head)).because(why);
+    rec.rule = Some(summary.rule.clone());
+    rec.approval = Some(crate::audit::ApprovalPart {
+        id: Some(summary.id.clone()),
+        step: "refused",
+        mode: "operator",
+        by: Some(by.clone()),
+        remember_s: None,
+    });
+    if let Err(e) = audit.write(&rec) {
+        tracing::error!(error = %e, "writing an audit record failed");
     }
 }

@@ -267,6 +267,7 @@ fn an_operator_approves_denies_and_lets_time_out() {
             "{series} {n}:\n{text}"
         );
     }
+    mcpwarden_tests::schema::assert_audit_file_matches_schema(rig.agent.audit_path());
 }
 
 /// Runs `mcpwarden ARGS` inside the cgroup `cg` (joined before exec).
@@ -316,6 +317,16 @@ fn self_approval_abandonment_bounds_and_reload() {
         })
         .unwrap_or_else(|| panic!("no refused approver record\n{}", rig.agent.audit_text()));
     assert_eq!(refused["approval"]["id"], id.as_str(), "{refused}");
+    assert_eq!(refused["tool"], "echo", "{refused}");
+    let requested = rig
+        .agent
+        .audit_lines()
+        .into_iter()
+        .find(|r| r["event"] == "approval" && r["approval"]["step"] == "requested")
+        .unwrap_or_default();
+    assert!(requested["server"].is_string(), "{requested}");
+    assert_eq!(refused["server"], requested["server"], "{refused}");
+    assert_eq!(refused["approval"]["by"]["via"], "cli", "{refused}");
 
     // Re-decided after a reload: echo is now denied, and the approval cannot override it.
     let changed = OPERATOR_POLICY.replace(
@@ -405,6 +416,8 @@ fn self_approval_abandonment_bounds_and_reload() {
         assert!(is_error_result(&run.json_lines()[0]), "{}", run.describe());
     }
     assert_eq!(rig.server.calls("start_security_scan"), 0);
+    // Every record of these steps (the refused approver's too) is a record of the schema.
+    mcpwarden_tests::schema::assert_audit_file_matches_schema(rig.agent.audit_path());
 }
 
 /// The Python SDK's venv, made by `cargo xtask setup`.
@@ -516,6 +529,7 @@ fn the_clients_user_approves_inside_the_protocol() {
     .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
     .collect();
     assert_eq!(modes, want, "{}", rig.agent.audit_text());
+    mcpwarden_tests::schema::assert_audit_file_matches_schema(rig.agent.audit_path());
 }
 
 /// A 2026-07-28 tools/call of `echo` with `extra` merged into its params.
