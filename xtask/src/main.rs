@@ -333,30 +333,11 @@ fn kubernetes_validate() -> Result<()> {
     }
     let venv = target_dir().join("venv-kv");
     let bin = venv.join("bin/kubernetes-validate");
-    let installed = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == VERSION)
-        .unwrap_or(false);
-    if installed {
-        return Ok(());
-    }
-    fresh_venv(&venv)?;
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        &format!("kubernetes-validate=={VERSION}"),
-    ]))?;
-    let reported = output(Command::new(&bin).arg("--version"))?;
-    if reported.trim() != VERSION {
-        bail!(
-            "{} reports version {:?}, expected {VERSION}",
-            bin.display(),
-            reported.trim()
-        );
-    }
-    Ok(())
+    pinned_in_venv(&venv, "kubernetes-validate", VERSION, || {
+        let mut c = Command::new(&bin);
+        c.arg("--version");
+        c
+    })
 }
 
 /// What tests/py/approval_client.py runs on: the official MCP Python SDK from PyPI, at a pinned
@@ -369,27 +350,44 @@ fn mcp_python_sdk() -> Result<()> {
     const VERSION: &str = "2.3.0";
     let venv = target_dir().join("venv-mcp");
     let python = venv.join("bin/python");
-    let probe = "import mcp, importlib.metadata as m; print(m.version('mcp'))";
-    let installed = Command::new(&python)
-        .args(["-c", probe])
+    pinned_in_venv(&venv, "mcp", VERSION, || {
+        let mut c = Command::new(&python);
+        c.args([
+            "-c",
+            "import mcp, importlib.metadata as m; print(m.version('mcp'))",
+        ]);
+        c
+    })
+}
+
+/// `package==version` in its own venv at `venv`: left alone when `probe` (a command that prints
+/// the installed version) already prints `version`; else the venv is made afresh, the package
+/// installed from PyPI, and the probe must then print `version`.
+fn pinned_in_venv(
+    venv: &std::path::Path,
+    package: &str,
+    version: &str,
+    probe: impl Fn() -> Command,
+) -> Result<()> {
+    let installed = probe()
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == VERSION)
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == version)
         .unwrap_or(false);
     if installed {
         return Ok(());
     }
-    fresh_venv(&venv)?;
+    fresh_venv(venv)?;
     run(Command::new(venv.join("bin/pip")).args([
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        &format!("mcp=={VERSION}"),
+        &format!("{package}=={version}"),
     ]))?;
-    let reported = output(Command::new(&python).args(["-c", probe]))?;
-    if reported.trim() != VERSION {
+    let reported = output(&mut probe())?;
+    if reported.trim() != version {
         bail!(
-            "{} reports mcp version {:?}, expected {VERSION}",
-            python.display(),
+            "{} reports {package} version {:?}, expected {version}",
+            venv.display(),
             reported.trim()
         );
     }
