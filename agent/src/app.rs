@@ -368,6 +368,14 @@ impl Agent {
             user_approvals,
         });
         let (reloader, _) = reload::spawn(policies.clone(), config.flags.clone())?;
+        if reload::shares_watched_dir(&policies, &config.flags, &config.audit) {
+            tracing::warn!(
+                audit = %config.audit.display(),
+                "the audit log is in a directory the policy watcher watches: every record wakes \
+                 the watcher (a few µs of CPU per call); keep it apart, as /var/log/mcpwarden is \
+                 from /etc/mcpwarden"
+            );
+        }
         // The watches start before the datapath: a caller's pod is known as early as can be.
         // An unreachable API server delays nothing here (the watchers retry on their own).
         let kube = match kube_config.clone() {

@@ -459,6 +459,24 @@ impl Policies {
     }
 }
 
+/// Whether `audit` (a file, not `-`) is in a directory the watcher of [`spawn`] watches: an
+/// inotify watch on a directory reports every write to every file in it.
+pub fn shares_watched_dir(policies: &Policies, flags: &Flags, audit: &Path) -> bool {
+    audit != Path::new("-")
+        && policies
+            .watched(flags)
+            .iter()
+            .any(|f| dir_of(f) == dir_of(audit))
+}
+
+/// The directory watched for `file`.
+fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// What the reload thread is asked to do.
 #[derive(Debug)]
 pub enum Msg {
@@ -510,10 +528,7 @@ pub fn spawn(
             );
         }
         for file in files {
-            let dir = match file.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
+            let dir = dir_of(&file);
             if dirs.contains(&dir) {
                 continue;
             }

@@ -94,7 +94,12 @@ impl Agent {
     ) -> Agent {
         let tmp = TempDir::new(&format!("agent-{}", opts.name));
         let log_path = tmp.path().join("agent.log");
-        let audit_path = tmp.path().join("audit.jsonl");
+        // The audit log in a directory of its own, as the DaemonSet keeps it (/var/log/mcpwarden
+        // beside /etc/mcpwarden): beside the policy files, every record would also wake the
+        // policy watcher's inotify thread.
+        let audit_dir = tmp.path().join("log");
+        std::fs::create_dir_all(&audit_dir).expect("create the audit log's directory");
+        let audit_path = audit_dir.join("audit.jsonl");
         let mut args: Vec<String> = vec!["run".into()];
         let mut policy_paths = Vec::new();
         for (i, (url, policy)) in opts.endpoints.iter().enumerate() {
