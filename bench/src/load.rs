@@ -55,6 +55,9 @@ pub enum Shape {
     Open {
         rate: f64,
     },
+    /// Closed loop, each call on a connection of its own: connect, one call, close (as many
+    /// MCP clients work). Timed from `connect()` until the answer is read; the close is not.
+    ConnPerCall,
 }
 
 /// What each call asks for.
@@ -139,6 +142,14 @@ impl Dialer {
 
     /// Open one keep-alive HTTP/1.1 connection (TLS handshake included).
     pub async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
+        Ok(self.connect_owned().await?.0)
+    }
+
+    /// [`Dialer::connect`], with the task that drives the connection: it ends when the
+    /// connection is closed (the sender dropped, the server gone).
+    pub async fn connect_owned(
+        &self,
+    ) -> Result<(SendRequest<Full<Bytes>>, tokio::task::JoinHandle<()>)> {
         let target = self.target;
         let stream = TcpStream::connect(target)
             .await
@@ -157,17 +168,19 @@ impl Dialer {
     }
 }
 
-async fn handshake<IO>(io: TokioIo<IO>) -> Result<SendRequest<Full<Bytes>>>
+async fn handshake<IO>(
+    io: TokioIo<IO>,
+) -> Result<(SendRequest<Full<Bytes>>, tokio::task::JoinHandle<()>)>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .context("HTTP/1.1 handshake")?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(sender)
+    Ok((sender, task))
 }
 
 /// Send one call and check its answer (for `progress`, every event of the stream).
@@ -207,6 +220,25 @@ pub async fn call(
             check_progress(&body, id, steps)
         }
     }
+}
+
+/// Connect, make one call, close: how long from `connect()` until the answer was read. The
+/// connection is closed (FIN, as a client that is done closes it) before this returns, untimed,
+/// so the next call does not overlap this one's teardown.
+async fn call_on_own_connection(
+    dialer: &Dialer,
+    host: &str,
+    id: u64,
+    what: Call,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let (mut sender, conn) = dialer.connect_owned().await?;
+    call(&mut sender, host, id, what).await?;
+    let took = start.elapsed();
+    drop(sender);
+    // The connection task ends once hyper has shut the socket down.
+    let _ = conn.await;
+    Ok(took)
 }
 
 /// `data` is the JSON-RPC result for `id`.
@@ -290,15 +322,26 @@ struct ConnOutcome {
 /// Run `spec` on the current tokio runtime.
 pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
     let dialer = Dialer::new(spec.target, spec.tls.as_ref())?;
+    let per_call = spec.shape == Shape::ConnPerCall;
     let mut senders = Vec::with_capacity(spec.conns);
     for _ in 0..spec.conns {
-        senders.push(dialer.connect().await?);
+        senders.push(if per_call {
+            None
+        } else {
+            Some(dialer.connect().await?)
+        });
     }
-    // Warm-up: every connection carries a few calls before the clock starts.
+    // Warm-up: every connection carries a few calls before the clock starts (each on a
+    // connection of its own when that is the shape).
     let mut id_base = 1u64;
     for sender in &mut senders {
         for _ in 0..spec.warmup {
-            call(sender, &spec.host, id_base, spec.call).await?;
+            match sender {
+                Some(s) => call(s, &spec.host, id_base, spec.call).await?,
+                None => {
+                    call_on_own_connection(&dialer, &spec.host, id_base, spec.call).await?;
+                }
+            }
             id_base += 1;
         }
     }
@@ -324,11 +367,11 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
             };
             let interval = match shape {
                 Shape::Open { rate } => Some(Duration::from_secs_f64(conns / rate)),
-                Shape::Closed => None,
+                Shape::Closed | Shape::ConnPerCall => None,
             };
             let offset = match shape {
                 Shape::Open { rate } => Duration::from_secs_f64(i as f64 / rate),
-                Shape::Closed => Duration::ZERO,
+                Shape::Closed | Shape::ConnPerCall => Duration::ZERO,
             };
             for k in 0..per_conn_max {
                 if let Some(interval) = interval {
@@ -346,17 +389,25 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadResult> {
                     break;
                 }
                 let sent = Instant::now();
-                match call(&mut sender, &host, first_id + k, what).await {
-                    Ok(()) => {
-                        let ns = sent.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+                let done = match &mut sender {
+                    Some(s) => call(s, &host, first_id + k, what)
+                        .await
+                        .map(|()| sent.elapsed()),
+                    None => call_on_own_connection(&dialer, &host, first_id + k, what).await,
+                };
+                match done {
+                    Ok(took) => {
+                        let ns = took.as_nanos().min(u128::from(u64::MAX)) as u64;
                         out.hist.saturating_record(ns.max(1));
                     }
                     Err(e) => {
                         out.errors += 1;
                         out.first_error.get_or_insert_with(|| format!("{e:#}"));
                         // A broken connection would fail every later call at once; reopen it.
-                        if let Ok(s) = dialer.connect().await {
-                            sender = s;
+                        if sender.is_some() {
+                            if let Ok(s) = dialer.connect().await {
+                                sender = Some(s);
+                            }
                         }
                     }
                 }

@@ -37,6 +37,8 @@ pub struct Report {
     pub rate: f64,
     pub connect: Vec<(ConnectResult, ConnectResult)>,
     pub one_conn: Vec<[Measured; 3]>,
+    /// 2c.
+    pub per_call: Vec<[Measured; 3]>,
     pub fixed_rate: Vec<[Measured; 3]>,
     pub saturation: Vec<[Measured; 3]>,
     pub memory: Vec<Memory>,
@@ -172,6 +174,15 @@ impl Report {
                 false,
             )?;
         }
+        if !self.per_call.is_empty() {
+            self.render_latency(
+                o,
+                "2c. tools/call, each on a connection of its own (closed loop)",
+                &self.per_call,
+                false,
+            )?;
+            writeln!(o, "Each call connects, sends one `tools/call`, reads the answer and closes (FIN), as MCP clients that keep no connection do; timed from `connect()` until the answer is read (the close is not timed, but finishes before the next call connects). Through mcpwarden every call pays the per-accept work: the redirect record, the caller's comm and cgroup, a new connection's state; the upstream connection comes from the agent's keep-alive pool, as nginx's does from its `keepalive` pool.\n")?;
+        }
         if !self.fixed_rate.is_empty() {
             let title = format!(
                 "2b. tools/call at a fixed {:.0} calls/s over 32 keep-alive connections (open loop)",
@@ -257,8 +268,12 @@ impl Report {
         )?;
         for (label, runs) in [
             ("2a. one connection", &self.one_conn),
+            ("2c. a connection per call", &self.per_call),
             ("2b. fixed rate, 32 connections", &self.fixed_rate),
         ] {
+            if runs.is_empty() {
+                continue;
+            }
             for (q, f) in [
                 (
                     "p50",

@@ -914,6 +914,7 @@ fn plaintext(
     report.note_attempts("connect", n, why);
 
     one_connection(bench, report, repeats, attempts)?;
+    connection_per_call(bench, report, repeats, attempts)?;
 
     // 2b. Fixed moderate rate over 32 connections, open loop.
     let secs = if quick { 2.0 } else { 10.0 };
@@ -954,7 +955,35 @@ fn cpu_per_call(
     attempts: usize,
 ) -> Result<()> {
     one_connection(bench, report, repeats, attempts)?;
+    connection_per_call(bench, report, repeats, attempts)?;
     saturation(bench, report, repeats, attempts)
+}
+
+/// 2c. Closed loop, each call on a connection of its own: what a client that connects per call
+/// pays, including the agent's per-accept work (the redirect record, the caller's comm and
+/// cgroup).
+fn connection_per_call(
+    bench: &mut Bench,
+    report: &mut Report,
+    repeats: usize,
+    attempts: usize,
+) -> Result<()> {
+    let calls = if bench.quick { 500 } else { 5_000 };
+    eprintln!("mcpwarden-bench: a connection per call, {calls} calls × {repeats} × 3 routes");
+    let plan = Plan {
+        repeats,
+        attempts,
+        conns: 1,
+        shape: Shape::ConnPerCall,
+        max_calls: calls,
+        secs: 60.0,
+    };
+    let (runs, n, why) = plan.run(bench, "a connection per call", |runs| {
+        noisy_added(runs, |l| l.p50_us)
+    })?;
+    report.per_call = runs;
+    report.note_attempts("a connection per call", n, why);
+    Ok(())
 }
 
 /// 2a. Latency on one keep-alive connection, closed loop.
