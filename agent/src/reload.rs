@@ -462,11 +462,12 @@ impl Policies {
 /// Whether `audit` (a file, not `-`) is in a directory the watcher of [`spawn`] watches: an
 /// inotify watch on a directory reports every write to every file in it.
 pub fn shares_watched_dir(policies: &Policies, flags: &Flags, audit: &Path) -> bool {
-    audit != Path::new("-")
-        && policies
-            .watched(flags)
-            .iter()
-            .any(|f| dir_of(f) == dir_of(audit))
+    in_watched_dir(&policies.watched(flags), audit)
+}
+
+/// Whether `file` (not `-`, standard output) is in the directory of one of `watched`.
+fn in_watched_dir(watched: &[PathBuf], file: &Path) -> bool {
+    file != Path::new("-") && watched.iter().any(|f| dir_of(f) == dir_of(file))
 }
 
 /// The directory watched for `file`.
@@ -623,10 +624,35 @@ fn same_routing(a: &Routing, b: &Routing) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::concerns;
+    use super::{concerns, in_watched_dir};
     use std::collections::HashSet;
     use std::ffi::OsString;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn an_audit_log_beside_a_watched_file_is_noticed() {
+        let watched = vec![
+            PathBuf::from("/etc/mcpwarden/policy.json"),
+            PathBuf::from("config.yaml"),
+        ];
+        assert!(in_watched_dir(
+            &watched,
+            Path::new("/etc/mcpwarden/audit.jsonl")
+        ));
+        assert!(
+            in_watched_dir(&watched, Path::new("audit.jsonl")),
+            "both in ."
+        );
+        assert!(!in_watched_dir(
+            &watched,
+            Path::new("/var/log/mcpwarden/audit.jsonl")
+        ));
+        assert!(!in_watched_dir(&watched, Path::new("-")), "standard output");
+        assert!(!in_watched_dir(
+            &[],
+            Path::new("/etc/mcpwarden/audit.jsonl")
+        ));
+    }
 
     #[test]
     fn only_watched_files_and_configmap_swaps_cause_reloads() {

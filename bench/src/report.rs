@@ -9,7 +9,9 @@ use crate::{
     podrun::{NsReady, PodFigures, READY_GOAL_MS},
     policyrun::{PolicyFigures, DECISION_GOAL_US},
     probe::ConnectResult,
-    run::{added, ratio, Measured, Memory, Route, RunOpts, CONNECT_GOAL, ROUTES},
+    run::{
+        added, ratio, Measured, Memory, Route, RunOpts, CONNECT_GOAL, CPU_GOAL, ROUTES, SSE_GOAL,
+    },
     sserun::{SseFigures, STREAM_GOAL_KIB},
     stats::Spread,
     tlsrun::{
@@ -297,6 +299,21 @@ impl Report {
             o,
             "| 3. saturation throughput ÷ direct | ≥ nginx's | {a:.2}× | {n:.2}× | {} |",
             yes_no(a >= n)
+        )?;
+        let cpu = |route| {
+            let i = route_index(route);
+            spread(
+                self.saturation
+                    .iter()
+                    .filter_map(|r| r[i].proxy_cpu_us_per_call),
+            )
+            .median
+        };
+        let (a, n) = (cpu(Route::Agent), cpu(Route::Nginx));
+        writeln!(
+            o,
+            "| 3. saturation: proxy CPU per call | ≤ {CPU_GOAL}× nginx's | {a:.1} µs | {n:.1} µs | {} |",
+            yes_no(a <= n * CPU_GOAL)
         )?;
         Ok(())
     }
@@ -906,9 +923,20 @@ fn sse_goals(o: &mut String, sse: &SseFigures) -> std::fmt::Result {
     for (q, f) in [("p50", (|l| l.p50_us) as Pick), ("p99", |l| l.p99_us)] {
         let a = added(&sse.calls, Route::Agent, f).median;
         let n = added(&sse.calls, Route::Nginx, f).median;
+        let (goal, met) = if q == "p50" {
+            (
+                format!("≤ {SSE_GOAL}× nginx's"),
+                yes_no(a <= n * SSE_GOAL).to_owned(),
+            )
+        } else {
+            (
+                "informational (nginx for comparison)".to_owned(),
+                "—".to_owned(),
+            )
+        };
         writeln!(
             o,
-            "| 7a. SSE response ({} progress events + result), one connection: added {q} latency | informational (nginx for comparison) | {a:+.1} µs | {n:+.1} µs | — |",
+            "| 7a. SSE response ({} progress events + result), one connection: added {q} latency | {goal} | {a:+.1} µs | {n:+.1} µs | {met} |",
             sse.steps
         )?;
     }

@@ -1041,5 +1041,12 @@ fn saturation(
 /// Scenario 1's goal: connect() with the programs attached at most this many times slower.
 pub const CONNECT_GOAL: f64 = 1.02;
 
+/// Scenario 3's CPU goal: the agent's CPU per call at saturation at most this many times the
+/// nginx worker's.
+pub const CPU_GOAL: f64 = 1.25;
+
+/// Scenario 7a's goal: the agent's added p50 at most this many times nginx's.
+pub const SSE_GOAL: f64 = 1.5;
+
 /// The fixed moderate rate of scenario 2b, in calls per second over all connections.
 pub const RATE: f64 = 2_000.0;
