@@ -94,8 +94,8 @@ impl Agent {
     ) -> Agent {
         let tmp = TempDir::new(&format!("agent-{}", opts.name));
         let log_path = tmp.path().join("agent.log");
-        // The audit log in a directory of its own, as the DaemonSet keeps it (/var/log/mcpwarden
-        // beside /etc/mcpwarden): beside the policy files, every record would also wake the
+        // The audit log in a directory of its own, as the DaemonSet keeps /var/log/mcpwarden
+        // apart from /etc/mcpwarden: beside the policy files, every record would also wake the
         // policy watcher's inotify thread.
         let audit_dir = tmp.path().join("log");
         std::fs::create_dir_all(&audit_dir).expect("create the audit log's directory");
