@@ -288,7 +288,7 @@ impl Report {
                 let n = added(runs, Route::Nginx, f).median;
                 writeln!(
                     o,
-                    "| {label}: added {q} latency | ≤ nginx's | +{a:.1} µs | +{n:.1} µs | {} |",
+                    "| {label}: added {q} latency | ≤ nginx's | {a:+.1} µs | {n:+.1} µs | {} |",
                     yes_no(a <= n)
                 )?;
             }
