@@ -969,20 +969,15 @@ fn connection_per_call(
     attempts: usize,
 ) -> Result<()> {
     let calls = if bench.quick { 500 } else { 5_000 };
-    eprintln!("mcpwarden-bench: a connection per call, {calls} calls × {repeats} × 3 routes");
-    let plan = Plan {
-        repeats,
-        attempts,
-        conns: 1,
-        shape: Shape::ConnPerCall,
-        max_calls: calls,
-        secs: 60.0,
-    };
-    let (runs, n, why) = plan.run(bench, "a connection per call", |runs| {
-        noisy_added(runs, |l| l.p50_us)
-    })?;
+    let runs = one_at_a_time(
+        bench,
+        report,
+        "a connection per call",
+        Shape::ConnPerCall,
+        calls,
+        (repeats, attempts),
+    )?;
     report.per_call = runs;
-    report.note_attempts("a connection per call", n, why);
     Ok(())
 }
 
@@ -993,24 +988,41 @@ fn one_connection(
     repeats: usize,
     attempts: usize,
 ) -> Result<()> {
-    let quick = bench.quick;
-    let calls = if quick { 2_000 } else { 30_000 };
-    eprintln!("mcpwarden-bench: one connection, {calls} calls × {repeats} × 3 routes");
+    let calls = if bench.quick { 2_000 } else { 30_000 };
+    let runs = one_at_a_time(
+        bench,
+        report,
+        "one connection",
+        Shape::Closed,
+        calls,
+        (repeats, attempts),
+    )?;
+    report.one_conn = runs;
+    Ok(())
+}
+
+/// `calls` calls one at a time (closed loop, one client) on each route, in `shape`; the
+/// attempts are noted under `name`.
+fn one_at_a_time(
+    bench: &mut Bench,
+    report: &mut Report,
+    name: &str,
+    shape: Shape,
+    calls: u64,
+    (repeats, attempts): (usize, usize),
+) -> Result<Vec<[Measured; 3]>> {
+    eprintln!("mcpwarden-bench: {name}, {calls} calls × {repeats} × 3 routes");
     let plan = Plan {
         repeats,
         attempts,
         conns: 1,
-        shape: Shape::Closed,
+        shape,
         max_calls: calls,
         secs: 60.0,
     };
-    let (runs, n, why) = plan.run(bench, "one connection", |runs| {
-        noisy_added(runs, |l| l.p50_us)
-    })?;
-    report.one_conn = runs;
-    report.note_attempts("one connection", n, why);
-
-    Ok(())
+    let (runs, n, why) = plan.run(bench, name, |runs| noisy_added(runs, |l| l.p50_us))?;
+    report.note_attempts(name, n, why);
+    Ok(runs)
 }
 
 /// 3. Saturation throughput, closed loop on 32 connections.
